@@ -1,0 +1,291 @@
+"""Typed configuration: dataclasses with a help text per field, YAML files and ``key=value`` overrides.
+
+Every field carries its documentation in ``metadata["help"]`` (printed by ``mixroute config show``) and every
+value is checked against its annotation (``Literal`` choices, numbers, booleans, optional values, lists), so a
+typo in a YAML file or an override fails with the key, the bad value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key and what is valid."""
+
+
+def f(default: Any, help: str, **checks: Any) -> Any:
+    """A config field with its help text; ``checks`` may hold ``ge``/``gt``/``le``/``lt`` numeric bounds."""
+    meta = {"help": help, **checks}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+ExpertKind = Literal["lora", "prompt"]
+RouterKind = Literal["single", "uniform", "oracle", "task", "token_topk", "poly", "rank", "gate"]
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    name: Optional[str] = f(None, "Base model: null for the embedded SmolLM2-135M-Instruct, a local directory, or a "
+                              "Hugging Face id already in the local cache. 'tiny' is the random test model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = f("float32", "Parameter dtype of the frozen base model.")
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = f(None, "JSONL/JSON/CSV/Parquet file in the Dolly schema; null for the built-in "
+                              "synthetic multi-task suite.")
+    columns: dict = f({}, "Column mapping from our fields to yours, e.g. {instruction: prompt, response: "
+                          "completion, category: task}. Fields: instruction, context, response, category.")
+    categories: Optional[list] = f(None, "Keep only these categories (null = all).")
+    max_per_category: Optional[int] = f(None, "Cap on records per category after loading (null = no cap); "
+                                              "sampling is seeded.", ge=1)
+    synthetic_per_task: int = f(200, "Records per task family of the built-in synthetic suite.", ge=1)
+    template: Literal["chat", "plain"] = f("chat", "Prompt template: the tokenizer's chat template or a plain "
+                                                   "'### Instruction / ### Response' template.")
+    max_length: int = f(256, "Maximum tokens per example; longer examples are truncated (counted and reported).",
+                        ge=8)
+    val_fraction: float = f(0.1, "Fraction of each category held out for validation.", ge=0.0, lt=1.0)
+    test_fraction: float = f(0.1, "Fraction of each category held out for the test split.", ge=0.0, lt=1.0)
+    seed: int = f(0, "Seed of the stratified split and any sampling.")
+
+
+@dataclass
+class MixtureConfig:
+    expert: ExpertKind = f("lora", "Expert kind: 'lora' (LoRA expert bank) or 'prompt' (soft-prompt experts, MoP).")
+    router: RouterKind = f("task", "Router: single (E=1 plain LoRA), uniform, oracle (route by label), task (MoA), "
+                                   "token_topk (MoE-LoRA), poly (Poly/MHR), rank (SMoRA), gate (MoP input gate).")
+    num_experts: int = f(8, "Number of experts E (LoRA experts, Poly skills, or prompt groups).", ge=1)
+    # LoRA experts
+    rank: int = f(8, "LoRA rank r of each expert.", ge=1)
+    alpha: float = f(16.0, "LoRA alpha; the update is scaled by alpha / r.", gt=0.0)
+    dropout: float = f(0.0, "Dropout on the LoRA input.", ge=0.0, lt=1.0)
+    target_modules: list = f(list(ALL_PROJECTIONS), "Projections that get LoRA experts (any of q_proj, k_proj, "
+                                                    "v_proj, o_proj, gate_proj, up_proj, down_proj).")
+    mlp_only: bool = f(False, "Put experts on the MLP projections only (LLaVA-MoLE).")
+    # routers
+    top_k: int = f(1, "Experts kept per token (token_topk) or per sequence at inference (task, gate).", ge=1)
+    eta: float = f(0.1, "Weight of the routing cross-entropy against the category label (task, gate).", ge=0.0)
+    route_train: Literal["label", "router"] = f("router", "task router in training: route by the label (teacher "
+                                                         "forcing) or by the router's own top-1.")
+    router_scope: Literal["layer", "global"] = f("layer", "task router: one per layer (shared by attention and MLP) "
+                                                          "or one global router.")
+    load_balance: float = f(0.01, "Weight of the Switch load-balancing loss (token_topk).", ge=0.0)
+    num_tasks: int = f(8, "Number of tasks with their own allocation (poly) or labels (oracle/task/gate).", ge=1)
+    n_splits: int = f(1, "Poly: number of heads splitting the input dimension; > 1 is MHR.", ge=1)
+    poly_mode: Literal["full", "z", "mu"] = f("full", "Poly: train skills + allocation (full), allocation only "
+                                                    "(MHR-z), or one averaged adapter (MHR-mu).")
+    rank_top_k: int = f(8, "SMoRA: ranks kept per token out of num_experts * rank.", ge=1)
+    bias_update_rate: float = f(1e-5, "SMoRA: step of the per-rank load-balancing bias.", ge=0.0)
+    # prompt experts (MoP)
+    num_virtual_tokens: int = f(10, "Prompt tokens per expert (L).", ge=1)
+    inject_layer: Optional[int] = f(None, "Layer m where prompts are injected (0 = input; null = middle layer).",
+                                    ge=0)
+    gate_layer: Optional[int] = f(None, "Layer g whose output the gate reads (null = one third of the depth).",
+                                  ge=0)
+    gate_hidden: int = f(256, "Hidden size of the gate MLP.", ge=1)
+    prompt_init: Literal["random", "text"] = f("random", "Init prompts from random vocabulary embeddings or from "
+                                                       "the embeddings of prompt_init_text.")
+    prompt_init_text: Optional[str] = f(None, "Text whose token embeddings initialise the prompts.")
+    seed: int = f(0, "Seed of expert and router initialisation.")
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["base", "prompt_tuning", "lora_mixed", "lora_single", "moa", "moe_lora", "moe_lora_naive",
+                    "poly", "mhr", "smora", "mop", "mixture"] = f(
+        "mixture", "Training recipe; 'mixture' trains whatever the mixture section describes, 'moa' runs stage 1 "
+                   "(one LoRA per category) then stage 2 (router), 'base' trains nothing.")
+    max_steps: int = f(100, "Optimizer steps.", ge=0)
+    batch_size: int = f(8, "Sequences per micro-batch.", ge=1)
+    grad_accum: int = f(1, "Micro-batches per optimizer step.", ge=1)
+    lr: float = f(2e-4, "Peak learning rate (AdamW).", gt=0.0)
+    weight_decay: float = f(0.0, "AdamW weight decay.", ge=0.0)
+    warmup_steps: int = f(10, "Linear warm-up steps before the cosine decay.", ge=0)
+    clip_grad: float = f(1.0, "Gradient norm clipping (0 = off).", ge=0.0)
+    eval_every: int = f(50, "Validation perplexity every N steps (0 = only at the end).", ge=0)
+    save_every: int = f(50, "Checkpoint every N steps (0 = only at the end).", ge=0)
+    stage1_steps: int = f(50, "MoA stage 1: steps per category LoRA.", ge=0)
+    stage1_adapters: Optional[list] = f(None, "MoA stage 2 from given PEFT adapter directories (skips stage 1).")
+    length_grouped: bool = f(False, "Group similar lengths into batches (less padding).")
+    seed: int = f(0, "Seed of data order, dropout and initialisation.")
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = f(64, "Greedy generation length for BLEU / ROUGE-L.", ge=1)
+    batch_size: int = f(8, "Sequences per evaluation batch.", ge=1)
+    max_generate: Optional[int] = f(64, "Test examples per category used for generation metrics (null = all).",
+                                    ge=1)
+    split: Literal["validation", "test"] = f("test", "Held-out split to evaluate.")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = f("runs/run", "Run directory (config.yaml, metrics.jsonl, checkpoints/, eval.json, gates.json).")
+    model: ModelConfig = f(None, "Base model.")
+    data: DataConfig = f(None, "Data set, template and split.")
+    mixture: MixtureConfig = f(None, "Experts and router.")
+    train: TrainConfig = f(None, "Optimisation.")
+    eval: EvalConfig = f(None, "Evaluation.")
+
+    def __post_init__(self) -> None:
+        for fl in dataclasses.fields(self):
+            if getattr(self, fl.name) is None and dataclasses.is_dataclass(_resolve(fl.type)):
+                setattr(self, fl.name, _resolve(fl.type)())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation (hand-written: ~60 lines buy exact error messages; pydantic would add a model layer per section)
+
+
+def _resolve(tp: Any) -> Any:
+    if isinstance(tp, str):
+        return eval(tp, globals())  # annotations are strings under `from __future__ import annotations`
+    return tp
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(key, value, inner[0], meta)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not valid; expected {_describe(tp)}")
+        return value
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list),
+        dict: lambda v: isinstance(v, dict),
+    }.get(tp)
+    if ok is not None and not ok(value):
+        raise ConfigError(f"{key}: {value!r} ({type(value).__name__}) is not valid; expected {_describe(tp)}")
+    if tp is float:
+        value = float(value)
+    for name, test, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                             ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+        if name in meta and not test(value, meta[name]):
+            raise ConfigError(f"{key}: {value!r} is out of range; must be {word} {meta[name]}")
+    return value
+
+
+def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
+    """Build a config dataclass from a dict, checking every key and value."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {fl.name: fl for fl in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; valid keys in "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = _resolve(fields[name].type)
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(f"{prefix}{name}", value, tp, dict(fields[name].metadata))
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` overrides (values parsed as YAML: ``3``, ``0.1``, ``true``, ``null``, ``[a, b]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=300)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {p} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a RunConfig from YAML (or defaults when path is None) with ``key=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from e
+    data = apply_overrides(data, overrides or [])
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file via a temporary sibling and os.replace, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every field, recursively: the source of `mixroute config show`."""
+    rows = []
+    inst = cls()
+    for fl in dataclasses.fields(cls):
+        tp = _resolve(fl.type)
+        if dataclasses.is_dataclass(tp):
+            rows += describe_fields(tp, f"{prefix}{fl.name}.")
+        else:
+            rows.append((f"{prefix}{fl.name}", _describe(tp), getattr(inst, fl.name), fl.metadata.get("help", "")))
+    return rows
