@@ -1,0 +1,175 @@
+"""The stacked LoRA expert bank: E experts of rank r on one frozen ``nn.Linear``.
+
+All experts live in two matrices, A (E*r, in) and B (out, E*r), so any routing is a few dense matmuls with no
+Python loop over experts (METHODS.md section 5): this is the one part no library provides (PEFT keeps one
+module per adapter and loops over adapters for mixed batches), hence written by hand.
+
+Paths, chosen by the shape of the ``Route`` (see ``mixroute.routers.base``):
+
+* shared top-1 (every sequence on expert e, or E = 1): ``addmm(out, x A_e^T, B_e^T)`` - exactly one LoRA;
+* per-sequence top-1 (mixed batch): gather each sequence's A_e, B_e and ``baddbmm`` - still one LoRA of work;
+* soft / token top-k / rank gates: ``(x A^T * w) B^T`` over the whole stack - E*r ranks of work;
+* Poly/MHR: mix parameters per example (A = sum_s w_s A_s, B = sum_s w_s B_s) then ``bmm``, as PEFT does.
+
+The base output is never recomputed: the LoRA term is added into it with a fused add-matmul.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mixroute.routers.base import Route
+
+
+class LoraBank(nn.Module):
+    """E stacked LoRA experts for one linear layer: ``A`` (E*r, in), ``B`` (out, E*r), scaling alpha / r."""
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, alpha: float,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.num_experts, self.rank = num_experts, rank
+        self.scaling = alpha / rank
+        self.dropout = dropout
+        self.A = nn.Parameter(torch.empty(num_experts * rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, num_experts * rank))
+        # PEFT's LoRA init: kaiming-uniform(a=sqrt(5)) on each expert's (r, in) A (fan_in = in for the whole
+        # stack too, so one call gives every expert the same distribution), B = 0 (the mixture starts as base).
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def expert(self, e: int) -> tuple[Tensor, Tensor]:
+        """Views (A_e (r, in), B_e (out, r)) of expert ``e``."""
+        r = self.rank
+        return self.A[e * r:(e + 1) * r], self.B[:, e * r:(e + 1) * r]
+
+    def add_into(self, out: Tensor, x: Tensor, route: Route, slot: int = 0) -> Tensor:
+        """Return ``out + LoRA(x)`` for the given route (``slot``: this module's index in a Poly route)."""
+        if self.dropout > 0.0 and self.training:
+            x = F.dropout(x, self.dropout, training=True)
+        s = self.scaling
+        shape = out.shape
+        if route.shared_index is not None:
+            a, b = self.expert(route.shared_index)
+            out2 = out.reshape(-1, shape[-1])
+            h = x.reshape(-1, x.shape[-1]) @ a.T
+            return torch.addmm(out2, h, b.T, alpha=s).view(shape)
+        if route.index is not None:
+            e, r = self.num_experts, self.rank
+            a = self.A.view(e, r, -1)[route.index]                         # (B, r, in)
+            b = self.B.view(-1, e, r).permute(1, 2, 0)[route.index]        # (B, r, out)
+            h = torch.bmm(x, a.transpose(1, 2))                            # (B, T, r)
+            return torch.baddbmm(out, h, b, alpha=s)
+        if route.expanded is not None:
+            h = (x @ self.A.T) * route.expanded                            # (B, T, E*r)
+            out2 = out.reshape(-1, shape[-1])
+            return torch.addmm(out2, h.reshape(-1, h.shape[-1]), self.B.T, alpha=s).view(shape)
+        if route.poly is not None:
+            return self._poly(out, x, route.poly[slot])
+        raise ValueError("route carries no index, expanded weights or poly weights")
+
+    def _poly(self, out: Tensor, x: Tensor, w: Tensor) -> Tensor:
+        """Poly/MHR: per-example parameter mix. ``w`` (B, S, E): weights of each skill per input split."""
+        e, r, s = self.num_experts, self.rank, w.shape[1]
+        a = torch.einsum("bse,ersd->brsd", w, self.A.view(e, r, s, -1)).reshape(w.shape[0], r, -1)
+        b = torch.einsum("bse,soer->bsor", w, self.B.view(s, -1, e, r)).reshape(w.shape[0], -1, r)
+        h = torch.bmm(x, a.transpose(1, 2))
+        return torch.baddbmm(out, h, b.transpose(1, 2), alpha=self.scaling)
+
+
+RouteGetter = Callable[[], Optional[Route]]
+
+
+def patch_linear(linear: nn.Linear, bank: LoraBank, get_route: RouteGetter, slot: int = 0) -> None:
+    """Make ``linear`` add the bank's LoRA term, by overriding its instance ``forward``.
+
+    We patch the instance instead of wrapping it in a new module so the base model's module tree and
+    ``state_dict`` keys stay exactly as they were (``save_pretrained`` and weight tying keep working) and
+    ``unpatch_linear`` restores it exactly.
+    """
+
+    def forward(self: nn.Linear, x: Tensor) -> Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        route = get_route()
+        if route is None:
+            return out
+        return bank.add_into(out, x, route, slot)
+
+    linear.forward = types.MethodType(forward, linear)  # type: ignore[method-assign]
+
+
+def unpatch_linear(linear: nn.Linear) -> None:
+    """Undo ``patch_linear``."""
+    linear.__dict__.pop("forward", None)
+
+
+# ---------------------------------------------------------------------------------------------------- PEFT I/O
+def read_peft_adapters(adapter_dirs: list[str]) -> tuple[list[dict[str, tuple[Tensor, Tensor]]], dict]:
+    """Read PEFT LoRA adapter directories: per adapter {module name: (lora_A (r, in), lora_B (out, r))}, and
+    the shared settings {r, lora_alpha, targets}. Different ranks, alphas or targets are a clear error."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    if not adapter_dirs:
+        raise ValueError("from_peft needs at least one adapter directory")
+    experts, first, first_dir = [], None, None
+    for d in adapter_dirs:
+        path = Path(d)
+        if not (path / "adapter_config.json").is_file() or not (path / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(f"{path} is not a PEFT adapter: it needs adapter_config.json and "
+                                    "adapter_model.safetensors (as written by PeftModel.save_pretrained)")
+        conf = json.loads((path / "adapter_config.json").read_text())
+        if conf.get("peft_type") != "LORA":
+            raise ValueError(f"{path}: peft_type {conf.get('peft_type')!r}; only LORA adapters can be imported")
+        for flag in ("use_dora", "use_rslora"):
+            if conf.get(flag):
+                raise ValueError(f"{path}: {flag}=true is not supported (plain LoRA only)")
+        if conf.get("rank_pattern") or conf.get("alpha_pattern"):
+            raise ValueError(f"{path}: per-module rank/alpha patterns are not supported")
+        targets = conf.get("target_modules") or []
+        targets = sorted([targets] if isinstance(targets, str) else targets)
+        settings = {"r": conf["r"], "lora_alpha": conf["lora_alpha"], "targets": targets}
+        if first is None:
+            first, first_dir = settings, path
+        elif settings != first:
+            diff = [f"{k}: {first[k]} in {first_dir} vs {settings[k]} in {path}" for k in first
+                    if first[k] != settings[k]]
+            raise ValueError("PEFT adapters must share rank, alpha and target modules to be experts of one "
+                             "bank; " + "; ".join(diff))
+        tensors = load_file(str(path / "adapter_model.safetensors"))
+        weights: dict[str, tuple[Tensor, Tensor]] = {}
+        for key, value in tensors.items():
+            if key.endswith(".lora_A.weight"):
+                name = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
+                weights[name] = (value, tensors[key.replace(".lora_A.", ".lora_B.")])
+        experts.append(weights)
+    assert first is not None
+    return experts, first
+
+
+def write_peft_adapter(weights: dict[str, tuple[Tensor, Tensor]], cfg, base_name: Optional[str],
+                       out_dir: str) -> None:
+    """Write {module name: (A (r, in), B (out, r))} as a PEFT LoRA adapter that PeftModel.from_pretrained
+    loads (the config is written by PEFT's own LoraConfig, so it stays in step with PEFT's format)."""
+    from pathlib import Path
+
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    targets = sorted({name.rsplit(".", 1)[-1] for name in weights})
+    conf = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                      task_type="CAUSAL_LM", base_model_name_or_path=base_name)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    conf.save_pretrained(out_dir)
+    tensors = {}
+    for name, (a, b) in weights.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().contiguous().cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().contiguous().cpu()
+    save_file(tensors, str(Path(out_dir) / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,426 @@
+"""``Mixture``: routed parameter-efficient experts attached to one frozen Hugging Face causal LM.
+
+``Mixture.attach(model, cfg)`` patches the target projections of every decoder layer with a stacked LoRA bank
+(``experts/lora.py``), builds the routers (``routers/``) and registers two kinds of forward pre-hooks:
+
+* on the decoder stack (``model.get_decoder()``): starts a forward - stores the attention mask, works out
+  prefill vs decode from the KV cache length and clears the per-forward routing outputs;
+* on each decoder layer: runs that layer's router once on the hidden states entering the layer and stores
+  the ``Route`` that every patched projection of the layer reads.
+
+So the model's own ``forward`` signature is unchanged and ``model.generate`` keeps working. Everything a
+forward produces lives on ``mixture.context`` (a ``RoutingContext``), never in globals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mixroute.config import MixtureConfig
+from mixroute.experts.lora import LoraBank, patch_linear, unpatch_linear
+from mixroute.routers import build_router
+from mixroute.routers.base import Route
+
+
+WEIGHTS_NAME = "mixture.safetensors"
+CONFIG_NAME = "mixture.json"
+
+
+@dataclass
+class RoutingContext:
+    """Per-forward state shared by the hooks, routers and experts (documented in docs/architecture.md)."""
+
+    task_ids: Optional[Tensor] = None          # (B,) set by Mixture.forward / generate for their duration
+    prompt_mask: Optional[Tensor] = None       # (B, T) bool, idem; None = every attended token is prompt
+    attention_mask: Optional[Tensor] = None    # (B, T_total) of the current forward (None = all attended)
+    seq_len: int = 0                           # tokens in the current forward's input
+    is_prefill: bool = True                    # False when the KV cache already holds tokens (decode step)
+    routes: dict[int, Route] = field(default_factory=dict)       # layer index -> Route read by the experts
+    routing: dict[str, Tensor] = field(default_factory=dict)     # observable weights per router key
+    router_logits: dict[str, Tensor] = field(default_factory=dict)  # label-aligned routers' logits
+    aux_terms: dict[str, list] = field(default_factory=dict)     # aux loss name -> per-router terms
+    kept: dict[str, Route] = field(default_factory=dict)         # sequence-level routes kept from the prefill
+
+    def begin(self, attention_mask: Optional[Tensor], seq_len: int, is_prefill: bool) -> None:
+        """Start a forward: called by the decoder pre-hook."""
+        self.attention_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        self.seq_len, self.is_prefill = seq_len, is_prefill
+        self.routes, self.routing, self.router_logits, self.aux_terms = {}, {}, {}, {}
+        if is_prefill:
+            self.kept = {}
+
+    def token_mask(self) -> Optional[Tensor]:
+        """(B, T) attended tokens of the current input (None = all)."""
+        if self.attention_mask is None:
+            return None
+        return self.attention_mask[:, -self.seq_len:].bool()
+
+    def read_mask(self) -> Optional[Tensor]:
+        """(B, T) tokens a sequence-level router may read: prompt tokens that are attended."""
+        mask = self.token_mask()
+        if self.prompt_mask is not None and self.prompt_mask.shape[-1] == self.seq_len:
+            pm = self.prompt_mask.bool()
+            mask = pm if mask is None else mask & pm
+        return mask
+
+    def add_aux(self, aux: dict[str, Tensor]) -> None:
+        for name, value in aux.items():
+            self.aux_terms.setdefault(name, []).append(value)
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        """Each auxiliary loss averaged over the routers that produced it (so eta does not scale with depth)."""
+        return {name: torch.stack(terms).mean() for name, terms in self.aux_terms.items()}
+
+    @contextlib.contextmanager
+    def inputs(self, task_ids: Optional[Tensor], prompt_mask: Optional[Tensor]) -> Iterator[None]:
+        """Make task ids / prompt mask visible to the routers for one call; restores the previous values."""
+        saved = (self.task_ids, self.prompt_mask)
+        self.task_ids, self.prompt_mask = task_ids, prompt_mask
+        try:
+            yield
+        finally:
+            self.task_ids, self.prompt_mask = saved
+
+
+@dataclass
+class MixtureOutput:
+    """What ``Mixture.forward`` returns (docs/architecture.md, "Mixture forward")."""
+
+    loss: Optional[Tensor]
+    lm_loss: Optional[Tensor]
+    logits: Optional[Tensor]
+    aux_losses: dict[str, Tensor]
+    routing: dict[str, Tensor]
+    past_key_values: Any = None
+    router_logits: dict[str, Tensor] = field(default_factory=dict)
+
+
+def base_fingerprint(model: nn.Module) -> dict:
+    """Shape facts of a base model that a saved mixture must match."""
+    c = model.config
+    return {"architecture": type(model).__name__, "hidden_size": c.hidden_size,
+            "num_hidden_layers": c.num_hidden_layers, "vocab_size": c.vocab_size,
+            "intermediate_size": getattr(c, "intermediate_size", None),
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": getattr(c, "num_key_value_heads", c.num_attention_heads)}
+
+
+def _kept_for_batch(route: Route, bsz: int) -> Route:
+    """A prefill route for a decode batch that generate() expanded (beams, num_return_sequences)."""
+    n = route.weights.shape[0]
+    if n == bsz:
+        return route
+    if bsz % n:
+        raise RuntimeError(f"decode batch {bsz} is not a multiple of the prefill batch {n}")
+    return route.select(torch.arange(bsz, device=route.weights.device) // (bsz // n))
+
+
+class Mixture(nn.Module):
+    """Experts + routers on a frozen causal LM. Build with ``Mixture.attach`` or ``Mixture.load``."""
+
+    def __init__(self, model: nn.Module, cfg: MixtureConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.experts = nn.ModuleDict()
+        self.routers = nn.ModuleDict()
+        self.context = RoutingContext()
+        self.module_names: dict[str, str] = {}      # expert key -> module name in the base model
+        self._router_of_layer: dict[int, str] = {}  # layer index -> router key
+        self._hooks: list = []
+        self._patched: list[nn.Module] = []
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def attach(cls, model: nn.Module, cfg: MixtureConfig | None = None) -> "Mixture":
+        """Freeze ``model`` and attach the experts and routers described by ``cfg``."""
+        cfg = cfg or MixtureConfig()
+        mix = cls(model, cfg)
+        model.requires_grad_(False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            dec = model.get_decoder()
+            mix.add_hook(dec.register_forward_pre_hook(mix._begin_forward, with_kwargs=True))
+            if cfg.expert == "prompt":
+                from mixroute.experts.prompt import install_prompt_experts  # MoP (other module)
+
+                install_prompt_experts(mix, cfg)
+            else:
+                mix._install_lora(cfg)
+        ref = next(model.parameters())
+        mix.experts.to(device=ref.device, dtype=ref.dtype)
+        mix.routers.to(device=ref.device)
+        if cfg.router == "poly" and cfg.poly_mode == "z":
+            mix.experts.requires_grad_(False)
+        return mix
+
+    def _install_lora(self, cfg: MixtureConfig) -> None:
+        targets = list(cfg.target_modules)
+        if cfg.mlp_only:
+            targets = [t for t in targets if t in ("gate_proj", "up_proj", "down_proj")]
+        bad = sorted(set(targets) - {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+        if bad or not targets:
+            raise ValueError(f"target_modules: {bad or targets} not valid; use any of q_proj, k_proj, v_proj, "
+                             "o_proj, gate_proj, up_proj, down_proj")
+        num_experts = 1 if cfg.router == "single" else cfg.num_experts
+        dec = self.model.get_decoder()
+        hidden = self.model.config.hidden_size
+        for i, layer in enumerate(dec.layers):
+            linears = [(n, m) for n, m in layer.named_modules()
+                       if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+            if not linears:
+                raise ValueError(f"layer {i} has none of the target modules {targets}")
+            key = "global" if cfg.router == "task" and cfg.router_scope == "global" else f"layer_{i}"
+            if key not in self.routers:
+                self.routers[key] = build_router(cfg, hidden, num_experts, len(linears))
+            self._router_of_layer[i] = key
+            for slot, (name, lin) in enumerate(linears):
+                if cfg.router == "poly" and (lin.in_features % cfg.n_splits or lin.out_features % cfg.n_splits):
+                    raise ValueError(f"n_splits={cfg.n_splits} must divide {name}'s in/out features "
+                                     f"({lin.in_features}, {lin.out_features})")
+                ekey = f"layers_{i}_{name.replace('.', '_')}"
+                bank = LoraBank(lin.in_features, lin.out_features, num_experts, cfg.rank, cfg.alpha, cfg.dropout)
+                self.experts[ekey] = bank
+                self.module_names[ekey] = f"{self._decoder_prefix()}layers.{i}.{name}"
+                patch_linear(lin, bank, self._route_getter(i), slot)
+                self._patched.append(lin)
+            self.add_hook(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+
+    def _decoder_prefix(self) -> str:
+        dec = self.model.get_decoder()
+        for name, mod in self.model.named_modules():
+            if mod is dec:
+                return f"{name}." if name else ""
+        return ""
+
+    def add_hook(self, handle: Any) -> None:
+        """Keep a hook handle so ``detach()`` removes it (also for components installed by other modules)."""
+        self._hooks.append(handle)
+
+    def detach(self) -> nn.Module:
+        """Remove every hook and patch; returns the untouched base model."""
+        for h in self._hooks:
+            h.remove()
+        for lin in self._patched:
+            unpatch_linear(lin)
+        self._hooks, self._patched = [], []
+        return self.model
+
+    # ------------------------------------------------------------------ hooks
+    def _route_getter(self, layer: int):
+        routes = lambda: self.context.routes  # noqa: E731  (context.routes is replaced each forward)
+        return lambda: routes().get(layer)
+
+    def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        seq_len = (ids if ids is not None else emb).shape[1]
+        pkv = kwargs.get("past_key_values")
+        past = pkv.get_seq_length() if pkv is not None and hasattr(pkv, "get_seq_length") else 0
+        self.context.begin(kwargs.get("attention_mask"), seq_len, past == 0)
+
+    def _layer_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            ctx = self.context
+            key = self._router_of_layer[layer]
+            done = next((r for i, r in ctx.routes.items() if self._router_of_layer[i] == key), None)
+            if done is None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                done = self._route(key, hidden)
+            ctx.routes[layer] = done
+        return hook
+
+    def _route(self, key: str, hidden: Tensor) -> Route:
+        ctx, router = self.context, self.routers[key]
+        sequence_level = getattr(router, "level", "sequence") == "sequence"
+        if sequence_level and not ctx.is_prefill and key in ctx.kept:
+            route = _kept_for_batch(ctx.kept[key], hidden.shape[0])
+        else:
+            mask = ctx.read_mask() if sequence_level else ctx.token_mask()
+            task_ids = ctx.task_ids
+            if task_ids is not None and task_ids.shape[0] != hidden.shape[0]:
+                task_ids = task_ids.repeat_interleave(hidden.shape[0] // task_ids.shape[0])
+            route = router(hidden, mask, task_ids)
+            ctx.add_aux(route.aux)
+            if sequence_level:
+                ctx.kept[key] = Route(weights=route.weights.detach(), level=route.level, index=route.index,
+                                      shared_index=route.shared_index,
+                                      expanded=None if route.expanded is None else route.expanded.detach(),
+                                      poly=None if route.poly is None else route.poly.detach(),
+                                      logits=None if route.logits is None else route.logits.detach())
+        ctx.routing[key] = route.weights
+        if route.logits is not None:
+            ctx.router_logits[key] = route.logits
+        return route
+
+    # ------------------------------------------------------------------ forward / generate
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        prompt_mask: Optional[Tensor] = None,
+        task_ids: Optional[Tensor] = None,
+        logits_for: Literal["all", "labels"] = "all",
+        **hf_kwargs: Any,
+    ) -> MixtureOutput:
+        """Run the base model with the experts; see docs/architecture.md ("Mixture forward").
+
+        ``logits_for="labels"`` (with labels) runs the LM head only at positions whose next token carries a
+        label: the same loss, without the (B, T, vocab) logits. ``hf_kwargs`` go to the HF model unchanged.
+        """
+        if labels is not None:
+            hf_kwargs.setdefault("use_cache", False)
+        with self.context.inputs(task_ids, prompt_mask):
+            if labels is not None and logits_for == "labels":
+                out = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **hf_kwargs)
+                target = labels[:, 1:]
+                keep = target != -100
+                hidden = out.last_hidden_state[:, :-1][keep]
+                logits_sel = self.model.get_output_embeddings()(hidden)
+                lm_loss = F.cross_entropy(logits_sel.float(), target[keep])
+                logits = None
+            elif logits_for in ("all", "labels"):
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, **hf_kwargs)
+                logits = out.logits
+                lm_loss = None
+                if labels is not None:
+                    lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                              ignore_index=-100)
+            else:
+                raise ValueError(f"logits_for={logits_for!r}; expected 'all' or 'labels'")
+        aux = self.context.aux_losses()
+        loss = None
+        if lm_loss is not None:
+            loss = lm_loss + sum(aux.values()) if aux else lm_loss
+        return MixtureOutput(loss=loss, lm_loss=lm_loss, logits=logits, aux_losses=aux,
+                             routing=dict(self.context.routing), past_key_values=out.past_key_values,
+                             router_logits=dict(self.context.router_logits))
+
+    def generate(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                 task_ids: Optional[Tensor] = None, **generate_kwargs: Any) -> Tensor:
+        """``model.generate`` with task ids visible to the routers; sequence-level routes are decided at the
+        prefill (from every attended prompt token) and kept for the decoding steps."""
+        with self.context.inputs(task_ids, None):
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+
+    def update_balancing(self) -> None:
+        """Call after each ``optimizer.step()``: routers with loss-free balancing (SMoRA) update their bias."""
+        for router in self.routers.values():
+            if hasattr(router, "update_balancing"):
+                router.update_balancing()
+
+    # ------------------------------------------------------------------ parameters
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The parameters to optimise (experts and routers that require grad; the base is frozen)."""
+        return [p for p in list(self.experts.parameters()) + list(self.routers.parameters()) if p.requires_grad]
+
+    def trainable_parameters(self) -> int:
+        """Number of trainable parameters (experts + routers)."""
+        return sum(p.numel() for p in self.adapter_parameters())
+
+    def num_parameters_by_part(self) -> dict[str, int]:
+        """Parameter counts: ``experts``, ``routers``, ``trainable`` and the frozen ``base``."""
+        return {"experts": sum(p.numel() for p in self.experts.parameters()),
+                "routers": sum(p.numel() for p in self.routers.parameters()),
+                "trainable": self.trainable_parameters(),
+                "base": sum(p.numel() for p in self.model.parameters())}
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """Experts' and routers' tensors (parameters and persistent buffers), without the base model."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
+
+    # ------------------------------------------------------------------ save / load / PEFT
+    def save(self, directory: str) -> None:
+        """Write ``mixture.safetensors`` + ``mixture.json`` (config and base fingerprint) into ``directory``."""
+        from safetensors.torch import save_file
+
+        from mixroute.config import atomic_write_text, to_dict
+
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        tmp = path / ".mixture.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "mixroute.mixture"})
+        os.replace(tmp, path / WEIGHTS_NAME)
+        meta = {"format": "mixroute.mixture", "version": 1, "config": to_dict(self.cfg),
+                "base": base_fingerprint(self.model)}
+        atomic_write_text(path / CONFIG_NAME, json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, model: nn.Module, directory: str) -> "Mixture":
+        """Attach a saved mixture to ``model``; a different base or mismatched shapes is a clear error."""
+        from safetensors.torch import load_file
+
+        from mixroute.config import from_dict
+
+        path = Path(directory)
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{path} is not a saved mixture: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+        meta = json.loads((path / CONFIG_NAME).read_text())
+        have = base_fingerprint(model)
+        diff = [f"{k}: saved {v!r}, this model {have.get(k)!r}" for k, v in meta.get("base", {}).items()
+                if have.get(k) != v]
+        if diff:
+            raise ValueError(f"{path / CONFIG_NAME} was saved for a different base model: " + "; ".join(diff))
+        mix = cls.attach(model, from_dict(MixtureConfig, meta["config"], "mixture."))
+        mix.load_adapter_state_dict(load_file(str(path / WEIGHTS_NAME)), source=str(path / WEIGHTS_NAME))
+        return mix
+
+    def load_adapter_state_dict(self, tensors: dict[str, Tensor], source: str = "state dict") -> None:
+        """Copy expert/router tensors in; missing, unexpected or mis-shaped tensors are named in the error."""
+        own = self.adapter_state_dict()
+        problems = [f"missing {k}" for k in own if k not in tensors]
+        problems += [f"unexpected {k}" for k in tensors if k not in own]
+        problems += [f"{k}: saved shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)}"
+                     for k, v in own.items() if k in tensors and tensors[k].shape != v.shape]
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ValueError(f"{source} does not fit this mixture: " + "; ".join(problems[:5]) + more)
+        self.load_state_dict(tensors, strict=False)
+
+    @classmethod
+    def from_peft(cls, model: nn.Module, adapter_dirs: list[str], cfg: MixtureConfig | None = None) -> "Mixture":
+        """Import N PEFT LoRA adapters (same rank and targets) as the N experts of a new mixture."""
+        from mixroute.experts.lora import read_peft_adapters
+
+        cfg = copy.deepcopy(cfg or MixtureConfig())
+        experts, peft_cfg = read_peft_adapters(adapter_dirs)
+        cfg.expert, cfg.num_experts, cfg.rank = "lora", len(adapter_dirs), peft_cfg["r"]
+        cfg.alpha, cfg.target_modules, cfg.mlp_only = float(peft_cfg["lora_alpha"]), peft_cfg["targets"], False
+        if cfg.router == "single" and len(adapter_dirs) > 1:
+            raise ValueError("router 'single' holds one expert; pass one adapter or choose another router")
+        mix = cls.attach(model, cfg)
+        for key, bank in mix.experts.items():
+            name = mix.module_names[key]
+            for e, weights in enumerate(experts):
+                if name not in weights:
+                    raise ValueError(f"{adapter_dirs[e]} has no LoRA weights for {name}")
+                a, b = bank.expert(e)
+                with torch.no_grad():
+                    a.copy_(weights[name][0])
+                    b.copy_(weights[name][1])
+        return mix
+
+    def export_peft(self, expert_index: int, out_dir: str) -> None:
+        """Write expert ``expert_index`` as a PEFT LoRA adapter directory (``PeftModel.from_pretrained``)."""
+        from mixroute.experts.lora import write_peft_adapter
+
+        if self.cfg.expert != "lora" or self.cfg.router == "poly":
+            raise ValueError(f"export_peft needs plain LoRA experts; this mixture is expert={self.cfg.expert!r}, "
+                             f"router={self.cfg.router!r} (Poly skills are only meaningful mixed)")
+        n = next(iter(self.experts.values())).num_experts
+        if not 0 <= expert_index < n:
+            raise ValueError(f"expert index {expert_index} out of range: this mixture has {n} experts")
+        weights = {self.module_names[k]: bank.expert(expert_index) for k, bank in self.experts.items()}
+        write_peft_adapter(weights, self.cfg, getattr(self.model.config, "name_or_path", None), out_dir)

@@ -1,0 +1,45 @@
+"""``token_topk`` router (MoE-LoRA, LLaVA-MoLE, MixLoRA): every token picks its top-k experts.
+
+A linear router on the token's hidden state (the input of its decoder layer; one router per layer, shared by
+the layer's projections) gives a softmax over experts; the top-k are kept and renormalised. The Switch
+Transformers load-balancing loss ``E * sum_e f_e p_e`` (f = fraction of routed token slots sent to e, p =
+mean router probability of e, over attended tokens) is returned as ``load_balance`` weighted by
+``cfg.load_balance``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from mixroute.config import MixtureConfig
+from mixroute.routers.base import Route, dense_route
+
+
+class TokenTopKRouter(nn.Module):
+    """Per-token softmax top-k router; see the module docstring."""
+
+    level = "token"
+
+    def __init__(self, cfg: MixtureConfig, hidden_size: int, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts, self.rank = num_experts, cfg.rank
+        self.top_k = min(cfg.top_k, num_experts)
+        self.lb_weight = cfg.load_balance
+        self.proj = nn.Linear(hidden_size, num_experts, bias=False)
+
+    def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> Route:
+        probs = self.proj(hidden.to(self.proj.weight.dtype)).float().softmax(dim=-1)   # (B, T, E)
+        vals, idx = probs.topk(self.top_k, dim=-1)
+        w = torch.zeros_like(probs).scatter(-1, idx, vals / vals.sum(-1, keepdim=True))
+        aux: dict[str, Tensor] = {}
+        if self.training and self.lb_weight > 0:
+            m = torch.ones(probs.shape[:2], device=probs.device) if mask is None else mask.to(probs.dtype)
+            n = m.sum().clamp_min(1.0)
+            chosen = torch.zeros_like(probs).scatter(-1, idx, 1.0)
+            f = (chosen * m.unsqueeze(-1)).sum((0, 1)) / (n * self.top_k)
+            p = (probs * m.unsqueeze(-1)).sum((0, 1)) / n
+            aux["load_balance"] = self.lb_weight * self.num_experts * (f * p).sum()
+        return dense_route(w.to(hidden.dtype), self.rank, "token", aux)
