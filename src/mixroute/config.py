@@ -76,7 +76,8 @@ class MixtureConfig:
                                                     "v_proj, o_proj, gate_proj, up_proj, down_proj).")
     mlp_only: bool = f(False, "Put experts on the MLP projections only (LLaVA-MoLE).")
     # routers
-    top_k: int = f(1, "Experts kept per token (token_topk) or per sequence at inference (task, gate).", ge=1)
+    top_k: int = f(1, "Experts kept per token (token_topk) or per sequence at inference (task; the MoP gate "
+                      "uses gate_top_k).", ge=1)
     eta: float = f(0.1, "Weight of the routing cross-entropy against the category label (task, gate).", ge=0.0)
     route_train: Literal["label", "router"] = f("router", "task router in training: route by the label (teacher "
                                                          "forcing) or by the router's own top-1.")
@@ -99,6 +100,12 @@ class MixtureConfig:
     prompt_init: Literal["random", "text"] = f("random", "Init prompts from random vocabulary embeddings or from "
                                                        "the embeddings of prompt_init_text.")
     prompt_init_text: Optional[str] = f(None, "Text whose token embeddings initialise the prompts.")
+    # MoP gate (added by the MoP owner, issue 4)
+    gate_top_k: Optional[int] = f(None, "MoP gate: keep the top-k experts per sequence and renormalise, in training "
+                                        "and inference (null = all E, a soft gate).", ge=1)
+    gate_pretrain_steps: int = f(0, "MoP gate: steps of gate pre-training on category labels before prompt "
+                                    "training (0 = none; the trainer calls pretrain_gate).", ge=0)
+    gate_pretrain_lr: float = f(1e-3, "MoP gate: learning rate of gate pre-training.", gt=0.0)
     seed: int = f(0, "Seed of expert and router initialisation.")
 
 
