@@ -136,6 +136,7 @@ class Mixture(nn.Module):
         self.routers = nn.ModuleDict()
         self.context = RoutingContext()
         self.module_names: dict[str, str] = {}      # expert key -> module name in the base model
+        self.module_slots: dict[str, int] = {}      # expert key -> index among its layer's LoRA modules (Poly)
         self._router_of_layer: dict[int, str] = {}  # layer index -> router key
         self._hooks: list = []
         self._patched: list[nn.Module] = []
@@ -175,6 +176,7 @@ class Mixture(nn.Module):
         num_experts = 1 if cfg.router == "single" else cfg.num_experts
         dec = self.model.get_decoder()
         hidden = self.model.config.hidden_size
+        prefix = self._decoder_prefix()
         for i, layer in enumerate(dec.layers):
             linears = [(n, m) for n, m in layer.named_modules()
                        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
@@ -191,7 +193,8 @@ class Mixture(nn.Module):
                 ekey = f"layers_{i}_{name.replace('.', '_')}"
                 bank = LoraBank(lin.in_features, lin.out_features, num_experts, cfg.rank, cfg.alpha, cfg.dropout)
                 self.experts[ekey] = bank
-                self.module_names[ekey] = f"{self._decoder_prefix()}layers.{i}.{name}"
+                self.module_names[ekey] = f"{prefix}layers.{i}.{name}"
+                self.module_slots[ekey] = slot
                 patch_linear(lin, bank, self._route_getter(i), slot)
                 self._patched.append(lin)
             self.add_hook(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))

@@ -1,0 +1,248 @@
+"""Speed of mixroute's mixture core against the frozen base model and Hugging Face PEFT.
+
+Side by side in one process on one base model (every case is a structural copy sharing the base weights),
+interleaved rounds, median over ``--repeats``: forward (no grad) and one training step (forward with labels +
+backward + AdamW step on the adapter parameters). Prints a markdown table and, unless ``--no-write``, rewrites
+the "## Speed" section of docs/benchmarks.md. Optional extra rows: ``bench/speed_cases_mop.py`` defining
+``cases(model, tok, batch) -> [(name, forward_fn, train_step_fn | None, "peft" | "mixroute"), ...]``.
+
+    python bench/speed.py                      # SmolLM2-135M, float32, batch 8 x 128, 6 repeats
+    python bench/speed.py --model tiny --repeats 2 --no-write   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from mixroute.config import ALL_PROJECTIONS, MixtureConfig  # noqa: E402
+from mixroute.mixture import Mixture  # noqa: E402
+
+Case = tuple[str, Callable[[], None], Optional[Callable[[], None]], str]
+
+
+def structural_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with ``model`` (no extra memory)."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def adamw_step(params: list, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        opt.step()
+    return step
+
+
+def peft_cases(model, batch: dict) -> list[Case]:
+    from peft import LoraConfig, PolyConfig, get_peft_model
+
+    ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    bsz = ids.shape[0]
+    out: list[Case] = []
+
+    m = get_peft_model(structural_copy(model), LoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS))
+    params = [p for p in m.parameters() if p.requires_grad]
+    m.eval()
+    out.append(("PEFT LoRA r=8, 7 projections", lambda m=m: m(input_ids=ids, attention_mask=am),
+                adapter_train(m, params, lambda m=m: m(input_ids=ids, attention_mask=am, labels=labels).loss), "peft"))
+
+    m = get_peft_model(structural_copy(model), LoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS),
+                       adapter_name="a0")
+    for i in range(1, 8):
+        m.add_adapter(f"a{i}", LoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS))
+    names = [f"a{i % 8}" for i in range(bsz)]
+    m.eval()
+    out.append(("PEFT mixed batch, 8 adapters (adapter_names=)",
+                lambda m=m: m(input_ids=ids, attention_mask=am, adapter_names=names), None, "peft"))
+
+    m = get_peft_model(structural_copy(model), PolyConfig(r=8, n_tasks=8, n_skills=8, n_splits=1,
+                                                          target_modules=ALL_PROJECTIONS, task_type="CAUSAL_LM"))
+    tids = torch.arange(bsz) % 8
+    params = [p for p in m.parameters() if p.requires_grad]
+    m.eval()
+    out.append(("PEFT Poly, 8 skills", lambda m=m: m(input_ids=ids, attention_mask=am, task_ids=tids),
+                adapter_train(m, params, lambda m=m: m(input_ids=ids, attention_mask=am, labels=labels,
+                                                       task_ids=tids).loss), "peft"))
+    return out
+
+
+def adapter_train(module, params, loss_fn) -> Callable[[], None]:
+    """A train step that switches ``module`` to train mode for the step and back to eval after."""
+    step = adamw_step(params, loss_fn)
+
+    def run() -> None:
+        module.train()
+        step()
+        module.eval()
+    return run
+
+
+def mixroute_cases(model, batch: dict) -> list[Case]:
+    ids, am, labels, pm = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["prompt_mask"]
+    bsz = ids.shape[0]
+    tids = torch.arange(bsz) % 8
+    specs = [
+        ("mixroute single (plain LoRA r=8)", MixtureConfig(router="single", rank=8), False),
+        ("mixroute task top-1, 8 experts, mixed batch", MixtureConfig(router="task", num_experts=8, rank=8,
+                                                                       route_train="label"), True),
+        ("mixroute token_topk, 8 experts, k=2", MixtureConfig(router="token_topk", num_experts=8, rank=8,
+                                                               top_k=2), False),
+        ("mixroute rank (SMoRA), 64 ranks, k=8", MixtureConfig(router="rank", num_experts=8, rank=8,
+                                                               rank_top_k=8), False),
+        ("mixroute poly, 8 skills", MixtureConfig(router="poly", num_experts=8, rank=8, num_tasks=8), False),
+    ]
+    out: list[Case] = []
+    for name, cfg, label_routing in specs:
+        mix = Mixture.attach(structural_copy(model), cfg)
+        # task: route by label (train mode) so every sequence really uses a different expert in the forward
+        mix.train(label_routing)
+
+        def fwd(mix=mix) -> None:
+            mix(ids, attention_mask=am, prompt_mask=pm, task_ids=tids)
+
+        def loss(mix=mix) -> torch.Tensor:
+            return mix(ids, attention_mask=am, labels=labels, prompt_mask=pm, task_ids=tids,
+                       logits_for="labels").loss
+        out.append((name, fwd, adapter_train_keep(mix, label_routing, loss), "mixroute"))
+    return out
+
+
+def adapter_train_keep(mix: Mixture, stay_train: bool, loss_fn) -> Callable[[], None]:
+    step = adamw_step(mix.adapter_parameters(), loss_fn)
+
+    def run() -> None:
+        mix.train()
+        step()
+        mix.update_balancing()
+        mix.train(stay_train)
+    return run
+
+
+def timed(fn: Callable[[], None], grad: bool) -> float:
+    start = time.perf_counter()
+    if grad:
+        fn()
+    else:
+        with torch.no_grad():
+            fn()
+    return time.perf_counter() - start
+
+
+def machine() -> str:
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+        name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Model name")), platform.processor())
+    except OSError:
+        name = platform.processor()
+    return f"{name}, {torch.get_num_threads()} threads (torch {torch.__version__}, {platform.system()})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="None = embedded SmolLM2-135M; 'tiny' = random test model")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--no-train", action="store_true", help="forward only")
+    ap.add_argument("--only", default="", help="comma-separated substrings: keep only matching rows (+ base)")
+    ap.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    if args.model == "tiny":
+        from mixroute.models import tiny_model
+        model, tok = tiny_model()
+    else:
+        from mixroute.models import load_base_model
+        model, tok = load_base_model(args.model)
+    bsz, seq = args.batch, args.seq
+    ids = torch.randint(100, model.config.vocab_size - 100, (bsz, seq))
+    am = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, : seq // 2] = -100
+    pm = torch.zeros_like(ids, dtype=torch.bool)
+    pm[:, : seq // 2] = True
+    batch = {"input_ids": ids, "attention_mask": am, "labels": labels, "prompt_mask": pm}
+
+    base = structural_copy(model)
+    cases: list[Case] = [("base model (frozen)", lambda: base(input_ids=ids, attention_mask=am), None, "base")]
+    cases += peft_cases(model, batch) + mixroute_cases(model, batch)
+    extra = ROOT / "bench" / "speed_cases_mop.py"
+    if extra.is_file():
+        spec = importlib.util.spec_from_file_location("speed_cases_mop", extra)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+        cases += list(mod.cases(structural_copy(model), tok, batch))
+    if args.only:
+        keys = [k.strip() for k in args.only.split(",") if k.strip()]
+        cases = [c for c in cases if c[3] == "base" or any(k in c[0] for k in keys)]
+
+    fwd_t: dict[str, list[float]] = {c[0]: [] for c in cases}
+    trn_t: dict[str, list[float]] = {c[0]: [] for c in cases}
+    for rnd in range(args.repeats + 1):          # round 0 is warm-up
+        for name, fwd, train, _ in cases:
+            t = timed(fwd, grad=False)
+            if rnd:
+                fwd_t[name].append(t)
+            if train is not None and not args.no_train:
+                t = timed(train, grad=True)
+                if rnd:
+                    trn_t[name].append(t)
+        print(f"round {rnd}/{args.repeats} done", file=sys.stderr)
+
+    tokens = bsz * seq
+    base_fwd = statistics.median(fwd_t[cases[0][0]])
+    peft_train = statistics.median(trn_t[cases[1][0]]) if trn_t.get(cases[1][0]) else None
+    rows = ["| case | forward tok/s | x base forward | train step tok/s | x PEFT LoRA train |",
+            "|---|---:|---:|---:|---:|"]
+    for name, _, _, _ in cases:
+        f = statistics.median(fwd_t[name])
+        t = statistics.median(trn_t[name]) if trn_t[name] else None
+        tr = f"{tokens / t:,.0f}" if t else "n/a"
+        rel = f"{peft_train / t:.2f}x" if t and peft_train else "n/a"
+        rows.append(f"| {name} | {tokens / f:,.0f} | {base_fwd / f:.2f}x | {tr} | {rel} |")
+    table = "\n".join(rows)
+    print(table)
+    if not args.no_write:
+        write_docs(table, args, model)
+
+
+def write_docs(table: str, args, model) -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    cmd = "python bench/speed.py " + " ".join(sys.argv[1:])
+    body = (f"## Speed\n\nMachine: {machine()}. Model: {type(model).__name__} "
+            f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, float32), batch "
+            f"{args.batch} x {args.seq} tokens, median of {args.repeats} interleaved rounds.\n"
+            f"Command: `{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M')}).\n\n<!-- speed-table -->\n{table}\n"
+            "<!-- /speed-table -->\n")
+    start = text.find("## Speed")
+    if start < 0:
+        text = text.rstrip() + "\n\n" + body
+    else:
+        end = text.find("\n## ", start + 1)
+        marker = text.find("<!-- /speed-table -->", start)
+        # keep any hand-written analysis after the table, inside the section
+        tail = text[marker + len("<!-- /speed-table -->\n"): end if end >= 0 else len(text)] if marker >= 0 else ""
+        text = text[:start] + body + tail + (text[end:] if end >= 0 else "")
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

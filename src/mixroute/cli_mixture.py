@@ -1,0 +1,85 @@
+"""`mixroute adapters ...`: move LoRA experts between PEFT adapter directories and mixroute mixtures."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+adapters_app = typer.Typer(
+    help="Import PEFT LoRA adapters as the experts of a mixture, or export one expert as a PEFT adapter.\n\n"
+    "Example (MoA stage 2 from per-task LoRAs):\n\n"
+    "  mixroute adapters import runs/lora_qa runs/lora_sum runs/lora_code --out mixtures/moa --router task\n\n"
+    "  mixroute adapters export mixtures/moa --expert 1 --out adapters/sum   # PeftModel.from_pretrained",
+    no_args_is_help=True,
+)
+
+_MODEL_HELP = ("Base model the mixture belongs to: omit for the embedded SmolLM2-135M-Instruct, a local "
+               "directory, a cached Hugging Face id, or 'tiny' (random test model).")
+
+
+def _load_model(name: Optional[str]):
+    from mixroute.models import load_base_model, tiny_model
+
+    return tiny_model()[0] if name == "tiny" else load_base_model(name)[0]
+
+
+@adapters_app.command("import")
+def import_cmd(
+    adapter_dirs: list[str] = typer.Argument(..., help="PEFT LoRA adapter directories (adapter_config.json + "
+                                                       "adapter_model.safetensors), one per expert, in order: "
+                                                       "expert i = the i-th directory = task id i."),
+    out: str = typer.Option(..., "--out", help="Directory to write the mixture to (mixture.safetensors + "
+                                               "mixture.json)."),
+    router: str = typer.Option("task", "--router", help="Router over the imported experts: task (MoA, learns to "
+                                                        "pick one per sequence), oracle (route by task id), "
+                                                        "token_topk, uniform, rank, single (one adapter)."),
+    model: Optional[str] = typer.Option(None, "--model", help=_MODEL_HELP),
+) -> None:
+    """Import N PEFT LoRA adapters (same rank, alpha and target modules) as the N experts of a new mixture.
+
+    The router starts untrained; train it with `mixroute train` (method moa, stage1_adapters) or use
+    --router oracle to route by task id right away.
+    """
+    from mixroute.cli import console, fail
+    from mixroute.config import MixtureConfig, from_dict
+    from mixroute.mixture import Mixture
+    from mixroute.models import ModelNotFoundError
+
+    try:
+        cfg = from_dict(MixtureConfig, {"router": router, "num_tasks": len(adapter_dirs)}, "mixture.")
+        mix = Mixture.from_peft(_load_model(model), adapter_dirs, cfg)
+        mix.save(out)
+    except (ValueError, FileNotFoundError, ModelNotFoundError) as e:
+        fail(str(e))
+    parts = mix.num_parameters_by_part()
+    console.print(f"wrote {out}: {len(adapter_dirs)} experts (rank {mix.cfg.rank}, "
+                  f"{', '.join(mix.cfg.target_modules)}), router {router}; "
+                  f"{parts['experts']:,} expert + {parts['routers']:,} router parameters")
+
+
+@adapters_app.command("export")
+def export_cmd(
+    mixture_dir: str = typer.Argument(..., help="A saved mixture (mixture.safetensors + mixture.json), e.g. "
+                                                "RUN_DIR/final."),
+    expert: int = typer.Option(..., "--expert", help="Index of the expert to export (0-based)."),
+    out: str = typer.Option(..., "--out", help="Directory for the PEFT adapter (adapter_config.json + "
+                                               "adapter_model.safetensors)."),
+    model: Optional[str] = typer.Option(None, "--model", help=_MODEL_HELP),
+) -> None:
+    """Write one LoRA expert of a mixture as a PEFT adapter: `PeftModel.from_pretrained(base, OUT)` loads it."""
+    from mixroute.cli import console, fail
+    from mixroute.mixture import Mixture
+    from mixroute.models import ModelNotFoundError
+
+    try:
+        mix = Mixture.load(_load_model(model), mixture_dir)
+        mix.export_peft(expert, out)
+    except (ValueError, FileNotFoundError, ModelNotFoundError) as e:
+        fail(str(e))
+    console.print(f"wrote PEFT adapter {out} (expert {expert} of {mixture_dir})")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `adapters` command group to the mixroute CLI."""
+    app.add_typer(adapters_app, name="adapters")
