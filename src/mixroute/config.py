@@ -137,6 +137,8 @@ class EvalConfig:
     max_generate: Optional[int] = f(64, "Test examples per category used for generation metrics (null = all).",
                                     ge=1)
     split: Literal["validation", "test"] = f("test", "Held-out split to evaluate.")
+    max_eval: Optional[int] = f(None, "Held-out examples per category for perplexity, router accuracy, gate "
+                                      "statistics and validation during training (null = all).", ge=1)
 
 
 @dataclass
