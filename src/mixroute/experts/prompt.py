@@ -70,6 +70,8 @@ class PromptInjector:
         self.features_only = False
         self.features: Optional[Tensor] = None
         self._masks: dict = {}
+        self._last_ids: Optional[Tensor] = None       # input of the last no-grad, no-cache forward
+        self.continuation = False                     # this forward extends it by one token (generate, no cache)
 
     # ---------------------------------------------------------------- prompt pass
     def run_prompt_layers(self, hidden: Tensor, start: int, stop: int, capture: bool) -> Tensor:
@@ -113,10 +115,23 @@ class PromptInjector:
             pos = torch.arange(past, past + x.shape[1], device=x.device).unsqueeze(0)
         kwargs["position_ids"] = pos + self.bank.num_tokens
         self._masks = {}
-        if not self.features_only and (past == 0 or self.kv is None or torch.is_grad_enabled()):
+        self.continuation = self._extends_last_prefill(x, past, bool(kwargs.get("use_cache")))
+        if self.features_only:
+            return args, kwargs
+        if (past == 0 and not self.continuation) or self.kv is None or torch.is_grad_enabled():
             w = self.bank.weight
             self.run_prompt_layers(w.reshape(1, -1, w.shape[-1]), self.m, len(self.dec.layers), capture=True)
         return args, kwargs
+
+    def _extends_last_prefill(self, x: Tensor, past: int, use_cache: bool) -> bool:
+        """Generation without a KV cache re-runs the whole sequence each step: a no-grad, no-cache forward whose
+        tokens are the previous forward's plus one new token continues that sequence, so its gate is kept."""
+        if torch.is_grad_enabled() or x.dtype != torch.long or past > 0 or use_cache:
+            self._last_ids = None
+            return False
+        prev, self._last_ids = self._last_ids, x
+        return (prev is not None and prev.shape[0] == x.shape[0] and x.shape[1] == prev.shape[1] + 1
+                and torch.equal(x[:, :-1], prev))
 
     def gate_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.capture is not None:        # the prompt pass itself runs this layer
@@ -126,7 +141,7 @@ class PromptInjector:
         if self.features_only:
             self.features = masked_mean(hidden, ctx.read_mask())
             raise _StopForward
-        if not ctx.is_prefill and self.kept is not None:
+        if (not ctx.is_prefill or self.continuation) and self.kept is not None:
             gate = self.kept.for_batch(hidden.shape[0])
         else:
             task_ids = ctx.task_ids

@@ -161,6 +161,6 @@ def pretrain_gate(mixture: nn.Module, batches: Iterable[dict], steps: int, lr: f
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
     gate.train(was_training)
     return losses

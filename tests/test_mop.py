@@ -1,0 +1,359 @@
+"""MoP (Mixture of Prompts): prompt experts + gate, on the tiny model (integration test on SmolLM2 at the end)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from mixroute.config import MixtureConfig
+from mixroute.mixture import Mixture
+from mixroute.routers.gate import pretrain_gate
+
+L = 4
+
+
+def mop(model, **kw) -> Mixture:
+    cfg = dict(expert="prompt", router="gate", num_experts=3, num_virtual_tokens=L, gate_hidden=16, num_tasks=3)
+    cfg.update(kw)
+    return Mixture.attach(model, MixtureConfig(**cfg))
+
+
+def batch(n: int = 3, t: int = 10, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, 2000, (n, t), generator=g)
+    am = torch.ones_like(ids)
+    am[1, t - 3:] = 0                                   # right padding on one row
+    labels = ids.masked_fill(am == 0, -100)
+    labels[:, : t // 2] = -100
+    pm = torch.zeros_like(ids, dtype=torch.bool)
+    pm[:, : t // 2] = True
+    return {"input_ids": ids, "attention_mask": am, "labels": labels, "prompt_mask": pm,
+            "task_ids": torch.arange(n) % 3}
+
+
+def peft_prompt_logits(model, prompts: torch.Tensor, ids, am) -> torch.Tensor:
+    """PEFT prompt tuning with the given virtual tokens: logits of the input tokens."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    n = prompts.shape[0]
+    pm = get_peft_model(copy.deepcopy(model), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n))
+    with torch.no_grad():
+        pm.prompt_encoder["default"].embedding.weight.copy_(prompts)
+        return pm(input_ids=ids, attention_mask=am).logits[:, n:]
+
+
+# ------------------------------------------------------------------------------------------- equivalences
+@pytest.mark.parametrize("router", ["single", "gate"])
+def test_e1_m0_equals_peft_prompt_tuning(tiny, router):
+    model, _ = tiny
+    b = batch()
+    mix = mop(copy.deepcopy(model), router=router, num_experts=1, inject_layer=0, gate_layer=0, num_tasks=1)
+    prompts = torch.randn(L, model.config.hidden_size) * 0.5
+    with torch.no_grad():
+        mix.experts["prompt"].weight.copy_(prompts.unsqueeze(0))
+        ours = mix(b["input_ids"], attention_mask=b["attention_mask"]).logits
+    ref = peft_prompt_logits(model, prompts, b["input_ids"], b["attention_mask"])
+    keep = b["attention_mask"].bool()
+    assert (ours - ref)[keep].abs().max().item() < 1e-5
+    base = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    assert (base - ref)[keep].abs().max().item() > 1e-3          # the prompt really changes the logits
+
+
+def test_text_init_equals_peft_text_init(tiny, tmp_path):
+    """prompt_init='text' starts from the same embeddings as PEFT's TEXT init (E=1, m=0)."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    model, tok = tiny
+    text = "Answer the question briefly."
+    tok.save_pretrained(tmp_path)
+    pm = get_peft_model(copy.deepcopy(model), PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=7, prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
+        tokenizer_name_or_path=str(tmp_path)))
+    mix = mop(copy.deepcopy(model), router="single", num_experts=1, num_virtual_tokens=7, inject_layer=0,
+              prompt_init="text", prompt_init_text=text)
+    assert torch.equal(mix.experts["prompt"].weight[0], pm.prompt_encoder["default"].embedding.weight)
+
+
+def test_m0_any_gate_equals_one_hf_forward_with_prompt_mask(tiny):
+    """Independent reference at m=0: one plain HF forward over [all prompts; input] with a hand-built 4-D mask
+    (prompt blocks causal within themselves, input attends to expert e's columns with bias log g_e)."""
+    model, _ = tiny
+    b = batch(n=2, t=8)
+    b["attention_mask"][:] = 1
+    mix = mop(copy.deepcopy(model), inject_layer=0, gate_layer=0)
+    g = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    mix.routers["gate"].force(g)
+    with torch.no_grad():
+        ours = mix(b["input_ids"], attention_mask=b["attention_mask"]).logits
+    P = mix.experts["prompt"].weight.detach()
+    E, T = P.shape[0], b["input_ids"].shape[1]
+    emb = torch.cat([P.reshape(1, E * L, -1).expand(2, -1, -1), model.get_input_embeddings()(b["input_ids"])], 1)
+    low = torch.finfo(torch.float32).min
+    n = E * L + T
+    mask = torch.full((2, 1, n, n), low)
+    for e in range(E):
+        blk = slice(e * L, (e + 1) * L)
+        mask[:, :, blk, blk] = torch.triu(torch.full((L, L), low), 1)
+        mask[:, 0, E * L:, blk] = g[:, e].log()[:, None, None]
+    mask[:, :, E * L:, E * L:] = torch.triu(torch.full((T, T), low), 1)
+    pos = torch.cat([torch.arange(L).repeat(E), torch.arange(T) + L]).unsqueeze(0)
+    with torch.no_grad():
+        ref = model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).logits[:, E * L:]
+    assert (ours - ref).abs().max().item() < 1e-5
+
+
+def test_one_hot_gate_equals_single_prompt_at_inject_layer(tiny):
+    model, _ = tiny
+    b = batch()
+    mix = mop(copy.deepcopy(model), inject_layer=1, gate_layer=0)
+    ids, am = b["input_ids"], b["attention_mask"]
+    keep = am.bool()
+    with torch.no_grad():
+        soft = mix(ids, attention_mask=am).logits
+        for e in range(3):
+            mix.routers["gate"].force(torch.nn.functional.one_hot(torch.tensor(e), 3).float())
+            ours = mix(ids, attention_mask=am).logits
+            single = mop(copy.deepcopy(model), router="single", inject_layer=1)
+            single.experts["prompt"].weight.copy_(mix.experts["prompt"].weight[e:e + 1])
+            ref = single(ids, attention_mask=am).logits
+            assert (ours - ref)[keep].abs().max().item() < 1e-5
+            assert (ours - soft)[keep].abs().max().item() > 1e-4   # the gate matters
+    mix.routers["gate"].force(None)
+
+
+def test_layers_below_inject_layer_see_only_the_input(tiny):
+    model, _ = tiny
+    b = batch()
+    mix = mop(copy.deepcopy(model), inject_layer=1, gate_layer=1)
+    with torch.no_grad():
+        ours = mix(b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+        base = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+    keep = b["attention_mask"].bool()
+    # hidden_states[1] = output of layer 0 (below m=1): untouched; the logits do change
+    assert len(base.hidden_states) == 3
+    assert (ours.logits - base.logits)[keep].abs().max() > 1e-3
+    mix2 = copy.deepcopy(model)
+    out2 = mop(mix2, inject_layer=1, gate_layer=1).model(input_ids=b["input_ids"],
+                                                        attention_mask=b["attention_mask"], output_hidden_states=True)
+    assert len(out2.hidden_states) == 3                                  # the prompt pass is not recorded
+    assert (out2.hidden_states[1] - base.hidden_states[1])[keep].abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------- gate
+def test_gate_routing_aux_and_top_k(fresh_tiny):
+    model, _ = fresh_tiny
+    b = batch()
+    mix = mop(model, eta=0.5, gate_top_k=2)
+    out = mix(**{k: b[k] for k in ("input_ids", "attention_mask", "labels", "prompt_mask", "task_ids")})
+    w = out.routing["gate"]
+    assert w.shape == (3, 3)
+    assert torch.allclose(w.sum(-1), torch.ones(3))
+    assert ((w > 0).sum(-1) == 2).all()                                  # top-2 of 3, renormalised
+    assert set(out.aux_losses) == {"gate_ce"}
+    ce = torch.nn.functional.cross_entropy(out.router_logits["gate"], b["task_ids"])
+    assert torch.allclose(out.aux_losses["gate_ce"], 0.5 * ce)
+    assert torch.allclose(out.loss, out.lm_loss + out.aux_losses["gate_ce"])
+
+
+def test_gate_reads_only_prompt_tokens(fresh_tiny):
+    model, _ = fresh_tiny
+    b = batch()
+    mix = mop(model)
+    with torch.no_grad():
+        w1 = mix(b["input_ids"], attention_mask=b["attention_mask"], prompt_mask=b["prompt_mask"]).routing["gate"]
+        ids2 = b["input_ids"].clone()
+        ids2[:, -2:] = 7                                                 # change response tokens only
+        w2 = mix(ids2, attention_mask=b["attention_mask"], prompt_mask=b["prompt_mask"]).routing["gate"]
+        w3 = mix(ids2, attention_mask=b["attention_mask"]).routing["gate"]   # None: every attended token
+    assert torch.allclose(w1, w2)
+    assert not torch.allclose(w1, w3)
+
+
+def test_pretrain_gate_learns_labels_and_touches_only_the_gate(fresh_tiny):
+    model, _ = fresh_tiny
+    mix = mop(model, gate_layer=1, inject_layer=1)
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(2):                      # category t: tokens from its own vocabulary range
+        tids = torch.arange(6) % 3
+        ids = torch.stack([torch.randint(200 + 500 * int(t), 400 + 500 * int(t), (8,), generator=g) for t in tids])
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "task_ids": tids})
+    prompts = mix.experts["prompt"].weight.detach().clone()
+    losses = pretrain_gate(mix, batches, steps=40, lr=1e-2)
+    assert len(losses) == 40 and losses[-1] < 0.5 * losses[0]
+    assert torch.equal(prompts, mix.experts["prompt"].weight)
+    with torch.no_grad():
+        w = mix(batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"]).routing["gate"]
+    assert (w.argmax(-1) == batches[0]["task_ids"]).all()
+
+
+# ------------------------------------------------------------------------------------------- the matrix
+ROUTERS = ["gate", "single", "uniform", "oracle"]
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_forward_backward_grads_only_on_prompts_and_gate(fresh_tiny, router):
+    model, _ = fresh_tiny
+    b = batch()
+    mix = mop(model, router=router)
+    out = mix(**b)
+    E = 1 if router == "single" else 3
+    assert out.logits.shape == (*b["input_ids"].shape, model.config.vocab_size)
+    assert out.routing["gate"].shape == (3, E)
+    out.loss.backward()
+    assert all(p.grad is None for p in mix.model.parameters())
+    named = dict(mix.named_parameters())
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    assert "experts.prompt.weight" in trainable
+    assert all(n.startswith(("experts.prompt", "routers.gate")) for n in trainable)
+    for n in trainable:
+        assert named[n].grad is not None and named[n].grad.abs().sum() > 0, n
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_save_load_round_trip(tiny, tmp_path, router):
+    model, _ = tiny
+    b = batch()
+    mix = mop(copy.deepcopy(model), router=router, inject_layer=1, gate_layer=0, seed=3)
+    with torch.no_grad():
+        for p in mix.adapter_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        ref = mix(b["input_ids"], attention_mask=b["attention_mask"], task_ids=b["task_ids"]).logits
+    mix.save(str(tmp_path))
+    back = Mixture.load(copy.deepcopy(model), str(tmp_path))
+    with torch.no_grad():
+        got = back(b["input_ids"], attention_mask=b["attention_mask"], task_ids=b["task_ids"]).logits
+    assert torch.equal(got, ref)
+    assert back.cfg.inject_layer == 1
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_loss_falls_in_20_steps(fresh_tiny, router):
+    model, _ = fresh_tiny
+    torch.manual_seed(0)
+    b = batch(n=4, t=12)
+    b["task_ids"] = torch.arange(4) % 3
+    mix = mop(model, router=router)
+    opt = torch.optim.AdamW(mix.adapter_parameters(), lr=3e-2)
+    losses = []
+    mix.train()
+    for _ in range(20):
+        out = mix(**b)
+        opt.zero_grad()
+        out.lm_loss.backward()
+        opt.step()
+        losses.append(out.lm_loss.item())
+    # the tiny random Llama's logits are nearly uniform (loss ~ ln 49152 = 10.8) and move little whatever is
+    # trained (PEFT prompt tuning gains about as much); a broken gradient path leaves the loss flat
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 15, losses
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_generate_with_and_without_cache_same_tokens(tiny, router):
+    model, tok = tiny
+    mix = mop(copy.deepcopy(model), router=router, inject_layer=1, gate_layer=1)
+    with torch.no_grad():
+        for p in mix.adapter_parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    ids = torch.randint(100, 2000, (2, 6), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, task_ids=torch.tensor([0, 2]))
+    with torch.no_grad():
+        a = mix.generate(ids, attention_mask=torch.ones_like(ids), use_cache=True, **kw)
+        w_cached = mix.context.routing["gate"]
+        c = mix.generate(ids, attention_mask=torch.ones_like(ids), use_cache=False, **kw)
+        w_plain = mix.context.routing["gate"]
+        prefill = mix(ids, attention_mask=torch.ones_like(ids), task_ids=kw["task_ids"]).routing["gate"]
+    assert a.shape == (2, 12) and torch.equal(a, c)
+    assert torch.allclose(w_cached, prefill) and torch.allclose(w_plain, prefill)   # kept from the prefill
+
+
+def test_generate_uses_the_prompts(tiny):
+    """generate()'s first-step scores are Mixture.forward's last-position logits, and differ from the base's."""
+    model, tok = tiny
+    mix = mop(copy.deepcopy(model), inject_layer=0, gate_layer=0)
+    ids = torch.randint(100, 2000, (2, 6), generator=torch.Generator().manual_seed(6))
+    am = torch.ones_like(ids)
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id, output_logits=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        first = mix.generate(ids, attention_mask=am, **kw).logits[0]
+        fwd = mix(ids, attention_mask=am).logits[:, -1]
+        base = model.generate(ids, attention_mask=am, **kw).logits[0]
+    assert (first - fwd).abs().max() < 1e-5
+    assert (first - base).abs().max() > 1e-4
+
+
+def test_detach_restores_the_base_model(tiny):
+    model, _ = tiny
+    m = copy.deepcopy(model)
+    b = batch()
+    with torch.no_grad():
+        ref = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        mix = mop(m)
+        mix.detach()
+        got = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    assert m.config._attn_implementation == "sdpa"
+    assert torch.equal(got, ref)
+
+
+def test_eager_attention_works_too(tiny):
+    model, _ = tiny
+    m = copy.deepcopy(model)
+    m.config._attn_implementation = "eager"
+    b = batch()
+    mix = mop(m, inject_layer=1, gate_layer=0)
+    s = mop(copy.deepcopy(model), inject_layer=1, gate_layer=0)
+    with torch.no_grad():
+        s.experts["prompt"].weight.copy_(mix.experts["prompt"].weight)
+        s.routers["gate"].load_state_dict(mix.routers["gate"].state_dict())
+        a = mix(b["input_ids"], attention_mask=b["attention_mask"]).logits
+        c = s(b["input_ids"], attention_mask=b["attention_mask"]).logits
+    keep = b["attention_mask"].bool()
+    assert (a - c)[keep].abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------- bad configs
+@pytest.mark.parametrize("kw, words", [
+    (dict(inject_layer=2), ["inject_layer=2", "0..1"]),
+    (dict(inject_layer=0, gate_layer=1), ["gate_layer=1", "0..0", "inject_layer=0"]),
+    (dict(inject_layer=1, gate_layer=5), ["gate_layer=5", "0..1"]),
+    (dict(num_experts=8, num_virtual_tokens=300), ["num_virtual_tokens", "2400", "max_position_embeddings=2048"]),
+    (dict(router="token_topk"), ["router='token_topk'", "gate, single, uniform, oracle"]),
+    (dict(prompt_init="text"), ["prompt_init_text"]),
+    (dict(router="oracle", num_experts=2, num_tasks=3), ["num_experts=2", "num_tasks=3"]),
+])
+def test_bad_configs_fail_clearly(fresh_tiny, kw, words):
+    model, _ = fresh_tiny
+    with pytest.raises(ValueError) as err:
+        mop(model, **kw)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_default_layers_for_smollm_depth():
+    from mixroute.experts.prompt import resolve_layers
+
+    assert resolve_layers(MixtureConfig(expert="prompt", router="gate"), 30) == (15, 10)
+    assert resolve_layers(MixtureConfig(expert="prompt", router="gate", inject_layer=4), 30) == (4, 4)
+    assert resolve_layers(MixtureConfig(expert="prompt", router="gate"), 2) == (1, 0)
+
+
+# ------------------------------------------------------------------------------------------- real model
+@pytest.mark.integration
+def test_e1_m0_equals_peft_prompt_tuning_smollm(smollm):
+    model, tok = smollm
+    enc = tok(["Give me three ideas for a picnic.", "Summarise: the cat sat on the mat all day."],
+              return_tensors="pt", padding=True)
+    ids, am = enc["input_ids"], enc["attention_mask"]
+    mix = mop(copy.deepcopy(model), router="single", num_experts=1, num_virtual_tokens=10, inject_layer=0)
+    prompts = mix.experts["prompt"].weight[0].detach().clone()          # random vocabulary embeddings
+    with torch.no_grad():
+        ours = mix(ids, attention_mask=am).logits
+    ref = peft_prompt_logits(model, prompts, ids, am)
+    keep = am.bool()
+    assert (ours - ref)[keep].abs().max().item() < 1e-5
+    assert math.isfinite(ours.abs().max().item())
