@@ -1,0 +1,357 @@
+"""The centralized training recipe: setup, (stage 1), train, evaluate, save. Reads top to bottom.
+
+    from mixroute.config import load_config
+    from mixroute.train import train
+    run_dir = train(load_config("configs/moa.yaml", ["train.max_steps=50"]))
+
+``train`` writes the run directory of docs/architecture.md: config.yaml, metrics.jsonl, checkpoints/step-N,
+final/, gates.json. ``resume(run_dir)`` continues a killed run from its newest checkpoint and reaches the same
+final weights as an uninterrupted run (data order is a function of (seed, step); optimizer, scheduler and RNG
+states are restored).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from mixroute.config import ConfigError, ModelConfig, RunConfig, load_config, save_config
+from mixroute.evaluate import gate_level, gate_matrix, perplexity
+from mixroute.train.batches import RunData
+from mixroute.train.loop import TrainingDiverged, held_out_pass, to_device, train_mode, train_step
+from mixroute.train.tracking import MetricsLogger, ProgressBar
+from mixroute.train.methods import mixture_config, needs_stage1, stage1_config
+from mixroute.train.state import latest_checkpoint, load_trainer_state, save_checkpoint
+
+
+# =========================================================================== setup
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (data order has its own generators; see RunData)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
+    """The frozen base model named by the config ('tiny' = the random test model)."""
+    from mixroute.models import load_base_model, tiny_model
+
+    if cfg.name == "tiny":
+        model, tok = tiny_model(seed=0)
+        return model.to(device), tok
+    return load_base_model(cfg.name, dtype=getattr(torch, cfg.dtype), device=device)
+
+
+def make_accelerator() -> Any:
+    """One ``accelerate.Accelerator``: CPU here, GPUs under ``accelerate launch`` with no code change."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    # top-1 routers leave some experts without gradient in a step
+    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    run_dir = Path(cfg.output_dir)
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"output_dir {run_dir} already holds a run; pass --resume {run_dir} to continue it, "
+                              "--overwrite to start again, or another output_dir=...")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: RunConfig, steps: int) -> tuple[Any, Any]:
+    """AdamW + linear warm-up and cosine decay over ``steps`` optimizer steps."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, min(cfg.train.warmup_steps, max(steps, 1)), max(steps, 1))
+    return opt, sched
+
+
+@dataclass
+class Run:
+    """A loaded run directory: config, frozen model, tokenizer, trained mixture (None for ``base``), data."""
+
+    cfg: RunConfig
+    model: nn.Module
+    tok: Any
+    mix: Optional[nn.Module]
+    data: RunData
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Load ``run_dir``'s config, base model, data and final mixture (for eval / generate)."""
+    from mixroute.mixture import Mixture
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    model, tok = load_model(cfg.model)
+    data = RunData.build(cfg, tok)
+    mix = None
+    if mixture_config(cfg, len(data.categories)) is not None:
+        if not (run_dir / "final").is_dir():
+            raise ConfigError(f"{run_dir} has no final/ mixture: training did not finish (resume it with "
+                              f"`mixroute train --resume {run_dir}`)")
+        mix = Mixture.load(model, str(run_dir / "final"))
+        mix.eval()
+    return Run(cfg, model, tok, mix, data)
+
+
+# =========================================================================== the recipe
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop_at_step: Optional[int] = None,
+          progress: bool = True) -> Path:
+    """Train ``cfg.train.method`` and write the run directory; returns its path.
+
+    ``stop_at_step`` checkpoints and returns after that (global) step, as if the run had been killed there:
+    ``resume`` then continues it (used by the resume-equivalence test and ``--stop-at-step``).
+    """
+    # ---- setup
+    run_dir = prepare_run_dir(cfg, resume, overwrite)
+    seed_everything(cfg.train.seed)
+    accelerator = make_accelerator()
+    model, tok = load_model(cfg.model, accelerator.device)
+    data = RunData.build(cfg, tok)
+    mcfg = mixture_config(cfg, len(data.categories))
+    log = MetricsLogger(run_dir, enabled=accelerator.is_main_process)
+    if not resume:
+        (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2, default=str))
+    ctx = _Ctx(cfg, run_dir, accelerator, model, tok, data, log, progress, stop_at_step)
+    if mcfg is None:  # base: nothing to train; validation perplexity of the frozen model, eval reads it
+        evaluate_validation(ctx, None, 0, stage="before")
+        log.close()
+        return run_dir
+
+    # ---- stage 1: one LoRA per category (MoA, lora_single, moe_lora)
+    offset = 0
+    adapters = None
+    if needs_stage1(cfg):
+        adapters = cfg.train.stage1_adapters or run_stage1(ctx)
+        if not cfg.train.stage1_adapters:
+            offset = len(data.categories) * cfg.train.stage1_steps
+        if ctx.stopped:
+            return run_dir
+
+    # ---- the mixture (stage-1 LoRAs as experts, or fresh experts)
+    mix = build_mixture(model, mcfg, adapters, data, cfg)
+    if cfg.train.method == "lora_single":  # the stage-1 LoRAs with oracle routing are the result
+        finish(ctx, mix, offset)
+        return run_dir
+
+    # ---- stage 2 (or the only stage): train the mixture
+    fit(ctx, mix, steps=cfg.train.max_steps, offset=offset, resume=resume)
+    if ctx.stopped:
+        return run_dir
+
+    # ---- evaluate and save
+    finish(ctx, mix, offset + cfg.train.max_steps)
+    return run_dir
+
+
+def resume(run_dir: str | Path, stop_at_step: Optional[int] = None, progress: bool = True) -> Path:
+    """Continue a run from its newest checkpoint (the config is the run's own config.yaml)."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    if cfg is None:
+        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+    cfg.output_dir = str(run_dir)
+    return train(cfg, resume=True, stop_at_step=stop_at_step, progress=progress)
+
+
+@dataclass
+class _Ctx:
+    """What the recipe's steps share."""
+
+    cfg: RunConfig
+    run_dir: Path
+    accelerator: Any
+    model: nn.Module
+    tok: Any
+    data: RunData
+    log: MetricsLogger
+    progress: bool
+    stop_at_step: Optional[int]
+    stopped: bool = False
+
+
+# =========================================================================== stage 1
+def run_stage1(ctx: _Ctx) -> list[str]:
+    """Train one single LoRA per category on that category's data; export each as a PEFT adapter under
+    ``stage1/<category>`` (a finished adapter is reused when a run is resumed)."""
+    from mixroute.mixture import Mixture
+
+    cfg, steps = ctx.cfg, ctx.cfg.train.stage1_steps
+    dirs = []
+    for c, name in enumerate(ctx.data.categories):
+        out = ctx.run_dir / "stage1" / _safe(name)
+        dirs.append(str(out))
+        if (out / "adapter_config.json").is_file():
+            continue
+        mix = Mixture.attach(ctx.model, _seeded(stage1_config(cfg), cfg.mixture.seed + 1 + c))
+        try:
+            fit(ctx, mix, steps=steps, offset=c * steps, category=c, checkpoints=False)
+            if ctx.stopped:
+                return dirs
+            tmp = out.with_name(f".{out.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            mix.export_peft(0, str(tmp))
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.replace(out)
+        finally:
+            mix.detach()
+    return dirs
+
+
+def _seeded(mcfg: Any, seed: int) -> Any:
+    mcfg.seed = seed
+    return mcfg
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def build_mixture(model: nn.Module, mcfg: Any, adapters: Optional[list[str]], data: RunData,
+                  cfg: RunConfig) -> nn.Module:
+    """Attach the method's mixture; stage-1 adapters become its experts (same weights, PEFT format)."""
+    from mixroute.mixture import Mixture
+
+    if adapters is not None:
+        if len(adapters) != len(data.categories):
+            raise ConfigError(f"train.stage1_adapters: {len(adapters)} adapters for {len(data.categories)} "
+                              f"categories ({', '.join(data.categories)}); give one per category, in that order")
+        return Mixture.from_peft(model, adapters, mcfg)
+    mix = Mixture.attach(model, mcfg)
+    if mcfg.expert == "prompt" and mcfg.router == "gate" and mcfg.gate_pretrain_steps > 0:
+        from mixroute.routers.gate import pretrain_gate
+
+        batches = [data.train_batch(k, cfg.train.batch_size, cfg.train.seed) for k in range(8)]
+        pretrain_gate(mix, [to_device(b, next(model.parameters()).device) for b in batches],
+                      mcfg.gate_pretrain_steps, mcfg.gate_pretrain_lr)
+    return mix
+
+
+# =========================================================================== the training loop
+def fit(ctx: _Ctx, mix: nn.Module, steps: int, offset: int, resume: bool = False, category: Optional[int] = None,
+        checkpoints: bool = True) -> None:
+    """Train ``mix`` for ``steps`` optimizer steps (global step numbers ``offset + 1 ..``). With
+    ``category`` only that category's examples are used (stage 1), without checkpoints or evaluation."""
+    cfg, acc = ctx.cfg, ctx.accelerator
+    optimizer, scheduler = build_optimizer(mix.adapter_parameters(), cfg, steps)
+    start = 0
+    if resume and checkpoints and (ckpt := latest_checkpoint(ctx.run_dir)) is not None:
+        mix.load_adapter_state_dict(_load_weights(ckpt), source=str(ckpt))
+        done = load_trainer_state(ckpt, optimizer, scheduler)["step"]
+        ctx.log.truncate_after(done)
+        start = done - offset
+    model_p, opt_p = acc.prepare(mix, optimizer)
+    stage2 = category is None
+    if stage2 and start == 0:
+        evaluate_validation(ctx, mix, offset, stage="before")
+    train_mode(mix)
+    accum, world, bs = cfg.train.grad_accum, acc.num_processes, cfg.train.batch_size
+    seed = cfg.train.seed if stage2 else cfg.train.seed + 1000 * (category + 1)
+    label = "train" if stage2 else f"stage 1: {ctx.data.categories[category]}"
+    bar = ProgressBar(label, steps, start, enabled=ctx.progress and acc.is_main_process)
+    try:
+        for local in range(start, steps):
+            step = offset + local + 1
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            micro = [to_device(ctx.data.train_batch((local * accum + a) * world + acc.process_index, bs, seed,
+                                                    category=category), acc.device) for a in range(accum)]
+            try:
+                stats = train_step(model_p, micro, opt_p, scheduler, acc, cfg.train.clip_grad, step)
+            except TrainingDiverged as e:
+                raise _diverged(ctx, mix, optimizer, scheduler, step, e, checkpoints) from None
+            dt = time.perf_counter() - t0
+            tps = stats.tokens * world / dt
+            row = {"step": step, "loss": stats.loss, "lm_loss": stats.lm_loss, "aux_loss": stats.aux_loss,
+                   "lr": lr, "tokens_per_s": tps, "time": time.time(),
+                   "grad_norm": stats.grad_norm}
+            if not stage2:
+                row.update(stage="stage1", category=ctx.data.categories[category])
+            ctx.log.train(row)
+            bar.update(local + 1, stats.loss, tps)
+            last = local + 1 == steps
+            if stage2 and cfg.train.eval_every and (local + 1) % cfg.train.eval_every == 0 and not last:
+                evaluate_validation(ctx, mix, step, stage="during")
+                train_mode(mix)
+            if checkpoints and acc.is_main_process and (
+                    last or (cfg.train.save_every and (local + 1) % cfg.train.save_every == 0)
+                    or step == ctx.stop_at_step):
+                save_checkpoint(ctx.run_dir, step, mix, optimizer, scheduler, {"offset": offset})
+            if ctx.stop_at_step is not None and step >= ctx.stop_at_step:
+                ctx.stopped = True
+                return
+    finally:
+        bar.close()
+        mix.eval()
+
+
+def _load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "mixture.safetensors"))
+
+
+def _diverged(ctx: _Ctx, mix: nn.Module, optimizer: Any, scheduler: Any, step: int, err: Exception,
+              checkpoints: bool) -> TrainingDiverged:
+    """Keep the last good weights (those before the failing step) as a checkpoint and name it."""
+    ctx.log.close()
+    weights_ok = all(bool(torch.isfinite(p).all()) for p in mix.adapter_parameters())
+    where = "no checkpoint was written"
+    if checkpoints and weights_ok and step > 1:
+        path = save_checkpoint(ctx.run_dir, step - 1, mix, optimizer, scheduler, {"diverged_at": step}, keep=0)
+        where = f"the last good weights (after step {step - 1}) are in {path}"
+    elif (last := latest_checkpoint(ctx.run_dir)) is not None:
+        where = f"the last good checkpoint is {last}"
+    return TrainingDiverged(f"training stopped: {err}. Lower train.lr (now {ctx.cfg.train.lr}) or check the data; "
+                            f"{where}.")
+
+
+# =========================================================================== evaluate and save
+def evaluate_validation(ctx: _Ctx, mix: Optional[nn.Module], step: int, stage: str) -> dict[str, Any]:
+    """Validation perplexity (an eval line in metrics.jsonl) and a gate snapshot (gates.json)."""
+    cats = ctx.data.categories
+    held = held_out_pass(ctx.model, mix, ctx.data.batches("validation", ctx.cfg.eval.batch_size),
+                         device=ctx.accelerator.device)
+    ppl = perplexity(held.nll, held.tokens, held.task_ids, cats)
+    ctx.log.eval({"step": step, "split": "validation", "ppl": ppl["overall"],
+                  "ppl_per_category": ppl["per_category"]})
+    weights, layers = gate_matrix(held, len(cats))
+    if weights:
+        snap: dict[str, Any] = {"stage": stage, "step": step, "weights": weights}
+        if layers:
+            snap["layers"] = layers
+        ctx.log.gates(cats, len(weights[0]), gate_level(mix), snap)
+    return ppl
+
+
+def finish(ctx: _Ctx, mix: nn.Module, step: int) -> None:
+    """Final validation + gates ("after") and the trained mixture in final/."""
+    evaluate_validation(ctx, mix, step, stage="after")
+    if ctx.accelerator.is_main_process:
+        tmp = ctx.run_dir / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        mix.save(str(tmp))
+        shutil.rmtree(ctx.run_dir / "final", ignore_errors=True)
+        tmp.replace(ctx.run_dir / "final")
+    ctx.log.close()

@@ -1,0 +1,102 @@
+"""Training methods (``TrainConfig.method``) mapped to mixture configs.
+
+Each method is a ``MixtureConfig`` derived from the run's ``mixture`` section plus, for some, a stage 1:
+
+| method | experts / router | stage 1 |
+|---|---|---|
+| ``base`` | nothing attached, nothing trained | - |
+| ``prompt_tuning`` | one soft prompt at the input: MoP path, prompt expert E=1, ``single`` router, inject_layer=0 | - |
+| ``lora_mixed`` | one LoRA (``single``) on the mixed data | - |
+| ``lora_single`` | one LoRA per category, ``oracle`` routing by label | the LoRAs *are* stage 1 |
+| ``moa`` | stage-1 LoRAs loaded as experts + ``task`` router (routing CE weighted by eta) | yes |
+| ``moe_lora`` | stage-1 LoRAs + ``token_topk`` router (no label information) | yes |
+| ``moe_lora_naive`` | randomly initialised experts + ``token_topk`` router | - |
+| ``poly`` / ``mhr`` | ``poly`` router (MHR: ``n_splits`` > 1) | - |
+| ``smora`` | ``rank`` router | - |
+| ``mop`` | prompt experts + ``gate`` router | - |
+| ``mixture`` | the ``mixture`` section as written | - |
+
+Methods with one expert per category set ``num_experts`` to the number of categories; every method sets
+``num_tasks`` to it (labels are category ids).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+from mixroute.config import ConfigError, MixtureConfig, RunConfig
+
+STAGE1_METHODS = ("lora_single", "moa", "moe_lora")
+PER_CATEGORY_METHODS = ("lora_single", "moa", "moe_lora", "moe_lora_naive")
+LABEL_ROUTERS = ("task", "gate", "oracle")
+
+
+def needs_stage1(cfg: RunConfig) -> bool:
+    """Whether the method trains (or loads) one LoRA per category before the mixture."""
+    return cfg.train.method in STAGE1_METHODS
+
+
+def mixture_config(cfg: RunConfig, num_categories: int) -> Optional[MixtureConfig]:
+    """The ``MixtureConfig`` that ``cfg.train.method`` trains (None for ``base``); raises ConfigError."""
+    method = cfg.train.method
+    m = copy.deepcopy(cfg.mixture)
+    m.num_tasks = num_categories
+    if method == "base":
+        return None
+    if method in PER_CATEGORY_METHODS:
+        m.expert, m.num_experts = "lora", num_categories
+    if method == "prompt_tuning":
+        m.expert, m.router, m.num_experts, m.inject_layer, m.eta = "prompt", "single", 1, 0, 0.0
+    elif method == "lora_mixed":
+        m.expert, m.router, m.num_experts = "lora", "single", 1
+    elif method == "lora_single":
+        m.router = "oracle"
+    elif method == "moa":
+        m.router = "task"
+    elif method in ("moe_lora", "moe_lora_naive"):
+        m.router = "token_topk"
+    elif method == "poly":
+        m.expert, m.router, m.n_splits = "lora", "poly", 1
+    elif method == "mhr":
+        m.expert, m.router = "lora", "poly"
+        if m.n_splits < 2:
+            raise ConfigError("train.method 'mhr' needs mixture.n_splits > 1 (heads splitting the input "
+                              f"dimension); got {m.n_splits}. Use method 'poly' for n_splits = 1")
+    elif method == "smora":
+        m.expert, m.router = "lora", "rank"
+    elif method == "mop":
+        m.expert, m.router = "prompt", "gate"
+    check_mixture(m, num_categories, method)
+    return m
+
+
+def check_mixture(m: MixtureConfig, num_categories: int, method: str) -> None:
+    """Config errors that depend on the data (number of categories), with what would be valid."""
+    if m.router == "oracle" and m.num_experts < num_categories:
+        raise ConfigError(f"mixture.router 'oracle' (method {method!r}) routes each of the {num_categories} "
+                          f"categories to its own expert, but mixture.num_experts={m.num_experts}; set "
+                          f"mixture.num_experts >= {num_categories}")
+    if m.router == "task" and m.route_train == "label" and m.num_experts < num_categories:
+        raise ConfigError(f"mixture.route_train 'label' sends category t to expert t, but mixture.num_experts="
+                          f"{m.num_experts} < {num_categories} categories")
+    if m.router == "token_topk" and m.top_k > m.num_experts:
+        raise ConfigError(f"mixture.top_k={m.top_k} exceeds mixture.num_experts={m.num_experts}")
+    if m.router == "rank" and m.rank_top_k > m.num_experts * m.rank:
+        raise ConfigError(f"mixture.rank_top_k={m.rank_top_k} exceeds num_experts * rank = "
+                          f"{m.num_experts * m.rank}")
+    if m.expert == "prompt" and m.router not in ("gate", "single", "uniform", "oracle"):
+        raise ConfigError(f"mixture.expert 'prompt' is routed by gate, single, uniform or oracle, not "
+                          f"{m.router!r}")
+
+
+def stage1_config(cfg: RunConfig) -> MixtureConfig:
+    """Stage 1 of MoA / lora_single / moe_lora: one plain LoRA (E=1) with the run's LoRA shape."""
+    m = copy.deepcopy(cfg.mixture)
+    m.expert, m.router, m.num_experts = "lora", "single", 1
+    return m
+
+
+def is_label_aligned(m: Optional[MixtureConfig]) -> bool:
+    """Routers whose expert e stands for category e (router accuracy, classifier baseline)."""
+    return m is not None and m.router in LABEL_ROUTERS and m.num_experts > 1
