@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -342,18 +341,37 @@ def test_default_layers_for_smollm_depth():
     assert resolve_layers(MixtureConfig(expert="prompt", router="gate"), 2) == (1, 0)
 
 
+def test_logits_for_labels_gives_the_same_loss(tiny):
+    model, _ = tiny
+    b = batch()
+    mix = mop(copy.deepcopy(model))
+    with torch.no_grad():
+        full = mix(**b)
+        lab = mix(**b, logits_for="labels")
+    assert lab.logits is None
+    assert torch.allclose(full.loss, lab.loss, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- real model
 @pytest.mark.integration
 def test_e1_m0_equals_peft_prompt_tuning_smollm(smollm):
+    """Same virtual tokens, same logits as PEFT prompt tuning on the real model.
+
+    In float64 the two agree to ~1e-12 (the same function); in float32 they differ by a few 1e-5 on logits of
+    magnitude ~30, the size of SmolLM2's own float32 noise (the same sequence alone vs in a padded batch
+    differs by up to ~7e-5 in plain transformers), so the float32 bound is 1e-4."""
     model, tok = smollm
     enc = tok(["Give me three ideas for a picnic.", "Summarise: the cat sat on the mat all day."],
               return_tensors="pt", padding=True)
     ids, am = enc["input_ids"], enc["attention_mask"]
-    mix = mop(copy.deepcopy(model), router="single", num_experts=1, num_virtual_tokens=10, inject_layer=0)
-    prompts = mix.experts["prompt"].weight[0].detach().clone()          # random vocabulary embeddings
-    with torch.no_grad():
-        ours = mix(ids, attention_mask=am).logits
-    ref = peft_prompt_logits(model, prompts, ids, am)
     keep = am.bool()
-    assert (ours - ref)[keep].abs().max().item() < 1e-5
-    assert math.isfinite(ours.abs().max().item())
+    for dtype, bound in ((torch.float64, 1e-5), (torch.float32, 1e-4)):
+        m = copy.deepcopy(model).to(dtype)
+        mix = mop(copy.deepcopy(m), router="single", num_experts=1, num_virtual_tokens=10, inject_layer=0)
+        prompts = mix.experts["prompt"].weight[0].detach().clone()      # random vocabulary embeddings
+        with torch.no_grad():
+            ours = mix(ids, attention_mask=am).logits
+        ref = peft_prompt_logits(m, prompts, ids, am)
+        assert (ours - ref)[keep].abs().max().item() < bound, dtype
+        assert (ref - m(input_ids=ids, attention_mask=am).logits)[keep].abs().max().item() > 1e-2
+

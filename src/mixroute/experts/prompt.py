@@ -186,7 +186,7 @@ class PromptInjector:
         elif mask.dtype == torch.bool:
             mask = torch.zeros((), dtype=dtype, device=device).masked_fill(~mask, low)
         gate = self.gate_out.for_batch(bsz)
-        bias = gate.log_weights.to(device).clamp_min(low).to(dtype).repeat_interleave(self.bank.num_tokens, -1)
+        bias = gate.log_weights.to(device=device, dtype=dtype).clamp_min(low).repeat_interleave(self.bank.num_tokens, -1)
         full = torch.cat([bias[:, None, None, :].expand(bsz, 1, q, -1), mask.to(dtype).expand(bsz, 1, q, k)], -1)
         self._masks[cache_key] = (mask, full)   # keep ``mask`` alive so its id stays unique this forward
         return full
