@@ -352,6 +352,20 @@ def test_logits_for_labels_gives_the_same_loss(tiny):
     assert torch.allclose(full.loss, lab.loss, atol=1e-6)
 
 
+def test_layer_hooks_do_not_see_the_prompt_pass(tiny):
+    """Callers that capture hidden states with a layer pre-hook (evaluation, the classifier baseline) see only
+    the input, also at the injection layer."""
+    model, _ = tiny
+    b = batch()
+    mix = mop(copy.deepcopy(model), inject_layer=0, gate_layer=0)
+    seen = []
+    h = mix.model.get_decoder().layers[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
+    with torch.no_grad():
+        mix(b["input_ids"], attention_mask=b["attention_mask"])
+    h.remove()
+    assert seen == [(*b["input_ids"].shape, model.config.hidden_size)]
+
+
 # ------------------------------------------------------------------------------------------- real model
 @pytest.mark.integration
 def test_e1_m0_equals_peft_prompt_tuning_smollm(smollm):

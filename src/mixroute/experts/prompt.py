@@ -87,8 +87,10 @@ class PromptInjector:
         self.capture = {} if capture else None
         try:
             for i in range(start, stop):
-                out = self.dec.layers[i](hidden, attention_mask=mask, position_embeddings=rope, position_ids=pos,
-                                         past_key_values=None, use_cache=False)
+                # .forward, not __call__: the prompt pass is not a forward of the model, so hooks on the decoder
+                # layers (ours at layer g, callers capturing hidden states) must not see it
+                out = self.dec.layers[i].forward(hidden, attention_mask=mask, position_embeddings=rope,
+                                                 position_ids=pos, past_key_values=None, use_cache=False)
                 hidden = out[0] if isinstance(out, tuple) else out
             return hidden
         finally:
