@@ -76,7 +76,7 @@ def eval_cmd(
         result = evaluate_run(run_dir, max_new_tokens=max_new_tokens, max_generate=max_generate, split=split)
     except (ConfigError, FileNotFoundError) as e:
         _fail(str(e))
-    console.print(_compare_markdown([result]))
+    print(_compare_markdown([result]))
     acc, clf = result.get("router_accuracy"), result.get("classifier_accuracy")
     if acc:
         console.print(f"router accuracy {acc['overall']:.2%}" +
@@ -99,7 +99,7 @@ def compare_cmd(
         if not path.is_file():
             _fail(f"{path} does not exist; run `mixroute eval {d}` first")
         evals.append(json.loads(path.read_text()))
-    console.print(_compare_markdown(evals), markup=False, highlight=False)
+    print(_compare_markdown(evals))
     if csv:
         atomic_write_text(csv, _compare_csv(evals))
         console.print(f"wrote {csv}")

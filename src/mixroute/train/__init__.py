@@ -1,7 +1,18 @@
-"""Training: the centralized recipe (``train``, ``resume``), one step (``loop``), checkpoints (``state``) and
-the mapping from ``train.method`` to mixtures (``methods``)."""
+"""Training: the centralized recipe (``train``, ``resume``, ``load_run``), one step (``loop``), checkpoints
+(``state``) and the mapping from ``train.method`` to mixtures (``methods``). Imported lazily."""
 
-from mixroute.train.centralized import load_run, resume, train
-from mixroute.train.loop import TrainingDiverged
+from __future__ import annotations
 
-__all__ = ["train", "resume", "load_run", "TrainingDiverged"]
+import importlib
+
+_EXPORTS = {"train": "mixroute.train.centralized", "resume": "mixroute.train.centralized",
+            "load_run": "mixroute.train.centralized", "TrainingDiverged": "mixroute.train.loop"}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mixroute.train' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

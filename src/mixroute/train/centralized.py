@@ -39,6 +39,8 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    # Adam's second moments of tiny gradients become denormal floats, which are ~100x slower on CPU
+    torch.set_flush_denormal(True)
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
