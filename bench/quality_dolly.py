@@ -1,0 +1,175 @@
+"""Quality on Dolly-15k (MoA's table 2/3/4 setting, scaled down for a 2-core CPU) -> docs/benchmarks.md.
+
+Trains and evaluates, one after the other in one process, on the same seeded split of Dolly-15k (8
+categories) with SmolLM2-135M-Instruct: base, lora_single (one LoRA per category, oracle routing = MoA's stage
+1), lora_mixed, moa, moe_lora, moe_lora_naive, prompt_tuning, mop. ``moa`` and ``moe_lora`` start from the
+lora_single run's stage-1 adapters (``train.stage1_adapters``: the same weights, trained once). Prints three
+tables (perplexity / BLEU / ROUGE-L per category and average), router vs classifier accuracy and trainable
+parameters, and rewrites the "## Quality" section of docs/benchmarks.md unless ``--no-write``.
+
+    python bench/quality_dolly.py                        # ~25 min on 2 cores
+    python bench/quality_dolly.py --per-category 200 --steps 200 --stage1-steps 50 --mixed-steps 400
+    python bench/quality_dolly.py --methods base lora_mixed --no-write          # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+ORDER = ["base", "lora_single", "lora_mixed", "moa", "moe_lora", "moe_lora_naive", "prompt_tuning", "mop"]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=str((ROOT / ".." / "shared" / "data" / "dolly-15k" /
+                                          "databricks-dolly-15k.jsonl").resolve()))
+    p.add_argument("--out", default=str(ROOT / "runs" / "quality_dolly"))
+    p.add_argument("--methods", nargs="+", default=ORDER, choices=ORDER)
+    p.add_argument("--per-category", type=int, default=48, help="Records per category (seeded sample).")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--stage1-steps", type=int, default=6, help="Steps per category LoRA (lora_single / stage 1).")
+    p.add_argument("--steps", type=int, default=24, help="Steps of moa / moe_lora* / prompt_tuning / mop.")
+    p.add_argument("--mixed-steps", type=int, default=48, help="Steps of lora_mixed (= 8 x stage-1 steps: the "
+                                                              "same examples as all single LoRAs together).")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--prompt-lr", type=float, default=3e-3)
+    p.add_argument("--eta", type=float, default=0.1)
+    p.add_argument("--max-generate", type=int, default=4, help="Test prompts per category for BLEU / ROUGE-L.")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-write", action="store_true")
+    return p.parse_args()
+
+
+def overrides(a: argparse.Namespace, method: str) -> list[str]:
+    steps = {"lora_mixed": a.mixed_steps}.get(method, a.steps)
+    lr = a.prompt_lr if method in ("prompt_tuning", "mop") else a.lr
+    return [f"data.path={a.data}", f"data.max_per_category={a.per_category}", f"data.max_length={a.max_length}",
+            "data.template=plain", "data.val_fraction=0.1", "data.test_fraction=0.25", f"data.seed={a.seed}",
+            f"train.max_steps={steps}", f"train.stage1_steps={a.stage1_steps}", f"train.batch_size={a.batch_size}",
+            f"train.lr={lr}", "train.warmup_steps=2", "train.eval_every=0", "train.save_every=0",
+            f"train.seed={a.seed}", f"mixture.eta={a.eta}", f"eval.max_generate={a.max_generate}",
+            f"eval.max_new_tokens={a.max_new_tokens}", "eval.max_eval=12", "eval.batch_size=8",
+            f"output_dir={Path(a.out) / method}"]
+
+
+def main() -> None:
+    import torch
+
+    from mixroute.config import load_config
+    from mixroute.evaluate import evaluate_run
+    from mixroute.train import train
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    a = parse_args()
+    results: dict[str, dict[str, Any]] = {}
+    commands: dict[str, str] = {}
+    started = time.time()
+    for method in [m for m in ORDER if m in a.methods]:
+        preset = ROOT / "configs" / f"{method}_dolly.yaml"
+        ov = overrides(a, method)
+        stage1 = Path(a.out) / "lora_single" / "stage1"
+        if method in ("moa", "moe_lora") and stage1.is_dir() and "lora_single" in results:
+            cats = results["lora_single"]["categories"]
+            dirs = [str(stage1 / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in c)) for c in cats]
+            ov.append("train.stage1_adapters=[" + ", ".join(dirs) + "]")
+        commands[method] = f"mixroute train configs/{preset.name} " + " ".join(ov)
+        t0 = time.time()
+        run = train(load_config(preset, ov), overwrite=True, progress=sys.stdout.isatty())
+        t1 = time.time()
+        res = evaluate_run(run)
+        res["train_seconds"], res["eval_seconds"] = round(t1 - t0), round(time.time() - t1)
+        results[method] = res
+        print(f"{method}: PPL {res['perplexity']['average']:.3f} BLEU {res['bleu']['average']:.2f} "
+              f"ROUGE-L {res['rougeL']['average']:.2f} (train {t1 - t0:.0f} s, eval {time.time() - t1:.0f} s)",
+              flush=True)
+        (Path(a.out) / "results.json").write_text(json.dumps({"args": vars(a), "results": results,
+                                                              "commands": commands}, indent=2, default=str))
+    text = render(a, results, commands, time.time() - started)
+    print(text)
+    if not a.no_write:
+        write_section(ROOT / "docs" / "benchmarks.md", "## Quality", text)
+
+
+def _f(v: Any, nd: int) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def render(a: argparse.Namespace, results: dict[str, dict], commands: dict[str, str], seconds: float) -> str:
+    methods = list(results)
+    cats = next(iter(results.values()))["categories"] if results else []
+    out = ["## Quality", "",
+           f"Dolly-15k, SmolLM2-135M-Instruct (embedded, float32), CPU ({platform.processor() or platform.machine()}, "
+           f"2 cores shared), `python bench/quality_dolly.py` with its defaults; whole run {seconds / 60:.0f} min "
+           f"({time.strftime('%Y-%m-%d')}).", "",
+           f"Split: {a.per_category} records per category sampled with seed {a.seed}, stratified 65/10/25 % "
+           f"train/validation/test (data.seed={a.seed}); plain template, max_length {a.max_length}. Training: "
+           f"batch {a.batch_size}, AdamW lr {a.lr} (prompt methods {a.prompt_lr}), 2 warm-up steps + cosine, "
+           f"LoRA r=8 alpha=16 on all 7 projections; stage 1 = {a.stage1_steps} steps per category, "
+           f"lora_mixed {a.mixed_steps} steps, the other methods {a.steps} steps, eta={a.eta}. Test metrics: "
+           f"perplexity on up to 12 test examples per category, BLEU/ROUGE-L on {a.max_generate} greedy "
+           f"generations per category ({a.max_new_tokens} new tokens). moa and moe_lora start from the "
+           f"lora_single run's stage-1 LoRAs.", ""]
+    for title, key, nd in (("Perplexity (lower is better)", "perplexity", 3), ("BLEU", "bleu", 2),
+                           ("ROUGE-L", "rougeL", 2)):
+        out += [f"**{title}**", "", "| category | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        for c in cats + ["average"]:
+            row = [(r[key].get("average") if c == "average" else r[key]["per_category"].get(c))
+                   for r in results.values()]
+            label = "**average**" if c == "average" else c
+            out.append(f"| {label} | " + " | ".join(_f(v, nd) for v in row) + " |")
+        out.append("")
+    routed = [m for m, r in results.items() if r.get("router_accuracy")]
+    if routed:
+        out += ["**Router accuracy at inference vs a standalone classifier** (top-1 vs category label, test split; "
+                "classifier = logistic regression on the pooled hidden states the router reads, trained on the "
+                "train split)", "",
+                "| category | " + " | ".join(f"{m} router | {m} classifier" for m in routed) + " |",
+                "|---|" + "---|---|" * len(routed)]
+        for c in cats + ["overall"]:
+            cells = []
+            for m in routed:
+                ra, ca = results[m]["router_accuracy"], results[m]["classifier_accuracy"] or {}
+                get = (lambda d: d.get("overall")) if c == "overall" else (lambda d: d.get("per_category", {}).get(c))
+                cells += [_f(100 * get(ra), 1) if get(ra) is not None else "-",
+                          _f(100 * get(ca), 1) if ca and get(ca) is not None else "-"]
+            out.append(f"| {'**overall**' if c == 'overall' else c} | " + " | ".join(cells) + " |")
+        out.append("")
+    out += ["**Trainable parameters and time**", "", "| method | trainable parameters | train s | eval s |",
+            "|---|---|---|---|"]
+    for m, r in results.items():
+        out.append(f"| {m} | {r['trainable_parameters']:,} | {r.get('train_seconds', '-')} | "
+                   f"{r.get('eval_seconds', '-')} |")
+    out += ["", "<details><summary>Exact commands</summary>", "", "```"]
+    out += [commands[m] for m in results]
+    out += ["```", "", "</details>", ""]
+    return "\n".join(out)
+
+
+def write_section(path: Path, heading: str, text: str) -> None:
+    """Replace the ``heading`` section of ``path`` (up to the next '## ' heading), keeping the others."""
+    from mixroute.config import atomic_write_text
+
+    old = path.read_text() if path.is_file() else "# Benchmarks\n\n"
+    lines = old.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.strip() == heading), None)
+    if start is None:
+        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    else:
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+        new = "\n".join(lines[:start] + text.rstrip("\n").splitlines() + [""] + lines[end:]).rstrip("\n") + "\n"
+    atomic_write_text(path, new)
+
+
+if __name__ == "__main__":
+    main()
