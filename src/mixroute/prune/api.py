@@ -40,7 +40,8 @@ class PruneReport:
     ppl_before: Optional[float] = None
     ppl_after: Optional[float] = None
     eval: dict = field(default_factory=dict)  # split, examples, tokens of the perplexity evaluation
-    wall_time_s: float = 0.0
+    wall_time_s: float = 0.0  # pruning only (not loading, evaluation or saving)
+    model: str = ""  # where the base model came from
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 NM_CONVENTION = (
-    "N:M keeps N of every M consecutive input weights in each output row (weight[row, g*M:(g+1)*M] has at least "
-    "M-N zeros); 2:4 and 4:8 are 50% sparse, 3:4 is 25%, 1:4 is 75%."
+    "N:M keeps N of every M consecutive input weights in each output row (every group of M consecutive weights "
+    "along the input dimension has at least M-N zeros); 2:4 and 4:8 are 50% sparse, 3:4 is 25%, 1:4 is 75%."
 )
 
 

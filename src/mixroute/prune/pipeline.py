@@ -1,0 +1,170 @@
+"""The `mixroute prune` story: load a model and a data source, measure perplexity, prune, measure, save.
+
+Calibration follows the SparseGPT / Wanda recipe (fixed-length token windows from a corpus) adapted to
+instruction data: the tokenised train examples of the data source (prompt + response, in a seeded random
+order) are concatenated and cut into ``calib_samples`` windows of ``calib_seq_len`` tokens. Perplexity is
+token-weighted over the response tokens of the validation split (labels != -100), before and after pruning.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mixroute.prune.api import PruneReport, check_method, prune_model, prune_targets
+from mixroute.prune.masks import PatternLike, PruneError, check_nm_width, resolve_target
+
+REPORT_NAME = "prune_report.json"
+
+
+@dataclass
+class PruneData:
+    """Calibration windows and validation batches of one data source."""
+
+    source: str
+    calib: list[dict[str, Tensor]]
+    validation: list[dict[str, Tensor]]
+    validation_examples: int
+
+
+def check_out_dir(out: str | Path, force: bool) -> Path:
+    """--out must not be a file, nor a non-empty directory unless ``force``."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise PruneError(f"--out {out} is a file; give a directory path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise PruneError(f"--out {out} exists and is not empty; pass --force to replace it or choose a new directory")
+    return out
+
+
+def pack_windows(token_lists: list[list[int]], n_samples: int, seq_len: int, batch_size: int = 8,
+                 seed: int = 0) -> list[dict[str, Tensor]]:
+    """Concatenate token lists (seeded order) into at most ``n_samples`` windows of ``seq_len`` tokens.
+
+    A short source gives fewer windows; a source shorter than one window gives one shorter window.
+    """
+    order = torch.randperm(len(token_lists), generator=torch.Generator().manual_seed(seed)).tolist()
+    stream: list[int] = []
+    for i in order:
+        stream.extend(token_lists[i])
+        if len(stream) >= n_samples * seq_len:
+            break
+    windows = [stream[s:s + seq_len] for s in range(0, min(len(stream), n_samples * seq_len), seq_len)]
+    if len(windows) > 1 and len(windows[-1]) < seq_len:
+        windows.pop()  # equal lengths: no padding
+    batches = []
+    for s in range(0, len(windows), batch_size):
+        ids = torch.tensor(windows[s:s + batch_size], dtype=torch.long)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return batches
+
+
+def load_prune_data(calib: Optional[str], tokenizer: Any, calib_samples: int, calib_seq_len: int,
+                    eval_examples: int, seed: int = 0, batch_size: int = 8) -> PruneData:
+    """Build the data source with the data pipeline: train split -> calibration, validation -> perplexity."""
+    from mixroute import data as D
+    from mixroute.config import DataConfig
+
+    source = calib or "built-in synthetic suite"
+    try:
+        bundle = D.build_datasets(DataConfig(path=calib, max_length=max(calib_seq_len, 8), seed=seed), tokenizer)
+    except (ValueError, OSError) as e:  # ConfigError and the data pipeline's errors are ValueErrors
+        raise PruneError(f"calibration data {source}: {e}") from e
+    train = [list(map(int, ex["input_ids"])) for ex in bundle.examples["train"]]
+    calib_batches = pack_windows(train, calib_samples, calib_seq_len, batch_size, seed) if train else []
+    val = list(bundle.examples["validation"])[:eval_examples] if eval_examples > 0 else []
+    collate = D.Collator(tokenizer)
+    val = sorted(val, key=lambda ex: len(ex["input_ids"]))  # less padding
+    val_batches = [collate(val[s:s + batch_size]) for s in range(0, len(val), batch_size)]
+    return PruneData(source, calib_batches, val_batches, len(val))
+
+
+@torch.no_grad()
+def response_perplexity(model: nn.Module, batches: list[dict[str, Tensor]]) -> tuple[Optional[float], int]:
+    """Token-weighted perplexity over response tokens (labels != -100); (None, 0) without any."""
+    device = next(model.parameters()).device
+    nll, tokens = 0.0, 0
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
+        labels = batch["labels"].to(device)[:, 1:]
+        logits = logits[:, :-1].float()
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                                     reduction="sum"))
+        tokens += int((labels != -100).sum())
+    return (float(torch.exp(torch.tensor(nll / tokens))), tokens) if tokens else (None, 0)
+
+
+def save_pruned(model: nn.Module, tokenizer: Any, out: str | Path, report: PruneReport, force: bool = False) -> Path:
+    """Write config + model.safetensors + tokenizer + prune_report.json to ``out`` atomically."""
+    out = check_out_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        report.save(tmp / REPORT_NAME)
+        if out.exists():  # os.replace cannot replace a non-empty directory: move the old one aside first
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def load_model(name: Optional[str]):
+    """``load_base_model(name)``; ``'tiny'`` is the tiny random test model."""
+    from mixroute.models import load_base_model, tiny_model
+
+    return tiny_model() if name == "tiny" else load_base_model(name)
+
+
+def run_prune(model_name: Optional[str], method: str, out: str | Path, sparsity: Optional[float] = None,
+              pattern: Optional[PatternLike] = None, calib: Optional[str] = None, calib_samples: int = 128,
+              calib_seq_len: int = 256, eval_examples: int = 64, include_embeddings: bool = False,
+              include_lm_head: bool = False, blocksize: int = 128, percdamp: float = 0.01, force: bool = False,
+              seed: int = 0, progress: bool = True) -> PruneReport:
+    """Load, measure, prune, measure, save; returns the report also written to OUT/prune_report.json."""
+    check_method(method)
+    sparsity, pat = resolve_target(sparsity, pattern)
+    check_out_dir(out, force)
+    if calib_samples < 1 or calib_seq_len < 2:
+        raise PruneError(f"--calib-samples {calib_samples} / --calib-seq-len {calib_seq_len}: need >= 1 sample of "
+                         ">= 2 tokens")
+    if eval_examples < 0:
+        raise PruneError(f"--eval-examples {eval_examples}: need >= 0 (0 skips the perplexity)")
+    model, tok = load_model(model_name)
+    if pat is not None:  # fail before any data work
+        for name, mod in prune_targets(model, include_embeddings, include_lm_head).items():
+            check_nm_width(pat, mod.weight.shape[1], name)
+    data = load_prune_data(calib, tok, calib_samples, calib_seq_len, eval_examples, seed)
+    if method != "magnitude" and not data.calib:
+        raise PruneError(f"calibration data {data.source}: no training examples to calibrate {method} on; give a "
+                         "non-empty data file or use --method magnitude")
+    ppl_before, eval_tokens = response_perplexity(model, data.validation)
+    report = prune_model(model, method, sparsity, pat, data.calib, include_embeddings=include_embeddings,
+                         include_lm_head=include_lm_head, blocksize=blocksize, percdamp=percdamp, progress=progress)
+    report.ppl_before = ppl_before
+    report.ppl_after, _ = response_perplexity(model, data.validation)
+    report.calibration.update({"source": data.source, "samples": calib_samples, "seq_len": calib_seq_len,
+                               "seed": seed})
+    report.eval = {"split": "validation", "examples": data.validation_examples, "tokens": eval_tokens,
+                   "metric": "token-weighted perplexity over response tokens"}
+    report.model = getattr(model, "mixroute_source", model_name or "embedded")
+    save_pruned(model, tok, out, report, force)
+    return report
