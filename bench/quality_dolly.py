@@ -72,6 +72,7 @@ def main() -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     a = parse_args()
+    _quiet_transformers()
     results: dict[str, dict[str, Any]] = {}
     commands: dict[str, str] = {}
     started = time.time()
@@ -169,6 +170,13 @@ def write_section(path: Path, heading: str, text: str) -> None:
         end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
         new = "\n".join(lines[:start] + text.rstrip("\n").splitlines() + [""] + lines[end:]).rstrip("\n") + "\n"
     atomic_write_text(path, new)
+
+
+def _quiet_transformers() -> None:
+    """No "Loading weights" bars from transformers between our own progress output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     from mixroute.train.compare import comparison_table, to_markdown
 
     args = parse_args(argv)
+    _quiet_transformers()
     out = Path(args.out)
     t0 = time.time()
     base_perplexity(args)
@@ -118,6 +119,13 @@ def _write_report(run_dirs: list[Path], out: Path) -> Optional[Path]:
                 return None
             return Path(path) if path else out
     return None
+
+
+def _quiet_transformers() -> None:
+    """No "Loading weights" bars from transformers between our own progress output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":
