@@ -83,20 +83,10 @@ def test_wanda_hand_computed():
 def test_wanda_in_model_uses_layer_inputs(tiny, calib):
     """Layer 0's q_proj mask equals wanda_mask on the q_proj inputs recorded by hand (real tokens only)."""
     model = copy.deepcopy(tiny[0])
-    q = model.model.layers[0].self_attn.q_proj
-    seen = []
-    handle = q.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    with torch.no_grad():
-        for b in calib:
-            ids = b["input_ids"] if isinstance(b, dict) else b
-            mask = b["attention_mask"] if isinstance(b, dict) else torch.ones_like(ids)
-            model(input_ids=ids, attention_mask=mask)
-            seen[-1] = seen[-1][mask.bool()]
-    handle.remove()
-    norms = torch.cat(seen).pow(2).sum(0).sqrt()
-    expected = wanda_mask(q.weight, norms, sparsity=0.5)
+    norms = _q_inputs(model, 0, calib).pow(2).sum(0).sqrt()
+    expected = wanda_mask(model.model.layers[0].self_attn.q_proj.weight, norms, sparsity=0.5)
     prune_model(model, "wanda", sparsity=0.5, calib_batches=calib)
-    assert torch.equal(q.weight == 0, expected)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight == 0, expected)
 
 
 def _layer_problem(seed=0, rows=32, cols=64, tokens=512):
@@ -188,3 +178,30 @@ def test_embeddings_and_tied_lm_head(tiny, calib):
 def test_nmpattern():
     assert parse_pattern(" 4 : 8 ") == NMPattern(4, 8) and str(NMPattern(1, 4)) == "1:4"
     assert NMPattern(3, 4).sparsity == 0.25 and NMPattern(1, 4).sparsity == 0.75
+
+
+def _q_inputs(model, layer, calib):
+    """Inputs of ``layer``'s q_proj over the calibration batches, real tokens only."""
+    q = model.model.layers[layer].self_attn.q_proj
+    seen = []
+    handle = q.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        for b in calib:
+            ids = b["input_ids"] if isinstance(b, dict) else b
+            mask = b["attention_mask"] if isinstance(b, dict) else torch.ones_like(ids)
+            model(input_ids=ids, attention_mask=mask)
+            seen[-1] = seen[-1][mask.bool()]
+    handle.remove()
+    return torch.cat(seen)
+
+
+def test_calibration_is_sequential(tiny, calib):
+    """Layer 1 is calibrated on the outputs of the already pruned layer 0, not of the dense one."""
+    pruned, _ = pruned_copy(tiny, "wanda", calib, sparsity=0.5)
+    half = copy.deepcopy(tiny[0])
+    half.model.layers[0].load_state_dict(pruned.model.layers[0].state_dict())  # only layer 0 pruned
+    q1 = tiny[0].model.layers[1].self_attn.q_proj.weight
+    got = pruned.model.layers[1].self_attn.q_proj.weight == 0
+    sequential = wanda_mask(q1, _q_inputs(half, 1, calib).pow(2).sum(0).sqrt(), sparsity=0.5)
+    dense = wanda_mask(q1, _q_inputs(tiny[0], 1, calib).pow(2).sum(0).sqrt(), sparsity=0.5)
+    assert torch.equal(got, sequential) and not torch.equal(got, dense)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from mixroute.prune.calibrate import Batch, advance, as_batch, capture_layer_inputs, collect_stats, \
-    decoder_layers, final_inputs_stats, linear_modules, run_layer
+    decoder_layers, final_inputs_stats, linear_modules, run_layer, use_layer
 from mixroute.prune.masks import NM_CONVENTION, NMPattern, PatternLike, PruneError, check_nm_width, \
     magnitude_mask, prune_magnitude, prune_wanda, resolve_target
 from mixroute.prune.sparsegpt import HessianAccumulator, sparsegpt_prune_layer
@@ -115,9 +115,10 @@ def _prune_sequential(model: nn.Module, batches: list[Batch], method: str, spars
                       pattern: Optional[NMPattern], blocksize: int, percdamp: float, progress: bool) -> None:
     """Wanda / SparseGPT: calibrate and prune one decoder layer at a time on the pruned model's activations."""
     layers = decoder_layers(model)
-    inputs = capture_layer_inputs(model, layers[0], batches)
+    inputs = capture_layer_inputs(model, layers, batches)
     with _progress(len(layers), f"{method} layers", progress) as tick:
-        for layer in layers:
+        for index, layer in enumerate(layers):
+            use_layer(inputs, index)
             modules = linear_modules(layer)
             stats = collect_stats(modules, lambda inp: run_layer(layer, inp), inputs, hessian=method == "sparsegpt")
             for name, mod in modules.items():

@@ -9,7 +9,7 @@ the next layer. Only real tokens (``attention_mask == 1``) enter the statistics.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -32,6 +32,7 @@ class LayerInput:
     args: tuple
     kwargs: dict
     token_mask: Optional[Tensor]  # (B, T) bool, True on real tokens; None = all real
+    per_layer_kwargs: dict[int, dict] = field(default_factory=dict)  # layer index -> its keyword arguments
 
     @property
     def hidden(self) -> Tensor:
@@ -72,18 +73,28 @@ def as_batch(batch: Batch) -> tuple[Tensor, Optional[Tensor]]:
     return ids, mask
 
 
-def capture_layer_inputs(model: nn.Module, layer: nn.Module, batches: Iterable[Batch]) -> list[LayerInput]:
-    """Run the model on each batch up to ``layer`` and record that layer's call arguments."""
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Iterable[Batch]) -> list[LayerInput]:
+    """Run the decoder once per batch; keep the first layer's inputs and every layer's own keyword arguments.
+
+    Per-layer keyword arguments matter for models whose layers get different masks (sliding-window layers);
+    ``LayerInput.per_layer_kwargs[l]`` holds what layer l was called with.
+    """
     captured: list[LayerInput] = []
     current: dict[str, Any] = {}
 
-    def hook(_module, args, kwargs):
-        hidden = kwargs.pop("hidden_states", None)
-        args = (hidden, *args) if hidden is not None else args
-        captured.append(LayerInput(args, kwargs, current["mask"]))
-        raise _StopForward
+    def make_hook(index: int):
+        def hook(_module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = kwargs.pop("hidden_states", None)
+            if index == 0:
+                args = (hidden, *args) if hidden is not None else args
+                captured.append(LayerInput(args, kwargs, current["mask"], {}))
+            captured[-1].per_layer_kwargs[index] = kwargs
+            if index == len(layers) - 1:
+                raise _StopForward  # nothing after the last layer is needed
+        return hook
 
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     device = next(model.parameters()).device
     try:
         for batch in batches:
@@ -97,8 +108,15 @@ def capture_layer_inputs(model: nn.Module, layer: nn.Module, batches: Iterable[B
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return captured
+
+
+def use_layer(inputs: list[LayerInput], index: int) -> None:
+    """Point each input's keyword arguments at those layer ``index`` is called with."""
+    for inp in inputs:
+        inp.kwargs = inp.per_layer_kwargs.get(index, inp.kwargs)
 
 
 def collect_stats(modules: dict[str, nn.Linear], run: Callable[[LayerInput], Any], inputs: list[LayerInput],
