@@ -51,10 +51,14 @@ def prune_cmd(
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists and is not empty."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar over layers."),
 ) -> None:
+    from transformers.utils import logging as hf_logging
+
     from mixroute.cli import console, fail
     from mixroute.models import ModelNotFoundError
     from mixroute.prune.masks import PruneError
     from mixroute.prune.pipeline import run_prune
+
+    hf_logging.disable_progress_bar()  # our own bar over layers only; no "Writing model shards" bars
 
     if blocksize < 1 or not 0 <= percdamp < 1:
         fail(f"--blocksize {blocksize} / --percdamp {percdamp}: need blocksize >= 1 and 0 <= percdamp < 1")
