@@ -75,7 +75,8 @@ def load_prune_data(calib: Optional[str], tokenizer: Any, calib_samples: int, ca
 
     source = calib or "built-in synthetic suite"
     try:
-        bundle = D.build_datasets(DataConfig(path=calib, max_length=max(calib_seq_len, 8), seed=seed), tokenizer)
+        # examples keep the data pipeline's default truncation (256 tokens); calibration windows are packed anyway
+        bundle = D.build_datasets(DataConfig(path=calib, seed=seed), tokenizer)
     except (ValueError, OSError) as e:  # ConfigError and the data pipeline's errors are ValueErrors
         raise PruneError(f"calibration data {source}: {e}") from e
     train = [list(map(int, ex["input_ids"])) for ex in bundle.examples["train"]]
