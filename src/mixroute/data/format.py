@@ -90,22 +90,27 @@ def _with_eos(ids: list[int], tokenizer: Any) -> list[int]:
     return ids if ids and ids[-1] == eos else ids + [eos]
 
 
-def fit_prompt(record: Record, tokenizer: Any, template: Template, budget: int) -> Optional[list[int]]:
+def fit_prompt(record: Record, tokenizer: Any, template: Template, budget: int,
+               ids: Optional[list[int]] = None) -> Optional[list[int]]:
     """Prompt token ids of at most ``budget`` tokens, shortening the context first, then the instruction.
 
-    Returns None when even an empty context and instruction do not fit (the template's own tokens exceed it).
+    ``ids`` are the record's untruncated prompt ids when already known. Returns None when even an empty
+    context and instruction do not fit (the template's own tokens exceed the budget).
     """
-    ids = _encode(tokenizer, [format_example(record, tokenizer, template)[0]])[0]
+    if ids is None:
+        ids = _encode(tokenizer, [format_example(record, tokenizer, template)[0]])[0]
     for name in ("context", "instruction"):
-        for _ in range(8):  # each round cuts the field by the overshoot; a few rounds settle boundary effects
-            text = getattr(record, name)
-            if len(ids) <= budget or not text:
-                break
-            toks = _encode(tokenizer, [text])[0]
-            keep = max(0, len(toks) - (len(ids) - budget) - 1)
-            new = tokenizer.decode(toks[:keep]) if keep else ""
-            record = replace(record, **{name: new if len(new) < len(text) else ""})
+        text = getattr(record, name)
+        if len(ids) <= budget or not text:
+            continue
+        toks = _encode(tokenizer, [text])[0]
+        keep = len(toks)
+        for _ in range(8):  # each round cuts the field by the overshoot; a round or two settles boundary effects
+            keep = max(0, keep - (len(ids) - budget) - 1)
+            record = replace(record, **{name: tokenizer.decode(toks[:keep]) if keep else ""})
             ids = _encode(tokenizer, [format_example(record, tokenizer, template)[0]])[0]
+            if len(ids) <= budget or keep == 0:
+                break
     return ids if len(ids) <= budget else None
 
 
@@ -161,8 +166,8 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, categories: Sequ
             out.truncated += 1
             r = min(len(c), max(max_length - len(p), min_r))
             if len(p) > max_length - r:
-                p = fit_prompt(rec, tokenizer, template, max_length - r) or \
-                    fit_prompt(rec, tokenizer, template, max_length - 1) or []
+                p = fit_prompt(rec, tokenizer, template, max_length - r, p) or \
+                    fit_prompt(rec, tokenizer, template, max_length - 1, p) or []
                 r = max_length - len(p) if p else 0
             if r <= 0:
                 out.dropped += 1

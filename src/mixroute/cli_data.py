@@ -1,0 +1,135 @@
+"""CLI commands of the data pipeline: ``mixroute data inspect`` and ``mixroute data synthetic``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import typer
+
+data_app = typer.Typer(help="Inspect data sets and write the built-in synthetic suite.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(data_app, name="data")
+
+
+def _fail(message: str) -> None:
+    """A one-line user error on stderr (never wrapped, unlike a rich console) and exit code 2."""
+    typer.echo(typer.style("error:", fg=typer.colors.RED) + " " + " ".join(message.split()), err=True)
+    raise typer.Exit(2)
+
+
+def parse_columns(text: Optional[str]) -> dict[str, str]:
+    """``instruction=prompt,response=completion`` -> {"instruction": "prompt", "response": "completion"}."""
+    out: dict[str, str] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        ours, sep, theirs = part.partition("=")
+        if not sep or not ours.strip() or not theirs.strip():
+            raise ValueError(f"--columns: expected FIELD=COLUMN pairs separated by commas (e.g. "
+                             f"instruction=prompt,response=completion), got {part.strip()!r}")
+        out[ours.strip()] = theirs.strip()
+    return out
+
+
+def load_tokenizer(name: Optional[str]) -> Any:
+    """None / 'tiny' / 'embedded': the embedded SmolLM2 tokenizer; otherwise a local dir or cached HF id."""
+    from mixroute.models import embedded_tokenizer
+
+    if name in (None, "tiny", "embedded"):
+        tok = embedded_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise OSError(f"--tokenizer {name!r}: not found locally (mixroute never downloads): "
+                          f"{str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def length_stats(values: list[int]) -> dict[str, float]:
+    """mean, median, p95 and max of token lengths."""
+    import numpy as np
+
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "median": float(np.median(a)), "p95": float(np.percentile(a, 95)),
+            "max": float(a.max())}
+
+
+@data_app.command("inspect")
+def inspect_cmd(
+    path: str = typer.Argument(..., help="JSONL/JSON/CSV/Parquet file (Dolly schema, or map columns)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer for the length statistics: "
+                                                                     "omit (or 'tiny') for the embedded SmolLM2 "
+                                                                     "tokenizer, or a local dir / cached HF id."),
+    columns: Optional[str] = typer.Option(None, "--columns", help="Column mapping FIELD=COLUMN,... e.g. "
+                                                                 "instruction=prompt,response=completion,"
+                                                                 "category=task"),
+    template: str = typer.Option("chat", "--template", help="chat (the tokenizer's chat template) or plain."),
+    max_length: int = typer.Option(256, "--max-length", help="Truncation length used to count truncated and "
+                                                             "dropped examples."),
+) -> None:
+    """Records, per-category counts, token lengths (prompt / response / total) and what would be truncated."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mixroute.data import DataError, load_records, tokenize_records
+
+    if template not in ("chat", "plain"):
+        _fail(f"--template must be 'chat' or 'plain', got {template!r}")
+    if max_length < 2:
+        _fail(f"--max-length must be >= 2, got {max_length}")
+    try:
+        rs = load_records(path, columns=parse_columns(columns))
+        tok = load_tokenizer(tokenizer)
+        toks = tokenize_records(rs.records, tok, rs.categories, template, max_length)  # type: ignore[arg-type]
+    except (DataError, ValueError, OSError) as e:
+        _fail(str(e))
+        return
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"{rs.source}: {len(rs):,} records ({rs.loaded:,} loaded, {rs.skipped:,} skipped for a blank "
+                  f"instruction or response{': e.g. ' + ', '.join(rs.skipped_where) if rs.skipped_where else ''})")
+    cats = Table(title=f"{len(rs.categories)} categories")
+    cats.add_column("category")
+    cats.add_column("records", justify="right")
+    for c, n in rs.counts().items():
+        cats.add_row(c, f"{n:,}")
+    console.print(cats)
+    prompt = [p for p, _ in toks.raw_lengths]
+    resp = [r for _, r in toks.raw_lengths]
+    lengths = Table(title=f"tokens per example ({template} template, before truncation)")
+    for col in ("", "mean", "median", "p95", "max"):
+        lengths.add_column(col, justify="right" if col else "left")
+    for name, vals in (("prompt", prompt), ("response", resp), ("total", [p + r for p, r in toks.raw_lengths])):
+        s = length_stats(vals)
+        lengths.add_row(name, f"{s['mean']:.1f}", f"{s['median']:.0f}", f"{s['p95']:.0f}", f"{s['max']:.0f}")
+    console.print(lengths)
+    console.print(f"at max_length {max_length}: {toks.truncated:,} truncated ({toks.response_truncated:,} lose "
+                  f"response tokens), {toks.dropped:,} dropped (no room for a response token)")
+
+
+@data_app.command("synthetic")
+def synthetic_cmd(
+    out: str = typer.Option(..., "--out", help="Output JSONL file (written atomically)."),
+    per_task: int = typer.Option(200, "--per-task", help="Records per task family."),
+    seed: int = typer.Option(0, "--seed", help="Generation seed (same seed -> same file)."),
+) -> None:
+    """Write the built-in synthetic multi-task suite as JSONL (Dolly schema, category = task family)."""
+    from mixroute.config import atomic_write_text
+    from mixroute.data import FAMILIES, DataError, synthetic_suite
+
+    if not out.endswith(".jsonl"):
+        _fail(f"--out must be a .jsonl file, got {out!r}")
+    try:
+        recs = synthetic_suite(per_task=per_task, seed=seed)
+    except DataError as e:
+        _fail(str(e))
+        return
+    atomic_write_text(out, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in recs))
+    typer.echo(f"wrote {len(recs):,} records ({len(FAMILIES)} task families x {per_task}) to {out}")
