@@ -141,7 +141,7 @@ class TokenizedRecords:
 
     examples: list[Example]
     records: list[Record]
-    truncated: int = 0                    # examples shortened to max_length (prompt and/or response)
+    truncated: int = 0                    # kept examples shortened to max_length (prompt and/or response)
     response_truncated: int = 0           # of those, examples whose response lost tokens (EOS included)
     dropped: int = 0                      # examples whose response would keep zero tokens
     dropped_where: list[str] = field(default_factory=list)
@@ -163,7 +163,6 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, categories: Sequ
     for i, (rec, p, c) in enumerate(zip(records, prompts, completions)):
         out.raw_lengths.append((len(p), len(c)))
         if len(p) + len(c) > max_length:
-            out.truncated += 1
             r = min(len(c), max(max_length - len(p), min_r))
             if len(p) > max_length - r:
                 p = fit_prompt(rec, tokenizer, template, max_length - r, p) or \
@@ -174,6 +173,7 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, categories: Sequ
                 if len(out.dropped_where) < 5:
                     out.dropped_where.append(f"record {i} (category {rec.category!r})")
                 continue
+            out.truncated += 1
             out.response_truncated += r < len(c)
             c = c[:r]
         out.examples.append(Example(input_ids=p + c, labels=[-100] * len(p) + c, prompt_len=len(p),
