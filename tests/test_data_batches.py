@@ -46,6 +46,13 @@ def test_split_is_deterministic_and_independent_of_input_order():
     assert a["test"] != split_records(recs, 0.1, 0.1, seed=8)["test"]
 
 
+def test_small_categories_still_hold_out_one_record():
+    s = split_records(records({"a": 5, "b": 2, "c": 25}), 0.1, 0.1, seed=0)
+    counts = {k: Counter(r.category for r in v) for k, v in s.items()}
+    assert counts["test"] == counts["validation"] == {"a": 1, "c": 3}  # 2.5 rounds half up; b is too small
+    assert counts["train"] == {"a": 3, "b": 2, "c": 19}
+
+
 def test_split_rejects_fractions_leaving_no_train():
     with pytest.raises(DataError, match="must be < 1"):
         split_records(records({"a": 10}), 0.5, 0.5)
