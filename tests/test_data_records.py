@@ -161,6 +161,20 @@ def test_category_filter_matching_nothing_lists_categories():
     assert "'poetry'" in msg and "math (2)" in msg and "qa (1)" in msg
 
 
+def test_empty_category_filter_lists_categories():
+    with pytest.raises(DataError, match=r"category filter is empty.*math \(2\), qa \(1\)"):
+        load_records(ROWS, categories=[])
+
+
+def test_bom_and_bad_encoding(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS[0]).encode() + b"\n" + b'{"instruction": "\xff"}\n')
+    with pytest.raises(DataError, match=rf"{path}:2: not UTF-8 text"):
+        load_records(path)
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS[0]).encode() + b"\n")
+    assert load_records(path).records == EXPECTED[:1]
+
+
 def test_category_filter_counts_filtered():
     rs = load_records(ROWS, categories=["qa"])
     assert [r.category for r in rs] == ["qa"] and rs.filtered == 2 and rs.loaded == 3

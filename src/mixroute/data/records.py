@@ -118,8 +118,12 @@ def _convert(row: Any, where: str, cols: dict[str, str]) -> Record:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:  # bytes, so that a bad encoding is reported with its line number too
+        for n, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -130,7 +134,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -238,6 +244,9 @@ def load_records(source: Source, columns: Optional[Mapping[str, str]] = None,
         keep = set(categories)
         out.records = recs = [r for r in recs if r.category in keep]
         out.filtered = sum(present.values()) - len(recs)
+        if not recs:
+            raise DataError(f"{name}: the category filter is empty; categories present: "
+                            f"{', '.join(f'{c} ({present[c]})' for c in sorted(present))}")
     if max_per_category is not None:
         if max_per_category < 1:
             raise DataError(f"max_per_category must be >= 1, got {max_per_category}")
