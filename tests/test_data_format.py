@@ -38,6 +38,7 @@ def test_labels_mask_exactly_the_prompt(tok, template):
         assert tok.decode(ex["input_ids"][n:], skip_special_tokens=True).strip() == rec.response
         assert ex["task_id"] == CATS.index(rec.category)
         assert prompt_ids(rec, tok, template=template) == ex["input_ids"][:n]
+        assert prompt_ids(rec.to_dict(), tok, template=template) == ex["input_ids"][:n]  # a plain dict works
 
 
 def test_chat_prompt_is_a_prefix_of_the_jointly_tokenised_conversation(tok):

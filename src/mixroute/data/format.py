@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Optional, Sequence, TypedDict
 
-from mixroute.data.records import DataError, Record
+from mixroute.data.records import FIELDS, DataError, Record
 
 Template = Literal["chat", "plain"]
 
@@ -41,6 +41,13 @@ def user_message(record: Record) -> str:
     return record.instruction.strip() + (f"\n\n{ctx}" if ctx else "")
 
 
+def as_record(record: Any) -> Record:
+    """A Record from a Record or a Dolly-schema mapping (missing fields are empty)."""
+    if isinstance(record, Record):
+        return record
+    return Record(**{f: str(record.get(f) or "") for f in FIELDS})
+
+
 def _has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -53,6 +60,7 @@ def format_example(record: Record, tokenizer: Any, template: Template = "chat") 
     ``plain``: ``### Instruction:\\n...\\n\\n### Context:\\n...\\n\\n### Response:\\n`` + response (EOS is
     appended at tokenisation).
     """
+    record = as_record(record)
     if template == "plain":
         ctx = record.context.strip()
         prompt = (f"### Instruction:\n{record.instruction.strip()}\n\n"
@@ -125,6 +133,7 @@ def prompt_ids(record: Record, tokenizer: Any, cfg: Any = None, template: Option
 
     ``cfg`` is a DataConfig (its ``template`` and ``max_length`` are used); explicit keywords override it.
     """
+    record = as_record(record)
     template = template or (cfg.template if cfg is not None else "chat")
     max_length = max_length if max_length is not None else (cfg.max_length if cfg is not None else None)
     if max_length is None:
