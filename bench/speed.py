@@ -63,6 +63,13 @@ def peft_cases(model, batch: dict) -> list[Case]:
     out.append(("PEFT LoRA r=8, 7 projections", lambda m=m: m(input_ids=ids, attention_mask=am),
                 adapter_train(m, params, lambda m=m: m(input_ids=ids, attention_mask=am, labels=labels).loss), "peft"))
 
+    m = get_peft_model(structural_copy(model), LoraConfig(r=64, lora_alpha=128, target_modules=ALL_PROJECTIONS))
+    params = [p for p in m.parameters() if p.requires_grad]
+    m.eval()
+    out.append(("PEFT LoRA r=64 (= 8 experts x r=8 stacked), 7 projections",
+                lambda m=m: m(input_ids=ids, attention_mask=am),
+                adapter_train(m, params, lambda m=m: m(input_ids=ids, attention_mask=am, labels=labels).loss), "peft"))
+
     m = get_peft_model(structural_copy(model), LoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS),
                        adapter_name="a0")
     for i in range(1, 8):
@@ -100,6 +107,7 @@ def mixroute_cases(model, batch: dict) -> list[Case]:
     tids = torch.arange(bsz) % 8
     specs = [
         ("mixroute single (plain LoRA r=8)", MixtureConfig(router="single", rank=8), False),
+        ("mixroute single, train step with logits_for='all'", MixtureConfig(router="single", rank=8), False),
         ("mixroute task top-1, 8 experts, mixed batch", MixtureConfig(router="task", num_experts=8, rank=8,
                                                                        route_train="label"), True),
         ("mixroute token_topk, 8 experts, k=2", MixtureConfig(router="token_topk", num_experts=8, rank=8,
@@ -117,9 +125,11 @@ def mixroute_cases(model, batch: dict) -> list[Case]:
         def fwd(mix=mix) -> None:
             mix(ids, attention_mask=am, prompt_mask=pm, task_ids=tids)
 
-        def loss(mix=mix) -> torch.Tensor:
+        logits_for = "all" if "logits_for='all'" in name else "labels"
+
+        def loss(mix=mix, logits_for=logits_for) -> torch.Tensor:
             return mix(ids, attention_mask=am, labels=labels, prompt_mask=pm, task_ids=tids,
-                       logits_for="labels").loss
+                       logits_for=logits_for).loss
         out.append((name, fwd, adapter_train_keep(mix, label_routing, loss), "mixroute"))
     return out
 

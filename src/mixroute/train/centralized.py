@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mixroute.config import ConfigError, ModelConfig, RunConfig, load_config, save_config
+from mixroute.config import ConfigError, ModelConfig, RunConfig, atomic_write_text, load_config, save_config
 from mixroute.evaluate import gate_level, gate_matrix, perplexity
 from mixroute.train.batches import RunData
 from mixroute.train.loop import TrainingDiverged, held_out_pass, to_device, train_mode, train_step
@@ -125,16 +125,16 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop
     ``stop_at_step`` checkpoints and returns after that (global) step, as if the run had been killed there:
     ``resume`` then continues it (used by the resume-equivalence test and ``--stop-at-step``).
     """
-    # ---- setup
-    run_dir = prepare_run_dir(cfg, resume, overwrite)
+    # ---- setup (every config error is raised before the run directory is touched)
     seed_everything(cfg.train.seed)
     accelerator = make_accelerator()
     model, tok = load_model(cfg.model, accelerator.device)
     data = RunData.build(cfg, tok)
     mcfg = mixture_config(cfg, len(data.categories))
+    run_dir = prepare_run_dir(cfg, resume, overwrite)
     log = MetricsLogger(run_dir, enabled=accelerator.is_main_process)
     if not resume:
-        (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2, default=str))
+        atomic_write_text(run_dir / "data_report.json", json.dumps(data.report, indent=2, default=str))
     ctx = _Ctx(cfg, run_dir, accelerator, model, tok, data, log, progress, stop_at_step)
     if mcfg is None:  # base: nothing to train; validation perplexity of the frozen model, eval reads it
         evaluate_validation(ctx, None, 0, stage="before")
