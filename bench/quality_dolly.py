@@ -73,9 +73,6 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     a = parse_args()
     _quiet_transformers()
-    interim = _install_interim_data_module()
-    if interim:
-        print("note: mixroute.data has not landed; using this script's interim Dolly loader", flush=True)
     results: dict[str, dict[str, Any]] = {}
     commands: dict[str, str] = {}
     started = time.time()
@@ -100,9 +97,6 @@ def main() -> None:
         (Path(a.out) / "results.json").write_text(json.dumps({"args": vars(a), "results": results,
                                                               "commands": commands}, indent=2, default=str))
     text = render(a, results, commands, time.time() - started)
-    if interim:
-        text += ("\nData for these rows was built by the interim loader in bench/quality_dolly.py (the data "
-                 "pipeline had not landed): same split rule, plain template.\n")
     print(text)
     if not a.no_write:
         write_section(ROOT / "docs" / "benchmarks.md", "## Quality", text)
@@ -176,94 +170,6 @@ def write_section(path: Path, heading: str, text: str) -> None:
         end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
         new = "\n".join(lines[:start] + text.rstrip("\n").splitlines() + [""] + lines[end:]).rstrip("\n") + "\n"
     atomic_write_text(path, new)
-
-
-def _install_interim_data_module() -> bool:
-    """Interim stand-in for ``mixroute.data`` (Dolly only) while that module has not landed; returns True
-    when it was installed. Same contract: build_datasets -> bundle(categories, records, examples), Collator,
-    generation_batch, prompt_ids. Stratified seeded split per category, plain template, prompt truncated from
-    the left (the response keeps at least half of max_length)."""
-    import random
-    import types
-
-    import torch
-
-    try:
-        import mixroute.data as real
-        if hasattr(real, "build_datasets"):
-            return False
-    except ImportError:
-        pass
-
-    def prompt_text(rec: dict) -> str:
-        ctx = (rec.get("context") or "").strip()
-        return (f"### Instruction:\n{rec['instruction'].strip()}\n\n" + (f"### Context:\n{ctx}\n\n" if ctx else "")
-                + "### Response:\n")
-
-    def prompt_ids(rec: dict, tok, dcfg=None) -> list:
-        ids = tok(prompt_text(rec), add_special_tokens=False)["input_ids"]
-        limit = (dcfg.max_length // 2) if dcfg is not None else None
-        return ids[-limit:] if limit else ids
-
-    def build_datasets(cfg, tok):
-        recs = [json.loads(ln) for ln in open(cfg.path) if ln.strip()]
-        by_cat: dict = {}
-        for r in recs:
-            by_cat.setdefault(r["category"], []).append(r)
-        cats = sorted(by_cat)
-        rng = random.Random(cfg.seed)
-        splits: dict = {"train": [], "validation": [], "test": []}
-        for c in cats:
-            rs = list(by_cat[c])
-            rng.shuffle(rs)
-            rs = rs[:cfg.max_per_category] if cfg.max_per_category else rs
-            n_test, n_val = round(len(rs) * cfg.test_fraction), round(len(rs) * cfg.val_fraction)
-            splits["test"] += rs[:n_test]
-            splits["validation"] += rs[n_test:n_test + n_val]
-            splits["train"] += rs[n_test + n_val:]
-        examples: dict = {}
-        for name, rs in splits.items():
-            examples[name] = []
-            for r in rs:
-                p = tok(prompt_text(r), add_special_tokens=False)["input_ids"]
-                a = tok(r["response"].strip(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                a = a[:max(cfg.max_length - len(p), cfg.max_length // 2)]
-                p = p[-(cfg.max_length - len(a)):]
-                examples[name].append({"input_ids": p + a, "labels": [-100] * len(p) + a, "prompt_len": len(p),
-                                       "task_id": cats.index(r["category"])})
-        return types.SimpleNamespace(categories=cats, records=splits, examples=examples,
-                                     report={"interim": "bench/quality_dolly.py data stand-in"})
-
-    class Collator:
-        def __init__(self, tok):
-            self.pad = tok.pad_token_id
-
-        def __call__(self, exs):
-            n, t = len(exs), max(len(e["input_ids"]) for e in exs)
-            ids, lab = torch.full((n, t), self.pad), torch.full((n, t), -100)
-            am, pm = torch.zeros((n, t), dtype=torch.long), torch.zeros((n, t), dtype=torch.bool)
-            for i, e in enumerate(exs):
-                k = len(e["input_ids"])
-                ids[i, :k], lab[i, :k] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"])
-                am[i, :k], pm[i, :e["prompt_len"]] = 1, True
-            return {"input_ids": ids, "attention_mask": am, "labels": lab, "prompt_mask": pm,
-                    "task_ids": torch.tensor([e["task_id"] for e in exs])}
-
-    def generation_batch(ids_list, tok):
-        n, t = len(ids_list), max(len(x) for x in ids_list)
-        ids, am = torch.full((n, t), tok.pad_token_id), torch.zeros((n, t), dtype=torch.long)
-        for i, x in enumerate(ids_list):
-            ids[i, t - len(x):], am[i, t - len(x):] = torch.tensor(x), 1
-        return {"input_ids": ids, "attention_mask": am}
-
-    import mixroute
-
-    mod = types.ModuleType("mixroute.data")
-    mod.build_datasets, mod.Collator, mod.generation_batch, mod.prompt_ids = (build_datasets, Collator,
-                                                                              generation_batch, prompt_ids)
-    sys.modules["mixroute.data"] = mod
-    mixroute.data = mod
-    return True
 
 
 def _quiet_transformers() -> None:

@@ -40,11 +40,16 @@ def test_preset_trains_and_loss_falls(preset, tmp_path):
     if preset == "lora_single":
         losses = losses[:4]  # the first category's LoRA
     assert len(losses) >= 4 and all(torch.isfinite(torch.tensor(losses)))
-    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    evals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "ppl" in ln]
+    if preset in ("prompt_tuning", "mop"):
+        # a few virtual tokens move a random 2-layer model's loss by less than the batch-to-batch noise of
+        # 6 different batches: compare the validation perplexity (same examples) before and after instead
+        assert evals[-1]["ppl"] < evals[0]["ppl"], evals
+    else:
+        assert sum(losses[-2:]) < sum(losses[:2]), losses
     gates = json.loads((run / "gates.json").read_text())
     assert [s["stage"] for s in gates["snapshots"]][-1] == "after"
     assert len(gates["snapshots"][-1]["weights"]) == len(gates["categories"])
-    evals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "ppl" in ln]
     assert evals and evals[-1]["split"] == "validation" and evals[-1]["ppl"] > 0
 
 
@@ -54,12 +59,14 @@ def test_base_trains_nothing(tmp_path):
     assert "ppl" in (run / "metrics.jsonl").read_text()
 
 
-@pytest.mark.parametrize("preset", ["poly", "moa"])
-def test_resume_reaches_the_same_weights(preset, tmp_path):
+@pytest.mark.parametrize("preset,where", [("poly", "train"), ("moa", "stage1"), ("moa", "stage2")])
+def test_resume_reaches_the_same_weights(preset, where, tmp_path):
     args = ("train.max_steps=5", "train.stage1_steps=2", "train.lr=0.01", "train.save_every=2")
     full = train(tiny_cfg(preset, tmp_path / "full", *args), progress=False)
     part = tmp_path / "part"
-    stop = 2 * 3 + 3 if preset == "moa" else 3   # moa: 3 categories x 2 stage-1 steps, then stage 2
+    n_cat = len(json.loads((full / "gates.json").read_text())["categories"])
+    # moa: n_cat categories x 2 stage-1 steps, then stage 2; killed in the middle of either stage
+    stop = {"train": 3, "stage1": 2 * (n_cat // 2) + 1, "stage2": 2 * n_cat + 3}[where]
     train(tiny_cfg(preset, part, *args), stop_at_step=stop, progress=False)
     assert not (part / "final").exists()
     resume(part, progress=False)
@@ -156,8 +163,10 @@ def test_data_order_is_a_function_of_seed_and_step(tiny):
     a, b = RunData.build(cfg, tok), RunData.build(cfg, tok)
     for k in (0, 1, 7, 3, 0):
         torch.testing.assert_close(a.train_batch(k, 4, seed=1), b.train_batch(k, 4, seed=1))
-    assert not torch.equal(a.train_batch(0, 4, seed=1)["input_ids"][:, :4], a.train_batch(0, 4, seed=2)["input_ids"][:, :4]) \
-        or not torch.equal(a.train_batch(1, 4, seed=1)["input_ids"][:, :4], a.train_batch(1, 4, seed=2)["input_ids"][:, :4])
+    # every prompt starts with the same chat-template system prompt: compare whole batches, not prefixes
+    def same(x, y):
+        return x["input_ids"].shape == y["input_ids"].shape and torch.equal(x["input_ids"], y["input_ids"])
+    assert not all(same(a.train_batch(k, 4, seed=1), a.train_batch(k, 4, seed=2)) for k in range(3))
 
 
 def test_checkpoint_state_round_trip(tmp_path, fresh_tiny):

@@ -206,6 +206,7 @@ def run_stage1(ctx: _Ctx) -> list[str]:
         dirs.append(str(out))
         if (out / "adapter_config.json").is_file():
             continue
+        ctx.log.truncate_after(c * steps)  # a resumed run redoes this LoRA: drop its lines from the killed run
         mix = Mixture.attach(ctx.model, _seeded(stage1_config(cfg), cfg.mixture.seed + 1 + c))
         try:
             fit(ctx, mix, steps=steps, offset=c * steps, category=c, checkpoints=False)
