@@ -44,6 +44,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--prompt-lr", type=float, default=3e-3)
     p.add_argument("--eta", type=float, default=0.1)
+    p.add_argument("--router-lr", type=float, default=None, help="train.router_lr (default: the preset's).")
+    p.add_argument("--route-train", choices=["label", "router"], default=None,
+                   help="mixture.route_train of moa (default: the preset's).")
     p.add_argument("--max-generate", type=int, default=4, help="Test prompts per category for BLEU / ROUGE-L.")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -60,7 +63,9 @@ def overrides(a: argparse.Namespace, method: str) -> list[str]:
             f"train.lr={lr}", "train.warmup_steps=2", "train.eval_every=0", "train.save_every=0",
             f"train.seed={a.seed}", f"mixture.eta={a.eta}", f"eval.max_generate={a.max_generate}",
             f"eval.max_new_tokens={a.max_new_tokens}", "eval.max_eval=12", "eval.batch_size=8",
-            f"output_dir={Path(a.out) / method}"]
+            f"output_dir={Path(a.out) / method}"] \
+        + ([f"train.router_lr={a.router_lr}"] if a.router_lr is not None else []) \
+        + ([f"mixture.route_train={a.route_train}"] if a.route_train is not None else [])
 
 
 def main() -> None:

@@ -77,11 +77,19 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: RunConfig, steps: int) -> tuple[Any, Any]:
-    """AdamW + linear warm-up and cosine decay over ``steps`` optimizer steps."""
+def build_optimizer(params: list[nn.Parameter], cfg: RunConfig, steps: int,
+                    router_params: Optional[list[nn.Parameter]] = None) -> tuple[Any, Any]:
+    """AdamW + linear warm-up and cosine decay over ``steps`` optimizer steps. ``router_params`` (a subset of
+    ``params``) get ``train.router_lr`` when it is set."""
     from transformers import get_cosine_schedule_with_warmup
 
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    groups: list[dict[str, Any]] = [{"params": list(params)}]
+    if router_params and cfg.train.router_lr is not None:
+        ids = {id(p) for p in router_params}
+        groups = [{"params": [p for p in params if id(p) not in ids]},
+                  {"params": [p for p in params if id(p) in ids], "lr": cfg.train.router_lr}]
+        groups = [g for g in groups if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, min(cfg.train.warmup_steps, max(steps, 1)), max(steps, 1))
     return opt, sched
 
@@ -257,7 +265,7 @@ def fit(ctx: _Ctx, mix: nn.Module, steps: int, offset: int, resume: bool = False
     """Train ``mix`` for ``steps`` optimizer steps (global step numbers ``offset + 1 ..``). With
     ``category`` only that category's examples are used (stage 1), without checkpoints or evaluation."""
     cfg, acc = ctx.cfg, ctx.accelerator
-    optimizer, scheduler = build_optimizer(mix.adapter_parameters(), cfg, steps)
+    optimizer, scheduler = build_optimizer(mix.adapter_parameters(), cfg, steps, list(mix.routers.parameters()))
     start = 0
     if resume and checkpoints and (ckpt := latest_checkpoint(ctx.run_dir)) is not None:
         mix.load_adapter_state_dict(_load_weights(ckpt), source=str(ckpt))
