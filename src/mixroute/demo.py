@@ -81,7 +81,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     results = {}
     for method in ("lora_mixed", "moa"):
         console.rule(f"[bold]{method}")
-        cfg = load_config(None, [f"train.method={method}", "mixture.eta=0.1"] + demo_overrides(args, method, out))
+        moa = ["mixture.route_train=label", "train.router_lr=0.01"] if method == "moa" else []  # as configs/moa.yaml
+        cfg = load_config(None, [f"train.method={method}", "mixture.eta=0.1"] + moa + demo_overrides(args, method, out))
         run_dir = train(cfg, overwrite=True, progress=not args.quiet)
         results[method] = evaluate_run(run_dir)
     console.rule("[bold]comparison (test split)")
