@@ -125,7 +125,8 @@ def render(a: argparse.Namespace, results: dict[str, dict], commands: dict[str, 
            f"lora_mixed {a.mixed_steps} steps, the other methods {a.steps} steps, eta={a.eta}. Test metrics: "
            f"perplexity on up to 12 test examples per category, BLEU/ROUGE-L on {a.max_generate} greedy "
            f"generations per category ({a.max_new_tokens} new tokens). moa and moe_lora start from the "
-           f"lora_single run's stage-1 LoRAs.", ""]
+           f"lora_single run's stage-1 LoRAs; moa routes by the label in training and its router learns at "
+           f"train.router_lr={a.router_lr or 0.01} (configs/moa_dolly.yaml; docs/training.md says why).", ""]
     for title, key, nd in (("Perplexity (lower is better)", "perplexity", 3), ("BLEU", "bleu", 2),
                            ("ROUGE-L", "rougeL", 2)):
         out += [f"**{title}**", "", "| category | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
