@@ -10,10 +10,40 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(train_cmd)
-    app.command("eval")(eval_cmd)
-    app.command("compare")(compare_cmd)
-    app.command("generate")(generate_cmd)
+    app.command("train", epilog=TRAIN_EXAMPLES)(train_cmd)
+    app.command("eval", epilog=EVAL_EXAMPLES)(eval_cmd)
+    app.command("compare", epilog=COMPARE_EXAMPLES)(compare_cmd)
+    app.command("generate", epilog=GENERATE_EXAMPLES)(generate_cmd)
+
+
+# typer/rich keeps blank-line separated paragraphs of an epilog; one example per paragraph reads best
+TRAIN_EXAMPLES = """Examples:
+
+mixroute train configs/moa.yaml   (MoA on the built-in synthetic suite, embedded SmolLM2-135M)
+
+mixroute train configs/moa_dolly.yaml train.max_steps=300 data.max_per_category=500
+
+mixroute train configs/lora_mixed.yaml model.name=tiny train.max_steps=5   (seconds: a smoke run)
+
+mixroute train --resume runs/moa   (continue a killed run from its newest checkpoint)
+
+Methods (train.method): base, prompt_tuning, lora_mixed, lora_single, moa, moe_lora, moe_lora_naive, poly, mhr, smora, mop, mixture. Every key: mixroute config show CONFIG. Docs: docs/training.md."""
+
+EVAL_EXAMPLES = """Examples:
+
+mixroute eval runs/moa   (test split: PPL, BLEU, ROUGE-L, router accuracy -> runs/moa/eval.json)
+
+mixroute eval runs/moa --max-generate 8 --max-new-tokens 48"""
+
+COMPARE_EXAMPLES = """Examples:
+
+mixroute compare runs/lora_mixed runs/moa   (markdown table; each run needs its eval.json: mixroute eval RUN_DIR)
+
+mixroute compare runs/* --csv table.csv"""
+
+GENERATE_EXAMPLES = """Examples:
+
+mixroute generate runs/moa "Convert 5 km to metres."   (prints the expert the router chose, then the answer)"""
 
 
 def _fail(message: str) -> None:
