@@ -95,22 +95,28 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Itera
         return hook
 
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    device = next(model.parameters()).device
     try:
-        for batch in batches:
-            ids, mask = as_batch(batch)
-            if ids.numel() == 0:
-                continue
-            current["mask"] = None if mask is None else mask.to(device).bool()
-            try:
-                model(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device),
-                      use_cache=False)
-            except _StopForward:
-                pass
+        _run_until_hooks(model, batches, current)
     finally:
         for handle in handles:
             handle.remove()
     return captured
+
+
+def _run_until_hooks(model: nn.Module, batches: Iterable[Any], current: dict) -> None:
+    """Feed every non-empty batch to ``model`` (its token mask in ``current["mask"]`` for the hooks); a hook
+    raising ``_StopForward`` ends that batch's forward early."""
+    device = next(model.parameters()).device
+    for batch in batches:
+        ids, mask = as_batch(batch)
+        if ids.numel() == 0:
+            continue
+        current["mask"] = None if mask is None else mask.to(device).bool()
+        try:
+            model(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device),
+                  use_cache=False)
+        except _StopForward:
+            pass
 
 
 def use_layer(inputs: list[LayerInput], index: int) -> None:
@@ -168,16 +174,8 @@ def final_inputs_stats(model: nn.Module, head: nn.Linear, batches: Iterable[Batc
         raise _StopForward
 
     handle = head.register_forward_pre_hook(hook)
-    device = next(model.parameters()).device
     try:
-        for batch in batches:
-            ids, mask = as_batch(batch)
-            current["mask"] = None if mask is None else mask.to(device).bool()
-            try:
-                model(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device),
-                      use_cache=False)
-            except _StopForward:
-                pass
+        _run_until_hooks(model, batches, current)
     finally:
         handle.remove()
     return stats
