@@ -91,8 +91,9 @@ def build_report(run_dirs: list[str | Path], layer: Optional[str | int] = None) 
 
 
 def _runs_blocks(runs: list[RunInfo]) -> list:
-    rows = [[r.name, r.kind, r.method, str(r.path), "; ".join(r.missing) or "complete"] for r in runs]
-    blocks: list = [Table(["run", "kind", "method", "directory", "missing / problems"], rows)]
+    rows = [[r.name, r.kind, r.method, str(r.path), _progress(r),
+             ", ".join(m.split(" ", 1)[0].rstrip(":") for m in r.missing) or "complete"] for r in runs]
+    blocks: list = [Table(["run", "kind", "method", "directory", "logged", "missing / problems"], rows)]
     for r in runs:
         if r.missing:
             blocks.append(Note(f"{r.name}: " + "; ".join(r.missing) + ". The report shows what exists.",
@@ -100,6 +101,17 @@ def _runs_blocks(runs: list[RunInfo]) -> list:
     if not any(r.rounds for r in runs):
         blocks.append(Note("Federated runs: none given (a run directory with rounds.jsonl adds per-round curves)."))
     return blocks
+
+
+def _progress(r: RunInfo) -> str:
+    """How far metrics.jsonl goes: last train step and last validation step (``--watch`` shows it move)."""
+    if r.kind == "pruned":
+        return "-"
+    last = max((x["step"] for x in r.train_rows if isinstance(x.get("step"), int)), default=None)
+    val = max((x["step"] for x in r.eval_rows if isinstance(x.get("step"), int)), default=None)
+    if last is None and val is None:
+        return "nothing yet"
+    return f"step {last if last is not None else '-'}, validation at step {val if val is not None else '-'}"
 
 
 def _gate_blocks(runs: list[RunInfo], layer: Optional[str | int], warnings: list[str]) -> list:

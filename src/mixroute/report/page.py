@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -52,8 +53,8 @@ color:#1a1a1a;line-height:1.45}
 h1{margin-bottom:.2em} h2{border-bottom:2px solid #0072B2;padding-bottom:.2em;margin-top:2em}
 nav a{margin-right:1em} .meta{color:#555}
 table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right} th{background:#f0f4f8}
-td:first-child,th:first-child{text-align:left}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top} th{background:#f0f4f8}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.best{font-weight:bold;background:#d7ecff}
 caption{caption-side:bottom;text-align:left;color:#555;font-size:.9em;padding-top:.3em}
 figure{margin:.8em 0 1.6em} figure img{max-width:100%;height:auto;border:1px solid #eee}
@@ -114,13 +115,21 @@ def _html_table(t: Table) -> str:
     esc = html.escape
     rows = ["<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in t.header) + "</tr>"]
     for i, row in enumerate(t.rows):
-        cells = "".join(f"<td class=\"best\">{esc(c)}</td>" if (i, j) in t.best else f"<td>{esc(c)}</td>"
-                        for j, c in enumerate(row))
+        cells = "".join(f"<td{_td_class(c, (i, j) in t.best)}>{esc(c)}</td>" for j, c in enumerate(row))
         rows.append(f"<tr>{cells}</tr>")
     if t.caption:
         rows.insert(1, f"<caption>{esc(t.caption)}</caption>")
     rows.append("</table>")
     return "\n".join(rows)
+
+
+NUMERIC = re.compile(r"^-?[\d,]*\.?\d+%?$|^-$")
+
+
+def _td_class(text: str, best: bool) -> str:
+    """Numbers right-aligned (``num``), the best of a row highlighted (``best``)."""
+    classes = (["num"] if NUMERIC.match(text) else []) + (["best"] if best else [])
+    return f" class=\"{' '.join(classes)}\"" if classes else ""
 
 
 def _html_figure(f: Figure) -> str:

@@ -159,7 +159,7 @@ def _per_category_lines(ax: Any, xs_rows: list[tuple[Any, dict[str, float]]]) ->
         pts = [(x, per[cat]) for x, per in xs_rows if per.get(cat) is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], **_line_style(i), label=cat)
     if cats:
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="category")
 
 
 def category_curves(run: RunInfo) -> bytes:
@@ -183,7 +183,7 @@ def round_curves(run: RunInfo) -> bytes:
     if any(x.get("ppl") is not None for x in rounds):
         pts = [(x["round"], x["ppl"]) for x in rounds if x.get("ppl") is not None]
         a.plot([p[0] for p in pts], [p[1] for p in pts], color="black", linewidth=2.5, label="overall")
-        a.legend(fontsize=7, ncol=2)
+        a.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     a.set_title(f"{run.name}: validation perplexity per round")
     a.set_xlabel("federated round")
     a.set_ylabel("perplexity")

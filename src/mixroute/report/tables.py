@@ -19,7 +19,7 @@ def _get(doc: Optional[dict[str, Any]], dotted: str, default: Any = "-") -> Any:
         if not isinstance(node, dict) or part not in node:
             return default
         node = node[part]
-    return "-" if node is None else node
+    return default if node is None else node
 
 
 def _pct(v: Any) -> str:
@@ -38,7 +38,8 @@ def config_table(runs: list[RunInfo]) -> Table:
         rows.append([r.name, r.method, str(_get(c, "model.name")), expert, str(_get(c, "mixture.num_experts")),
                      str(_get(c, "mixture.rank")), str(_get(c, "train.max_steps")), str(_get(c, "train.batch_size")),
                      str(_get(c, "train.lr")), str(_get(c, "train.seed")),
-                     str(_get(c, "data.path", None) or _get(r.data_report, "source"))])
+                     str(_get(c, "data.path", None) or _get(r.data_report, "source", None) or
+                         ("built-in synthetic suite" if c else "-"))])
     return Table(["run", "method", "base model", "expert / router", "experts", "rank", "steps", "batch", "lr",
                   "seed", "data"], rows, caption="From each run's config.yaml (every field: mixroute config show).")
 
