@@ -153,43 +153,40 @@ def _log_if_wide(ax: Any) -> None:
         ax.set_ylabel(ax.get_ylabel() + " (log scale)")
 
 
-def _per_category_lines(ax: Any, xs_rows: list[tuple[Any, dict[str, float]]]) -> None:
+def _per_category_axes(ax: Any, xs_rows: list[tuple[Any, dict[str, float]]], title: str, xlabel: str,
+                       overall: Optional[list[tuple[Any, float]]] = None) -> None:
+    """Validation perplexity per category against ``x`` (step or round); ``overall`` as a thick black line."""
     cats = list(dict.fromkeys(c for _, per in xs_rows for c in per))
     for i, cat in enumerate(cats):
         pts = [(x, per[cat]) for x, per in xs_rows if per.get(cat) is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], **_line_style(i), label=cat)
-    if cats:
+    if overall:
+        ax.plot([p[0] for p in overall], [p[1] for p in overall], color="black", linewidth=2.5, label="overall")
+    if ax.lines:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="category")
-
-
-def category_curves(run: RunInfo) -> bytes:
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    _per_category_lines(ax, [(x["step"], x.get("ppl_per_category") or {}) for x in run.eval_rows if "step" in x])
-    ax.set_title(f"{run.name}: validation perplexity per category")
-    ax.set_xlabel("optimizer step")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("perplexity")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _log_if_wide(ax)
     ax.grid(alpha=0.3)
+
+
+def category_curves(run: RunInfo) -> bytes:
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    _per_category_axes(ax, [(x["step"], x.get("ppl_per_category") or {}) for x in run.eval_rows if "step" in x],
+                       f"{run.name}: validation perplexity per category", "optimizer step")
     return _png(fig)
 
 
 # ------------------------------------------------------------------ federated rounds
 def round_curves(run: RunInfo) -> bytes:
     """Per-round validation perplexity per category and communication per round (bytes up / down)."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.2), gridspec_kw={"wspace": 0.45})  # room for the legend
     rounds = run.rounds
-    _per_category_lines(a, [(x["round"], x.get("ppl_per_category") or {}) for x in rounds])
-    if any(x.get("ppl") is not None for x in rounds):
-        pts = [(x["round"], x["ppl"]) for x in rounds if x.get("ppl") is not None]
-        a.plot([p[0] for p in pts], [p[1] for p in pts], color="black", linewidth=2.5, label="overall")
-        a.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    a.set_title(f"{run.name}: validation perplexity per round")
-    a.set_xlabel("federated round")
-    a.set_ylabel("perplexity")
-    a.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _log_if_wide(a)
-    a.grid(alpha=0.3)
+    _per_category_axes(a, [(x["round"], x.get("ppl_per_category") or {}) for x in rounds],
+                       f"{run.name}: validation perplexity per round", "federated round",
+                       overall=[(x["round"], x["ppl"]) for x in rounds if x.get("ppl") is not None])
     xs = [x["round"] for x in rounds]
     for off, (key, label, color) in zip((-0.2, 0.2), (("bytes_up", "client -> server", OKABE_ITO[0]),
                                                       ("bytes_down", "server -> client", OKABE_ITO[1]))):
