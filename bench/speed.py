@@ -173,7 +173,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-train", action="store_true", help="forward only")
     ap.add_argument("--only", default="", help="comma-separated substrings: keep only matching rows (+ base)")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
+    ap.add_argument("--verbose", action="store_true", help="print each case's time as it runs (stderr)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0 = leave torch's default)")
     args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.model == "tiny":
         from mixroute.models import tiny_model
@@ -206,19 +210,25 @@ def main(argv: list[str] | None = None) -> None:
     fwd_t: dict[str, list[float]] = {c[0]: [] for c in cases}
     trn_t: dict[str, list[float]] = {c[0]: [] for c in cases}
     for rnd in range(args.repeats + 1):          # round 0 is warm-up
-        for name, fwd, train, _ in cases:
-            t = timed(fwd, grad=False)
+        # round-robin, starting one case later each round, so background load hits every row alike
+        shift = rnd % len(cases)
+        for name, fwd, train, _ in cases[shift:] + cases[:shift]:
+            tf = timed(fwd, grad=False)
             if rnd:
-                fwd_t[name].append(t)
+                fwd_t[name].append(tf)
+            tt = None
             if train is not None and not args.no_train:
-                t = timed(train, grad=True)
+                tt = timed(train, grad=True)
                 if rnd:
-                    trn_t[name].append(t)
+                    trn_t[name].append(tt)
+            if args.verbose:
+                print(f"  {name}: forward {tf:.2f} s" + (f", train step {tt:.2f} s" if tt else ""), file=sys.stderr)
         print(f"round {rnd}/{args.repeats} done", file=sys.stderr)
 
     tokens = bsz * seq
     base_fwd = statistics.median(fwd_t[cases[0][0]])
-    peft_train = statistics.median(trn_t[cases[1][0]]) if trn_t.get(cases[1][0]) else None
+    ref = next((c[0] for c in cases if c[0].startswith("PEFT LoRA r=8")), None)
+    peft_train = statistics.median(trn_t[ref]) if ref and trn_t[ref] else None
     rows = ["| case | forward tok/s | x base forward | train step tok/s | x PEFT LoRA train |",
             "|---|---:|---:|---:|---:|"]
     for name, _, _, _ in cases:
@@ -243,8 +253,9 @@ def write_docs(table: str, args, model) -> None:
             f"Command: `{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M')}).\n\n<!-- speed-table -->\n{table}\n"
             "<!-- /speed-table -->\n")
     start = text.find("## Speed")
-    if start < 0:
-        text = text.rstrip() + "\n\n" + body
+    if start < 0:                                  # a new section goes before "## Quality" (or at the end)
+        at = text.find("## Quality")
+        text = text.rstrip() + "\n\n" + body if at < 0 else text[:at] + body + "\n" + text[at:]
     else:
         end = text.find("\n## ", start + 1)
         marker = text.find("<!-- /speed-table -->", start)
