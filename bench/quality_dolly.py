@@ -20,7 +20,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -51,6 +51,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--fresh", action="store_true", help="Retrain every method even when a finished run with the "
+                                                        "same config exists in --out.")
     return p.parse_args()
 
 
@@ -68,10 +70,22 @@ def overrides(a: argparse.Namespace, method: str) -> list[str]:
         + ([f"mixture.route_train={a.route_train}"] if a.route_train is not None else [])
 
 
+def _finished(out: Path, method: str, cfg: Any) -> Optional[dict[str, Any]]:
+    """The earlier result of ``method`` when its run has an eval.json and the same resolved config."""
+    from mixroute.config import load_config, to_dict
+
+    run, saved = out / method, out / "results.json"
+    if not (run / "eval.json").is_file() or not (run / "config.yaml").is_file() or not saved.is_file():
+        return None
+    if to_dict(load_config(run / "config.yaml")) != to_dict(cfg):
+        return None
+    return json.loads(saved.read_text())["results"].get(method)
+
+
 def main() -> None:
     import torch
 
-    from mixroute.config import load_config
+    from mixroute.config import atomic_write_text, load_config
     from mixroute.evaluate import evaluate_run
     from mixroute.train import train
 
@@ -90,8 +104,14 @@ def main() -> None:
             dirs = [str(stage1 / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in c)) for c in cats]
             ov.append("train.stage1_adapters=[" + ", ".join(dirs) + "]")
         commands[method] = f"mixroute train configs/{preset.name} " + " ".join(ov)
+        cfg = load_config(preset, ov)
+        done = _finished(Path(a.out), method, cfg) if not a.fresh else None
+        if done is not None:  # same resolved config, evaluated: reuse it (a rerun after a crash is cheap)
+            results[method] = done
+            print(f"{method}: reusing {Path(a.out) / method}", flush=True)
+            continue
         t0 = time.time()
-        run = train(load_config(preset, ov), overwrite=True, progress=sys.stdout.isatty())
+        run = train(cfg, overwrite=True, progress=sys.stdout.isatty())
         t1 = time.time()
         res = evaluate_run(run)
         res["train_seconds"], res["eval_seconds"] = round(t1 - t0), round(time.time() - t1)
@@ -99,8 +119,10 @@ def main() -> None:
         print(f"{method}: PPL {res['perplexity']['average']:.3f} BLEU {res['bleu']['average']:.2f} "
               f"ROUGE-L {res['rougeL']['average']:.2f} (train {t1 - t0:.0f} s, eval {time.time() - t1:.0f} s)",
               flush=True)
-        (Path(a.out) / "results.json").write_text(json.dumps({"args": vars(a), "results": results,
-                                                              "commands": commands}, indent=2, default=str))
+        saved = Path(a.out) / "results.json"
+        earlier = json.loads(saved.read_text())["results"] if saved.is_file() else {}
+        atomic_write_text(saved, json.dumps({"args": vars(a), "results": {**earlier, **results},
+                                             "commands": commands}, indent=2, default=str))
     text = render(a, results, commands, time.time() - started)
     print(text)
     if not a.no_write:
