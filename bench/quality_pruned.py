@@ -13,7 +13,8 @@ e.g. ``sparsegpt-2:4``) or ``dense`` (the unpruned model; its methods come from 
 Finished runs (an ``eval.json`` next to the same config) and pruned models (same pruning request) are reused,
 so a rerun after a crash only redoes what is missing; ``--force`` redoes everything.
 
-    python bench/quality_pruned.py                                     # the default run, ~35 min on 2 cores
+    python bench/quality_pruned.py                                     # 5 settings, ~25 min on 2 quiet cores (--threads 2)
+    python bench/quality_pruned.py --settings full --threads 2         # the issue's 8 pruned settings, ~45 min
     python bench/quality_pruned.py --settings sparsegpt-50 --methods base mop --steps 2 --no-write   # smoke
     python bench/quality_pruned.py --per-category 200 --steps 200 --stage1-steps 25 --calib-samples 128
 """
@@ -64,16 +65,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=METHOD_ORDER, choices=METHOD_ORDER)
     p.add_argument("--dense-methods", nargs="*", default=["base"], choices=METHOD_ORDER,
                    help="Methods run on the 'dense' setting (default: base only, the unpruned reference row).")
-    p.add_argument("--per-category", type=int, default=24, help="Records per category (seeded sample).")
+    p.add_argument("--per-category", type=int, default=32, help="Records per category (seeded sample).")
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--steps", type=int, default=12, help="Optimizer steps of prompt_tuning / mop / lora_mixed / "
+    p.add_argument("--steps", type=int, default=24, help="Optimizer steps of prompt_tuning / mop / lora_mixed / "
                                                         "moa stage 2.")
-    p.add_argument("--stage1-steps", type=int, default=1, help="MoA stage 1: steps per category LoRA.")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--stage1-steps", type=int, default=3, help="MoA stage 1: steps per category LoRA.")
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4, help="LoRA methods.")
-    p.add_argument("--prompt-lr", type=float, default=3e-3, help="prompt_tuning and mop.")
-    p.add_argument("--max-eval", type=int, default=4, help="Test examples per category for perplexity.")
-    p.add_argument("--calib-samples", type=int, default=16, help="Calibration windows (Wanda / SparseGPT).")
+    p.add_argument("--prompt-lr", type=float, default=3e-2, help="prompt_tuning (its prompts live at the "
+                                                                 "embedding scale).")
+    p.add_argument("--mop-lr", type=float, default=1.0,
+                   help="MoP's prompts. They start as hidden states entering the middle layer, ~50x the norm of "
+                        "token embeddings on SmolLM2, and Adam's step is absolute, so they need a ~30x larger lr "
+                        "than input prompts for the same relative change (docs/benchmarks.md has the sweep).")
+    p.add_argument("--mop-router-lr", type=float, default=1e-3,
+                   help="train.router_lr of MoP's gate (pre-trained on labels; a large lr undoes that).")
+    p.add_argument("--max-eval", type=int, default=8, help="Test examples per category for perplexity.")
+    p.add_argument("--calib-samples", type=int, default=32, help="Calibration windows (Wanda / SparseGPT).")
     p.add_argument("--calib-seq-len", type=int, default=128, help="Tokens per calibration window.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
@@ -136,13 +144,14 @@ def data_overrides(a: argparse.Namespace) -> list[str]:
 
 
 def overrides(a: argparse.Namespace, method: str, model: Optional[str], run_dir: Path) -> list[str]:
-    lr = a.prompt_lr if method in PROMPT_METHODS else a.lr
+    lr = {"prompt_tuning": a.prompt_lr, "mop": a.mop_lr}.get(method, a.lr)
+    extra = [f"train.router_lr={a.mop_router_lr}"] if method == "mop" else []
     # eval.max_generate must be >= 1 in a config; generation itself is skipped (evaluate_run(max_generate=0))
     return [f"model.name={model if model is not None else 'null'}", *data_overrides(a),
             f"train.max_steps={a.steps}", f"train.stage1_steps={a.stage1_steps}", f"train.batch_size={a.batch_size}",
             f"train.lr={lr}", "train.warmup_steps=2", "train.eval_every=0", "train.save_every=0",
             f"train.seed={a.seed}", "eval.max_generate=1", "eval.max_new_tokens=1", f"eval.max_eval={a.max_eval}",
-            "eval.batch_size=8", f"output_dir={run_dir}"]
+            "eval.batch_size=8", f"output_dir={run_dir}", *extra]
 
 
 def preset(method: str) -> Path:
@@ -405,7 +414,7 @@ def render(a: argparse.Namespace, results: dict[str, dict], commands: list[str],
     out = [HEADING, "",
            f"MoP's central experiment (issue 6): {data}, {model} pruned with `mixroute.prune`, then each method "
            f"trained on the frozen pruned base (`model.name=<pruned dir>`). Machine: {os.cpu_count()}-core "
-           f"{platform.machine()} CPU (shared with other jobs), torch {torch.__version__}. Command: `{command}` "
+           f"{platform.machine()} CPU, torch {torch.__version__}. Command: `{command}` "
            f"({time.strftime('%Y-%m-%d')}); this invocation took {wall / 60:.1f} min "
            f"(pruning {prune_seconds / 60:.1f} min + training/evaluation {run_seconds / 60:.1f} min summed over "
            f"the runs, reused runs counted with their original times).", "",
@@ -415,8 +424,9 @@ def render(a: argparse.Namespace, results: dict[str, dict], commands: list[str],
            f"{a.calib_seq_len} tokens packed from the train split, sequential layer-by-layer, SparseGPT blocksize "
            f"128 / percdamp 0.01; N:M keeps N of every M consecutive input weights per output row. Training "
            f"(presets configs/*_dolly.yaml): batch {a.batch_size}, {a.steps} steps per method, AdamW lr {a.lr} "
-           f"(LoRA) / {a.prompt_lr} (prompt_tuning 10 virtual tokens at the input; MoP 8 experts x 8 tokens at "
-           f"the middle layer, gate pre-trained 50 steps on labels), 2 warm-up steps + cosine, train.seed="
+           f"(LoRA) / {a.prompt_lr} (prompt_tuning, 10 virtual tokens at the input) / {a.mop_lr} (MoP's prompts, "
+           f"8 experts x 8 tokens at the middle layer; its gate is pre-trained 50 steps on labels, then learns at "
+           f"router_lr {a.mop_router_lr}), 2 warm-up steps + cosine, train.seed="
            f"{a.seed}; LoRA r=8 alpha=16 on all 7 projections; MoA: {a.stage1_steps} stage-1 steps per category, "
            f"then {a.steps} stage-2 steps (routes by label in training, router_lr 0.01). Metric: token-weighted "
            f"test perplexity of the responses, up to {a.max_eval} test examples per category; `average` = mean "
@@ -516,8 +526,8 @@ def discussion(a: argparse.Namespace, results: dict[str, dict]) -> list[str]:
                f"{a.max_length}-token examples, {a.calib_samples} x {a.calib_seq_len} calibration tokens from "
                f"Dolly itself, and up to {a.max_eval} test examples per category, so per-category PPLs move by "
                "several percent between seeds and differences of a few percent are noise. Soft prompts learn "
-               "slowly (the papers train them for many epochs); with this budget prompt tuning and MoP are mostly "
-               "their initialisation plus, for MoP, a gate pre-trained on labels. MoA's stage-1 LoRAs get "
+               "slowly (the papers train them for many epochs), so this budget favours the LoRA methods. MoA's "
+               "stage-1 LoRAs get "
                f"{a.stage1_steps} steps each. The 90% model is close to unusable for a 135M network (perplexity "
                "in the hundreds or more), a regime where 7B models still have capacity to recover.")
     return out
