@@ -45,7 +45,6 @@ DEFAULT_SETTINGS = ["dense", "sparsegpt-50", "sparsegpt-75", "sparsegpt-90", "sp
 FULL_GRID = ["dense", "sparsegpt-50", "sparsegpt-75", "sparsegpt-90", "wanda-50", "wanda-75", "wanda-90",
              "sparsegpt-2:4", "sparsegpt-4:8"]
 DEFAULT_DATA = str((ROOT / ".." / "shared" / "data" / "dolly-15k" / "databricks-dolly-15k.jsonl").resolve())
-PROMPT_METHODS = ("prompt_tuning", "mop")
 
 
 # ------------------------------------------------------------------ arguments
@@ -80,6 +79,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "than input prompts for the same relative change (docs/benchmarks.md has the sweep).")
     p.add_argument("--mop-router-lr", type=float, default=1e-3,
                    help="train.router_lr of MoP's gate (pre-trained on labels; a large lr undoes that).")
+    p.add_argument("--mop-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="Extra config override for the mop runs, repeatable (e.g. mixture.inject_layer=0).")
     p.add_argument("--max-eval", type=int, default=8, help="Test examples per category for perplexity.")
     p.add_argument("--calib-samples", type=int, default=32, help="Calibration windows (Wanda / SparseGPT).")
     p.add_argument("--calib-seq-len", type=int, default=128, help="Tokens per calibration window.")
@@ -89,10 +90,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "slower (OpenMP barriers wait on a descheduled thread; SparseGPT's column loop suffers most).")
     p.add_argument("--force", action="store_true", help="Re-prune and re-train even when finished outputs exist.")
     p.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"), help="Where the section is written.")
-    p.add_argument("--img-dir", default=str(ROOT / "docs" / "img"), help="Where gate PNGs go (no mixroute.report).")
+    p.add_argument("--img-dir", default=None, help="Where the gate PNGs go (default: docs/img, or OUT/img with "
+                                                   "--no-write so a trial run leaves the committed figures alone).")
     p.add_argument("--no-write", action="store_true", help="Print only; leave --docs alone.")
     a = p.parse_args(argv)
     a.settings = list(dict.fromkeys(x for s in a.settings for x in (FULL_GRID if s == "full" else [s])))
+    if a.img_dir is None:
+        a.img_dir = str(Path(a.out) / "img") if a.no_write else str(ROOT / "docs" / "img")
     return a
 
 
@@ -145,7 +149,7 @@ def data_overrides(a: argparse.Namespace) -> list[str]:
 
 def overrides(a: argparse.Namespace, method: str, model: Optional[str], run_dir: Path) -> list[str]:
     lr = {"prompt_tuning": a.prompt_lr, "mop": a.mop_lr}.get(method, a.lr)
-    extra = [f"train.router_lr={a.mop_router_lr}"] if method == "mop" else []
+    extra = [f"train.router_lr={a.mop_router_lr}", *a.mop_set] if method == "mop" else []
     # eval.max_generate must be >= 1 in a config; generation itself is skipped (evaluate_run(max_generate=0))
     return [f"model.name={model if model is not None else 'null'}", *data_overrides(a),
             f"train.max_steps={a.steps}", f"train.stage1_steps={a.stage1_steps}", f"train.batch_size={a.batch_size}",
@@ -168,36 +172,6 @@ def same_config(run_dir: Path, cfg: Any) -> bool:
         return dataclasses.asdict(load_config(run_dir / "config.yaml")) == dataclasses.asdict(cfg)
     except Exception:
         return False
-
-
-def evaluate_perplexity(run_dir: Path) -> dict[str, Any]:
-    """Test perplexity (and MoP/MoA router accuracy) of a finished run, written as its eval.json.
-
-    ``mixroute.evaluate.evaluate_run`` minus generation and minus the classifier baseline: for label-aligned
-    routers that baseline runs the whole train split through the model once more, which this benchmark does
-    not report and cannot afford (same metric functions, same eval.json keys for what it computes).
-    """
-    from mixroute.config import atomic_write_text
-    from mixroute.evaluate import perplexity, routed_expert, router_accuracy
-    from mixroute.train.centralized import load_run
-    from mixroute.train.loop import held_out_pass
-    from mixroute.train.methods import is_label_aligned
-
-    t0 = time.time()
-    run = load_run(run_dir)
-    cfg, mix, cats = run.cfg, run.mix, run.data.categories
-    held = held_out_pass(run.model, mix, run.data.batches(cfg.eval.split, cfg.eval.batch_size))
-    result: dict[str, Any] = {"run": run_dir.name, "method": cfg.train.method, "split": cfg.eval.split,
-                              "categories": list(cats),
-                              "perplexity": perplexity(held.nll, held.tokens, held.task_ids, cats),
-                              "router_accuracy": None}
-    if is_label_aligned(mix.cfg if mix is not None else None):
-        result["router_accuracy"] = router_accuracy(routed_expert(held).tolist(), held.task_ids.tolist(), cats,
-                                                    mix.cfg.num_experts)
-    result["trainable_parameters"] = mix.trainable_parameters() if mix is not None else 0
-    result["seconds"] = round(time.time() - t0, 1)
-    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
-    return result
 
 
 # ------------------------------------------------------------------ pruning
@@ -316,6 +290,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     import torch
 
     from mixroute.config import load_config
+    from mixroute.evaluate import evaluate_run
     from mixroute.train import train
 
     a = parse_args(argv)
@@ -358,7 +333,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 t0 = time.time()
                 train(cfg, overwrite=True, progress=sys.stdout.isatty())
                 t1 = time.time()
-                res = evaluate_perplexity(run_dir)
+                res = evaluate_run(run_dir, max_generate=0, classifier=False)  # perplexity + router only
                 times = {"train_seconds": round(t1 - t0), "eval_seconds": round(time.time() - t1)}
                 timing.write_text(json.dumps(times))
                 res.update(times)
@@ -511,7 +486,8 @@ def discussion(a: argparse.Namespace, results: dict[str, dict]) -> list[str]:
                    + ". The paper reports MoP ahead on N:M too (2:4, 4:8, 3:4, 7:8 on LLaMA-7B); here a pattern "
                      "behaves like the unstructured setting of the same sparsity and method.")
     out.append(f"- Learning rates: prompt tuning trains at {a.prompt_lr}, MoP's prompts at {a.mop_lr} with its gate at "
-               f"router_lr {a.mop_router_lr}, the best of a sweep on sparsegpt 75% for each (docs/mop.md). MoP's "
+               f"router_lr {a.mop_router_lr}; the defaults (0.03, 1.0, 0.001) are the best of a sweep on sparsegpt "
+               "75% for each (docs/mop.md has the table and the commands). MoP's "
                "prompts sit among middle-layer hidden states ~50x the norm of token embeddings; with prompt "
                "tuning's lr (0.03) MoP stayed at the pruned base's perplexity (366 vs 366 at 75%), so a shared lr "
                "would have made this comparison meaningless. The sweep read the test split of sparsegpt 75%, so that "

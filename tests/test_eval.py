@@ -136,3 +136,11 @@ def test_evaluate_run_writes_the_eval_json_schema(tmp_path):
     assert 0 <= saved["classifier_accuracy"]["overall"] <= 1
     assert saved["generation"] ["max_new_tokens"] == 3
     assert result["trainable_parameters"] > 0
+
+    # perplexity-only: no generation, no classifier; the same perplexity and router accuracy
+    lean = evaluate_run(run, max_generate=0, classifier=False, write=False)
+    routed = {k: v for k, v in result["router_accuracy"].items() if k != "generation"}  # routing while generating
+    assert lean["perplexity"] == result["perplexity"] and lean["router_accuracy"] == routed
+    assert lean["classifier_accuracy"] is None and lean["bleu"]["average"] is None
+    assert lean["generation"]["examples"] == 0
+    assert json.loads((run / "eval.json").read_text()) == saved  # write=False left it alone

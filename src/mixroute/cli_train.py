@@ -84,7 +84,7 @@ def train_cmd(
         _fail(str(e))
     console.print(f"run directory: [bold]{run_dir}[/bold]")
     if evaluate and not (stop_at_step is not None and not (Path(run_dir) / "final").is_dir()):
-        eval_cmd(str(run_dir), None, None, None)
+        eval_cmd(str(run_dir), None, None, None, True)
 
 
 def eval_cmd(
@@ -92,8 +92,12 @@ def eval_cmd(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generation length (default: "
                                                                               "eval.max_new_tokens)."),
     max_generate: Optional[int] = typer.Option(None, "--max-generate", help="Examples per category for BLEU / "
-                                                                          "ROUGE-L (default: eval.max_generate)."),
+                                                                          "ROUGE-L (default: eval.max_generate; 0 = "
+                                                                          "no generation)."),
     split: Optional[str] = typer.Option(None, "--split", help="validation or test (default: eval.split)."),
+    classifier: bool = typer.Option(True, "--classifier/--no-classifier",
+                                    help="Fit the logistic-regression baseline on the pooled states the router "
+                                         "reads (runs the train split through the model once more)."),
 ) -> None:
     """Perplexity, BLEU, ROUGE-L, router accuracy and the classifier baseline -> RUN_DIR/eval.json."""
     from mixroute.cli import console
@@ -103,7 +107,8 @@ def eval_cmd(
     if split not in (None, "validation", "test"):
         _fail(f"--split {split!r}: expected validation or test")
     try:
-        result = evaluate_run(run_dir, max_new_tokens=max_new_tokens, max_generate=max_generate, split=split)
+        result = evaluate_run(run_dir, max_new_tokens=max_new_tokens, max_generate=max_generate, split=split,
+                              classifier=classifier)
     except (ConfigError, FileNotFoundError) as e:
         _fail(str(e))
     print(_compare_markdown([result]))

@@ -183,8 +183,13 @@ def _prefill_choice(mix: nn.Module, n: int) -> list[int]:
 
 # ------------------------------------------------------------------ a run directory
 def evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int] = None, max_generate: Optional[int] = None,
-                 split: Optional[str] = None, write: bool = True, progress: bool = False) -> dict[str, Any]:
-    """Evaluate ``run_dir`` (its config.yaml and final/ mixture) and write ``eval.json``."""
+                 split: Optional[str] = None, write: bool = True, progress: bool = False,
+                 classifier: bool = True) -> dict[str, Any]:
+    """Evaluate ``run_dir`` (its config.yaml and final/ mixture) and write ``eval.json``.
+
+    ``max_generate=0`` skips generation (BLEU / ROUGE-L come out empty); ``classifier=False`` skips the
+    logistic-regression baseline, which runs the whole train split through the model once more.
+    """
     from mixroute.config import atomic_write_text
     from mixroute.train.centralized import load_run
     from mixroute.train.methods import is_label_aligned
@@ -204,9 +209,10 @@ def evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int] = None, max_
                               "categories": list(cats),
                               "perplexity": perplexity(held.nll, held.tokens, held.task_ids, cats)}
 
-    examples = data.generation_examples(split, max_generate)
+    examples = data.generation_examples(split, max_generate) if max_generate > 0 else []
     hyps, chosen = generate_texts(model, mix, tok, [e["prompt_ids"] for e in examples],
-                                  [e["task_id"] for e in examples], max_new_tokens, cfg.eval.batch_size)
+                                  [e["task_id"] for e in examples], max_new_tokens,
+                                  cfg.eval.batch_size) if examples else ([], [])
     labels = [e["task_id"] for e in examples]
     result["bleu"], result["rougeL"] = bleu_rouge(hyps, [e["reference"] for e in examples], labels, cats)
 
@@ -217,6 +223,7 @@ def evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int] = None, max_
         result["router_accuracy"] = router_accuracy(pred.tolist(), held.task_ids.tolist(), cats, num_experts)
         if any(c >= 0 for c in chosen):
             result["router_accuracy"]["generation"] = router_accuracy(chosen, labels, cats, num_experts)["overall"]
+    if aligned and classifier:
         train_held = held_out_pass(model, mix, data.batches("train", cfg.eval.batch_size), capture_layer=layer)
         result["classifier_accuracy"] = classifier_accuracy(train_held.pooled, train_held.task_ids, held.pooled,
                                                             held.task_ids, cats, seed=cfg.train.seed)
