@@ -250,8 +250,8 @@ def discussion(a: argparse.Namespace, results: dict[str, dict]) -> list[str]:
                                    f" The paper's direction, by {-d:.1f}% (the paper: 3% to 30% centrally); with 12 "
                                    "test examples per category, gaps under a few percent are within noise. MoP's "
                                    f"prompts train at lr {a.mop_lr}, prompt tuning's at {a.prompt_lr} (docs/mop.md "
-                                   "says why they differ; at the old shared lr, --prompt-lr 0.003 --mop-lr 0.003 --mop-router-lr "
-                                   "0.003, MoP was 4.3% worse: 14.93 vs 14.31)."))
+                                   "says why they differ; at the old shared lr, --prompt-lr 0.003 --mop-lr "
+                                   "0.003 --mop-router-lr 0.003, MoP was 4.3% worse: 14.93 vs 14.31)."))
     if "bleu" in next(iter(results.values()), {}):
         out.append(f"- BLEU / ROUGE-L come from {a.max_generate} greedy generations of {a.max_new_tokens} tokens per "
                    "category: single examples swing a category's score by tens of points, so read them as a check "
