@@ -192,7 +192,7 @@ def evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int] = None, max_
     """
     from mixroute.config import atomic_write_text
     from mixroute.train.centralized import load_run
-    from mixroute.train.methods import is_label_aligned
+    from mixroute.methods import is_label_aligned
 
     t0 = time.time()
     run = load_run(run_dir)

@@ -29,7 +29,7 @@ from mixroute.evaluate import gate_level, gate_matrix, perplexity
 from mixroute.train.batches import RunData
 from mixroute.train.loop import TrainingDiverged, held_out_pass, to_device, train_mode, train_step
 from mixroute.train.tracking import MetricsLogger, ProgressBar
-from mixroute.train.methods import mixture_config, needs_stage1, stage1_config
+from mixroute.methods import mixture_config, needs_stage1, stage1_config
 from mixroute.train.state import latest_checkpoint, load_trainer_state, save_checkpoint
 
 
