@@ -105,6 +105,9 @@ def _convert_embedded(target: Path) -> None:
     _atomic_save_dir(target, write)
 
 
+TINY_NAME = "tiny"  # the random test model: the one place this name is resolved
+
+
 def resolve_model_path(name_or_path: str | None) -> tuple[str, str]:
     """Return (path or hub id to load, human-readable source). Converts the embedded default on first use."""
     if name_or_path is None or name_or_path in ("embedded", EMBEDDED_NAME):
@@ -131,8 +134,9 @@ def load_base_model(
     """Load a causal LM and its tokenizer, frozen and in eval mode.
 
     Args:
-        name_or_path: ``None`` (or ``"embedded"``) for the embedded SmolLM2-135M-Instruct; a local model
-            directory; or a Hugging Face model id already present in the local HF cache (nothing is downloaded).
+        name_or_path: ``None`` (or ``"embedded"``) for the embedded SmolLM2-135M-Instruct; ``"tiny"`` for the
+            random test model (``tiny_model(seed=0)``); a local model directory; or a Hugging Face model id
+            already present in the local HF cache (nothing is downloaded).
         dtype: parameter dtype, float32 by default (CPU training needs it).
         device: where to put the model.
 
@@ -141,6 +145,9 @@ def load_base_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name_or_path == TINY_NAME:
+        model, tok = tiny_model(seed=0)
+        return model.to(device=device, dtype=dtype), tok
     path, source = resolve_model_path(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
