@@ -22,16 +22,15 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DOLLY, ROOT, finished, fmt, preset, write_section  # noqa: E402
 
 ORDER = ["base", "lora_single", "lora_mixed", "moa", "moe_lora", "moe_lora_naive", "prompt_tuning", "mop"]
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str((ROOT / ".." / "shared" / "data" / "dolly-15k" /
-                                          "databricks-dolly-15k.jsonl").resolve()))
+    p.add_argument("--data", default=DOLLY)
     p.add_argument("--out", default=str(ROOT / "runs" / "quality_dolly"))
     p.add_argument("--methods", nargs="+", default=ORDER, choices=ORDER)
     p.add_argument("--per-category", type=int, default=48, help="Records per category (seeded sample).")
@@ -76,13 +75,9 @@ def overrides(a: argparse.Namespace, method: str) -> list[str]:
 
 
 def _finished(out: Path, method: str, cfg: Any) -> Optional[dict[str, Any]]:
-    """The earlier result of ``method`` when its run has an eval.json and the same resolved config."""
-    from mixroute.config import load_config, to_dict
-
-    run, saved = out / method, out / "results.json"
-    if not (run / "eval.json").is_file() or not (run / "config.yaml").is_file() or not saved.is_file():
-        return None
-    if to_dict(load_config(run / "config.yaml")) != to_dict(cfg):
+    """The earlier result of ``method`` when its run was evaluated with the same resolved config."""
+    saved = out / "results.json"
+    if not finished(out / method, cfg) or not saved.is_file():
         return None
     return json.loads(saved.read_text())["results"].get(method)
 
@@ -90,26 +85,27 @@ def _finished(out: Path, method: str, cfg: Any) -> Optional[dict[str, Any]]:
 def main() -> None:
     import torch
 
-    from mixroute.config import atomic_write_text, load_config
+    from mixroute import rundir
+    from mixroute.config import load_config
     from mixroute.evaluate import evaluate_run
+    from mixroute.fileio import atomic_write_text
+    from mixroute.models import quiet_transformers
     from mixroute.train import train
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     a = parse_args()
-    _quiet_transformers()
+    quiet_transformers()
     results: dict[str, dict[str, Any]] = {}
     commands: dict[str, str] = {}
     started = time.time()
     for method in [m for m in ORDER if m in a.methods]:
-        preset = ROOT / "configs" / f"{method}_dolly.yaml"
         ov = overrides(a, method)
-        stage1 = Path(a.out) / "lora_single" / "stage1"
-        if method in ("moa", "moe_lora") and stage1.is_dir() and "lora_single" in results:
-            cats = results["lora_single"]["categories"]
-            dirs = [str(stage1 / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in c)) for c in cats]
+        single = Path(a.out) / "lora_single"
+        if method in ("moa", "moe_lora") and (single / rundir.STAGE1).is_dir() and "lora_single" in results:
+            dirs = [str(rundir.stage1_dir(single, c)) for c in results["lora_single"]["categories"]]
             ov.append("train.stage1_adapters=[" + ", ".join(dirs) + "]")
-        commands[method] = f"mixroute train configs/{preset.name} " + " ".join(ov)
-        cfg = load_config(preset, ov)
+        commands[method] = f"mixroute train configs/{preset(method).name} " + " ".join(ov)
+        cfg = load_config(preset(method), ov)
         done = _finished(Path(a.out), method, cfg) if not a.fresh else None
         if done is not None:  # same resolved config, evaluated: reuse it (a rerun after a crash is cheap)
             results[method] = done
@@ -132,10 +128,6 @@ def main() -> None:
     print(text)
     if not a.no_write:
         write_section(ROOT / "docs" / "benchmarks.md", "## Quality", text)
-
-
-def _f(v: Any, nd: int) -> str:
-    return "-" if v is None else f"{v:.{nd}f}"
 
 
 def render(a: argparse.Namespace, results: dict[str, dict], commands: dict[str, str], seconds: float) -> str:
@@ -166,7 +158,7 @@ def render(a: argparse.Namespace, results: dict[str, dict], commands: dict[str, 
             row = [(r[key].get("average") if c == "average" else r[key]["per_category"].get(c))
                    for r in results.values()]
             label = "**average**" if c == "average" else c
-            out.append(f"| {label} | " + " | ".join(_f(v, nd) for v in row) + " |")
+            out.append(f"| {label} | " + " | ".join(fmt(v, nd) for v in row) + " |")
         out.append("")
     routed = [m for m, r in results.items() if r.get("router_accuracy")]
     if routed:
@@ -180,8 +172,8 @@ def render(a: argparse.Namespace, results: dict[str, dict], commands: dict[str, 
             for m in routed:
                 ra, ca = results[m]["router_accuracy"], results[m]["classifier_accuracy"] or {}
                 get = (lambda d: d.get("overall")) if c == "overall" else (lambda d: d.get("per_category", {}).get(c))
-                cells += [_f(100 * get(ra), 1) if get(ra) is not None else "-",
-                          _f(100 * get(ca), 1) if ca and get(ca) is not None else "-"]
+                cells += [fmt(100 * get(ra), 1) if get(ra) is not None else "-",
+                          fmt(100 * get(ca), 1) if ca and get(ca) is not None else "-"]
             out.append(f"| {'**overall**' if c == 'overall' else c} | " + " | ".join(cells) + " |")
         out.append("")
     out += ["**Trainable parameters and time**", "", "| method | trainable parameters | train s | eval s |",
@@ -257,28 +249,6 @@ def discussion(a: argparse.Namespace, results: dict[str, dict]) -> list[str]:
                    "category: single examples swing a category's score by tens of points, so read them as a check "
                    "that generation works end to end, not as a ranking.")
     return out
-
-
-def write_section(path: Path, heading: str, text: str) -> None:
-    """Replace the ``heading`` section of ``path`` (up to the next '## ' heading), keeping the others."""
-    from mixroute.config import atomic_write_text
-
-    old = path.read_text() if path.is_file() else "# Benchmarks\n\n"
-    lines = old.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == heading), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        new = "\n".join(lines[:start] + text.rstrip("\n").splitlines() + [""] + lines[end:]).rstrip("\n") + "\n"
-    atomic_write_text(path, new)
-
-
-def _quiet_transformers() -> None:
-    """No "Loading weights" bars from transformers between our own progress output."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

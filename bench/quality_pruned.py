@@ -5,7 +5,7 @@ calibrated on windows of the Dolly train split), saves each pruned model under `
 on that pruned base (``model.name=<dir>``), trains and evaluates: the pruned base itself, prompt tuning, MoP,
 one LoRA on the mixed data (lora_mixed) and MoA. Prints one wide perplexity table (rows = setting x method,
 columns = Dolly categories + average), a summary with MoP's relative PPL difference to prompt tuning per
-setting, writes one MoP gate-weight figure per setting (mixroute.report when it exists, a PNG otherwise) and
+setting, writes one MoP gate-weight figure per setting (the gate heatmap of mixroute.report) and
 rewrites the "## MoP on pruned bases" section of docs/benchmarks.md unless ``--no-write``.
 
 Settings are ``METHOD-PERCENT`` (unstructured, e.g. ``sparsegpt-75``), ``METHOD-N:M`` (keep N of every M,
@@ -22,7 +22,6 @@ so a rerun after a crash only redoes what is missing; ``--force`` redoes everyth
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -33,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DOLLY, ROOT, finished, fmt, preset, write_section  # noqa: E402
 
 HEADING = "## MoP on pruned bases"
 METHOD_ORDER = ["base", "prompt_tuning", "mop", "lora_mixed", "moa"]
@@ -44,7 +43,6 @@ METHOD_ORDER = ["base", "prompt_tuning", "mop", "lora_mixed", "moa"]
 DEFAULT_SETTINGS = ["dense", "sparsegpt-50", "sparsegpt-75", "sparsegpt-90", "sparsegpt-2:4"]
 FULL_GRID = ["dense", "sparsegpt-50", "sparsegpt-75", "sparsegpt-90", "wanda-50", "wanda-75", "wanda-90",
              "sparsegpt-2:4", "sparsegpt-4:8"]
-DEFAULT_DATA = str((ROOT / ".." / "shared" / "data" / "dolly-15k" / "databricks-dolly-15k.jsonl").resolve())
 
 
 # ------------------------------------------------------------------ arguments
@@ -54,7 +52,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                 epilog="\n\n".join(__doc__.split("\n\n")[2:]))
     p.add_argument("--model", default=None, help="Base model as in load_base_model (default: the embedded "
                                                  "SmolLM2-135M-Instruct; 'tiny' = the random test model).")
-    p.add_argument("--data", default=DEFAULT_DATA, help="Dolly-schema data file; 'synthetic' = the built-in "
+    p.add_argument("--data", default=DOLLY, help="Dolly-schema data file; 'synthetic' = the built-in "
                                                        "synthetic suite (tests).")
     p.add_argument("--out", default=str(ROOT / "runs" / "quality_pruned"))
     p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, type=parse_setting,
@@ -158,22 +156,6 @@ def overrides(a: argparse.Namespace, method: str, model: Optional[str], run_dir:
             "eval.batch_size=8", f"output_dir={run_dir}", *extra]
 
 
-def preset(method: str) -> Path:
-    return ROOT / "configs" / f"{method}_dolly.yaml"
-
-
-def same_config(run_dir: Path, cfg: Any) -> bool:
-    """The run in ``run_dir`` finished (eval.json) with exactly ``cfg``."""
-    from mixroute.config import load_config
-
-    if not (run_dir / "eval.json").is_file() or not (run_dir / "config.yaml").is_file():
-        return False
-    try:
-        return dataclasses.asdict(load_config(run_dir / "config.yaml")) == dataclasses.asdict(cfg)
-    except Exception:
-        return False
-
-
 # ------------------------------------------------------------------ pruning
 def prune_request(a: argparse.Namespace, setting: str) -> dict[str, Any]:
     method, sparsity, pattern = setting_target(setting)
@@ -184,13 +166,14 @@ def prune_request(a: argparse.Namespace, setting: str) -> dict[str, Any]:
 
 def prune_setting(a: argparse.Namespace, setting: str, model_dir: Path) -> tuple[dict[str, Any], bool]:
     """Prune (or reuse) the model of ``setting``; returns (prune_report dict, whether it was (re)pruned)."""
+    from mixroute import rundir
     from mixroute.config import load_config
+    from mixroute.data import RunData
+    from mixroute.models import load_base_model
     from mixroute.prune import pack_windows, prune_model, save_pruned
-    from mixroute.prune.pipeline import load_model
-    from mixroute.train.batches import RunData
 
     want = prune_request(a, setting)
-    report_path = model_dir / "prune_report.json"
+    report_path = model_dir / rundir.PRUNE_REPORT
     if report_path.is_file() and not a.force:
         report = json.loads(report_path.read_text())
         if report.get("calibration", {}).get("request") == want:
@@ -199,7 +182,7 @@ def prune_setting(a: argparse.Namespace, setting: str, model_dir: Path) -> tuple
         if (model_dir.parent / stale).is_dir():
             shutil.rmtree(model_dir.parent / stale)
     method, sparsity, pattern = setting_target(setting)
-    model, tok = load_model(a.model)
+    model, tok = load_base_model(a.model)
     # the calibration windows come from the train split the runs train on (same data config)
     cfg = load_config(preset("base"), overrides(a, "base", a.model, model_dir.parent / "base"))
     data = RunData.build(cfg, tok)
@@ -218,83 +201,42 @@ def prune_setting(a: argparse.Namespace, setting: str, model_dir: Path) -> tuple
 def gate_figure(a: argparse.Namespace, setting: str, sdir: Path) -> dict[str, Optional[str]]:
     """MoP's gate figure of one setting: {"png": in --img-dir (committed), "html": mixroute.report's page}.
 
-    With ``mixroute.report`` the page covers the MoP run and the pruned model (sparsity per layer) and lands in
-    the (git-ignored) setting directory; its gate heatmap (before / after training) is copied to --img-dir.
-    Without it, a PNG heatmap of the "after" snapshot of gates.json is drawn here.
+    The report page covers the MoP run and the pruned model (sparsity per layer) and lands in the (git-ignored)
+    setting directory; its gate heatmap (before / after training) is copied to --img-dir.
     """
+    from mixroute import rundir
+    from mixroute.report import write_report
+
     mop_dir = sdir / "mop"
     png = Path(a.img_dir) / f"quality_pruned_{setting_dirname(setting).replace('.', '_')}_mop_gates.png"
-    found: dict[str, Optional[str]] = {"png": None, "html": None}
     html = sdir / "report" / "report.html"
-    if png.is_file() and (mop_dir / "eval.json").is_file() and not a.force \
-            and png.stat().st_mtime >= (mop_dir / "eval.json").stat().st_mtime:  # drawn after this run finished
+    evaluated = mop_dir / rundir.EVAL
+    if png.is_file() and evaluated.is_file() and not a.force \
+            and png.stat().st_mtime >= evaluated.stat().st_mtime:  # drawn after this run finished
         return {"png": str(png), "html": str(html) if html.is_file() else None}
-    try:
-        from mixroute.report import write_report
-    except ImportError:
-        write_report = None
-    if write_report is not None:
-        try:
-            dirs = [mop_dir] + ([sdir / "model"] if (sdir / "model" / "prune_report.json").is_file() else [])
-            html = Path(write_report([str(d) for d in dirs], str(sdir / "report"), warn=lambda m: None))
-            found["html"] = str(html)
-            heat = sorted(p for p in html.parent.glob("gates_*.png") if "_layer" not in p.name)
-            if heat:
-                png.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(heat[0], png)
-                found["png"] = str(png)
-                return found
-        except Exception as e:  # draw our own PNG instead
-            print(f"mixroute.report failed on {mop_dir}: {e}; drawing the PNG here", flush=True)
-    gates = mop_dir / "gates.json"
-    if not gates.is_file():
-        return found
-    doc = json.loads(gates.read_text())
-    snaps = [s for s in doc.get("snapshots", []) if s.get("stage") == "after"] or doc.get("snapshots", [])
-    if snaps:
-        plot_gates(snaps[-1]["weights"], doc["categories"],
-                   f"MoP gate weights after training, {setting_label(setting)}", png)
+    dirs = [mop_dir] + ([sdir / "model"] if (sdir / "model" / rundir.PRUNE_REPORT).is_file() else [])
+    html = write_report(dirs, sdir / "report", warn=lambda m: None)
+    found: dict[str, Optional[str]] = {"png": None, "html": str(html)}
+    heat = sorted(p for p in html.parent.glob("gates_*.png") if "_layer" not in p.name)
+    if heat:
+        png.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(heat[0], png)
         found["png"] = str(png)
     return found
-
-
-def plot_gates(weights: list[list[float]], categories: list[str], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n_exp = len(weights[0]) if weights else 0
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * max(n_exp, 1) + 1.6, 0.45 * len(categories) + 1.4))
-    im = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=max(1e-9, max(max(r) for r in weights)), aspect="auto")
-    ax.set_xticks(range(n_exp), [str(e) for e in range(n_exp)])
-    ax.set_yticks(range(len(categories)), categories)
-    ax.set_xlabel("prompt expert (group)")
-    ax.set_ylabel("test category")
-    ax.set_title(title, fontsize=10)
-    for i, row in enumerate(weights):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                    color="black" if v > 0.6 * max(max(r) for r in weights) else "white")
-    fig.colorbar(im, ax=ax, label="average gate weight")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ the run
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     import torch
 
+    from mixroute import rundir
     from mixroute.config import load_config
     from mixroute.evaluate import evaluate_run
+    from mixroute.models import quiet_transformers
     from mixroute.train import train
 
     a = parse_args(argv)
-    _quiet_transformers()
+    quiet_transformers()
     torch.set_num_threads(max(1, a.threads))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -323,8 +265,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             cfg = load_config(preset(method), ov)
             commands.append(f"mixroute train configs/{preset(method).name} " + " ".join(shlex.quote(o) for o in ov))
             timing = run_dir / "bench_timing.json"
-            if not a.force and not fresh_base and same_config(run_dir, cfg):
-                res = json.loads((run_dir / "eval.json").read_text())
+            if not a.force and not fresh_base and finished(run_dir, cfg):
+                res = rundir.read_eval(run_dir)
                 res.update(json.loads(timing.read_text()) if timing.is_file() else {})
                 print(f"{setting} {method}: reused {run_dir} (PPL {res['perplexity']['average']:.3f})", flush=True)
             else:
@@ -349,7 +291,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     text = render(a, results, commands, wall, argv)
     print(text)
     if not a.no_write:
-        write_section = _load_write_section()
         write_section(Path(a.docs), HEADING, text)
     return {"results": results, "text": text, "wall_seconds": wall}
 
@@ -360,10 +301,6 @@ def rel_diff(mop: Optional[float], pt: Optional[float]) -> Optional[float]:
     if mop is None or pt is None or pt == 0:
         return None
     return 100.0 * (mop - pt) / pt
-
-
-def _f(v: Any, nd: int = 2) -> str:
-    return "-" if v is None else f"{v:.{nd}f}"
 
 
 def _avg(results: dict[str, Any], setting: str, method: str) -> Optional[float]:
@@ -413,9 +350,9 @@ def render(a: argparse.Namespace, results: dict[str, dict], commands: list[str],
             "| setting | sparsity | pruned base | prompt tuning | MoP | single LoRA | MoA | MoP vs PT |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s, e in results.items():
-        sp = "0" if s == "dense" else _f((e["prune"] or {}).get("overall_sparsity"), 3)
+        sp = "0" if s == "dense" else fmt((e["prune"] or {}).get("overall_sparsity"), 3)
         d = rel_diff(_avg(results, s, "mop"), _avg(results, s, "prompt_tuning"))
-        out.append(f"| {setting_label(s)} | {sp} | " + " | ".join(_f(_avg(results, s, m)) for m in METHOD_ORDER)
+        out.append(f"| {setting_label(s)} | {sp} | " + " | ".join(fmt(_avg(results, s, m)) for m in METHOD_ORDER)
                    + f" | {'-' if d is None else f'{d:+.1f}%'} |")
     out.append("")
     # wide table
@@ -429,8 +366,8 @@ def render(a: argparse.Namespace, results: dict[str, dict], commands: list[str],
             ppl = r["perplexity"]
             name = "base (unpruned)" if s == "dense" and m == "base" else names[m]
             out.append(f"| {setting_label(s)} | {name} | "
-                       + " | ".join(_f(ppl["per_category"].get(c)) for c in cats)
-                       + f" | **{_f(ppl['average'])}** |")
+                       + " | ".join(fmt(ppl["per_category"].get(c)) for c in cats)
+                       + f" | **{fmt(ppl['average'])}** |")
     out.append("")
     # MoP's gate figures
     figs = [(s, e["figure"]) for s, e in results.items() if (e.get("figure") or {}).get("png")]
@@ -444,7 +381,7 @@ def render(a: argparse.Namespace, results: dict[str, dict], commands: list[str],
                                         if any(f.get("html") for _, f in figs) else ""), ""]
         for s, fig in figs:
             acc = (results[s]["runs"]["mop"].get("router_accuracy") or {}).get("overall")
-            line = (f"- {setting_label(s)}: top-1 {_f(None if acc is None else 100 * acc, 1)}%"
+            line = (f"- {setting_label(s)}: top-1 {fmt(None if acc is None else 100 * acc, 1)}%"
                     + (f" (report: `{os.path.relpath(fig['html'], ROOT)}`)" if fig.get("html") else "")
                     + f"<br>![MoP gates, {setting_label(s)}]({os.path.relpath(fig['png'], docs_dir)})")
             out.append(line)
@@ -520,23 +457,6 @@ def discussion(a: argparse.Namespace, results: dict[str, dict]) -> list[str]:
                f"{a.stage1_steps} steps each. The 90% model is close to unusable for a 135M network (perplexity "
                "in the hundreds or more), a regime where 7B models still have capacity to recover.")
     return out
-
-
-def _load_write_section():
-    """``write_section`` of bench/quality_dolly.py (replaces one '## ' section, keeps the others)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_quality_dolly", ROOT / "bench" / "quality_dolly.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod.write_section
-
-
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

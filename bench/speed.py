@@ -3,18 +3,18 @@
 Side by side in one process on one base model (every case is a structural copy sharing the base weights),
 interleaved rounds, median over ``--repeats``: forward (no grad) and one training step (forward with labels +
 backward + AdamW step on the adapter parameters). Prints a markdown table and, unless ``--no-write``, rewrites
-the "## Speed" section of docs/benchmarks.md. Optional extra rows: ``bench/speed_cases_mop.py`` defining
-``cases(model, tok, batch) -> [(name, forward_fn, train_step_fn | None, "peft" | "mixroute"), ...]``.
+the "## Speed" section of docs/benchmarks.md. Rows: the frozen base, PEFT LoRA / mixed batch / Poly / prompt
+tuning, and every mixroute router; MoP against PEFT prompt tuning with the same 80 virtual tokens.
 
     python bench/speed.py                      # SmolLM2-135M, float32, batch 8 x 128, 6 repeats
     python bench/speed.py --model tiny --repeats 2 --no-write   # quick check
+    python bench/speed.py --only "prompt tuning,MoP" --no-write   # MoP vs PEFT prompt tuning alone
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import platform
 import statistics
 import subprocess
@@ -145,6 +145,34 @@ def adapter_train_keep(mix: Mixture, stay_train: bool, loss_fn) -> Callable[[], 
     return run
 
 
+MOP_TOKENS, MOP_EXPERTS = 80, 8
+
+
+def mop_cases(model, batch: dict) -> list[Case]:
+    """PEFT prompt tuning (80 tokens at the input) and MoP (8 x 10 tokens, m = N//2, g = N//3)."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    ids, am, labels, pm = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["prompt_mask"]
+    tids = torch.arange(ids.shape[0]) % MOP_EXPERTS
+    pt = get_peft_model(structural_copy(model), PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                   num_virtual_tokens=MOP_TOKENS))
+    pt.eval()
+    out: list[Case] = [(f"PEFT prompt tuning, {MOP_TOKENS} tokens at the input",
+                        lambda: pt(input_ids=ids, attention_mask=am),
+                        adapter_train(pt, [p for p in pt.parameters() if p.requires_grad],
+                                        lambda: pt(input_ids=ids, attention_mask=am, labels=labels).loss), "peft")]
+    n = model.config.num_hidden_layers
+    mix = Mixture.attach(structural_copy(model), MixtureConfig(expert="prompt", router="gate", num_experts=MOP_EXPERTS,
+                                                               num_virtual_tokens=MOP_TOKENS // MOP_EXPERTS))
+    mix.eval()
+    name = f"mixroute MoP, {MOP_EXPERTS} x {MOP_TOKENS // MOP_EXPERTS} tokens at layer {n // 2}, gate at {n // 3}"
+    out.append((name, lambda: mix(ids, attention_mask=am, prompt_mask=pm, task_ids=tids),
+                adapter_train(mix, mix.adapter_parameters(),
+                                lambda: mix(ids, attention_mask=am, labels=labels, prompt_mask=pm, task_ids=tids,
+                                            logits_for="labels").loss), "mixroute"))
+    return out
+
+
 def timed(fn: Callable[[], None], grad: bool) -> float:
     start = time.perf_counter()
     if grad:
@@ -179,12 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.model == "tiny":
-        from mixroute.models import tiny_model
-        model, tok = tiny_model()
-    else:
-        from mixroute.models import load_base_model
-        model, tok = load_base_model(args.model)
+    from mixroute.models import load_base_model
+
+    model, tok = load_base_model(args.model)
     bsz, seq = args.batch, args.seq
     ids = torch.randint(100, model.config.vocab_size - 100, (bsz, seq))
     am = torch.ones_like(ids)
@@ -196,13 +221,7 @@ def main(argv: list[str] | None = None) -> None:
 
     base = structural_copy(model)
     cases: list[Case] = [("base model (frozen)", lambda: base(input_ids=ids, attention_mask=am), None, "base")]
-    cases += peft_cases(model, batch) + mixroute_cases(model, batch)
-    extra = ROOT / "bench" / "speed_cases_mop.py"
-    if extra.is_file():
-        spec = importlib.util.spec_from_file_location("speed_cases_mop", extra)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-        cases += list(mod.cases(structural_copy(model), tok, batch))
+    cases += peft_cases(model, batch) + mixroute_cases(model, batch) + mop_cases(structural_copy(model), batch)
     if args.only:
         keys = [k.strip() for k in args.only.split(",") if k.strip()]
         cases = [c for c in cases if c[3] == "base" or any(k in c[0] for k in keys)]

@@ -19,7 +19,7 @@ def test_defaults_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("mixture.router=foo", "mixture.router: 'foo' is not valid; expected one of 'single'"),
+        ("mixture.expert=foo", "mixture.expert: 'foo' is not valid; expected one of 'lora'"),
         ("train.method=nope", "train.method: 'nope' is not valid"),
         ("mixture.eta=-0.5", "mixture.eta: -0.5 is out of range; must be >= 0.0"),
         ("train.max_steps=1.5", "train.max_steps: 1.5 (float) is not valid; expected int"),
@@ -61,3 +61,15 @@ def test_every_field_is_documented():
     assert len(rows) > 40
     undocumented = [key for key, _tp, _d, help_text in rows if len(help_text) < 10]
     assert undocumented == []
+
+
+def test_router_names_are_checked_against_the_registry():
+    """Router names belong to mixroute.routers (one file + one registry line per router), not to the config's
+    types: a config loads with any string, the mixture refuses an unknown one with the valid names."""
+    from mixroute.mixture import validate_mixture
+    from mixroute.routers import ROUTERS
+
+    cfg = load_config(None, ["mixture.router=foo"])
+    with pytest.raises(ConfigError) as err:
+        validate_mixture(cfg.mixture)
+    assert "mixture.router: 'foo' is not valid" in str(err.value) and ", ".join(ROUTERS) in str(err.value)

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixroute.evaluate import (bleu_rouge, classifier_accuracy, evaluate_run, gate_matrix, perplexity,
-                               router_accuracy, routed_expert)
-from mixroute.train.compare import comparison_table, to_csv, to_markdown
-from mixroute.train.loop import HeldOut
+from mixroute.evaluate import (HeldOut, bleu_rouge, classifier_accuracy, evaluate_run, gate_matrix, held_out_pass,
+                               perplexity, router_accuracy, routed_expert)
+from mixroute.report.compare import comparison_table, format_metric, to_csv, to_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +29,6 @@ def test_perplexity_is_token_weighted():
 
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(fresh_tiny):
     """A model whose logits are all equal has perplexity = vocabulary size, whatever the text."""
-    from mixroute.train.loop import held_out_pass
-
     model, _ = fresh_tiny
     with torch.no_grad():
         model.get_output_embeddings().weight.zero_()
@@ -44,6 +41,26 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(fresh_tiny):
     assert held.tokens.tolist() == [6, 6]
     p = perplexity(held.nll, held.tokens, held.task_ids, ["x", "y"])
     assert p["overall"] == pytest.approx(model.config.vocab_size, rel=1e-4)
+
+
+def test_held_out_pass_restores_training_modes(fresh_tiny):
+    """The recipe validates mid-training: experts and routers stay in training mode, the base in eval mode."""
+    from mixroute.config import MixtureConfig
+    from mixroute.mixture import Mixture
+    from mixroute.train.loop import train_mode
+
+    model, _ = fresh_tiny
+    mix = Mixture.attach(model, MixtureConfig(router="task", num_experts=2, num_tasks=2))
+    train_mode(mix)
+    before = [m.training for m in mix.modules()]
+    ids = torch.randint(0, 500, (2, 8))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "prompt_mask": labels == -100, "task_ids": torch.tensor([0, 1])}
+    held = held_out_pass(model, mix, [batch])
+    assert held.tokens.tolist() == [5, 5] and held.routing
+    assert [m.training for m in mix.modules()] == before and mix.training and not model.training
 
 
 def test_bleu_and_rouge_on_fixed_strings():
@@ -112,6 +129,8 @@ def test_compare_table_shape():
     assert len(md) == 2 + 3 and md[0].count("|") == 8
     csv = to_csv(table).splitlines()
     assert csv[0].split(",")[1] == "moa PPL" and len(csv) == 4
+    assert (format_metric(None, "PPL"), format_metric(3.14159, "PPL"), format_metric(30.1, "BLEU")) == \
+        ("-", "3.142", "30.10")
 
 
 def test_evaluate_run_writes_the_eval_json_schema(tmp_path):

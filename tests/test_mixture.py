@@ -129,3 +129,30 @@ def test_parameter_counts_and_detach():
         assert not torch.allclose(mix(ids).logits, base)
         mix.detach()
         torch.testing.assert_close(model(input_ids=ids).logits, base)
+
+
+@torch.no_grad()
+def test_force_fixes_sequence_routing_for_every_expert_kind():
+    """A forced one-hot row runs exactly that expert (same logits as label routing to it); a forced soft row
+    mixes like the uniform router; token-level routing cannot be forced."""
+    b = batch()
+    task = randomised(Mixture.attach(tiny_model()[0], MixtureConfig(router="task", num_experts=3, num_tasks=3)))
+    oracle = Mixture.attach(tiny_model()[0], MixtureConfig(router="oracle", num_experts=3, num_tasks=3))
+    oracle.load_state_dict({k: v for k, v in task.state_dict().items() if not k.startswith("routers.")},
+                           strict=False)
+    task.eval()
+    task.force(torch.nn.functional.one_hot(b["task_ids"], 3).float())
+    torch.testing.assert_close(task(b["input_ids"]).logits,
+                               oracle(b["input_ids"], task_ids=b["task_ids"]).logits)
+    assert task.chosen_experts() == [0, 1, 2]
+    uniform = Mixture.attach(tiny_model()[0], MixtureConfig(router="uniform", num_experts=3))
+    uniform.load_state_dict(oracle.state_dict(), strict=False)
+    task.force(torch.tensor([2.0, 2.0, 2.0]))
+    torch.testing.assert_close(task(b["input_ids"]).logits, uniform(b["input_ids"]).logits)
+    task.force(None)
+    assert task(b["input_ids"]).routing["layer_0"].tolist() != [[1 / 3] * 3] * 3
+    with pytest.raises(ValueError, match="num_experts=3"):
+        task.force(torch.tensor([1.0, 0.0]))
+    token = Mixture.attach(tiny_model()[0], MixtureConfig(router="token_topk", num_experts=3))
+    with pytest.raises(ValueError, match="only sequence-level"):
+        token.force(torch.tensor([1.0, 0.0, 0.0]))

@@ -1,6 +1,5 @@
 """Base model loading: tiny model, embedded default, cache atomicity, clear errors."""
 
-import os
 import time
 
 import pytest
@@ -74,13 +73,19 @@ def test_incomplete_cache_is_not_trusted(tmp_path, monkeypatch):
 
 
 @pytest.mark.integration
-def test_embedded_model_converts_once_then_loads_fast(tmp_path, monkeypatch, smollm):
+def test_embedded_model_converts_once_then_loads_from_the_cache(tmp_path, monkeypatch, smollm):
     monkeypatch.setenv("MIXROUTE_CACHE", str(tmp_path))
     first, tok = load_base_model()  # converts the GGUF into tmp_path
-    assert (tmp_path / models.EMBEDDED_NAME / "COMPLETE").is_file()
-    t = time.perf_counter()
+    cached = tmp_path / models.EMBEDDED_NAME
+    assert {"COMPLETE", "config.json", "model.safetensors", "tokenizer.json", "mixroute_source.json"} <= \
+        {p.name for p in cached.iterdir()}
+
+    def no_conversion(target):
+        raise AssertionError(f"converted the GGUF again into {target}")
+
+    monkeypatch.setattr(models, "_convert_embedded", no_conversion)
     second, _ = load_base_model()
-    assert time.perf_counter() - t < 8.0
+    assert str(cached) in second.mixroute_source
     info = model_info(second)
     assert info["layers"] == 30 and info["hidden_size"] == 576 and info["parameters"] > 130e6
     for (n1, p1), (n2, p2) in zip(first.state_dict().items(), second.state_dict().items()):

@@ -9,7 +9,7 @@ import torch
 
 from mixroute.config import MixtureConfig
 from mixroute.mixture import Mixture
-from mixroute.routers.gate import pretrain_gate
+from mixroute.train.gate import pretrain_gate
 
 L = 4
 
@@ -84,7 +84,7 @@ def test_m0_any_gate_equals_one_hf_forward_with_prompt_mask(tiny):
     b["attention_mask"][:] = 1
     mix = mop(copy.deepcopy(model), inject_layer=0, gate_layer=0)
     g = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
-    mix.routers["gate"].force(g)
+    mix.force(g)
     with torch.no_grad():
         ours = mix(b["input_ids"], attention_mask=b["attention_mask"]).logits
     P = mix.experts["prompt"].weight.detach()
@@ -113,14 +113,14 @@ def test_one_hot_gate_equals_single_prompt_at_inject_layer(tiny):
     with torch.no_grad():
         soft = mix(ids, attention_mask=am).logits
         for e in range(3):
-            mix.routers["gate"].force(torch.nn.functional.one_hot(torch.tensor(e), 3).float())
+            mix.force(torch.nn.functional.one_hot(torch.tensor(e), 3).float())
             ours = mix(ids, attention_mask=am).logits
             single = mop(copy.deepcopy(model), router="single", inject_layer=1)
             single.experts["prompt"].weight.copy_(mix.experts["prompt"].weight[e:e + 1])
             ref = single(ids, attention_mask=am).logits
             assert (ours - ref)[keep].abs().max().item() < 1e-5
             assert (ours - soft)[keep].abs().max().item() > 1e-4   # the gate matters
-    mix.routers["gate"].force(None)
+    mix.force(None)
 
 
 def test_layers_below_inject_layer_see_only_the_input(tiny):
@@ -189,87 +189,8 @@ def test_pretrain_gate_learns_labels_and_touches_only_the_gate(fresh_tiny):
     assert (w.argmax(-1) == batches[0]["task_ids"]).all()
 
 
-# ------------------------------------------------------------------------------------------- the matrix
-ROUTERS = ["gate", "single", "uniform", "oracle"]
-
-
-@pytest.mark.parametrize("router", ROUTERS)
-def test_forward_backward_grads_only_on_prompts_and_gate(fresh_tiny, router):
-    model, _ = fresh_tiny
-    b = batch()
-    mix = mop(model, router=router)
-    out = mix(**b)
-    E = 1 if router == "single" else 3
-    assert out.logits.shape == (*b["input_ids"].shape, model.config.vocab_size)
-    assert out.routing["gate"].shape == (3, E)
-    out.loss.backward()
-    assert all(p.grad is None for p in mix.model.parameters())
-    named = dict(mix.named_parameters())
-    trainable = {n for n, p in named.items() if p.requires_grad}
-    assert "experts.prompt.weight" in trainable
-    assert all(n.startswith(("experts.prompt", "routers.gate")) for n in trainable)
-    for n in trainable:
-        assert named[n].grad is not None and named[n].grad.abs().sum() > 0, n
-
-
-@pytest.mark.parametrize("router", ROUTERS)
-def test_save_load_round_trip(tiny, tmp_path, router):
-    model, _ = tiny
-    b = batch()
-    mix = mop(copy.deepcopy(model), router=router, inject_layer=1, gate_layer=0, seed=3)
-    with torch.no_grad():
-        for p in mix.adapter_parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-        ref = mix(b["input_ids"], attention_mask=b["attention_mask"], task_ids=b["task_ids"]).logits
-    mix.save(str(tmp_path))
-    back = Mixture.load(copy.deepcopy(model), str(tmp_path))
-    with torch.no_grad():
-        got = back(b["input_ids"], attention_mask=b["attention_mask"], task_ids=b["task_ids"]).logits
-    assert torch.equal(got, ref)
-    assert back.cfg.inject_layer == 1
-
-
-@pytest.mark.parametrize("router", ROUTERS)
-def test_loss_falls_in_20_steps(fresh_tiny, router):
-    model, _ = fresh_tiny
-    torch.manual_seed(0)
-    b = batch(n=4, t=12)
-    b["task_ids"] = torch.arange(4) % 3
-    mix = mop(model, router=router)
-    opt = torch.optim.AdamW(mix.adapter_parameters(), lr=3e-2)
-    losses = []
-    mix.train()
-    for _ in range(20):
-        out = mix(**b)
-        opt.zero_grad()
-        out.lm_loss.backward()
-        opt.step()
-        losses.append(out.lm_loss.item())
-    # the tiny random Llama's logits are nearly uniform (loss ~ ln 49152 = 10.8) and move little whatever is
-    # trained (PEFT prompt tuning gains about as much); a broken gradient path leaves the loss flat
-    assert losses[-1] < losses[0] - 0.05, losses
-    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 15, losses
-
-
-@pytest.mark.parametrize("router", ROUTERS)
-def test_generate_with_and_without_cache_same_tokens(tiny, router):
-    model, tok = tiny
-    mix = mop(copy.deepcopy(model), router=router, inject_layer=1, gate_layer=1)
-    with torch.no_grad():
-        for p in mix.adapter_parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    ids = torch.randint(100, 2000, (2, 6), generator=torch.Generator().manual_seed(5))
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, task_ids=torch.tensor([0, 2]))
-    with torch.no_grad():
-        a = mix.generate(ids, attention_mask=torch.ones_like(ids), use_cache=True, **kw)
-        w_cached = mix.context.routing["gate"]
-        c = mix.generate(ids, attention_mask=torch.ones_like(ids), use_cache=False, **kw)
-        w_plain = mix.context.routing["gate"]
-        prefill = mix(ids, attention_mask=torch.ones_like(ids), task_ids=kw["task_ids"]).routing["gate"]
-    assert a.shape == (2, 12) and torch.equal(a, c)
-    assert torch.allclose(w_cached, prefill) and torch.allclose(w_plain, prefill)   # kept from the prefill
-
-
+# ------------------------------------------------------------------------------------------- generation
+# (the expert x router matrix, incl. every prompt router, is in test_mixture_matrix.py)
 def test_generate_uses_the_prompts(tiny):
     """generate()'s first-step scores are Mixture.forward's last-position logits, and differ from the base's."""
     model, tok = tiny
@@ -321,7 +242,7 @@ def test_eager_attention_works_too(tiny):
     (dict(inject_layer=0, gate_layer=1), ["gate_layer=1", "0..0", "inject_layer=0"]),
     (dict(inject_layer=1, gate_layer=5), ["gate_layer=5", "0..1"]),
     (dict(num_experts=8, num_virtual_tokens=300), ["num_virtual_tokens", "2400", "max_position_embeddings=2048"]),
-    (dict(router="token_topk"), ["router='token_topk'", "gate, single, uniform, oracle"]),
+    (dict(router="token_topk"), ["router='token_topk'", "single, uniform, oracle, task, gate"]),
     (dict(prompt_init="text"), ["prompt_init_text"]),
     (dict(router="oracle", num_experts=2, num_tasks=3), ["num_experts=2", "num_tasks=3"]),
 ])

@@ -8,18 +8,6 @@ from typer.testing import CliRunner
 
 from mixroute.cli import app
 
-
-
-def _has_data_pipeline() -> bool:
-    try:
-        from mixroute.data import Collator, build_datasets  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_data = pytest.mark.skipif(not _has_data_pipeline(), reason="the data pipeline (mixroute.data) is not there")
-
 runner = CliRunner()
 SMALL = ["--calib-samples", "4", "--calib-seq-len", "32", "--eval-examples", "8", "--no-progress"]
 
@@ -28,7 +16,6 @@ def invoke(*args):
     return runner.invoke(app, ["prune", *args])
 
 
-@needs_data
 def test_cli_prune_tiny(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -76,7 +63,6 @@ def test_cli_out_not_empty(tmp_path):
     assert result.exit_code == 2 and "not empty; pass --force" in " ".join(result.output.split())
 
 
-@needs_data
 def test_cli_empty_calibration(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

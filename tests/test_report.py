@@ -248,7 +248,7 @@ def test_tensorboard_logger_writes_event_files(tmp_path):
     pytest.importorskip("tensorboard", reason="optional extra: pip install 'mixroute[tensorboard]'")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from mixroute.report.tb import TensorBoardLogger
+    from mixroute.train.tb import TensorBoardLogger
 
     tb = TensorBoardLogger(tmp_path)
     assert not (tmp_path / "tb").exists()  # nothing written before the first scalar
@@ -262,7 +262,7 @@ def test_tensorboard_logger_writes_event_files(tmp_path):
 
 
 def test_tensorboard_logger_without_tensorboard_raises_import_error(tmp_path, monkeypatch):
-    from mixroute.report.tb import TensorBoardLogger
+    from mixroute.train.tb import TensorBoardLogger
 
     monkeypatch.setitem(sys.modules, "tensorboard.compat.proto.event_pb2", None)
     with pytest.raises(ImportError, match=r"pip install 'mixroute\[tensorboard\]'"):
@@ -270,7 +270,7 @@ def test_tensorboard_logger_without_tensorboard_raises_import_error(tmp_path, mo
 
 
 def test_package_import_is_light():
-    code = ("import sys, mixroute.report, mixroute.cli_report; "
+    code = ("import sys, mixroute.report, mixroute.cli.report; "
             "heavy = [m for m in ('matplotlib', 'torch', 'tensorboard') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -156,17 +156,34 @@ def test_bad_configs_fail_clearly(tmp_path):
 
 
 def test_data_order_is_a_function_of_seed_and_step(tiny):
-    from mixroute.train.batches import RunData
+    """A resumed run (a fresh RunData starting at micro-batch k) reads what an uninterrupted run reads at k; each
+    epoch is data.batch_indices of the train split (every example once), reshuffled per (seed, epoch)."""
+    from mixroute.data import RunData, batch_indices, epoch_seed
 
     _, tok = tiny
     cfg = load_config(ROOT / "configs" / "lora_mixed.yaml", SMALL + ["train.length_grouped=true"])
-    a, b = RunData.build(cfg, tok), RunData.build(cfg, tok)
-    for k in (0, 1, 7, 3, 0):
-        torch.testing.assert_close(a.train_batch(k, 4, seed=1), b.train_batch(k, 4, seed=1))
-    # every prompt starts with the same chat-template system prompt: compare whole batches, not prefixes
-    def same(x, y):
-        return x["input_ids"].shape == y["input_ids"].shape and torch.equal(x["input_ids"], y["input_ids"])
-    assert not all(same(a.train_batch(k, 4, seed=1), a.train_batch(k, 4, seed=2)) for k in range(3))
+    run = RunData.build(cfg, tok)
+    n, bs = len(run.examples["train"]), 4
+    per_epoch = -(-n // bs)
+    uninterrupted = [run.train_batch(k, bs, seed=1) for k in range(2 * per_epoch + 1)]
+    for start in (1, per_epoch - 1, per_epoch + 2):  # killed mid-epoch, at an epoch's end, in the next one
+        resumed = RunData.build(cfg, tok)
+        for k in range(start, len(uninterrupted)):
+            torch.testing.assert_close(resumed.train_batch(k, bs, seed=1), uninterrupted[k])
+
+    lengths = [len(e["input_ids"]) for e in run.examples["train"]]
+    for epoch in (0, 1):
+        plan = run.epoch_batches(1, epoch, bs)
+        assert plan == batch_indices(lengths, bs, shuffle=True, seed=epoch_seed(1, epoch), length_grouped=True)
+        assert sorted(i for b in plan for i in b) == list(range(n))
+        for j in (0, per_epoch - 1):
+            want = run.collate([run.examples["train"][i] for i in plan[j]])
+            torch.testing.assert_close(uninterrupted[epoch * per_epoch + j], want)
+    assert run.epoch_batches(1, 0, bs) != run.epoch_batches(1, 1, bs)
+    assert run.epoch_batches(1, 0, bs) != run.epoch_batches(2, 0, bs)
+    category = run.examples["train"][0]["task_id"]
+    pool = {i for i, e in enumerate(run.examples["train"]) if e["task_id"] == category}
+    assert {i for b in run.epoch_batches(1, 0, bs, category) for i in b} == pool  # stage 1: one category
 
 
 def test_checkpoint_state_round_trip(tmp_path, fresh_tiny):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+
+from mixroute.fileio import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -32,7 +33,6 @@ def f(default: Any, help: str, **checks: Any) -> Any:
 
 
 ExpertKind = Literal["lora", "prompt"]
-RouterKind = Literal["single", "uniform", "oracle", "task", "token_topk", "poly", "rank", "gate"]
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -65,8 +65,10 @@ class DataConfig:
 @dataclass
 class MixtureConfig:
     expert: ExpertKind = f("lora", "Expert kind: 'lora' (LoRA expert bank) or 'prompt' (soft-prompt experts, MoP).")
-    router: RouterKind = f("task", "Router: single (E=1 plain LoRA), uniform, oracle (route by label), task (MoA), "
-                                   "token_topk (MoE-LoRA), poly (Poly/MHR), rank (SMoRA), gate (MoP input gate).")
+    router: str = f("task", "Router (registered in mixroute.routers.ROUTERS): single (E=1 plain LoRA / prompt), "
+                            "uniform, oracle (route by label), task (MoA), token_topk (MoE-LoRA), poly (Poly/MHR), "
+                            "rank (SMoRA), gate (MoP's MLP gate). Prompt experts take the sequence-level ones: "
+                            "single, uniform, oracle, task, gate.")
     num_experts: int = f(8, "Number of experts E (LoRA experts, Poly skills, or prompt groups).", ge=1)
     # LoRA experts
     rank: int = f(8, "LoRA rank r of each expert.", ge=1)
@@ -104,7 +106,7 @@ class MixtureConfig:
     gate_top_k: Optional[int] = f(None, "MoP gate: keep the top-k experts per sequence and renormalise, in training "
                                         "and inference (null = all E, a soft gate).", ge=1)
     gate_pretrain_steps: int = f(0, "MoP gate: steps of gate pre-training on category labels before prompt "
-                                    "training (0 = none; the trainer calls pretrain_gate).", ge=0)
+                                    "training (0 = none; prompt experts only: train.gate.pretrain_gate).", ge=0)
     gate_pretrain_lr: float = f(1e-3, "MoP gate: learning rate of gate pre-training.", gt=0.0)
     seed: int = f(0, "Seed of expert and router initialisation.")
 
@@ -274,20 +276,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file via a temporary sibling and os.replace, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:

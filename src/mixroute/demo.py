@@ -1,6 +1,6 @@
 """``make demo``: train a routed mixture (MoA) and a single mixed LoRA on the built-in synthetic suite with the
 embedded SmolLM2-135M-Instruct, evaluate both, print the comparison table and the router accuracy, and write
-the HTML report when ``mixroute.report`` provides one. About 5-8 minutes on a 2-core CPU.
+the HTML report. About 5-8 minutes on a 2-core CPU.
 
     python -m mixroute.demo                      # defaults
     python -m mixroute.demo --steps 10 --stage1-steps 4 --per-task 40    # smaller / faster
@@ -50,10 +50,9 @@ def demo_overrides(args: argparse.Namespace, name: str, out: Path) -> list[str]:
 def base_perplexity(args: argparse.Namespace) -> None:
     """The first thing the demo shows: the frozen model's perplexity per synthetic task on one batch each."""
     from mixroute.config import load_config
-    from mixroute.evaluate import perplexity
-    from mixroute.train.batches import RunData
-    from mixroute.train.centralized import load_model
-    from mixroute.train.loop import held_out_pass
+    from mixroute.data import RunData
+    from mixroute.evaluate import held_out_pass, perplexity
+    from mixroute.rundir import load_model
 
     cfg = load_config(None, demo_overrides(args, "base", Path(args.out)))
     model, tok = load_model(cfg.model)
@@ -67,14 +66,16 @@ def base_perplexity(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    """Run the demo; returns {method: eval.json dict} (and "report": path when one was written)."""
+    """Run the demo; returns {method: eval.json dict} and "report": the HTML report's path."""
     from mixroute.config import load_config
     from mixroute.evaluate import evaluate_run
+    from mixroute.models import quiet_transformers
+    from mixroute.report import write_report
+    from mixroute.report.compare import comparison_table, to_markdown
     from mixroute.train import train
-    from mixroute.train.compare import comparison_table, to_markdown
 
     args = parse_args(argv)
-    _quiet_transformers()
+    quiet_transformers()
     out = Path(args.out)
     t0 = time.time()
     base_perplexity(args)
@@ -94,39 +95,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         console.print(f"confusion (rows = task, columns = expert): {acc['confusion']}")
     for m, r in results.items():
         console.print(f"{m}: trainable parameters {r['trainable_parameters']:,}")
-    report = _write_report([out / m for m in results], out / "report")
-    if report:
-        console.print(f"report: [bold]{report}[/bold]")
-        results["report"] = str(report)
+    report = write_report([out / m for m in results], out / "report")
+    console.print(f"report: [bold]{report}[/bold]")
+    results["report"] = str(report)
     console.print(f"demo finished in {time.time() - t0:.0f} s; runs in {out}")
     (out / "demo_summary.json").write_text(json.dumps({m: r for m, r in results.items() if m != "report"},
                                                       indent=2, default=str))
     return results
-
-
-def _write_report(run_dirs: list[Path], out: Path) -> Optional[Path]:
-    """The HTML report of mixroute.report, when that module exists (it is optional for the demo)."""
-    try:
-        from mixroute import report
-    except ImportError:
-        return None
-    for name in ("write_report", "build_report", "make_report"):
-        fn = getattr(report, name, None)
-        if fn is not None:
-            try:
-                path = fn([str(d) for d in run_dirs], str(out))
-            except Exception as e:  # the demo's table is already printed; say why the report is missing
-                console.print(f"[yellow]report not written: {e}[/yellow]")
-                return None
-            return Path(path) if path else out
-    return None
-
-
-def _quiet_transformers() -> None:
-    """No "Loading weights" bars from transformers between our own progress output."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

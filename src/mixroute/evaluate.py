@@ -1,22 +1,115 @@
-"""Evaluation of a run directory: perplexity, BLEU / ROUGE-L, router accuracy, classifier baseline, gates.
+"""Evaluation: the held-out pass, perplexity, BLEU / ROUGE-L, router accuracy, classifier baseline, gates.
 
-Metric functions are pure (tensors / strings in, dicts out) so they can be checked against hand-computed
-values; ``evaluate_run`` loads a run directory, computes them all on the held-out split and writes
-``eval.json`` (schema in docs/architecture.md).
+``held_out_pass`` runs the frozen model (or a mixture) over held-out batches without gradients and returns
+per-example sums; ``perplexity`` (the one perplexity of mixroute: training's validation, ``mixroute eval`` and
+``mixroute prune`` all use it) and the other metric functions are pure (tensors / strings in, dicts out) so they
+can be checked against hand-computed values; ``evaluate_run`` loads a run directory, computes them all on the
+held-out split and writes ``eval.json`` (schema in docs/architecture.md).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixroute.train.loop import HeldOut, held_out_pass
+from mixroute import rundir
+from mixroute.data import to_device
+
+
+# ------------------------------------------------------------------ the held-out pass
+@dataclass
+class HeldOut:
+    """Per-example results of ``held_out_pass`` (N examples, concatenated over batches)."""
+
+    nll: Tensor                                   # (N,) summed NLL of the response tokens
+    tokens: Tensor                                # (N,) response tokens
+    task_ids: Tensor                              # (N,)
+    routing: dict[str, Tensor] = field(default_factory=dict)       # key -> (N, E) weights per example
+    router_probs: dict[str, Tensor] = field(default_factory=dict)  # key -> (N, E) softmax of router logits
+    pooled: Optional[Tensor] = None               # (N, H) pooled hidden states read at ``capture_layer``
+
+
+def _per_example(weights: Tensor, token_level: bool, token_mask: Optional[Tensor]) -> Tensor:
+    """Reduce observable routing weights to one vector per example: (B, E) as is; (B, T, E) / (B, T, R) mean
+    over attended tokens; Poly (B, S, E) mean over splits."""
+    w = weights.detach().float()
+    if w.dim() == 2:
+        return w
+    if token_level and token_mask is not None and token_mask.shape[1] == w.shape[1]:
+        m = token_mask.to(w.dtype).unsqueeze(-1)
+        return (w * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return w.mean(1)
+
+
+@torch.no_grad()
+def held_out_pass(model: nn.Module, mix: Optional[nn.Module], batches: Iterable[dict[str, Tensor]],
+                  device: torch.device | str = "cpu", capture_layer: Optional[int] = None) -> HeldOut:
+    """Teacher-forced pass over held-out batches: response-token NLL per example, routing per example and,
+    with ``capture_layer``, the hidden states entering that decoder layer mean-pooled over the prompt tokens
+    (what a sequence-level router reads)."""
+    from mixroute.routers.base import masked_mean
+
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    runner = mix if mix is not None else model
+    modes = {m: m.training for m in runner.modules()}  # restored after: a recipe calls this mid-training
+    runner.eval()
+    nll, toks, tasks, pooled = [], [], [], []
+    routing: dict[str, list[Tensor]] = {}
+    probs: dict[str, list[Tensor]] = {}
+    captured: list[Tensor] = []
+    handle = None
+    if capture_layer is not None:
+        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.append(args[0] if args else kwargs["hidden_states"])
+        handle = decoder.layers[capture_layer].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for raw in batches:
+            b = to_device(raw, device)
+            captured.clear()
+            ctx = (mix.context.inputs(b.get("task_ids"), b.get("prompt_mask")) if mix is not None
+                   else contextlib.nullcontext())
+            with ctx:
+                hidden = decoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                 use_cache=False).last_hidden_state
+            target = b["labels"][:, 1:]
+            keep = target != -100
+            logits = head(hidden[:, :-1][keep]).float()
+            tok_nll = F.cross_entropy(logits, target[keep], reduction="none")
+            row = keep.nonzero()[:, 0]
+            nll.append(torch.zeros(len(target), device=tok_nll.device).index_add_(0, row, tok_nll).cpu())
+            toks.append(keep.sum(1).cpu())
+            tasks.append(b["task_ids"].cpu())
+            if captured:
+                mask = b["attention_mask"].bool()
+                if "prompt_mask" in b:
+                    mask = mask & b["prompt_mask"].bool()
+                pooled.append(masked_mean(captured[0].float(), mask).cpu())
+            if mix is not None:
+                for key, w in mix.context.routing.items():
+                    per_token = mix.routers[key].level in ("token", "rank")
+                    vec = _per_example(w, per_token, b["attention_mask"].bool())
+                    routing.setdefault(key, []).append(vec.cpu())
+                for key, lg in mix.context.router_logits.items():
+                    probs.setdefault(key, []).append(lg.detach().float().softmax(-1).cpu())
+    finally:
+        if handle is not None:
+            handle.remove()
+        for m, training in modes.items():
+            m.train(training)
+    return HeldOut(
+        nll=torch.cat(nll) if nll else torch.zeros(0), tokens=torch.cat(toks) if toks else torch.zeros(0),
+        task_ids=torch.cat(tasks) if tasks else torch.zeros(0, dtype=torch.long),
+        routing={k: torch.cat(v) for k, v in routing.items()}, router_probs={k: torch.cat(v) for k, v in probs.items()},
+        pooled=torch.cat(pooled) if pooled else None,
+    )
 
 
 # ------------------------------------------------------------------ perplexity
@@ -124,32 +217,28 @@ def gate_matrix(held: HeldOut, num_categories: int) -> tuple[list[list[float]], 
 
 
 def gate_level(mix: Optional[nn.Module]) -> str:
-    """``sequence``, ``token`` or ``rank`` (SMoRA's gates are over single ranks)."""
-    if mix is None:
-        return "sequence"
-    if mix.cfg.router == "rank":
-        return "rank"
-    levels = {getattr(r, "level", "sequence") for r in mix.routers.values()}
-    return "token" if "token" in levels else "sequence"
+    """``sequence``, ``token`` or ``rank`` (SMoRA's gates are over single ranks): what gates.json's weights
+    are averaged over. Task-level (Poly) allocations are per sequence."""
+    levels = {r.level for r in mix.routers.values()} if mix is not None else set()
+    return next((lv for lv in ("rank", "token") if lv in levels), "sequence")
 
 
 def router_read_layer(mix: nn.Module) -> int:
-    """The decoder layer whose input the label-aligned router reads (for the classifier baseline): the MoP
-    gate's layer, layer 0 for a global task router, the middle layer for per-layer task routers."""
-    for r in mix.routers.values():
-        if hasattr(r, "layer") and isinstance(r.layer, int):
-            return r.layer
-    if "global" in mix.routers:
-        return 0
+    """The decoder layer whose input the label-aligned router reads (for the classifier baseline): its own
+    when there is one router (MoP's gate, a global task router), the middle layer when every layer has one."""
+    aligned = [r for r in mix.routers.values() if r.label_aligned]
+    if len(aligned) == 1:
+        return aligned[0].read_layer
     return mix.model.config.num_hidden_layers // 2
 
 
 # ------------------------------------------------------------------ generation
 @torch.no_grad()
 def generate_texts(model: nn.Module, mix: Optional[nn.Module], tok: Any, prompts: Sequence[list[int]],
-                   task_ids: Sequence[int], max_new_tokens: int, batch_size: int,
+                   task_ids: Optional[Sequence[int]], max_new_tokens: int, batch_size: int,
                    device: torch.device | str = "cpu") -> tuple[list[str], list[int]]:
-    """Greedy, batched, left-padded generation with the KV cache. Returns the decoded continuations and, for
+    """Greedy, batched, left-padded generation with the KV cache. ``task_ids`` (None: no labels, for routers
+    that do not need them) are visible to the routers. Returns the decoded continuations and, for
     sequence-level routers, the expert chosen at the prefill (-1 otherwise)."""
     from mixroute.data import generation_batch
 
@@ -163,22 +252,14 @@ def generate_texts(model: nn.Module, mix: Optional[nn.Module], tok: Any, prompts
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                       use_cache=True)
         if mix is not None:
-            t = torch.tensor(task_ids[start:start + batch_size], device=device)
+            t = None if task_ids is None else torch.tensor(task_ids[start:start + batch_size], device=device)
             out = mix.generate(input_ids=input_ids, attention_mask=attn, task_ids=t, **kwargs)
-            chosen += _prefill_choice(mix, len(ids))
+            chosen += mix.chosen_experts() or [-1] * len(ids)
         else:
             out = model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
             chosen += [-1] * len(ids)
         texts += [t.strip() for t in tok.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)]
     return texts, chosen
-
-
-def _prefill_choice(mix: nn.Module, n: int) -> list[int]:
-    kept = getattr(mix.context, "kept", {})
-    ws = [r.weights for r in kept.values() if getattr(r, "weights", None) is not None and r.weights.dim() == 2]
-    if not ws:
-        return [-1] * n
-    return torch.stack([w.float() for w in ws]).mean(0).argmax(-1)[:n].tolist()
 
 
 # ------------------------------------------------------------------ a run directory
@@ -190,12 +271,10 @@ def evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int] = None, max_
     ``max_generate=0`` skips generation (BLEU / ROUGE-L come out empty); ``classifier=False`` skips the
     logistic-regression baseline, which runs the whole train split through the model once more.
     """
-    from mixroute.config import atomic_write_text
-    from mixroute.train.centralized import load_run
     from mixroute.methods import is_label_aligned
 
     t0 = time.time()
-    run = load_run(run_dir)
+    run = rundir.load_run(run_dir)
     cfg, model, tok, mix, data = run.cfg, run.model, run.tok, run.mix, run.data
     split = split or cfg.eval.split
     max_new_tokens = max_new_tokens or cfg.eval.max_new_tokens
@@ -237,7 +316,7 @@ def evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int] = None, max_
                                         for e, h in list(zip(examples, hyps))[:8]]}
     result["seconds"] = round(time.time() - t0, 1)
     if write:
-        atomic_write_text(Path(run_dir) / "eval.json", json.dumps(result, indent=2))
+        rundir.write_eval(run_dir, result)
     return result
 
 
@@ -246,31 +325,35 @@ def routed_generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, 
                     context: str = "") -> dict[str, Any]:
     """Answer one prompt with a run's mixture; the router picks the expert (``mixroute generate``).
 
-    Returns ``{"expert": description, "text": continuation}``. Methods that route by label (oracle, poly)
-    need ``category``; for learned routers it is ignored by routing.
+    Returns ``{"expert": description, "text": continuation}``. Routers that need labels at inference
+    (oracle, poly) need ``category``; learned routers decide from the prompt alone.
     """
-    from mixroute.train.centralized import load_run
+    from mixroute.routers import router_class
+    from mixroute.rundir import load_run
 
     run = load_run(run_dir)
     cats = run.data.categories
-    needs_label = run.mix is not None and run.mix.cfg.router in ("oracle", "poly") and run.mix.cfg.poly_mode != "mu"
+    routers = list(run.mix.routers.values()) if run.mix is not None else []
+    needs_label = any(r.needs_task_ids for r in routers)
     if category is not None and category not in cats:
         raise ValueError(f"--category {category!r} is not one of this run's categories: {', '.join(cats)}")
     if needs_label and category is None:
         raise ValueError(f"router {run.mix.cfg.router!r} routes by label: pass --category (one of "
                          f"{', '.join(cats)})")
-    task = cats.index(category) if category is not None else 0
+    task_ids = [cats.index(category)] if category is not None else None
     ids = run.data.prompt_ids({"instruction": prompt, "context": context, "response": "",
                                "category": category or cats[0]})
-    texts, chosen = generate_texts(run.model, run.mix, run.tok, [ids], [task], max_new_tokens, 1)
+    texts, chosen = generate_texts(run.model, run.mix, run.tok, [ids], task_ids, max_new_tokens, 1)
     if run.mix is None:
         expert = "none (base model)"
     elif gate_level(run.mix) != "sequence":
-        expert = f"token-level routing ({run.mix.cfg.router}): experts are chosen per token"
-    elif run.mix.cfg.num_experts == 1:
+        expert = f"{gate_level(run.mix)}-level routing ({run.mix.cfg.router}): experts are chosen per token"
+    elif any(r.level == "task" for r in routers):
+        expert = f"task-level mixing ({run.mix.cfg.router}): the skills allocated to {category or 'the task'}"
+    elif router_class(run.mix.cfg.router).experts_for(run.mix.cfg) == 1:
         expert = "0 (single expert)"
     else:
         e = chosen[0]
-        name = f" ({cats[e]})" if e < len(cats) and run.mix.cfg.router in ("task", "gate", "oracle") else ""
+        name = f" ({cats[e]})" if e < len(cats) and any(r.label_aligned for r in routers) else ""
         expert = f"{e}{name}"
     return {"expert": expert, "text": texts[0]}

@@ -29,7 +29,6 @@ from mixroute.config import ConfigError, MixtureConfig, RunConfig
 
 STAGE1_METHODS = ("lora_single", "moa", "moe_lora")
 PER_CATEGORY_METHODS = ("lora_single", "moa", "moe_lora", "moe_lora_naive")
-LABEL_ROUTERS = ("task", "gate", "oracle")
 
 
 def needs_stage1(cfg: RunConfig) -> bool:
@@ -72,22 +71,14 @@ def mixture_config(cfg: RunConfig, num_categories: int) -> Optional[MixtureConfi
 
 
 def check_mixture(m: MixtureConfig, num_categories: int, method: str) -> None:
-    """Config errors that depend on the data (number of categories), with what would be valid."""
-    if m.router == "oracle" and m.num_experts < num_categories:
-        raise ConfigError(f"mixture.router 'oracle' (method {method!r}) routes each of the {num_categories} "
-                          f"categories to its own expert, but mixture.num_experts={m.num_experts}; set "
-                          f"mixture.num_experts >= {num_categories}")
-    if m.router == "task" and m.route_train == "label" and m.num_experts < num_categories:
-        raise ConfigError(f"mixture.route_train 'label' sends category t to expert t, but mixture.num_experts="
-                          f"{m.num_experts} < {num_categories} categories")
-    if m.router == "token_topk" and m.top_k > m.num_experts:
-        raise ConfigError(f"mixture.top_k={m.top_k} exceeds mixture.num_experts={m.num_experts}")
-    if m.router == "rank" and m.rank_top_k > m.num_experts * m.rank:
-        raise ConfigError(f"mixture.rank_top_k={m.rank_top_k} exceeds num_experts * rank = "
-                          f"{m.num_experts * m.rank}")
-    if m.expert == "prompt" and m.router not in ("gate", "single", "uniform", "oracle"):
-        raise ConfigError(f"mixture.expert 'prompt' is routed by gate, single, uniform or oracle, not "
-                          f"{m.router!r}")
+    """Config errors of the method's mixture (``num_tasks`` is already the number of categories), raised
+    before anything is built; the message names the method."""
+    from mixroute.mixture import validate_mixture
+
+    try:
+        validate_mixture(m)
+    except ConfigError as e:
+        raise ConfigError(f"train.method {method!r} ({num_categories} categories): {e}") from None
 
 
 def stage1_config(cfg: RunConfig) -> MixtureConfig:
@@ -99,4 +90,6 @@ def stage1_config(cfg: RunConfig) -> MixtureConfig:
 
 def is_label_aligned(m: Optional[MixtureConfig]) -> bool:
     """Routers whose expert e stands for category e (router accuracy, classifier baseline)."""
-    return m is not None and m.router in LABEL_ROUTERS and m.num_experts > 1
+    from mixroute.routers import router_class
+
+    return m is not None and router_class(m.router).label_aligned and m.num_experts > 1

@@ -1,15 +1,19 @@
 """``Mixture``: routed parameter-efficient experts attached to one frozen Hugging Face causal LM.
 
-``Mixture.attach(model, cfg)`` patches the target projections of every decoder layer with a stacked LoRA bank
-(``experts/lora.py``), builds the routers (``routers/``) and registers two kinds of forward pre-hooks:
+``Mixture.attach(model, cfg)`` builds an expert bank (LoRA: every target projection of every decoder layer
+is patched with a stacked bank, ``experts/lora.py``; prompts: a prompt bank injected at one layer,
+``experts/prompt.py``) and the routers (``routers/``), and registers forward pre-hooks:
 
 * on the decoder stack (``model.get_decoder()``): starts a forward - stores the attention mask, works out
-  prefill vs decode from the KV cache length and clears the per-forward routing outputs;
-* on each decoder layer: runs that layer's router once on the hidden states entering the layer and stores
-  the ``Route`` that every patched projection of the layer reads.
+  prefill vs decode step and clears the per-forward routing outputs;
+* on each layer a router reads: runs that router once on the hidden states entering the layer and stores its
+  ``RouteWeights`` under the router's key, where the experts read it.
 
-So the model's own ``forward`` signature is unchanged and ``model.generate`` keeps working. Everything a
-forward produces lives on ``mixture.context`` (a ``RoutingContext``), never in globals.
+This is the one routing pipeline every router and expert kind goes through: it keeps sequence-level
+decisions from the prefill through generation (with or without a KV cache), widens them for beams, collects
+aux losses, logits and observable weights. The model's own ``forward`` signature is unchanged and
+``model.generate`` keeps working. Everything a forward produces lives on ``mixture.context`` (a
+``RoutingContext``), never in globals.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixroute.config import MixtureConfig
+from mixroute.config import ConfigError, MixtureConfig
 from mixroute.experts.lora import LoraBank, patch_linear, unpatch_linear
-from mixroute.routers import build_router
-from mixroute.routers.base import Route
+from mixroute.routers import Router, RouterDims, RouteWeights, build_router, router_class
+from mixroute.routers.base import KEPT_LEVELS
 
 
 WEIGHTS_NAME = "mixture.safetensors"
@@ -42,22 +46,39 @@ class RoutingContext:
 
     task_ids: Optional[Tensor] = None          # (B,) set by Mixture.forward / generate for their duration
     prompt_mask: Optional[Tensor] = None       # (B, T) bool, idem; None = every attended token is prompt
+    generating: bool = False                   # inside Mixture.generate: forwards after the first are decode steps
+    forwards: int = 0                          # forwards since generate() started
     attention_mask: Optional[Tensor] = None    # (B, T_total) of the current forward (None = all attended)
     seq_len: int = 0                           # tokens in the current forward's input
-    is_prefill: bool = True                    # False when the KV cache already holds tokens (decode step)
-    routes: dict[int, Route] = field(default_factory=dict)       # layer index -> Route read by the experts
-    routing: dict[str, Tensor] = field(default_factory=dict)     # observable weights per router key
+    is_prefill: bool = True                    # False on a decode step (the routers' decisions are kept)
+    routes: dict[str, RouteWeights] = field(default_factory=dict)  # router key -> this forward's decision
+    routing: dict[str, Tensor] = field(default_factory=dict)     # router key -> observable weights
     router_logits: dict[str, Tensor] = field(default_factory=dict)  # label-aligned routers' logits
     aux_terms: dict[str, list] = field(default_factory=dict)     # aux loss name -> per-router terms
-    kept: dict[str, Route] = field(default_factory=dict)         # sequence-level routes kept from the prefill
+    kept: dict[str, RouteWeights] = field(default_factory=dict)  # sequence-level decisions kept from the prefill
 
-    def begin(self, attention_mask: Optional[Tensor], seq_len: int, is_prefill: bool) -> None:
-        """Start a forward: called by the decoder pre-hook."""
+    def begin(self, attention_mask: Optional[Tensor], seq_len: int, past: int) -> None:
+        """Start a forward: called by the decoder pre-hook. Inside ``generate`` only the first forward is a
+        prefill, also without a KV cache (then every step re-reads the whole sequence, generated tokens
+        included, and routers must not decide again from them); elsewhere a forward is a decode step when the
+        KV cache already holds tokens."""
         self.attention_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        self.seq_len, self.is_prefill = seq_len, is_prefill
+        self.seq_len = seq_len
+        self.is_prefill = self.forwards == 0 if self.generating else past == 0
+        self.forwards += 1
         self.routes, self.routing, self.router_logits, self.aux_terms = {}, {}, {}, {}
-        if is_prefill:
+        if self.is_prefill:
             self.kept = {}
+
+    def task_ids_for(self, bsz: int) -> Optional[Tensor]:
+        """Task ids for a batch that ``generate`` widened (beams, num_return_sequences): HF repeats each row
+        in place, so the ids are repeated the same way."""
+        t = self.task_ids
+        if t is None or t.shape[0] == bsz:
+            return t
+        if bsz % t.shape[0]:
+            raise RuntimeError(f"batch {bsz} is not a multiple of the {t.shape[0]} task ids given")
+        return t.repeat_interleave(bsz // t.shape[0])
 
     def token_mask(self) -> Optional[Tensor]:
         """(B, T) attended tokens of the current input (None = all)."""
@@ -82,14 +103,15 @@ class RoutingContext:
         return {name: torch.stack(terms).mean() for name, terms in self.aux_terms.items()}
 
     @contextlib.contextmanager
-    def inputs(self, task_ids: Optional[Tensor], prompt_mask: Optional[Tensor]) -> Iterator[None]:
+    def inputs(self, task_ids: Optional[Tensor], prompt_mask: Optional[Tensor],
+               generating: bool = False) -> Iterator[None]:
         """Make task ids / prompt mask visible to the routers for one call; restores the previous values."""
-        saved = (self.task_ids, self.prompt_mask)
-        self.task_ids, self.prompt_mask = task_ids, prompt_mask
+        saved = (self.task_ids, self.prompt_mask, self.generating, self.forwards)
+        self.task_ids, self.prompt_mask, self.generating, self.forwards = task_ids, prompt_mask, generating, 0
         try:
             yield
         finally:
-            self.task_ids, self.prompt_mask = saved
+            self.task_ids, self.prompt_mask, self.generating, self.forwards = saved
 
 
 @dataclass
@@ -115,16 +137,6 @@ def base_fingerprint(model: nn.Module) -> dict:
             "num_key_value_heads": getattr(c, "num_key_value_heads", c.num_attention_heads)}
 
 
-def _kept_for_batch(route: Route, bsz: int) -> Route:
-    """A prefill route for a decode batch that generate() expanded (beams, num_return_sequences)."""
-    n = route.weights.shape[0]
-    if n == bsz:
-        return route
-    if bsz % n:
-        raise RuntimeError(f"decode batch {bsz} is not a multiple of the prefill batch {n}")
-    return route.select(torch.arange(bsz, device=route.weights.device) // (bsz // n))
-
-
 class Mixture(nn.Module):
     """Experts + routers on a frozen causal LM. Build with ``Mixture.attach`` or ``Mixture.load``."""
 
@@ -137,7 +149,8 @@ class Mixture(nn.Module):
         self.context = RoutingContext()
         self.module_names: dict[str, str] = {}      # expert key -> module name in the base model
         self.module_slots: dict[str, int] = {}      # expert key -> index among its layer's LoRA modules (Poly)
-        self._router_of_layer: dict[int, str] = {}  # layer index -> router key
+        self._routers_at: dict[int, list[str]] = {}  # decoder layer -> keys of the routers that read its input
+        self._forced: dict[Optional[str], Tensor] = {}
         self._hooks: list = []
         self._patched: list[nn.Module] = []
 
@@ -146,8 +159,10 @@ class Mixture(nn.Module):
     def attach(cls, model: nn.Module, cfg: MixtureConfig | None = None) -> "Mixture":
         """Freeze ``model`` and attach the experts and routers described by ``cfg``."""
         cfg = cfg or MixtureConfig()
+        validate_mixture(cfg)
         mix = cls(model, cfg)
         model.requires_grad_(False)
+        num_experts = router_class(cfg.router).experts_for(cfg)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             dec = model.get_decoder()
@@ -155,17 +170,29 @@ class Mixture(nn.Module):
             if cfg.expert == "prompt":
                 from mixroute.experts.prompt import install_prompt_experts  # MoP (other module)
 
-                install_prompt_experts(mix, cfg)
+                layer = install_prompt_experts(mix, cfg, num_experts, PROMPT_ROUTER_KEY)
+                mix._add_router(PROMPT_ROUTER_KEY, layer, RouterDims(model.config.hidden_size, num_experts))
             else:
-                mix._install_lora(cfg)
+                mix._install_lora(cfg, num_experts)
         ref = next(model.parameters())
         mix.experts.to(device=ref.device, dtype=ref.dtype)
         mix.routers.to(device=ref.device)
-        if cfg.router == "poly" and cfg.poly_mode == "z":
+        if not all(r.trains_experts for r in mix.routers.values()):
             mix.experts.requires_grad_(False)
         return mix
 
-    def _install_lora(self, cfg: MixtureConfig) -> None:
+    def _add_router(self, key: str, layer: int, dims: RouterDims) -> None:
+        """Build router ``key`` and run it on the hidden states entering decoder layer ``layer``."""
+        router = build_router(self.cfg, dims)
+        router.read_layer = layer
+        self.routers[key] = router
+        if layer not in self._routers_at:
+            self._routers_at[layer] = []
+            dec_layer = self.model.get_decoder().layers[layer]
+            self.add_hook(dec_layer.register_forward_pre_hook(self._layer_hook(layer), with_kwargs=True))
+        self._routers_at[layer].append(key)
+
+    def _install_lora(self, cfg: MixtureConfig, num_experts: int) -> None:
         targets = list(cfg.target_modules)
         if cfg.mlp_only:
             targets = [t for t in targets if t in ("gate_proj", "up_proj", "down_proj")]
@@ -173,7 +200,6 @@ class Mixture(nn.Module):
         if bad or not targets:
             raise ValueError(f"target_modules: {bad or targets} not valid; use any of q_proj, k_proj, v_proj, "
                              "o_proj, gate_proj, up_proj, down_proj")
-        num_experts = 1 if cfg.router == "single" else cfg.num_experts
         dec = self.model.get_decoder()
         hidden = self.model.config.hidden_size
         prefix = self._decoder_prefix()
@@ -182,12 +208,12 @@ class Mixture(nn.Module):
                        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
             if not linears:
                 raise ValueError(f"layer {i} has none of the target modules {targets}")
-            key = "global" if cfg.router == "task" and cfg.router_scope == "global" else f"layer_{i}"
+            key = "global" if cfg.router_scope == "global" else f"layer_{i}"
             if key not in self.routers:
-                self.routers[key] = build_router(cfg, hidden, num_experts, len(linears))
-            self._router_of_layer[i] = key
+                self._add_router(key, i, RouterDims(hidden, num_experts, cfg.rank, len(linears)))
             for slot, (name, lin) in enumerate(linears):
-                if cfg.router == "poly" and (lin.in_features % cfg.n_splits or lin.out_features % cfg.n_splits):
+                if self.routers[key].level == "task" and (lin.in_features % cfg.n_splits
+                                                          or lin.out_features % cfg.n_splits):
                     raise ValueError(f"n_splits={cfg.n_splits} must divide {name}'s in/out features "
                                      f"({lin.in_features}, {lin.out_features})")
                 ekey = f"layers_{i}_{name.replace('.', '_')}"
@@ -195,9 +221,8 @@ class Mixture(nn.Module):
                 self.experts[ekey] = bank
                 self.module_names[ekey] = f"{prefix}layers.{i}.{name}"
                 self.module_slots[ekey] = slot
-                patch_linear(lin, bank, self._route_getter(i), slot)
+                patch_linear(lin, bank, self._route_getter(key), slot)
                 self._patched.append(lin)
-            self.add_hook(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
 
     def _decoder_prefix(self) -> str:
         dec = self.model.get_decoder()
@@ -219,10 +244,10 @@ class Mixture(nn.Module):
         self._hooks, self._patched = [], []
         return self.model
 
-    # ------------------------------------------------------------------ hooks
-    def _route_getter(self, layer: int):
-        routes = lambda: self.context.routes  # noqa: E731  (context.routes is replaced each forward)
-        return lambda: routes().get(layer)
+    # ------------------------------------------------------------------ the routing pipeline
+    def _route_getter(self, key: str):
+        ctx = self.context
+        return lambda: ctx.routes.get(key)
 
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -230,41 +255,64 @@ class Mixture(nn.Module):
         seq_len = (ids if ids is not None else emb).shape[1]
         pkv = kwargs.get("past_key_values")
         past = pkv.get_seq_length() if pkv is not None and hasattr(pkv, "get_seq_length") else 0
-        self.context.begin(kwargs.get("attention_mask"), seq_len, past == 0)
+        self.context.begin(kwargs.get("attention_mask"), seq_len, past)
 
     def _layer_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            ctx = self.context
-            key = self._router_of_layer[layer]
-            done = next((r for i, r in ctx.routes.items() if self._router_of_layer[i] == key), None)
-            if done is None:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                done = self._route(key, hidden)
-            ctx.routes[layer] = done
+            hidden = args[0] if args else kwargs["hidden_states"]
+            for key in self._routers_at[layer]:
+                self._route(key, hidden)
         return hook
 
-    def _route(self, key: str, hidden: Tensor) -> Route:
+    def _route(self, key: str, hidden: Tensor) -> None:
+        """Run (or reuse) router ``key`` on ``hidden`` and publish its decision on the context."""
         ctx, router = self.context, self.routers[key]
-        sequence_level = getattr(router, "level", "sequence") == "sequence"
-        if sequence_level and not ctx.is_prefill and key in ctx.kept:
-            route = _kept_for_batch(ctx.kept[key], hidden.shape[0])
+        bsz = hidden.shape[0]
+        kept_level = router.level in KEPT_LEVELS
+        if kept_level and not ctx.is_prefill and key in ctx.kept:
+            route = ctx.kept[key].for_batch(bsz)
+        elif (forced := self._forced.get(key, self._forced.get(None))) is not None:
+            route = _forced_route(forced, bsz, hidden.device)
         else:
-            mask = ctx.read_mask() if sequence_level else ctx.token_mask()
-            task_ids = ctx.task_ids
-            if task_ids is not None and task_ids.shape[0] != hidden.shape[0]:
-                task_ids = task_ids.repeat_interleave(hidden.shape[0] // task_ids.shape[0])
-            route = router(hidden, mask, task_ids)
+            token_level = router.level in ("token", "rank")
+            route = router(hidden, ctx.token_mask() if token_level else ctx.read_mask(), ctx.task_ids_for(bsz))
             ctx.add_aux(route.aux)
-            if sequence_level:
-                ctx.kept[key] = Route(weights=route.weights.detach(), level=route.level, index=route.index,
-                                      shared_index=route.shared_index,
-                                      expanded=None if route.expanded is None else route.expanded.detach(),
-                                      poly=None if route.poly is None else route.poly.detach(),
-                                      logits=None if route.logits is None else route.logits.detach())
-        ctx.routing[key] = route.weights
+        if kept_level:
+            ctx.kept[key] = route.detach()
+        ctx.routes[key] = route
+        ctx.routing[key] = route.observed()
         if route.logits is not None:
             ctx.router_logits[key] = route.logits
-        return route
+
+    def force(self, weights: Optional[Tensor], key: Optional[str] = None) -> None:
+        """Override sequence-level routing with fixed weights over experts, (E,) or (B, E), >= 0 (normalised;
+        zeros switch experts off); ``key`` names one router (default: all). ``None`` undoes. A one-hot row
+        runs exactly that expert (the cost of one LoRA)."""
+        if weights is None:
+            self._forced.pop(key, None)
+            return
+        keys = [key] if key is not None else list(self.routers)
+        for k in keys:
+            if k not in self.routers:
+                raise ValueError(f"force: no router {k!r}; this mixture has {', '.join(self.routers)}")
+            if self.routers[k].level not in KEPT_LEVELS:
+                raise ValueError(f"force: router {k!r} routes per {self.routers[k].level}; only sequence-level "
+                                 "routing can be fixed")
+        n = router_class(self.cfg.router).experts_for(self.cfg)
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        if weights.shape[-1] != n or weights.dim() not in (1, 2) or bool((weights < 0).any()) \
+                or bool((weights.sum(-1) <= 0).any()):
+            raise ValueError(f"forced weights must be >= 0, not all zero, with last dim num_experts={n}; got "
+                             f"shape {tuple(weights.shape)}")
+        self._forced[key] = weights / weights.sum(-1, keepdim=True)
+
+    def chosen_experts(self) -> Optional[list[int]]:
+        """Top-1 expert per sequence of the last prefill, averaged over the sequence-level routers (None when
+        routing is per token or per task)."""
+        ws = [r.weights.float() for r in self.context.kept.values() if r.level == "sequence"]
+        if not ws:
+            return None
+        return torch.stack(ws).mean(0).argmax(-1).tolist()
 
     # ------------------------------------------------------------------ forward / generate
     def forward(
@@ -313,15 +361,15 @@ class Mixture(nn.Module):
     def generate(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                  task_ids: Optional[Tensor] = None, **generate_kwargs: Any) -> Tensor:
         """``model.generate`` with task ids visible to the routers; sequence-level routes are decided at the
-        prefill (from every attended prompt token) and kept for the decoding steps."""
-        with self.context.inputs(task_ids, None):
+        prefill (from every attended prompt token) and kept for the decoding steps, with or without a KV cache.
+        ``task_ids`` (B,) are widened with the batch for beams / ``num_return_sequences``."""
+        with self.context.inputs(task_ids, None, generating=True):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
 
     def update_balancing(self) -> None:
         """Call after each ``optimizer.step()``: routers with loss-free balancing (SMoRA) update their bias."""
         for router in self.routers.values():
-            if hasattr(router, "update_balancing"):
-                router.update_balancing()
+            router.update_balancing()
 
     # ------------------------------------------------------------------ parameters
     def adapter_parameters(self) -> list[nn.Parameter]:
@@ -348,7 +396,8 @@ class Mixture(nn.Module):
         """Write ``mixture.safetensors`` + ``mixture.json`` (config and base fingerprint) into ``directory``."""
         from safetensors.torch import save_file
 
-        from mixroute.config import atomic_write_text, to_dict
+        from mixroute.config import to_dict
+        from mixroute.fileio import atomic_write_text
 
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
@@ -401,8 +450,9 @@ class Mixture(nn.Module):
         experts, peft_cfg = read_peft_adapters(adapter_dirs)
         cfg.expert, cfg.num_experts, cfg.rank = "lora", len(adapter_dirs), peft_cfg["r"]
         cfg.alpha, cfg.target_modules, cfg.mlp_only = float(peft_cfg["lora_alpha"]), peft_cfg["targets"], False
-        if cfg.router == "single" and len(adapter_dirs) > 1:
-            raise ValueError("router 'single' holds one expert; pass one adapter or choose another router")
+        if (n := router_class(cfg.router).experts_for(cfg)) != len(adapter_dirs):
+            raise ValueError(f"router {cfg.router!r} holds {n} expert(s) but {len(adapter_dirs)} adapters were "
+                             "given; pass one adapter or choose another router")
         mix = cls.attach(model, cfg)
         for key, bank in mix.experts.items():
             name = mix.module_names[key]
@@ -419,7 +469,7 @@ class Mixture(nn.Module):
         """Write expert ``expert_index`` as a PEFT LoRA adapter directory (``PeftModel.from_pretrained``)."""
         from mixroute.experts.lora import write_peft_adapter
 
-        if self.cfg.expert != "lora" or self.cfg.router == "poly":
+        if self.cfg.expert != "lora" or router_class(self.cfg.router).level == "task":
             raise ValueError(f"export_peft needs plain LoRA experts; this mixture is expert={self.cfg.expert!r}, "
                              f"router={self.cfg.router!r} (Poly skills are only meaningful mixed)")
         n = next(iter(self.experts.values())).num_experts
@@ -427,3 +477,29 @@ class Mixture(nn.Module):
             raise ValueError(f"expert index {expert_index} out of range: this mixture has {n} experts")
         weights = {self.module_names[k]: bank.expert(expert_index) for k, bank in self.experts.items()}
         write_peft_adapter(weights, self.cfg, getattr(self.model.config, "name_or_path", None), out_dir)
+
+
+PROMPT_ROUTER_KEY = "gate"  # the one router of a prompt bank (the saved tensors' prefix: routers.gate.*)
+
+
+def validate_mixture(cfg: MixtureConfig) -> None:
+    """Config errors of a mixture, before anything is built: the router's own checks and whether the expert
+    bank can be driven by a router of that level."""
+    cls = router_class(cfg.router)
+    cls.validate(cfg)
+    if cfg.expert == "prompt":
+        from mixroute.experts.prompt import PromptBank
+
+        if cls.level not in PromptBank.levels:
+            from mixroute.routers import ROUTERS
+
+            ok = [n for n, c in ROUTERS.items() if c.level in PromptBank.levels]
+            raise ConfigError(f"mixture.router={cfg.router!r} cannot route prompt experts (it routes per "
+                              f"{cls.level}); valid with expert='prompt': {', '.join(ok)}")
+
+
+def _forced_route(weights: Tensor, bsz: int, device: torch.device) -> RouteWeights:
+    w = weights.to(device)
+    w = w.expand(bsz, -1) if w.dim() == 1 else w
+    one_hot = bool(((w == 0) | (w == 1)).all())
+    return RouteWeights(weights=w, index=w.argmax(-1) if one_hot else None)

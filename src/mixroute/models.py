@@ -167,6 +167,28 @@ def load_base_model(
     return model, tok
 
 
+def load_tokenizer(name_or_path: str | None = None):
+    """The tokenizer ``load_base_model(name_or_path)`` would return, without loading the weights.
+
+    ``None``, ``"embedded"`` and ``"tiny"`` (which shares it) give the embedded tokenizer; otherwise a local
+    directory (tokenizer files are enough) or a cached Hugging Face id. Always has a pad token.
+    """
+    from transformers import AutoTokenizer
+
+    if name_or_path in (None, "embedded", EMBEDDED_NAME, TINY_NAME):
+        tok = embedded_tokenizer()
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            first_line = str(e).partition("\n")[0]
+            raise ModelNotFoundError(f"tokenizer {name_or_path!r}: not found locally (mixroute never downloads): "
+                                     f"{first_line}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 @dataclass
 class TinyModelSpec:
     """Shape of the tiny random Llama used by tests."""
@@ -225,3 +247,10 @@ def model_info(model) -> dict:
         "vocab_size": cfg.vocab_size,
         "dtype": str(next(model.parameters()).dtype),
     }
+
+
+def quiet_transformers() -> None:
+    """No "Loading weights" bars from transformers between our own progress output (demo, benchmarks)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

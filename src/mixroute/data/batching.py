@@ -1,5 +1,6 @@
 """Batches: the collator (dynamic right padding, the batch dict of docs/architecture.md), seeded batch order
-with optional length grouping, and left-padded prompt batches for generation."""
+with optional length grouping (the one implementation: training order and held-out batches use it), and
+left-padded prompt batches for generation."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from torch import Tensor
 
 from mixroute.data.format import Example, Template, format_example, prompt_ids
 from mixroute.data.records import Record
+
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "prompt_mask", "task_ids")
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -50,6 +54,11 @@ class Collator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                 "prompt_mask": prompt_mask, "task_ids": torch.tensor([e["task_id"] for e in examples],
                                                                       dtype=torch.long)}
+
+
+def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Tensor]:
+    """The batch-dict tensors on ``device`` (other keys, e.g. generation prompt strings, are left out)."""
+    return {k: batch[k].to(device) for k in BATCH_KEYS if k in batch and batch[k] is not None}
 
 
 def batch_indices(lengths: Sequence[int], batch_size: int, shuffle: bool = False, seed: int = 0,

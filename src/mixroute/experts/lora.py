@@ -4,12 +4,13 @@ All experts live in two matrices, A (E*r, in) and B (out, E*r), so any routing i
 Python loop over experts (METHODS.md section 5): this is the one part no library provides (PEFT keeps one
 module per adapter and loops over adapters for mixed batches), hence written by hand.
 
-Paths, chosen by the shape of the ``Route`` (see ``mixroute.routers.base``):
+Routers hand over weights per expert (``RouteWeights``); the bank expands them to its own layout. Paths:
 
-* shared top-1 (every sequence on expert e, or E = 1): ``addmm(out, x A_e^T, B_e^T)`` - exactly one LoRA;
-* per-sequence top-1 (mixed batch): gather each sequence's A_e, B_e and ``baddbmm`` - still one LoRA of work;
-* soft / token top-k / rank gates: ``(x A^T * w) B^T`` over the whole stack - E*r ranks of work;
-* Poly/MHR: mix parameters per example (A = sum_s w_s A_s, B = sum_s w_s B_s) then ``bmm``, as PEFT does.
+* one expert for every sequence (``index`` all equal, or E = 1): ``addmm(out, x A_e^T, B_e^T)`` - one LoRA;
+* one expert per sequence (mixed batch): gather each sequence's A_e, B_e and ``baddbmm`` - one LoRA of work;
+* soft / token top-k weights: repeated over each expert's r ranks, ``(x A^T * w) B^T`` over the whole stack;
+  rank-level weights (SMoRA) are already in that layout;
+* task-level weights (Poly/MHR): mix parameters per example (A = sum_s w_s A_s, ...) then ``bmm``, as PEFT.
 
 The base output is never recomputed: the LoRA term is added into it with a fused add-matmul.
 """
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixroute.routers.base import Route
+from mixroute.routers.base import RouteWeights
 
 
 class LoraBank(nn.Module):
@@ -48,7 +49,7 @@ class LoraBank(nn.Module):
         r = self.rank
         return self.A[e * r:(e + 1) * r], self.B[:, e * r:(e + 1) * r]
 
-    def add_into(self, out: Tensor, x: Tensor, route: Route, slot: int = 0) -> Tensor:
+    def add_into(self, out: Tensor, x: Tensor, route: RouteWeights, slot: int = 0) -> Tensor:
         """Return ``out + LoRA(x)`` for the given route (``slot``: this module's index in a Poly route)."""
         if self.dropout > 0.0 and self.training:
             x = F.dropout(x, self.dropout, training=True)
@@ -57,23 +58,22 @@ class LoraBank(nn.Module):
         # (and no new copy of) the (tokens, out) output; measured ~10% faster per projection than out + lora.
         s = self.scaling
         out2 = out.view(-1, out.shape[-1])
-        if route.shared_index is not None:
-            a, b = self.expert(route.shared_index)
-            out2.addmm_(x.reshape(-1, x.shape[-1]) @ a.T, b.T, alpha=s)
-            return out
         if route.index is not None:
+            shared = route.shared_index()
+            if shared is not None:
+                a, b = self.expert(shared)
+                out2.addmm_(x.reshape(-1, x.shape[-1]) @ a.T, b.T, alpha=s)
+                return out
             e, r = self.num_experts, self.rank
             a = self.A.view(e, r, -1)[route.index]                         # (B, r, in)
             b = self.B.view(-1, e, r).permute(1, 2, 0)[route.index]        # (B, r, out)
             h = torch.bmm(x, a.transpose(1, 2))                            # (B, T, r)
             return out.baddbmm_(h, b, alpha=s)
-        if route.expanded is not None:
-            h = (x @ self.A.T) * route.expanded                            # (B, T, E*r)
-            out2.addmm_(h.reshape(-1, h.shape[-1]), self.B.T, alpha=s)
-            return out
-        if route.poly is not None:
-            return self._poly(out, x, route.poly[slot])
-        raise ValueError("route carries no index, expanded weights or poly weights")
+        if route.level == "task":
+            return self._poly(out, x, route.weights[:, slot])
+        h = (x @ self.A.T) * route.per_rank(self.rank, x.dtype)                     # (B, T, E*r)
+        out2.addmm_(h.reshape(-1, h.shape[-1]), self.B.T, alpha=s)
+        return out
 
     def _poly(self, out: Tensor, x: Tensor, w: Tensor) -> Tensor:
         """Poly/MHR: per-example parameter mix. ``w`` (B, S, E): weights of each skill per input split."""
@@ -84,7 +84,7 @@ class LoraBank(nn.Module):
         return out.baddbmm_(h, b.transpose(1, 2), alpha=self.scaling)
 
 
-RouteGetter = Callable[[], Optional[Route]]
+RouteGetter = Callable[[], Optional[RouteWeights]]
 
 
 def patch_linear(linear: nn.Linear, bank: LoraBank, get_route: RouteGetter, slot: int = 0) -> None:

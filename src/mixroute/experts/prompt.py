@@ -5,7 +5,9 @@ values at every layer >= m do not depend on the input. Each forward therefore ru
 batch-independently, through layers m..N-1 as their own tiny sequence (block-diagonal causal mask: every
 expert's block sees only itself) and keeps each layer's K/V. Input tokens then attend to those K/V as extra
 columns placed before their own, with ``log(g_e)`` (the gate, ``routers/gate.py``) added to the attention logits
-of expert e's columns. Layers below m never see the prompts. With E=1, m=0 and g=1 this is exactly PEFT prompt
+of expert e's columns. The weights g come from the mixture's router (an ordinary router, ``routers/``, run at
+its read layer by ``Mixture``; MoP's is the ``gate``): the bank reads them from the routing context. Layers
+below m never see the prompts. With E=1, m=0 and g=1 this is exactly PEFT prompt
 tuning: there the virtual tokens are prepended embeddings that attend causally among themselves.
 
 Positions (RoPE): each expert's block holds positions 0..L-1 and input tokens are shifted by L (L..L+T-1), as in
@@ -14,8 +16,8 @@ below m are unaffected.
 
 Hooking transformers (5.x): the attention of a registered implementation ``mixroute_mop_<sdpa|eager>`` wraps the
 model's own one (transformers has no hook that adds K/V columns); a decoder pre-hook shifts ``position_ids`` and
-runs the prompt pass (before ``output_hidden_states`` recording starts); a pre-hook on layer g runs the gate.
-At the prefill both are computed and kept; decode steps (KV cache, no grad) reuse them.
+runs the prompt pass (before ``output_hidden_states`` recording starts). The prompt K/V are computed at the
+prefill (and at every forward with gradients) and reused by decode steps.
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from mixroute.config import MixtureConfig
-from mixroute.routers.base import masked_mean
-from mixroute.routers.gate import PROMPT_ROUTERS, Gate, GateRouter
+from mixroute.config import ConfigError, MixtureConfig
 
 
 class PromptBank(nn.Module):
-    """``weight`` (E, L, H): the prompt experts' virtual tokens, in the hidden-state space entering layer m."""
+    """``weight`` (E, L, H): the prompt experts' virtual tokens, in the hidden-state space entering layer m.
+
+    The prompts are read by every input token of a sequence alike, so the bank takes one decision per
+    sequence: routers of these levels can drive it."""
+
+    levels = ("sequence",)
 
     def __init__(self, num_experts: int, num_tokens: int, hidden_size: int) -> None:
         super().__init__()
@@ -40,38 +45,29 @@ class PromptBank(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_experts, num_tokens, hidden_size))
 
 
-class _StopForward(Exception):
-    """Raised by the gate hook in features-only mode (``gate_features``): nothing above layer g is needed."""
-
-
 def resolve_layers(cfg: MixtureConfig, num_layers: int) -> tuple[int, int]:
     """(inject layer m, gate layer g) with defaults N//2 and N//3 (<= m); bad values name the field and range."""
     m = num_layers // 2 if cfg.inject_layer is None else cfg.inject_layer
     if not 0 <= m < num_layers:
-        raise ValueError(f"mixture.inject_layer={m} is out of range: valid 0..{num_layers - 1} (0 = the input "
+        raise ConfigError(f"mixture.inject_layer={m} is out of range: valid 0..{num_layers - 1} (0 = the input "
                          f"layer; this model has {num_layers} decoder layers)")
     g = min(num_layers // 3, m) if cfg.gate_layer is None else cfg.gate_layer
-    if cfg.router == "gate" and not 0 <= g <= m:
-        raise ValueError(f"mixture.gate_layer={g} is out of range: valid 0..{m} (the gate reads the hidden states "
-                         f"entering layer g and must be known at the injection layer inject_layer={m})")
+    if not 0 <= g <= m:
+        raise ConfigError(f"mixture.gate_layer={g} is out of range: valid 0..{m} (the router reads the hidden "
+                          f"states entering layer g and must be known at the injection layer inject_layer={m})")
     return m, g
 
 
 class PromptInjector:
-    """The hooks and per-forward state that connect a ``PromptBank`` and a ``GateRouter`` to one HF model."""
+    """The hooks and per-forward state that connect a ``PromptBank`` to one HF model; the routing weights are
+    the mixture's route ``router_key`` of the current forward."""
 
-    def __init__(self, mix: nn.Module, bank: PromptBank, gate: GateRouter, inject_layer: int) -> None:
-        self.mix, self.bank, self.gate, self.m = mix, bank, gate, inject_layer
+    def __init__(self, mix: nn.Module, bank: PromptBank, router_key: str, inject_layer: int) -> None:
+        self.mix, self.bank, self.router_key, self.m = mix, bank, router_key, inject_layer
         self.dec = mix.model.get_decoder()
         self.kv: Optional[dict[int, tuple[Tensor, Tensor]]] = None   # layer -> prompt (K, V), (1, Hkv, E*L, D)
-        self.gate_out: Optional[Gate] = None                          # this forward's gate
-        self.kept: Optional[Gate] = None                              # decided at the prefill
         self.capture: Optional[dict] = None                           # set during the prompt pass
-        self.features_only = False
-        self.features: Optional[Tensor] = None
         self._masks: dict = {}
-        self._last_ids: Optional[Tensor] = None       # input of the last no-grad, no-cache forward
-        self.continuation = False                     # this forward extends it by one token (generate, no cache)
 
     # ---------------------------------------------------------------- prompt pass
     def run_prompt_layers(self, hidden: Tensor, start: int, stop: int, capture: bool) -> Tensor:
@@ -117,45 +113,12 @@ class PromptInjector:
             pos = torch.arange(past, past + x.shape[1], device=x.device).unsqueeze(0)
         kwargs["position_ids"] = pos + self.bank.num_tokens
         self._masks = {}
-        self.continuation = self._extends_last_prefill(x, past, bool(kwargs.get("use_cache")))
-        if self.features_only:
-            return args, kwargs
-        if (past == 0 and not self.continuation) or self.kv is None or torch.is_grad_enabled():
+        # the prompts' K/V do not depend on the input: a decode step (the mixture's context says so, with or
+        # without a KV cache) reuses the prefill's; anything that trains recomputes them for the gradient
+        if self.mix.context.is_prefill or self.kv is None or torch.is_grad_enabled():
             w = self.bank.weight
             self.run_prompt_layers(w.reshape(1, -1, w.shape[-1]), self.m, len(self.dec.layers), capture=True)
         return args, kwargs
-
-    def _extends_last_prefill(self, x: Tensor, past: int, use_cache: bool) -> bool:
-        """Generation without a KV cache re-runs the whole sequence each step: a no-grad, no-cache forward whose
-        tokens are the previous forward's plus one new token continues that sequence, so its gate is kept."""
-        if torch.is_grad_enabled() or x.dtype != torch.long or past > 0 or use_cache:
-            self._last_ids = None
-            return False
-        prev, self._last_ids = self._last_ids, x
-        return (prev is not None and prev.shape[0] == x.shape[0] and x.shape[1] == prev.shape[1] + 1
-                and torch.equal(x[:, :-1], prev))
-
-    def gate_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.capture is not None:        # the prompt pass itself runs this layer
-            return
-        ctx = self.mix.context
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if self.features_only:
-            self.features = masked_mean(hidden, ctx.read_mask())
-            raise _StopForward
-        if (not ctx.is_prefill or self.continuation) and self.kept is not None:
-            gate = self.kept.for_batch(hidden.shape[0])
-        else:
-            task_ids = ctx.task_ids
-            if task_ids is not None and task_ids.shape[0] != hidden.shape[0]:
-                task_ids = task_ids.repeat_interleave(hidden.shape[0] // task_ids.shape[0])
-            gate = self.gate(hidden, ctx.read_mask(), task_ids)
-            ctx.add_aux(gate.aux)
-            self.kept = gate.detach()
-        self.gate_out = gate
-        ctx.routing["gate"] = gate.weights
-        if gate.logits is not None and self.gate.eta > 0:
-            ctx.router_logits["gate"] = gate.logits
 
     # ---------------------------------------------------------------- attention
     def attend(self, base: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -165,19 +128,22 @@ class PromptInjector:
         if self.capture is not None:
             self.capture[layer] = (key, value)
             return base(module, query, key, value, attention_mask, **kwargs)
-        if self.kv is None or layer not in self.kv or self.gate_out is None:
+        route = self.mix.context.routes.get(self.router_key)
+        if self.kv is None or layer not in self.kv or route is None:
             return base(module, query, key, value, attention_mask, **kwargs)
         pk, pv = self.kv[layer]
         bsz = query.shape[0]
-        mask = self._mask(attention_mask, bsz, query.shape[2], key.shape[2], query.dtype, query.device)
+        mask = self._mask(route.weights, attention_mask, bsz, query.shape[2], key.shape[2], query.dtype,
+                          query.device)
         key = torch.cat([pk.expand(bsz, -1, -1, -1).to(key.dtype), key], dim=2)
         value = torch.cat([pv.expand(bsz, -1, -1, -1).to(value.dtype), value], dim=2)
         return base(module, query, key, value, mask, **kwargs)
 
-    def _mask(self, mask: Optional[Tensor], bsz: int, q: int, k: int, dtype: torch.dtype,
+    def _mask(self, weights: Tensor, mask: Optional[Tensor], bsz: int, q: int, k: int, dtype: torch.dtype,
               device: torch.device) -> Tensor:
-        """Additive (B, 1, Q, E*L + K) mask: log-gate on the prompt columns, the model's own mask on the rest.
-        Built once per forward (every layer gets the same mask object)."""
+        """Additive (B, 1, Q, E*L + K) mask: log(weight) of expert e on its prompt columns (switched off where
+        the weight is 0), the model's own mask on the rest. Built once per forward (every layer gets the same
+        mask object)."""
         cache_key = (id(mask), bsz, q, k)
         if cache_key in self._masks:
             return self._masks[cache_key][1]
@@ -187,8 +153,12 @@ class PromptInjector:
             mask = torch.where(i >= torch.arange(k, device=device)[None, :], 0.0, low).to(dtype)[None, None]
         elif mask.dtype == torch.bool:
             mask = torch.zeros((), dtype=dtype, device=device).masked_fill(~mask, low)
-        gate = self.gate_out.for_batch(bsz)
-        bias = gate.log_weights.to(device=device, dtype=dtype).clamp_min(low).repeat_interleave(self.bank.num_tokens, -1)
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        w = weights.to(device=device, dtype=wide)
+        # log of a clamped weight where it is > 0: an exact zero (top-k, one-hot) is "off", with a zero gradient
+        off = torch.finfo(wide).min
+        log_w = torch.where(w > 0, w.clamp_min(1e-30).log(), off).to(dtype).clamp_min(low)
+        bias = log_w.repeat_interleave(self.bank.num_tokens, -1)
         full = torch.cat([bias[:, None, None, :].expand(bsz, 1, q, -1), mask.to(dtype).expand(bsz, 1, q, k)], -1)
         self._masks[cache_key] = (mask, full)   # keep ``mask`` alive so its id stays unique this forward
         return full
@@ -259,32 +229,27 @@ def _init_token_ids(mix: nn.Module, cfg: MixtureConfig, total: int, tokenizer: A
     return torch.tensor(ids, dtype=torch.long, device=emb.weight.device)
 
 
-def install_prompt_experts(mix: nn.Module, cfg: MixtureConfig, tokenizer: Any = None) -> None:
-    """Called by ``Mixture.attach`` for ``expert='prompt'``: registers ``experts['prompt']`` (a ``PromptBank``),
-    ``routers['gate']`` (a ``GateRouter``) and the hooks (removed by ``mix.detach()``)."""
+def install_prompt_experts(mix: nn.Module, cfg: MixtureConfig, num_experts: int, router_key: str,
+                           tokenizer: Any = None) -> int:
+    """Called by ``Mixture.attach`` for ``expert='prompt'``: registers ``experts['prompt']`` (a ``PromptBank``)
+    and its hooks (removed by ``mix.detach()``); the bank reads route ``router_key``. Returns the layer whose
+    input the router must read (``gate_layer``)."""
     model = mix.model
     dec, conf = model.get_decoder(), model.config
     if not hasattr(dec, "layers") or not hasattr(dec, "rotary_emb"):
         raise ValueError(f"prompt experts need a decoder with .layers and a shared .rotary_emb (Llama-style); "
                          f"{type(dec).__name__} has not")
-    if cfg.router not in PROMPT_ROUTERS:
-        raise ValueError(f"mixture.router={cfg.router!r} cannot route prompt experts; valid with expert='prompt': "
-                         f"{', '.join(PROMPT_ROUTERS)}")
-    num_layers, num_experts = len(dec.layers), 1 if cfg.router == "single" else cfg.num_experts
-    m, g = resolve_layers(cfg, num_layers)
+    m, g = resolve_layers(cfg, len(dec.layers))
     total, max_pos = num_experts * cfg.num_virtual_tokens, getattr(conf, "max_position_embeddings", None)
     if max_pos is not None and total >= max_pos:
-        raise ValueError(f"mixture.num_experts * mixture.num_virtual_tokens = {num_experts} * "
-                         f"{cfg.num_virtual_tokens} = {total} prompt tokens does not fit the context: must be < "
-                         f"max_position_embeddings={max_pos}, leaving room for the input")
+        raise ConfigError(f"mixture.num_experts * mixture.num_virtual_tokens = {num_experts} * "
+                          f"{cfg.num_virtual_tokens} = {total} prompt tokens does not fit the context: must be < "
+                          f"max_position_embeddings={max_pos}, leaving room for the input")
     impl = conf._attn_implementation or "eager"
     impl = impl.removeprefix("mixroute_mop_")
     bank = PromptBank(num_experts, cfg.num_virtual_tokens, conf.hidden_size)
-    gate = GateRouter(cfg, conf.hidden_size, num_experts, cfg.router)
-    gate.layer = g
-    mix.experts["prompt"], mix.routers["gate"] = bank, gate
-    inj = PromptInjector(mix, bank, gate, m)
-    bank.injector = inj                     # plain attribute (not a submodule): found by gate_features
+    mix.experts["prompt"] = bank
+    inj = PromptInjector(mix, bank, router_key, m)
     ref = next(model.parameters())
     bank.to(device=ref.device, dtype=ref.dtype)
     inj.init_prompts(_init_token_ids(mix, cfg, total, tokenizer))
@@ -294,21 +259,4 @@ def install_prompt_experts(mix: nn.Module, cfg: MixtureConfig, tokenizer: Any = 
         a.__dict__["_mixroute_mop"] = inj   # plain attribute, not a registered submodule / state_dict entry
     mix.add_hook(_Uninstall(conf, impl, attns))
     mix.add_hook(dec.register_forward_pre_hook(inj.before_decoder, with_kwargs=True))
-    mix.add_hook(dec.layers[g].register_forward_pre_hook(inj.gate_hook, with_kwargs=True))
-
-
-def gate_features(mix: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                  prompt_mask: Optional[Tensor] = None) -> Tensor:
-    """(B, H) pooled hidden states the gate reads, running the frozen model only up to the gate layer."""
-    inj: PromptInjector = mix.experts["prompt"].injector
-    inj.features_only, inj.features = True, None
-    try:
-        with torch.no_grad(), mix.context.inputs(None, prompt_mask):
-            mix.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        inj.features_only = False
-    if inj.features is None:
-        raise RuntimeError("gate_features: the gate layer was not reached")
-    return inj.features
+    return g

@@ -3,26 +3,25 @@
 Calibration follows the SparseGPT / Wanda recipe (fixed-length token windows from a corpus) adapted to
 instruction data: the tokenised train examples of the data source (prompt + response, in a seeded random
 order) are concatenated and cut into ``calib_samples`` windows of ``calib_seq_len`` tokens. Perplexity is
-token-weighted over the response tokens of the validation split (labels != -100), before and after pruning.
+``mixroute.evaluate``'s (token-weighted over the response tokens) on the validation split, before and after
+pruning.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mixroute.evaluate import held_out_pass, perplexity
+from mixroute.fileio import atomic_dir
+from mixroute.models import load_base_model
 from mixroute.prune.api import PruneReport, check_method, prune_model, prune_targets
 from mixroute.prune.masks import PatternLike, PruneError, check_nm_width, resolve_target
-
-REPORT_NAME = "prune_report.json"
+from mixroute.rundir import PRUNE_REPORT
 
 
 @dataclass
@@ -82,57 +81,24 @@ def load_prune_data(calib: Optional[str], tokenizer: Any, calib_samples: int, ca
     train = [list(map(int, ex["input_ids"])) for ex in bundle.examples["train"]]
     calib_batches = pack_windows(train, calib_samples, calib_seq_len, batch_size, seed) if train else []
     val = list(bundle.examples["validation"])[:eval_examples] if eval_examples > 0 else []
-    collate = D.Collator(tokenizer)
-    val = sorted(val, key=lambda ex: len(ex["input_ids"]))  # less padding
-    val_batches = [collate(val[s:s + batch_size]) for s in range(0, len(val), batch_size)]
+    val_batches = list(D.make_batches(val, D.Collator(tokenizer), batch_size, length_grouped=True))  # by length
     return PruneData(source, calib_batches, val_batches, len(val))
 
 
-@torch.no_grad()
 def response_perplexity(model: nn.Module, batches: list[dict[str, Tensor]]) -> tuple[Optional[float], int]:
-    """Token-weighted perplexity over response tokens (labels != -100); (None, 0) without any."""
-    device = next(model.parameters()).device
-    nll, tokens = 0.0, 0
-    for batch in batches:
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
-        labels = batch["labels"].to(device)[:, 1:]
-        logits = logits[:, :-1].float()
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                                     reduction="sum"))
-        tokens += int((labels != -100).sum())
-    return (float(torch.exp(torch.tensor(nll / tokens))), tokens) if tokens else (None, 0)
+    """(overall perplexity, response tokens) of ``model`` on ``batches``; (None, 0) without response tokens."""
+    held = held_out_pass(model, None, batches, device=next(model.parameters()).device)
+    return perplexity(held.nll, held.tokens, held.task_ids, [])["overall"], int(held.tokens.sum())
 
 
 def save_pruned(model: nn.Module, tokenizer: Any, out: str | Path, report: PruneReport, force: bool = False) -> Path:
     """Write config + model.safetensors + tokenizer + prune_report.json to ``out`` atomically."""
     out = check_out_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        report.save(tmp / REPORT_NAME)
-        if out.exists():  # os.replace cannot replace a non-empty directory: move the old one aside first
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        report.save(tmp / PRUNE_REPORT)
     return out
-
-
-def load_model(name: Optional[str]):
-    """``load_base_model(name)``; ``'tiny'`` is the tiny random test model."""
-    from mixroute.models import load_base_model, tiny_model
-
-    return tiny_model() if name == "tiny" else load_base_model(name)
 
 
 def run_prune(model_name: Optional[str], method: str, out: str | Path, sparsity: Optional[float] = None,
@@ -149,7 +115,7 @@ def run_prune(model_name: Optional[str], method: str, out: str | Path, sparsity:
                          ">= 2 tokens")
     if eval_examples < 0:
         raise PruneError(f"--eval-examples {eval_examples}: need >= 0 (0 skips the perplexity)")
-    model, tok = load_model(model_name)
+    model, tok = load_base_model(model_name)
     if pat is not None:  # fail before any data work
         for name, mod in prune_targets(model, include_embeddings, include_lm_head).items():
             check_nm_width(pat, mod.weight.shape[1], name)

@@ -1,6 +1,6 @@
 """Reports of run directories: ``write_report(run_dirs, out)`` writes a self-contained ``report.html`` and a
 ``report.md`` with PNGs (tables, gate heatmaps, confusion matrix, curves); ``watch`` regenerates it while a
-training writes; ``tb.TensorBoardLogger`` mirrors metrics to TensorBoard.
+training writes; ``compare`` builds the comparison table of ``mixroute compare``.
 
 Importing this package is light: matplotlib is imported only when a report is built.
 """

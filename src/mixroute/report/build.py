@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from mixroute.report import tables
 from mixroute.report.page import Figure, Note, Section, Table, render_html, render_markdown, write_pngs
-from mixroute.report.runs import RunInfo, load_runs
+from mixroute.report.runs import RunInfo, read_runs
 
 
 @dataclass
@@ -37,7 +37,7 @@ def build_report(run_dirs: list[str | Path], layer: Optional[str | int] = None) 
     over layers; N = layer N of per-layer routers; "all" = every layer, selectable in the HTML page."""
     from mixroute.report import plots
 
-    runs = load_runs(run_dirs)
+    runs = read_runs(run_dirs)
     trained = [r for r in runs if r.kind == "train"]
     pruned = [r for r in runs if r.kind == "pruned"]
     warnings = [f"{r.path}: {m}" for r in runs for m in r.missing]
@@ -173,7 +173,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, layer: Optional[st
     Problems (missing files, a missing layer) go to ``warn`` (default: stderr) and onto the page.
     ``refresh_s`` makes the page reload itself (``--watch``). Raises ``ReportError`` for a path that does not
     exist."""
-    from mixroute.config import atomic_write_text
+    from mixroute.fileio import atomic_write_text
 
     report = build_report(run_dirs, layer)
     for w in report.warnings:

@@ -1,5 +1,6 @@
-"""Read what a report shows from run directories: training runs (config.yaml, data_report.json, metrics.jsonl,
-gates.json, eval.json, optional rounds.jsonl of a federated run) and pruned model directories (prune_report.json).
+"""Read what a report shows from run directories (through ``mixroute.rundir``): training runs (config.yaml,
+data_report.json, metrics.jsonl, gates.json, eval.json, optional rounds.jsonl of a federated run) and pruned
+model directories (prune_report.json).
 
 Nothing here needs matplotlib; a missing or unreadable file is recorded in ``RunInfo.missing`` with what it
 would have shown and how to produce it, and the report renders what exists.
@@ -7,24 +8,22 @@ would have shown and how to produce it, and the report renders what exists.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from mixroute import rundir
+
 # file -> (what the report loses without it, how to get it)
 RUN_FILES = {
-    "config.yaml": ("config summary", "written by `mixroute train`"),
-    "data_report.json": ("data split", "written by `mixroute train`"),
-    "metrics.jsonl": ("training curves", "written by `mixroute train` as it runs"),
-    "gates.json": ("gate heatmaps", "written by `mixroute train` at each validation"),
-    "eval.json": ("comparison table, router accuracy, confusion matrix",
-                  "run `mixroute eval {run}`"),
+    rundir.CONFIG: ("config summary", "written by `mixroute train`"),
+    rundir.DATA_REPORT: ("data split", "written by `mixroute train`"),
+    rundir.METRICS: ("training curves", "written by `mixroute train` as it runs"),
+    rundir.GATES: ("gate heatmaps", "written by `mixroute train` at each validation"),
+    rundir.EVAL: ("comparison table, router accuracy, confusion matrix", "run `mixroute eval {run}`"),
 }
-PRUNE_FILE = "prune_report.json"
-ROUNDS_FILE = "rounds.jsonl"
 # files whose change means the report is stale (``--watch``)
-WATCHED = ("config.yaml", "data_report.json", "metrics.jsonl", "gates.json", "eval.json", ROUNDS_FILE, PRUNE_FILE)
+WATCHED = (*RUN_FILES, rundir.ROUNDS, rundir.PRUNE_REPORT)
 
 
 class ReportError(ValueError):
@@ -69,80 +68,44 @@ def expand(paths: list[str | Path]) -> list[Path]:
         if not p.is_dir():
             raise ReportError(f"{p} is a file, not a run directory")
         known = any((p / f).exists() for f in WATCHED)
-        children = sorted(c for c in p.iterdir() if (c / PRUNE_FILE).is_file())
+        children = sorted(c for c in p.iterdir() if (c / rundir.PRUNE_REPORT).is_file())
         out.extend(children if not known and children else [p])
     return out
 
 
-def load_run(path: str | Path) -> RunInfo:
+def read_run(path: str | Path) -> RunInfo:
     """Everything the report can read from one directory (no exception for missing or broken files)."""
     path = Path(path)
     info = RunInfo(name=path.resolve().name, path=path)
-    if (path / PRUNE_FILE).is_file():
+    if (path / rundir.PRUNE_REPORT).is_file():
         info.kind = "pruned"
-        info.prune = _read_json(path / PRUNE_FILE, info)
+        info.prune = rundir.read_json(path / rundir.PRUNE_REPORT, info.missing)
         return info
     import yaml
 
-    cfg_path = path / "config.yaml"
-    if cfg_path.is_file():
+    if rundir.is_run_dir(path):
         try:
-            info.config = yaml.safe_load(cfg_path.read_text()) or {}
+            info.config = yaml.safe_load((path / rundir.CONFIG).read_text()) or {}
         except yaml.YAMLError as e:
-            info.missing.append(f"config.yaml is not valid YAML ({e.__class__.__name__}): config summary skipped")
-    info.data_report = _read_json(path / "data_report.json", info)
-    info.gates = _read_json(path / "gates.json", info)
-    info.eval = _read_json(path / "eval.json", info)
-    for row in _read_jsonl(path / "metrics.jsonl", info):
+            info.missing.append(f"{rundir.CONFIG} is not valid YAML ({e.__class__.__name__}): config summary "
+                                "skipped")
+    info.data_report = rundir.read_data_report(path, info.missing)
+    info.gates = rundir.read_gates(path, info.missing)
+    info.eval = rundir.read_eval(path, info.missing)
+    for row in rundir.read_metrics(path, info.missing):
         (info.eval_rows if "ppl" in row or "split" in row else info.train_rows).append(row)
-    info.rounds = [r for r in _read_jsonl(path / ROUNDS_FILE, info) if "round" in r]
+    info.rounds = rundir.read_rounds(path, info.missing)
     for name, (loses, how) in RUN_FILES.items():
         if not (path / name).is_file():
             info.missing.append(f"{name} missing: no {loses} ({how.format(run=path)})")
-    if info.train_rows and info.eval is None and not (path / "final").is_dir():
-        info.missing.append("final/ missing: training has not finished (or was killed); resume with "
+    if info.train_rows and info.eval is None and not rundir.final_dir(path).is_dir():
+        info.missing.append(f"{rundir.FINAL}/ missing: training has not finished (or was killed); resume with "
                             f"`mixroute train --resume {path}`")
     return info
 
 
-def load_runs(paths: list[str | Path]) -> list[RunInfo]:
-    return [load_run(p) for p in expand(paths)]
-
-
-def _read_json(path: Path, info: RunInfo) -> Optional[dict[str, Any]]:
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        info.missing.append(f"{path.name} is not valid JSON ({e}): skipped")
-        return None
-    if not isinstance(doc, dict):
-        info.missing.append(f"{path.name} holds a {type(doc).__name__}, expected an object: skipped")
-        return None
-    return doc
-
-
-def _read_jsonl(path: Path, info: RunInfo) -> list[dict[str, Any]]:
-    """JSON lines; a broken last line is a write in progress (ignored), a broken line before it is reported."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    rows, bad = [], []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i < len(lines):
-                bad.append(i)
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    if bad:
-        info.missing.append(f"{path.name}: line(s) {', '.join(map(str, bad[:5]))} are not JSON: skipped")
-    return rows
+def read_runs(paths: list[str | Path]) -> list[RunInfo]:
+    return [read_run(p) for p in expand(paths)]
 
 
 def watch_signature(paths: list[Path]) -> tuple:

@@ -1,14 +1,13 @@
-"""The report's tables: config summary, data split, the MoA-style comparison (``mixroute compare``'s table with
+"""The report's tables: config summary, data split, the MoA-style comparison (``report/compare.py``'s table with
 the best value per row and metric highlighted), router vs classifier accuracy, trainable parameters, pruning."""
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+from mixroute.report.compare import column_names, comparison_table, format_metric
 from mixroute.report.page import Table
 from mixroute.report.runs import RunInfo
-from mixroute.train.compare import _fmt as fmt_metric
-from mixroute.train.compare import comparison_table
 
 LOWER_IS_BETTER = {"PPL"}
 
@@ -73,10 +72,9 @@ def comparison(runs: list[RunInfo]) -> Optional[Table]:
         return None
     t = comparison_table(evals)
     m = len(t.metrics)
-    header = ["category"] + [f"{g} {metric}" for g in t.groups for metric in t.metrics]
     rows, best = [], set()
     for i, (label, values) in enumerate(t.rows):
-        rows.append([label] + [fmt_metric(v, t.metrics[j % m]) for j, v in enumerate(values)])
+        rows.append([label] + [format_metric(v, t.metrics[j % m]) for j, v in enumerate(values)])
         if len(t.groups) < 2:
             continue
         for k, metric in enumerate(t.metrics):
@@ -89,7 +87,7 @@ def comparison(runs: list[RunInfo]) -> Optional[Table]:
                 best |= {(i, j + 1) for v, j in col if v == target}
     caption = ("Test-split metrics per category (eval.json). PPL: lower is better; BLEU and ROUGE-L (0-100): "
                "higher is better. Highlighted: best of the runs in that row.")
-    return Table(header, rows, caption=caption, best=best)
+    return Table(column_names(t), rows, caption=caption, best=best)
 
 
 def accuracy_table(runs: list[RunInfo]) -> Optional[Table]:
@@ -145,7 +143,7 @@ def prune_table(runs: list[RunInfo]) -> Optional[Table]:
         p = r.prune
         target = p.get("pattern") or _pct(p.get("sparsity"))
         rows.append([r.name, r.method, target, _pct(p.get("overall_sparsity")),
-                     fmt_metric(p.get("ppl_before"), "PPL"), fmt_metric(p.get("ppl_after"), "PPL"),
+                     format_metric(p.get("ppl_before"), "PPL"), format_metric(p.get("ppl_after"), "PPL"),
                      str(_get(p, "calibration.source"))])
     return Table(["model", "method", "target", "achieved sparsity", "PPL before", "PPL after", "calibration"], rows,
                  caption="prune_report.json of each pruned model; PPL over the validation split's response tokens.")

@@ -1,39 +1,41 @@
-"""Routers: small modules ``forward(hidden, mask, task_ids) -> Route`` (see ``routers.base``).
+"""Routers: small modules ``forward(hidden, mask, task_ids) -> RouteWeights`` (see ``routers.base``).
 
-``build_router`` maps ``MixtureConfig.router`` to a class. ``gate`` (MoP) is installed by the prompt experts.
+``ROUTERS`` is the registry: adding a router is one file here plus one line below.
 """
 
 from __future__ import annotations
 
-from torch import nn
-
-from mixroute.config import MixtureConfig
-from mixroute.routers.base import Route, dense_route, index_route, masked_mean
+from mixroute.config import ConfigError, MixtureConfig
+from mixroute.routers.base import Router, RouterDims, RouteWeights, masked_mean
 from mixroute.routers.fixed import OracleRouter, SingleRouter, UniformRouter
+from mixroute.routers.gate import GateRouter
 from mixroute.routers.poly import PolyRouter
 from mixroute.routers.rank import RankRouter
 from mixroute.routers.task import TaskRouter
 from mixroute.routers.token import TokenTopKRouter
 
-LORA_ROUTERS: dict[str, type[nn.Module]] = {
-    "single": SingleRouter,
-    "uniform": UniformRouter,
-    "oracle": OracleRouter,
-    "task": TaskRouter,
-    "token_topk": TokenTopKRouter,
-    "rank": RankRouter,
-    "poly": PolyRouter,
-}
+ROUTERS: dict[str, type[Router]] = {cls.name: cls for cls in (
+    SingleRouter,
+    UniformRouter,
+    OracleRouter,
+    TaskRouter,
+    TokenTopKRouter,
+    PolyRouter,
+    RankRouter,
+    GateRouter,
+)}
 
 
-def build_router(cfg: MixtureConfig, hidden_size: int, num_experts: int, num_modules: int) -> nn.Module:
-    """The router named by ``cfg.router`` for LoRA experts (``num_modules``: LoRA modules it serves, Poly)."""
-    if cfg.router not in LORA_ROUTERS:
-        raise ValueError(f"router {cfg.router!r} does not route LoRA experts; valid: {', '.join(LORA_ROUTERS)}")
-    cls = LORA_ROUTERS[cfg.router]
-    if cls is PolyRouter:
-        return cls(cfg, hidden_size, num_experts, num_modules)
-    return cls(cfg, hidden_size, num_experts)
+def router_class(name: str) -> type[Router]:
+    """The router class registered as ``name``; an unknown name lists the valid ones."""
+    if name not in ROUTERS:
+        raise ConfigError(f"mixture.router: {name!r} is not valid; expected one of {', '.join(ROUTERS)}")
+    return ROUTERS[name]
 
 
-__all__ = ["Route", "build_router", "dense_route", "index_route", "masked_mean", "LORA_ROUTERS"]
+def build_router(cfg: MixtureConfig, dims: RouterDims) -> Router:
+    """The router ``cfg.router`` names, built for ``dims`` (validate the config first)."""
+    return router_class(cfg.router)(cfg, dims)
+
+
+__all__ = ["ROUTERS", "Router", "RouterDims", "RouteWeights", "build_router", "masked_mean", "router_class"]

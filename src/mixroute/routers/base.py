@@ -1,53 +1,153 @@
-"""What every router returns, and small helpers shared by the routers.
+"""What every router returns and declares, and small helpers shared by the routers.
 
-A router is a small module with ``forward(hidden, mask, task_ids) -> Route``. The expert banks only read a
-``Route``: they never know which router made it, so adding a router never touches the banks.
+A router is a small module ``forward(hidden, mask, task_ids) -> RouteWeights``: weights over *experts*, never
+over an expert bank's internal layout. The bank that reads the route expands the weights to its own layout
+(the LoRA bank repeats each expert's weight over its r ranks; the prompt bank turns them into attention
+biases), so one router serves every expert kind it makes sense for, and adding a router never touches a bank.
+
+Each router class also declares what the rest of the library used to guess from its name: ``name``, ``level``
+(see ``Level``), ``label_aligned`` (expert t stands for category t: router accuracy, the classifier baseline,
+category names in ``mixroute generate``), ``needs_task_ids`` (labels are needed at inference too),
+``supports_global`` (one router for the whole model is meaningful) and ``validate(cfg)`` (config errors that
+name the field and what would be valid).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-Level = Literal["sequence", "token"]
+from mixroute.config import ConfigError, MixtureConfig
+
+# sequence: one decision per sequence, from its prompt tokens, kept through generation (MoA, MoP's gate, ...)
+# token:    one decision per token (MoE-LoRA)
+# rank:     per token, over the single ranks of the stacked LoRA bank (SMoRA); weights are (B, T, E*r)
+# task:     a function of the task label only, mixing parameters per task (Poly/MHR); kept like sequence
+Level = Literal["sequence", "token", "rank", "task"]
+KEPT_LEVELS = ("sequence", "task")
 
 
 @dataclass
-class Route:
-    """Routing decision of one router for one forward.
+class RouteWeights:
+    """One router's decision for one forward.
 
-    Exactly one of ``index``, ``expanded`` or ``poly`` drives the expert bank (checked in that order):
-
-    * ``index`` (B,) long: top-1 expert per sequence -> the bank gathers that expert's A/B (cost of one LoRA).
-      ``shared_index`` is set when every sequence uses the same expert (a plain 2-D LoRA matmul).
-    * ``expanded`` (B, 1, E*r) or (B, T, E*r): weight of every rank of the stacked bank (expert weights
-      repeated over each expert's r ranks, or SMoRA's per-rank gates) -> two dense matmuls.
-    * ``poly`` (M, B, n_splits, E): per-module, per-example parameter-mixing weights (Poly/MHR).
-
-    ``weights`` is what users observe (MixtureOutput.routing): (B, E), (B, T, E), (B, T, R) or (B, S, E).
+    ``weights``: (B, E) for sequence-level routers, (B, T, E) token-level, (B, T, R) rank-level (R = E*r),
+    (B, M, S, E) task-level (Poly: per LoRA module of the layer and per input split). ``index`` (B,) is set
+    when every sequence uses exactly one expert (then ``weights`` is one-hot): the LoRA bank gathers that
+    expert instead of running the whole stack. ``logits`` (B, E) are reported by label-aligned routers.
     """
 
     weights: Tensor
     level: Level = "sequence"
     index: Optional[Tensor] = None
-    shared_index: Optional[int] = None
-    expanded: Optional[Tensor] = None
-    poly: Optional[Tensor] = None
+    logits: Optional[Tensor] = None
     aux: dict[str, Tensor] = field(default_factory=dict)
-    logits: Optional[Tensor] = None  # (B, E) router logits of label-aligned routers (router accuracy)
+    # layouts derived once per forward and shared by every bank that reads this route (not a user field)
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def select(self, rows: Tensor) -> "Route":
-        """This route restricted to some batch rows (used when generate() expands the batch)."""
-        return Route(
-            weights=self.weights[rows], level=self.level,
-            index=None if self.index is None else self.index[rows], shared_index=self.shared_index,
-            expanded=None if self.expanded is None else self.expanded[rows],
-            poly=None if self.poly is None else self.poly[:, rows],
-            logits=None if self.logits is None else self.logits[rows],
-        )
+    def observed(self) -> Tensor:
+        """Weights per expert as reports show them: Poly's are averaged over modules -> (B, S, E)."""
+        return self.weights.mean(1) if self.level == "task" else self.weights
+
+    def shared_index(self) -> Optional[int]:
+        """The expert every sequence uses, when there is one (then a plain single-LoRA matmul suffices)."""
+        if "shared" not in self._derived:
+            idx = self.index
+            one = idx is not None and idx.numel() > 0 and bool((idx == idx[0]).all())
+            self._derived["shared"] = int(idx[0]) if one else None
+        return self._derived["shared"]
+
+    def per_rank(self, rank: int, dtype: torch.dtype) -> Tensor:
+        """(B, 1 or T, E*r): the weight of every rank of a stacked bank of rank-``rank`` experts, in that
+        order (expert 0's r ranks first, as the bank stacks them)."""
+        key = ("per_rank", rank, dtype)
+        if key not in self._derived:
+            w = self.weights.to(dtype)
+            w = w if self.level == "rank" else w.repeat_interleave(rank, dim=-1)
+            self._derived[key] = w.unsqueeze(1) if w.dim() == 2 else w
+        return self._derived[key]
+
+    def select(self, rows: Tensor) -> "RouteWeights":
+        """This decision restricted to (or repeated over) some batch rows."""
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return RouteWeights(weights=self.weights[rows], level=self.level, index=pick(self.index),
+                            logits=pick(self.logits))
+
+    def for_batch(self, bsz: int) -> "RouteWeights":
+        """A prefill decision for a batch that ``generate`` widened (beams, num_return_sequences): HF repeats
+        each row in place (``repeat_interleave``), so row b of the wide batch is row b // k of the prefill."""
+        n = self.weights.shape[0]
+        if n == bsz:
+            return self
+        if bsz % n:
+            raise RuntimeError(f"decode batch {bsz} is not a multiple of the prefill batch {n}")
+        return self.select(torch.arange(bsz, device=self.weights.device) // (bsz // n))
+
+    def detach(self) -> "RouteWeights":
+        """The decision without its graph or aux losses (what generation keeps from the prefill)."""
+        det = lambda t: None if t is None else t.detach()  # noqa: E731
+        return RouteWeights(weights=self.weights.detach(), level=self.level, index=self.index,
+                            logits=det(self.logits))
+
+
+@dataclass
+class RouterDims:
+    """Sizes a router is built for: the hidden states it reads, the experts it weighs, and the bank around it."""
+
+    hidden_size: int
+    num_experts: int
+    rank: int = 1          # LoRA rank per expert (rank-level routers weigh E * rank single ranks)
+    num_modules: int = 1   # LoRA modules this router serves in its layer (Poly's per-module allocation)
+
+
+class Router(nn.Module):
+    """The declarations every router makes (see the module docstring); subclasses implement ``forward``."""
+
+    name: ClassVar[str]
+    level: ClassVar[Level] = "sequence"
+    label_aligned: ClassVar[bool] = False
+    needs_task_ids: bool = False          # an instance may change it (Poly's 'mu' mode needs no label)
+    supports_global: ClassVar[bool] = False
+    trains_experts: bool = True           # False: the experts stay frozen (MHR-z trains only the allocation)
+    read_layer: int = 0                   # decoder layer whose input it reads (set by Mixture.attach)
+
+    @classmethod
+    def validate(cls, cfg: MixtureConfig) -> None:
+        """Raise ``ConfigError`` for settings this router cannot work with (called before anything is built)."""
+        if cfg.router_scope == "global" and not cls.supports_global:
+            raise ConfigError(f"mixture.router_scope='global' is not valid with router {cls.name!r} (it routes "
+                              "each layer from that layer's input); use router_scope='layer'")
+
+    @classmethod
+    def experts_for(cls, cfg: MixtureConfig) -> int:
+        """How many experts this router weighs under ``cfg`` (``single`` always has one)."""
+        return cfg.num_experts
+
+    def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> RouteWeights:
+        raise NotImplementedError
+
+    def update_balancing(self) -> None:
+        """Called after each optimizer step; routers with loss-free load balancing (SMoRA) override it."""
+
+
+def need_labels(name: str, task_ids: Optional[Tensor], num_experts: int, device: torch.device) -> Tensor:
+    """The task ids a label-routed router needs, checked: present and in [0, num_experts)."""
+    if task_ids is None:
+        raise ValueError(f"router {name!r} needs task_ids (pass task_ids= to Mixture.forward / generate)")
+    task_ids = task_ids.to(device).long()
+    if task_ids.numel() and (int(task_ids.max()) >= num_experts or int(task_ids.min()) < 0):
+        raise ValueError(f"router {name!r}: task ids must be in [0, {num_experts}), got {task_ids.tolist()}")
+    return task_ids
+
+
+def check_experts_cover_labels(name: str, cfg: MixtureConfig, why: str) -> None:
+    """Routers that send label t to expert t need num_experts >= num_tasks."""
+    if cfg.num_experts < cfg.num_tasks:
+        raise ConfigError(f"router {name!r} {why}: each of num_tasks={cfg.num_tasks} labels needs its own expert, "
+                          f"but num_experts={cfg.num_experts}; set mixture.num_experts >= {cfg.num_tasks}")
 
 
 def masked_mean(hidden: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -58,16 +158,14 @@ def masked_mean(hidden: Tensor, mask: Optional[Tensor]) -> Tensor:
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
-def index_route(index: Tensor, num_experts: int, rank: int, aux: dict | None = None) -> Route:
-    """A top-1-per-sequence route: one-hot observable weights plus the gather fast path."""
+def one_hot_route(index: Tensor, num_experts: int, aux: dict | None = None,
+                  logits: Optional[Tensor] = None) -> RouteWeights:
+    """A top-1-per-sequence decision: one-hot weights plus the index the LoRA bank gathers by."""
     weights = torch.nn.functional.one_hot(index, num_experts).float()
-    shared = int(index[0]) if index.numel() > 0 and bool((index == index[0]).all()) else None
-    return Route(weights=weights, level="sequence", index=index, shared_index=shared, aux=aux or {})
+    return RouteWeights(weights=weights, level="sequence", index=index, logits=logits, aux=aux or {})
 
 
-def dense_route(weights: Tensor, rank: int, level: Level, aux: dict | None = None) -> Route:
-    """A soft / sparse route over experts: (B, E) or (B, T, E) weights expanded over each expert's r ranks."""
-    exp = weights.repeat_interleave(rank, dim=-1)
-    if exp.dim() == 2:
-        exp = exp.unsqueeze(1)
-    return Route(weights=weights, level=level, expanded=exp, aux=aux or {})
+def top_k_weights(probs: Tensor, k: int) -> Tensor:
+    """Keep each row's top-k probabilities, renormalised to sum 1 (zeros elsewhere)."""
+    vals, idx = probs.topk(k, dim=-1)
+    return torch.zeros_like(probs).scatter(-1, idx, vals / vals.sum(-1, keepdim=True))

@@ -1,63 +1,67 @@
-"""Fixed routers with no parameters: ``single`` (one plain LoRA), ``uniform`` (average of all experts) and
-``oracle`` (route each sequence to the expert of its task label)."""
+"""Fixed routers with no parameters: ``single`` (one expert: plain LoRA / plain prompt tuning), ``uniform``
+(every expert with weight 1/E) and ``oracle`` (each sequence to the expert of its task label)."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mixroute.config import MixtureConfig
-from mixroute.routers.base import Route, dense_route, index_route
+from mixroute.routers.base import (Router, RouterDims, RouteWeights, check_experts_cover_labels, need_labels,
+                                   one_hot_route)
 
 
-class SingleRouter(nn.Module):
-    """E = 1: every token uses the one expert (plain LoRA)."""
+class SingleRouter(Router):
+    """E = 1: every token uses the one expert."""
 
-    level = "sequence"
+    name = "single"
+    supports_global = True
 
-    def __init__(self, cfg: MixtureConfig, hidden_size: int, num_experts: int) -> None:
+    def __init__(self, cfg: MixtureConfig, dims: RouterDims) -> None:
         super().__init__()
-        self.num_experts, self.rank = num_experts, cfg.rank
 
-    def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> Route:
-        index = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
-        return Route(weights=torch.ones(hidden.shape[0], 1, device=hidden.device), index=index, shared_index=0)
+    @classmethod
+    def experts_for(cls, cfg: MixtureConfig) -> int:
+        return 1
+
+    def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> RouteWeights:
+        return one_hot_route(torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device), 1)
 
 
-class UniformRouter(nn.Module):
-    """Every expert with weight 1/E (an output average; two dense matmuls over the stacked bank)."""
+class UniformRouter(Router):
+    """Every expert with weight 1/E (an average of the experts' outputs)."""
 
-    level = "sequence"
+    name = "uniform"
+    supports_global = True
 
-    def __init__(self, cfg: MixtureConfig, hidden_size: int, num_experts: int) -> None:
+    def __init__(self, cfg: MixtureConfig, dims: RouterDims) -> None:
         super().__init__()
-        self.num_experts, self.rank = num_experts, cfg.rank
+        self.num_experts = dims.num_experts
 
-    def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> Route:
+    def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> RouteWeights:
         w = torch.full((hidden.shape[0], self.num_experts), 1.0 / self.num_experts, device=hidden.device,
                        dtype=hidden.dtype)
-        return dense_route(w, self.rank, "sequence")
+        return RouteWeights(weights=w)
 
 
-class OracleRouter(nn.Module):
-    """Route sequence b to expert ``task_ids[b]`` (needs task ids; num_experts >= number of labels)."""
+class OracleRouter(Router):
+    """Route sequence b to expert ``task_ids[b]`` (labels needed at inference too)."""
 
-    level = "sequence"
+    name = "oracle"
+    label_aligned = True
+    needs_task_ids = True
+    supports_global = True
 
-    def __init__(self, cfg: MixtureConfig, hidden_size: int, num_experts: int) -> None:
+    def __init__(self, cfg: MixtureConfig, dims: RouterDims) -> None:
         super().__init__()
-        if num_experts < cfg.num_tasks:
-            raise ValueError(f"router 'oracle' routes each of num_tasks={cfg.num_tasks} labels to its own expert, "
-                             f"but num_experts={num_experts}; set mixture.num_experts >= {cfg.num_tasks}")
-        self.num_experts, self.rank = num_experts, cfg.rank
+        self.num_experts = dims.num_experts
 
-    def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> Route:
-        if task_ids is None:
-            raise ValueError("router 'oracle' needs task_ids (pass task_ids= to Mixture.forward / generate)")
-        task_ids = task_ids.to(hidden.device).long()
-        if int(task_ids.max()) >= self.num_experts or int(task_ids.min()) < 0:
-            raise ValueError(f"router 'oracle': task id {int(task_ids.max())} has no expert "
-                             f"(num_experts={self.num_experts}); labels must be in [0, {self.num_experts})")
-        return index_route(task_ids, self.num_experts, self.rank)
+    @classmethod
+    def validate(cls, cfg: MixtureConfig) -> None:
+        super().validate(cfg)
+        check_experts_cover_labels(cls.name, cfg, "routes each label to its own expert")
+
+    def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> RouteWeights:
+        return one_hot_route(need_labels(self.name, task_ids, self.num_experts, hidden.device), self.num_experts)

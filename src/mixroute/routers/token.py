@@ -14,23 +14,30 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from mixroute.config import MixtureConfig
-from mixroute.routers.base import Route, dense_route
+from mixroute.config import ConfigError, MixtureConfig
+from mixroute.routers.base import Router, RouterDims, RouteWeights
 
 
-class TokenTopKRouter(nn.Module):
+class TokenTopKRouter(Router):
     """Per-token softmax top-k router; see the module docstring."""
 
+    name = "token_topk"
     level = "token"
 
-    def __init__(self, cfg: MixtureConfig, hidden_size: int, num_experts: int) -> None:
+    def __init__(self, cfg: MixtureConfig, dims: RouterDims) -> None:
         super().__init__()
-        self.num_experts, self.rank = num_experts, cfg.rank
-        self.top_k = min(cfg.top_k, num_experts)
+        self.num_experts = dims.num_experts
+        self.top_k = min(cfg.top_k, dims.num_experts)
         self.lb_weight = cfg.load_balance
-        self.proj = nn.Linear(hidden_size, num_experts, bias=False)
+        self.proj = nn.Linear(dims.hidden_size, dims.num_experts, bias=False)
 
-    def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> Route:
+    @classmethod
+    def validate(cls, cfg: MixtureConfig) -> None:
+        super().validate(cfg)
+        if cfg.top_k > cfg.num_experts:
+            raise ConfigError(f"mixture.top_k={cfg.top_k} exceeds mixture.num_experts={cfg.num_experts}")
+
+    def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> RouteWeights:
         probs = self.proj(hidden.to(self.proj.weight.dtype)).float().softmax(dim=-1)   # (B, T, E)
         vals, idx = probs.topk(self.top_k, dim=-1)
         w = torch.zeros_like(probs).scatter(-1, idx, vals / vals.sum(-1, keepdim=True))
@@ -42,4 +49,4 @@ class TokenTopKRouter(nn.Module):
             f = (chosen * m.unsqueeze(-1)).sum((0, 1)) / (n * self.top_k)
             p = (probs * m.unsqueeze(-1)).sum((0, 1)) / n
             aux["load_balance"] = self.lb_weight * self.num_experts * (f * p).sum()
-        return dense_route(w.to(hidden.dtype), self.rank, "token", aux)
+        return RouteWeights(weights=w.to(hidden.dtype), level="token", aux=aux)

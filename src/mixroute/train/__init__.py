@@ -1,12 +1,12 @@
-"""Training: the centralized recipe (``train``, ``resume``, ``load_run``), one step (``loop``), checkpoints
-(``state``) and the mapping from ``train.method`` to mixtures (``methods``). Imported lazily."""
+"""Training: the centralized recipe (``train``, ``resume``), one step (``loop``), checkpoints (``state``),
+metrics and progress (``tracking``, ``tb``). Imported lazily."""
 
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {"train": "mixroute.train.centralized", "resume": "mixroute.train.centralized",
-            "load_run": "mixroute.train.centralized", "TrainingDiverged": "mixroute.train.loop"}
+            "TrainingDiverged": "mixroute.train.loop"}
 
 
 def __getattr__(name: str):

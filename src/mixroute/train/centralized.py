@@ -4,15 +4,14 @@
     from mixroute.train import train
     run_dir = train(load_config("configs/moa.yaml", ["train.max_steps=50"]))
 
-``train`` writes the run directory of docs/architecture.md: config.yaml, metrics.jsonl, checkpoints/step-N,
-final/, gates.json. ``resume(run_dir)`` continues a killed run from its newest checkpoint and reaches the same
-final weights as an uninterrupted run (data order is a function of (seed, step); optimizer, scheduler and RNG
-states are restored).
+``train`` writes the run directory of docs/architecture.md (``mixroute.rundir``): config.yaml, metrics.jsonl,
+data_report.json, checkpoints/step-N, stage1/, final/, gates.json. ``resume(run_dir)`` continues a killed run
+from its newest checkpoint and reaches the same final weights as an uninterrupted run (data order is a
+function of (seed, step); optimizer, scheduler and RNG states are restored).
 """
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import time
@@ -24,13 +23,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from mixroute.config import ConfigError, ModelConfig, RunConfig, atomic_write_text, load_config, save_config
-from mixroute.evaluate import gate_level, gate_matrix, perplexity
-from mixroute.train.batches import RunData
-from mixroute.train.loop import TrainingDiverged, held_out_pass, to_device, train_mode, train_step
-from mixroute.train.tracking import MetricsLogger, ProgressBar
+from mixroute import rundir
+from mixroute.config import ConfigError, RunConfig
+from mixroute.data import RunData, to_device
+from mixroute.evaluate import gate_level, gate_matrix, held_out_pass, perplexity
+from mixroute.fileio import atomic_dir
 from mixroute.methods import mixture_config, needs_stage1, stage1_config
+from mixroute.rundir import load_model
+from mixroute.train.loop import TrainingDiverged, train_mode, train_step
 from mixroute.train.state import latest_checkpoint, load_trainer_state, save_checkpoint
+from mixroute.train.tracking import MetricsLogger, ProgressBar
 
 
 # =========================================================================== setup
@@ -41,16 +43,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     # Adam's second moments of tiny gradients become denormal floats, which are ~100x slower on CPU
     torch.set_flush_denormal(True)
-
-
-def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
-    """The frozen base model named by the config ('tiny' = the random test model)."""
-    from mixroute.models import load_base_model, tiny_model
-
-    if cfg.name == "tiny":
-        model, tok = tiny_model(seed=0)
-        return model.to(device), tok
-    return load_base_model(cfg.name, dtype=getattr(torch, cfg.dtype), device=device)
 
 
 def make_accelerator() -> Any:
@@ -64,8 +56,8 @@ def make_accelerator() -> Any:
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     run_dir = Path(cfg.output_dir)
     if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+        if not rundir.is_run_dir(run_dir):
+            raise ConfigError(f"--resume {run_dir}: not a run directory (no {rundir.CONFIG})")
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
@@ -73,7 +65,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
                               "--overwrite to start again, or another output_dir=...")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    rundir.write_config(run_dir, cfg)
     return run_dir
 
 
@@ -94,37 +86,6 @@ def build_optimizer(params: list[nn.Parameter], cfg: RunConfig, steps: int,
     return opt, sched
 
 
-@dataclass
-class Run:
-    """A loaded run directory: config, frozen model, tokenizer, trained mixture (None for ``base``), data."""
-
-    cfg: RunConfig
-    model: nn.Module
-    tok: Any
-    mix: Optional[nn.Module]
-    data: RunData
-
-
-def load_run(run_dir: str | Path) -> Run:
-    """Load ``run_dir``'s config, base model, data and final mixture (for eval / generate)."""
-    from mixroute.mixture import Mixture
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    model, tok = load_model(cfg.model)
-    data = RunData.build(cfg, tok)
-    mix = None
-    if mixture_config(cfg, len(data.categories)) is not None:
-        if not (run_dir / "final").is_dir():
-            raise ConfigError(f"{run_dir} has no final/ mixture: training did not finish (resume it with "
-                              f"`mixroute train --resume {run_dir}`)")
-        mix = Mixture.load(model, str(run_dir / "final"))
-        mix.eval()
-    return Run(cfg, model, tok, mix, data)
-
-
 # =========================================================================== the recipe
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop_at_step: Optional[int] = None,
           progress: bool = True) -> Path:
@@ -142,7 +103,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop
     run_dir = prepare_run_dir(cfg, resume, overwrite)
     log = MetricsLogger(run_dir, enabled=accelerator.is_main_process)
     if not resume:
-        atomic_write_text(run_dir / "data_report.json", json.dumps(data.report, indent=2, default=str))
+        rundir.write_data_report(run_dir, data.report)
     ctx = _Ctx(cfg, run_dir, accelerator, model, tok, data, log, progress, stop_at_step)
     if mcfg is None:  # base: nothing to train; validation perplexity of the frozen model, eval reads it
         evaluate_validation(ctx, None, 0, stage="before")
@@ -177,10 +138,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop
 
 def resume(run_dir: str | Path, stop_at_step: Optional[int] = None, progress: bool = True) -> Path:
     """Continue a run from its newest checkpoint (the config is the run's own config.yaml)."""
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
-    if cfg is None:
-        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+    cfg = rundir.read_config(run_dir)
     cfg.output_dir = str(run_dir)
     return train(cfg, resume=True, stop_at_step=stop_at_step, progress=progress)
 
@@ -210,7 +168,7 @@ def run_stage1(ctx: _Ctx) -> list[str]:
     cfg, steps = ctx.cfg, ctx.cfg.train.stage1_steps
     dirs = []
     for c, name in enumerate(ctx.data.categories):
-        out = ctx.run_dir / "stage1" / _safe(name)
+        out = rundir.stage1_dir(ctx.run_dir, name)
         dirs.append(str(out))
         if (out / "adapter_config.json").is_file():
             continue
@@ -220,11 +178,8 @@ def run_stage1(ctx: _Ctx) -> list[str]:
             fit(ctx, mix, steps=steps, offset=c * steps, category=c, checkpoints=False)
             if ctx.stopped:
                 return dirs
-            tmp = out.with_name(f".{out.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            mix.export_peft(0, str(tmp))
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.replace(out)
+            with atomic_dir(out) as tmp:
+                mix.export_peft(0, str(tmp))
         finally:
             mix.detach()
     return dirs
@@ -233,10 +188,6 @@ def run_stage1(ctx: _Ctx) -> list[str]:
 def _seeded(mcfg: Any, seed: int) -> Any:
     mcfg.seed = seed
     return mcfg
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
 def build_mixture(model: nn.Module, mcfg: Any, adapters: Optional[list[str]], data: RunData,
@@ -250,8 +201,8 @@ def build_mixture(model: nn.Module, mcfg: Any, adapters: Optional[list[str]], da
                               f"categories ({', '.join(data.categories)}); give one per category, in that order")
         return Mixture.from_peft(model, adapters, mcfg)
     mix = Mixture.attach(model, mcfg)
-    if mcfg.expert == "prompt" and mcfg.router == "gate" and mcfg.gate_pretrain_steps > 0:
-        from mixroute.routers.gate import pretrain_gate
+    if mcfg.expert == "prompt" and mcfg.gate_pretrain_steps > 0:
+        from mixroute.train.gate import pretrain_gate
 
         batches = [data.train_batch(k, cfg.train.batch_size, cfg.train.seed) for k in range(8)]
         pretrain_gate(mix, [to_device(b, next(model.parameters()).device) for b in batches],
@@ -320,7 +271,9 @@ def fit(ctx: _Ctx, mix: nn.Module, steps: int, offset: int, resume: bool = False
 def _load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(ckpt / "mixture.safetensors"))
+    from mixroute.mixture import WEIGHTS_NAME
+
+    return load_file(str(ckpt / WEIGHTS_NAME))
 
 
 def _diverged(ctx: _Ctx, mix: nn.Module, optimizer: Any, scheduler: Any, step: int, err: Exception,
@@ -360,9 +313,6 @@ def finish(ctx: _Ctx, mix: nn.Module, step: int) -> None:
     """Final validation + gates ("after") and the trained mixture in final/."""
     evaluate_validation(ctx, mix, step, stage="after")
     if ctx.accelerator.is_main_process:
-        tmp = ctx.run_dir / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        mix.save(str(tmp))
-        shutil.rmtree(ctx.run_dir / "final", ignore_errors=True)
-        tmp.replace(ctx.run_dir / "final")
+        with atomic_dir(rundir.final_dir(ctx.run_dir)) as tmp:
+            mix.save(str(tmp))
     ctx.log.close()

@@ -7,22 +7,24 @@ A checkpoint directory ``checkpoints/step-N/`` holds
   numpy RNG states as uint8 / uint32 tensors,
 * ``trainer.json``: step, optimizer param groups, scheduler state, python / numpy RNG scalars, data position.
 
-It is written into a temporary sibling and renamed into place, so a killed run never leaves half a checkpoint.
+It is written into a temporary sibling and renamed into place (``fileio.atomic_dir``), so a killed run never
+leaves half a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from mixroute.fileio import atomic_dir
+from mixroute.rundir import CHECKPOINTS, checkpoint_dir
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer.json"
@@ -107,11 +109,8 @@ def _jsonable(v: Any) -> bool:
 def save_checkpoint(run_dir: Path, step: int, mix: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
                     extra: Optional[dict[str, Any]] = None, keep: int = 2) -> Path:
     """Write ``checkpoints/step-<step>`` atomically; keep the newest ``keep`` checkpoints."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=root))
-    try:
+    target = checkpoint_dir(run_dir, step)
+    with atomic_dir(target) as tmp:
         mix.save(str(tmp))
         opt_t, opt_m = optimizer_state(optimizer)
         rng_t, rng_m = rng_state()
@@ -119,20 +118,14 @@ def save_checkpoint(run_dir: Path, step: int, mix: Any, optimizer: torch.optim.O
         meta = {"step": step, "optimizer": opt_m, "scheduler": scheduler_state(scheduler), "rng": rng_m,
                 **(extra or {})}
         (tmp / STATE_JSON).write_text(json.dumps(meta))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in sorted(checkpoints(run_dir))[:-keep] if keep > 0 else []:
+    for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old[1], ignore_errors=True)
     return target
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (step, path), oldest first."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     found = []
     for p in root.glob("step-*") if root.is_dir() else []:
         if (p / STATE_JSON).is_file() and (p / STATE_TENSORS).is_file():

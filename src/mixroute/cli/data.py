@@ -1,23 +1,15 @@
-"""CLI commands of the data pipeline: ``mixroute data inspect`` and ``mixroute data synthetic``."""
+"""``mixroute data inspect`` and ``mixroute data synthetic``: look at a data set, write the synthetic suite."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-data_app = typer.Typer(help="Inspect data sets and write the built-in synthetic suite.", no_args_is_help=True)
+from mixroute.cli.common import fail, user_errors
 
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(data_app, name="data")
-
-
-def _fail(message: str) -> None:
-    """A one-line user error on stderr (never wrapped, unlike a rich console) and exit code 2."""
-    typer.echo(typer.style("error:", fg=typer.colors.RED) + " " + " ".join(message.split()), err=True)
-    raise typer.Exit(2)
+HELP = "Inspect data sets and write the built-in synthetic suite."
 
 
 def parse_columns(text: Optional[str]) -> dict[str, str]:
@@ -34,25 +26,6 @@ def parse_columns(text: Optional[str]) -> dict[str, str]:
     return out
 
 
-def load_tokenizer(name: Optional[str]) -> Any:
-    """None / 'tiny' / 'embedded': the embedded SmolLM2 tokenizer; otherwise a local dir or cached HF id."""
-    from mixroute.models import embedded_tokenizer
-
-    if name in (None, "tiny", "embedded"):
-        tok = embedded_tokenizer()
-    else:
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise OSError(f"--tokenizer {name!r}: not found locally (mixroute never downloads): "
-                          f"{str(e).splitlines()[0]}") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def length_stats(values: list[int]) -> dict[str, float]:
     """mean, median, p95 and max of token lengths."""
     import numpy as np
@@ -62,7 +35,7 @@ def length_stats(values: list[int]) -> dict[str, float]:
             "max": float(a.max())}
 
 
-@data_app.command("inspect")
+@user_errors(ValueError, OSError)  # bad --columns, an unreadable file
 def inspect_cmd(
     path: str = typer.Argument(..., help="JSONL/JSON/CSV/Parquet file (Dolly schema, or map columns)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer for the length statistics: "
@@ -79,19 +52,17 @@ def inspect_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from mixroute.data import DataError, load_records, tokenize_records
+    from mixroute.data import load_records, tokenize_records
+    from mixroute.models import load_tokenizer
 
     if template not in ("chat", "plain"):
-        _fail(f"--template must be 'chat' or 'plain', got {template!r}")
+        fail(f"--template must be 'chat' or 'plain', got {template!r}")
     if max_length < 2:
-        _fail(f"--max-length must be >= 2, got {max_length}")
-    try:
-        rs = load_records(path, columns=parse_columns(columns))
-        tok = load_tokenizer(tokenizer)
-        toks = tokenize_records(rs.records, tok, rs.categories, template, max_length)  # type: ignore[arg-type]
-    except (DataError, ValueError, OSError) as e:
-        _fail(str(e))
-        return
+        fail(f"--max-length must be >= 2, got {max_length}")
+    rs = load_records(path, columns=parse_columns(columns))
+    tok = load_tokenizer(tokenizer)
+    toks = tokenize_records(rs.records, tok, rs.categories, template, max_length)  # type: ignore[arg-type]
+    # soft_wrap: the summary lines carry long paths; keep them whole
     console = Console(highlight=False, soft_wrap=True)
     console.print(f"{rs.source}: {len(rs):,} records ({rs.loaded:,} loaded, {rs.skipped:,} skipped for a blank "
                   f"instruction or response{': e.g. ' + ', '.join(rs.skipped_where) if rs.skipped_where else ''})")
@@ -114,22 +85,18 @@ def inspect_cmd(
                   f"response tokens), {toks.dropped:,} dropped (no room for a response token)")
 
 
-@data_app.command("synthetic")
+@user_errors()
 def synthetic_cmd(
     out: str = typer.Option(..., "--out", help="Output JSONL file (written atomically)."),
     per_task: int = typer.Option(200, "--per-task", help="Records per task family."),
     seed: int = typer.Option(0, "--seed", help="Generation seed (same seed -> same file)."),
 ) -> None:
     """Write the built-in synthetic multi-task suite as JSONL (Dolly schema, category = task family)."""
-    from mixroute.config import atomic_write_text
-    from mixroute.data import FAMILIES, DataError, synthetic_suite
+    from mixroute.fileio import atomic_write_text
+    from mixroute.data import FAMILIES, synthetic_suite
 
     if not out.endswith(".jsonl"):
-        _fail(f"--out must be a .jsonl file, got {out!r}")
-    try:
-        recs = synthetic_suite(per_task=per_task, seed=seed)
-    except DataError as e:
-        _fail(str(e))
-        return
+        fail(f"--out must be a .jsonl file, got {out!r}")
+    recs = synthetic_suite(per_task=per_task, seed=seed)
     atomic_write_text(out, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in recs))
     typer.echo(f"wrote {len(recs):,} records ({len(FAMILIES)} task families x {per_task}) to {out}")

@@ -1,27 +1,38 @@
-"""CLI command of the pruning feature: ``mixroute prune``."""
+"""``mixroute prune``: sparsify a base model's linear layers and save it as a loadable model directory."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
-from mixroute.prune.masks import NM_CONVENTION
+from mixroute.cli.common import console, fail, user_errors
 
-
-def register(app: typer.Typer) -> None:
-    app.command("prune", help=PRUNE_HELP)(prune_cmd)
-
-
-PRUNE_HELP = (
+HELP = (
     "Prune every nn.Linear of the decoder blocks (magnitude, Wanda or SparseGPT) and save a model directory "
     "loadable by load_base_model(DIR) and transformers, with prune_report.json (achieved sparsity per layer, "
     "perplexity before/after on the validation split of the calibration source).\n\n"
-    f"{NM_CONVENTION}\n\n"
+    "{nm_convention}\n\n"
     "Example: mixroute prune --method sparsegpt --pattern 2:4 --calib dolly.jsonl --out models/smol-2of4"
 )
 
 
+class PruneHelp(TyperCommand):
+    """Fills in the N:M convention only when ``prune --help`` is shown.
+
+    The convention is defined in mixroute.prune, which imports torch; `mixroute --help` lists only the first
+    paragraph and should not pay for that import.
+    """
+
+    def format_help(self, ctx, formatter) -> None:
+        from mixroute.prune.masks import NM_CONVENTION
+
+        self.help = HELP.format(nm_convention=NM_CONVENTION)
+        super().format_help(ctx, formatter)
+
+
+@user_errors()
 def prune_cmd(
     model: Optional[str] = typer.Argument(None, help="Model: omit for the embedded SmolLM2-135M-Instruct, a local "
                                                     "directory, a cached Hugging Face id, or 'tiny'."),
@@ -53,22 +64,16 @@ def prune_cmd(
 ) -> None:
     from transformers.utils import logging as hf_logging
 
-    from mixroute.cli import console, fail
-    from mixroute.models import ModelNotFoundError
-    from mixroute.prune.masks import PruneError
     from mixroute.prune.pipeline import run_prune
 
     hf_logging.disable_progress_bar()  # our own bar over layers only; no "Writing model shards" bars
 
     if blocksize < 1 or not 0 <= percdamp < 1:
         fail(f"--blocksize {blocksize} / --percdamp {percdamp}: need blocksize >= 1 and 0 <= percdamp < 1")
-    try:
-        report = run_prune(model, method, out, sparsity=sparsity, pattern=pattern, calib=calib,
-                           calib_samples=calib_samples, calib_seq_len=calib_seq_len, eval_examples=eval_examples,
-                           include_embeddings=include_embeddings, include_lm_head=include_lm_head,
-                           blocksize=blocksize, percdamp=percdamp, force=force, seed=seed, progress=progress)
-    except (PruneError, ModelNotFoundError) as e:
-        fail(str(e))
+    report = run_prune(model, method, out, sparsity=sparsity, pattern=pattern, calib=calib,
+                       calib_samples=calib_samples, calib_seq_len=calib_seq_len, eval_examples=eval_examples,
+                       include_embeddings=include_embeddings, include_lm_head=include_lm_head,
+                       blocksize=blocksize, percdamp=percdamp, force=force, seed=seed, progress=progress)
     target = report.pattern or f"{report.sparsity:.0%}"
     ppl = (f"perplexity {report.ppl_before:.3f} -> {report.ppl_after:.3f}" if report.ppl_before is not None
            else "perplexity not measured")

@@ -1,8 +1,8 @@
 """TensorBoard event files from a training run (optional: needs ``pip install 'mixroute[tensorboard]'``).
 
-``MetricsLogger`` (train/tracking.py) builds a ``TensorBoardLogger(run_dir)`` when this import succeeds and
-mirrors train / validation scalars into ``RUN_DIR/tb``: ``tensorboard --logdir runs`` then shows every run.
-Uses tensorboard's own event writer (not torch.utils.tensorboard, which imports far more).
+``MetricsLogger`` (train/tracking.py) mirrors train / validation scalars through a ``TensorBoardLogger`` into
+``RUN_DIR/tb``: ``tensorboard --logdir runs`` then shows every run. Uses tensorboard's own event writer (not
+torch.utils.tensorboard, which imports far more).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mixroute.rundir import TENSORBOARD
+
 INSTALL_HINT = "TensorBoard event files need the tensorboard package: pip install 'mixroute[tensorboard]'"
 
 
@@ -20,7 +22,7 @@ class TensorBoardLogger:
 
     Raises ImportError (with the install command) when tensorboard is not installed."""
 
-    def __init__(self, run_dir: str | Path, subdir: str = "tb") -> None:
+    def __init__(self, run_dir: str | Path, subdir: str = TENSORBOARD) -> None:
         try:
             from tensorboard.compat.proto.event_pb2 import Event
             from tensorboard.compat.proto.summary_pb2 import Summary

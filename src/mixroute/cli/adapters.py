@@ -1,4 +1,4 @@
-"""`mixroute adapters ...`: move LoRA experts between PEFT adapter directories and mixroute mixtures."""
+"""``mixroute adapters import/export``: move LoRA experts between PEFT adapter directories and mixtures."""
 
 from __future__ import annotations
 
@@ -6,25 +6,20 @@ from typing import Optional
 
 import typer
 
-adapters_app = typer.Typer(
-    help="Import PEFT LoRA adapters as the experts of a mixture, or export one expert as a PEFT adapter.\n\n"
+from mixroute.cli.common import console, user_errors
+
+HELP = (
+    "Import PEFT LoRA adapters as the experts of a mixture, or export one expert as a PEFT adapter.\n\n"
     "Example (MoA stage 2 from per-task LoRAs):\n\n"
     "  mixroute adapters import runs/lora_qa runs/lora_sum runs/lora_code --out mixtures/moa --router task\n\n"
-    "  mixroute adapters export mixtures/moa --expert 1 --out adapters/sum   # PeftModel.from_pretrained",
-    no_args_is_help=True,
+    "  mixroute adapters export mixtures/moa --expert 1 --out adapters/sum   # PeftModel.from_pretrained"
 )
 
 _MODEL_HELP = ("Base model the mixture belongs to: omit for the embedded SmolLM2-135M-Instruct, a local "
                "directory, a cached Hugging Face id, or 'tiny' (random test model).")
 
 
-def _load_model(name: Optional[str]):
-    from mixroute.models import load_base_model, tiny_model
-
-    return tiny_model()[0] if name == "tiny" else load_base_model(name)[0]
-
-
-@adapters_app.command("import")
+@user_errors(ValueError)  # adapters that are malformed or do not match each other
 def import_cmd(
     adapter_dirs: list[str] = typer.Argument(..., help="PEFT LoRA adapter directories (adapter_config.json + "
                                                        "adapter_model.safetensors), one per expert, in order: "
@@ -41,24 +36,20 @@ def import_cmd(
     The router starts untrained; train it with `mixroute train` (method moa, stage1_adapters) or use
     --router oracle to route by task id right away.
     """
-    from mixroute.cli import console, fail
     from mixroute.config import MixtureConfig, from_dict
     from mixroute.mixture import Mixture
-    from mixroute.models import ModelNotFoundError
+    from mixroute.models import load_base_model
 
-    try:
-        cfg = from_dict(MixtureConfig, {"router": router, "num_tasks": len(adapter_dirs)}, "mixture.")
-        mix = Mixture.from_peft(_load_model(model), adapter_dirs, cfg)
-        mix.save(out)
-    except (ValueError, FileNotFoundError, ModelNotFoundError) as e:
-        fail(str(e))
+    cfg = from_dict(MixtureConfig, {"router": router, "num_tasks": len(adapter_dirs)}, "mixture.")
+    mix = Mixture.from_peft(load_base_model(model)[0], adapter_dirs, cfg)
+    mix.save(out)
     parts = mix.num_parameters_by_part()
     console.print(f"wrote {out}: {len(adapter_dirs)} experts (rank {mix.cfg.rank}, "
                   f"{', '.join(mix.cfg.target_modules)}), router {router}; "
                   f"{parts['experts']:,} expert + {parts['routers']:,} router parameters")
 
 
-@adapters_app.command("export")
+@user_errors(ValueError)  # e.g. an expert index out of range
 def export_cmd(
     mixture_dir: str = typer.Argument(..., help="A saved mixture (mixture.safetensors + mixture.json), e.g. "
                                                 "RUN_DIR/final."),
@@ -68,18 +59,9 @@ def export_cmd(
     model: Optional[str] = typer.Option(None, "--model", help=_MODEL_HELP),
 ) -> None:
     """Write one LoRA expert of a mixture as a PEFT adapter: `PeftModel.from_pretrained(base, OUT)` loads it."""
-    from mixroute.cli import console, fail
     from mixroute.mixture import Mixture
-    from mixroute.models import ModelNotFoundError
+    from mixroute.models import load_base_model
 
-    try:
-        mix = Mixture.load(_load_model(model), mixture_dir)
-        mix.export_peft(expert, out)
-    except (ValueError, FileNotFoundError, ModelNotFoundError) as e:
-        fail(str(e))
+    mix = Mixture.load(load_base_model(model)[0], mixture_dir)
+    mix.export_peft(expert, out)
     console.print(f"wrote PEFT adapter {out} (expert {expert} of {mixture_dir})")
-
-
-def register(app: typer.Typer) -> None:
-    """Add the `adapters` command group to the mixroute CLI."""
-    app.add_typer(adapters_app, name="adapters")

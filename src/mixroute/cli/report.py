@@ -1,4 +1,4 @@
-"""CLI command of the report feature: ``mixroute report``."""
+"""``mixroute report``: one HTML / Markdown page of runs and pruned models, optionally kept up to date."""
 
 from __future__ import annotations
 
@@ -7,12 +7,9 @@ from typing import Optional
 
 import typer
 
+from mixroute.cli.common import console, fail, user_errors
 
-def register(app: typer.Typer) -> None:
-    app.command("report", help=REPORT_HELP, epilog=REPORT_EXAMPLES)(report_cmd)
-
-
-REPORT_HELP = (
+HELP = (
     "Write a self-contained HTML page (report.html: images embedded, no network needed) and report.md with its "
     "PNGs: config summary and data split, the comparison table (best per row highlighted), router vs classifier "
     "accuracy, trainable parameters, gate heatmaps before / during / after training, the router confusion "
@@ -21,7 +18,7 @@ REPORT_HELP = (
 )
 
 # typer/rich keeps blank-line separated paragraphs of an epilog; one example per paragraph reads best
-REPORT_EXAMPLES = """Examples:
+EXAMPLES = """Examples:
 
 mixroute report runs/moa   (writes runs/moa/report/report.html and report.md)
 
@@ -36,6 +33,11 @@ mixroute report models/smol-w50 models/smol-w75 models/smol-m50   (pruned models
 Docs: docs/report.md."""
 
 
+def _warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
+
+@user_errors()
 def report_cmd(
     run_dirs: list[str] = typer.Argument(..., help="Run directories (mixroute train / eval) and pruned model "
                                                    "directories (mixroute prune --out), or a folder of pruned "
@@ -52,8 +54,6 @@ def report_cmd(
     max_updates: Optional[int] = typer.Option(None, "--max-updates", help="--watch: stop after this many "
                                                                           "rewrites (default: never)."),
 ) -> None:
-    from mixroute.cli import console, fail
-    from mixroute.report import ReportError
     from mixroute.report import watch as watch_report
     from mixroute.report import write_report
 
@@ -65,29 +65,24 @@ def report_cmd(
         fail(f"--max-updates {max_updates}: need >= 0")
     out_dir = Path(out) if out else (Path(run_dirs[0]) / "report" if len(run_dirs) == 1 else Path("report"))
 
-    def warn(message: str) -> None:
-        console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    if not watch:
+        path = write_report(run_dirs, out_dir, layer=layer, warn=_warn)
+        console.print(f"wrote [bold]{path}[/bold] and {path.with_suffix('.md')}", highlight=False)
+        return
+
+    seen: set[str] = set()
+
+    def once(message: str) -> None:  # the same missing file is not repeated at every rewrite
+        if message not in seen:
+            seen.add(message)
+            _warn(message)
+
+    def updated(path: Path, n: int) -> None:
+        console.print(f"{'wrote' if n == 0 else f'update {n}: rewrote'} [bold]{path}[/bold]"
+                      + (f"; watching every {interval:g} s (Ctrl-C stops)" if n == 0 else ""), highlight=False)
 
     try:
-        if not watch:
-            path = write_report(run_dirs, out_dir, layer=layer, warn=warn)
-            console.print(f"wrote [bold]{path}[/bold] and {path.with_suffix('.md')}", highlight=False)
-            return
-
-        seen: set[str] = set()
-
-        def once(message: str) -> None:  # the same missing file is not repeated at every rewrite
-            if message not in seen:
-                seen.add(message)
-                warn(message)
-
-        def updated(path: Path, n: int) -> None:
-            console.print(f"{'wrote' if n == 0 else f'update {n}: rewrote'} [bold]{path}[/bold]"
-                          + (f"; watching every {interval:g} s (Ctrl-C stops)" if n == 0 else ""), highlight=False)
-
         watch_report(run_dirs, out_dir, layer=layer, interval=interval, max_updates=max_updates,
                      on_update=updated, warn=once)
-    except ReportError as e:
-        fail(str(e))
     except KeyboardInterrupt:
         console.print("stopped watching")

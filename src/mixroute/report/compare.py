@@ -1,6 +1,5 @@
-"""The ``compare`` table: rows = categories + average, column groups = runs (methods), metrics PPL / BLEU /
-ROUGE-L, from eval.json dicts. Uses ``mixroute.report`` when it provides the same helpers; this module is the
-fallback so ``compare`` works on its own."""
+"""The comparison table of ``mixroute compare`` and the report: rows = categories + average, column groups =
+runs, metrics PPL / BLEU / ROUGE-L, read from eval.json dicts; as markdown or CSV."""
 
 from __future__ import annotations
 
@@ -13,20 +12,20 @@ METRICS = (("PPL", "perplexity"), ("BLEU", "bleu"), ("ROUGE-L", "rougeL"))
 
 
 @dataclass
-class Table:
-    """``header`` (group, metric) pairs; ``rows``: (row label, values) with None for a missing value."""
+class ComparisonTable:
+    """Column groups (runs) x ``metrics``; ``rows``: (row label, values) with None for a missing value, values
+    ordered group by group."""
 
     groups: list[str]
     metrics: list[str]
     rows: list[tuple[str, list[Optional[float]]]]
 
 
-def comparison_table(evals: list[dict[str, Any]]) -> Table:
+def comparison_table(evals: list[dict[str, Any]]) -> ComparisonTable:
     """Build the table from eval.json dicts (categories: union in first-seen order; average last)."""
     cats: list[str] = []
     for e in evals:
         cats += [c for c in e.get("categories", []) if c not in cats]
-    groups = _group_names(evals)
     rows = []
     for cat in cats + ["average"]:
         values: list[Optional[float]] = []
@@ -38,7 +37,7 @@ def comparison_table(evals: list[dict[str, Any]]) -> Table:
                 else:
                     values.append((block.get("per_category") or {}).get(cat))
         rows.append((cat, values))
-    return Table(groups, [m for m, _ in METRICS], rows)
+    return ComparisonTable(_group_names(evals), [m for m, _ in METRICS], rows)
 
 
 def _group_names(evals: list[dict[str, Any]]) -> list[str]:
@@ -46,25 +45,30 @@ def _group_names(evals: list[dict[str, Any]]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
 
 
-def _fmt(v: Optional[float], metric: str) -> str:
+def format_metric(v: Optional[float], metric: str) -> str:
+    """PPL with 3 decimals, BLEU / ROUGE-L (0-100) with 2, "-" for a missing value."""
     if v is None:
         return "-"
     return f"{v:.3f}" if metric == "PPL" else f"{v:.2f}"
 
 
-def to_markdown(table: Table) -> str:
-    head = ["category"] + [f"{g} {m}" for g in table.groups for m in table.metrics]
+def column_names(table: ComparisonTable) -> list[str]:
+    return ["category"] + [f"{g} {m}" for g in table.groups for m in table.metrics]
+
+
+def to_markdown(table: ComparisonTable) -> str:
+    head = column_names(table)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, values in table.rows:
-        cells = [_fmt(v, table.metrics[i % len(table.metrics)]) for i, v in enumerate(values)]
+        cells = [format_metric(v, table.metrics[i % len(table.metrics)]) for i, v in enumerate(values)]
         lines.append("| " + " | ".join([f"**{label}**" if label == "average" else label] + cells) + " |")
     return "\n".join(lines)
 
 
-def to_csv(table: Table) -> str:
+def to_csv(table: ComparisonTable) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["category"] + [f"{g} {m}" for g in table.groups for m in table.metrics])
+    w.writerow(column_names(table))
     for label, values in table.rows:
         w.writerow([label] + ["" if v is None else f"{v:.6g}" for v in values])
     return buf.getvalue()
