@@ -28,3 +28,18 @@ def smollm():
     from mixroute.models import load_base_model
 
     return load_base_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A trained tiny MoA run directory (2 steps, 8 label-aligned experts): what the serving tests serve."""
+    from pathlib import Path
+
+    from mixroute.config import load_config
+    from mixroute.train import train
+
+    out = tmp_path_factory.mktemp("serve") / "tiny_moa"
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "moa.yaml"),
+                      ["model.name=tiny", "data.synthetic_per_task=6", "data.max_length=48", "train.max_steps=2",
+                       "train.stage1_steps=1", "train.eval_every=0", "train.save_every=0", f"output_dir={out}"])
+    return str(train(cfg, progress=False))

@@ -15,13 +15,14 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mixroute"
 ROOT_UNIT = "mixroute"  # the package's own __init__.py (public re-exports)
 
 # unit -> units it must not import (lower layers never reach up; cli is the top and may import anything)
-ABOVE_RUNDIR = {"cli", "demo", "train", "evaluate", "report", "prune"}
+ABOVE_RUNDIR = {"cli", "demo", "train", "evaluate", "report", "prune", "federated"}
 FORBIDDEN = {
     "rundir": ABOVE_RUNDIR,
     "evaluate": ABOVE_RUNDIR - {"evaluate"},
     "train": ABOVE_RUNDIR - {"train", "evaluate"},
     "report": ABOVE_RUNDIR - {"report"},
     "prune": ABOVE_RUNDIR - {"prune", "evaluate"},
+    "federated": ABOVE_RUNDIR - {"federated", "train", "evaluate"},  # only cli imports federated
     **{low: ABOVE_RUNDIR | {"rundir"} for low in ("mixture", "experts", "routers", "methods")},
     **{low: ABOVE_RUNDIR | {"rundir", "mixture", "experts", "routers", "methods"}
        for low in ("data", "models", "config", "fileio")},

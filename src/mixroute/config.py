@@ -147,6 +147,43 @@ class EvalConfig:
 
 
 @dataclass
+class FederatedConfig:
+    clients: int = f(8, "Number of clients (Flower SuperNodes), each holding one partition of the train split.",
+                     ge=1)
+    rounds: int = f(10, "Federated rounds.", ge=1)
+    fraction: float = f(1.0, "Fraction of the clients sampled per round (at least min_clients).", gt=0.0, le=1.0)
+    min_clients: int = f(1, "Minimum clients sampled per round, and the nodes the server waits for before the "
+                            "first round (so a dead node cannot hang it).", ge=1)
+    local_steps: int = f(10, "Optimizer steps per client per round (AdamW restarted every round, cosine decay "
+                             "over these steps, no warm-up: train.warmup_steps is not used).", ge=1)
+    batch_size: Optional[int] = f(None, "Sequences per local micro-batch (null = train.batch_size).", ge=1)
+    aggregation: Literal["fedavg", "fedprox", "usage"] = f(
+        "fedavg", "fedavg: every tensor averaged with weights n_k (client examples); fedprox: the same average, "
+                  "clients add (mu/2)||w - w_global||^2 to their loss; usage: each expert's tensors averaged with "
+                  "weights n_k * u_ke (client k's routing mass on expert e), an expert no client used keeps its "
+                  "previous value.")
+    proximal_mu: float = f(0.01, "FedProx: weight mu of the proximal term (aggregation=fedprox only).", ge=0.0)
+    personalize_router: bool = f(False, "Keep routers / gates per client (not averaged): each client trains its own "
+                                        "router; the global router is the example-weighted average (global test "
+                                        "split), per-client evaluation uses the client's own router.")
+    round_timeout: Optional[float] = f(600.0, "Seconds the server waits for a round's replies (null = forever); "
+                                              "clients that did not answer count as failed.", gt=0.0)
+    partition: Literal["iid", "dirichlet", "mop_skew"] = f(
+        "mop_skew", "How the train split is divided among clients: iid (shuffled, equal shares), dirichlet "
+                    "(per category, shares ~ Dir(alpha)), mop_skew (MoP appendix A: per category one share 15x "
+                    "each of the others, shares assigned to clients at random).")
+    dirichlet_alpha: float = f(0.5, "dirichlet: concentration alpha (small = more skewed).", gt=0.0)
+    partition_total: Optional[int] = f(5000, "mop_skew: samples drawn in total from the train split before "
+                                             "partitioning (null or more than available = all).", ge=1)
+    skew_factor: float = f(15.0, "mop_skew: the large share of each category is this many times each small one.",
+                           ge=1.0)
+    partition_seed: int = f(0, "Seed of the partition (and of client sampling per round).")
+    cpus_per_client: float = f(1.0, "Simulation: CPU cores Ray gives each client.", gt=0.0)
+    inject_failures: list = f([], "Testing aid: 'ROUND:PARTITION' strings; that client raises in that round "
+                                  "(e.g. ['2:1']).")
+
+
+@dataclass
 class RunConfig:
     output_dir: str = f("runs/run", "Run directory (config.yaml, metrics.jsonl, checkpoints/, eval.json, gates.json).")
     model: ModelConfig = f(None, "Base model.")
@@ -154,6 +191,7 @@ class RunConfig:
     mixture: MixtureConfig = f(None, "Experts and router.")
     train: TrainConfig = f(None, "Optimisation.")
     eval: EvalConfig = f(None, "Evaluation.")
+    federated: FederatedConfig = f(None, "Federated training (mixroute federate; ignored by mixroute train).")
 
     def __post_init__(self) -> None:
         for fl in dataclasses.fields(self):

@@ -232,6 +232,24 @@ def router_read_layer(mix: nn.Module) -> int:
     return mix.model.config.num_hidden_layers // 2
 
 
+def validation_snapshot(model: nn.Module, mix: Optional[nn.Module], data: Any, batch_size: int, step: int,
+                        stage: str, device: torch.device | str = "cpu") -> tuple[dict, dict, Optional[dict]]:
+    """Validation perplexity of ``mix`` (or the base model) at ``step``: the perplexity dict, its metrics.jsonl
+    eval row, and a gates.json snapshot (None when nothing routes). Central and federated training both log
+    these."""
+    cats = data.categories
+    held = held_out_pass(model, mix, data.batches("validation", batch_size), device=device)
+    ppl = perplexity(held.nll, held.tokens, held.task_ids, cats)
+    row = {"step": step, "split": "validation", "ppl": ppl["overall"], "ppl_per_category": ppl["per_category"]}
+    weights, layers = gate_matrix(held, len(cats))
+    snap: Optional[dict] = None
+    if weights:
+        snap = {"stage": stage, "step": step, "weights": weights, "level": gate_level(mix)}
+        if layers:
+            snap["layers"] = layers
+    return ppl, row, snap
+
+
 # ------------------------------------------------------------------ generation
 @torch.no_grad()
 def generate_texts(model: nn.Module, mix: Optional[nn.Module], tok: Any, prompts: Sequence[list[int]],

@@ -271,12 +271,15 @@ class Mixture(nn.Module):
         kept_level = router.level in KEPT_LEVELS
         if kept_level and not ctx.is_prefill and key in ctx.kept:
             route = ctx.kept[key].for_batch(bsz)
-        elif (forced := self._forced.get(key, self._forced.get(None))) is not None:
+        elif (forced := self._forced.get(key, self._forced.get(None))) is not None \
+                and not bool(forced.isnan().any()):
             route = _forced_route(forced, bsz, hidden.device)
         else:
             token_level = router.level in ("token", "rank")
             route = router(hidden, ctx.token_mask() if token_level else ctx.read_mask(), ctx.task_ids_for(bsz))
             ctx.add_aux(route.aux)
+            if forced is not None:  # some rows forced, the NaN rows left to the router
+                route = _merge_forced(route, forced, hidden.device)
         if kept_level:
             ctx.kept[key] = route.detach()
         ctx.routes[key] = route
@@ -287,7 +290,8 @@ class Mixture(nn.Module):
     def force(self, weights: Optional[Tensor], key: Optional[str] = None) -> None:
         """Override sequence-level routing with fixed weights over experts, (E,) or (B, E), >= 0 (normalised;
         zeros switch experts off); ``key`` names one router (default: all). ``None`` undoes. A one-hot row
-        runs exactly that expert (the cost of one LoRA)."""
+        runs exactly that expert (the cost of one LoRA). In a (B, E) tensor a row of NaN leaves that sequence
+        to the router (per-row overrides inside one batch, as a server mixing requests needs)."""
         if weights is None:
             self._forced.pop(key, None)
             return
@@ -300,11 +304,13 @@ class Mixture(nn.Module):
                                  "routing can be fixed")
         n = router_class(self.cfg.router).experts_for(self.cfg)
         weights = torch.as_tensor(weights, dtype=torch.float32)
-        if weights.shape[-1] != n or weights.dim() not in (1, 2) or bool((weights < 0).any()) \
-                or bool((weights.sum(-1) <= 0).any()):
-            raise ValueError(f"forced weights must be >= 0, not all zero, with last dim num_experts={n}; got "
-                             f"shape {tuple(weights.shape)}")
-        self._forced[key] = weights / weights.sum(-1, keepdim=True)
+        free = weights.isnan().all(-1, keepdim=True)   # rows the router decides
+        fixed = weights.masked_fill(free, 1.0)
+        if weights.shape[-1] != n or weights.dim() not in (1, 2) or bool(fixed.isnan().any()) \
+                or bool((fixed < 0).any()) or bool((fixed.sum(-1) <= 0).any()):
+            raise ValueError(f"forced weights must be >= 0, not all zero (or a whole row of NaN), with last dim "
+                             f"num_experts={n}; got shape {tuple(weights.shape)}")
+        self._forced[key] = (fixed / fixed.sum(-1, keepdim=True)).masked_fill(free, float("nan"))
 
     def chosen_experts(self) -> Optional[list[int]]:
         """Top-1 expert per sequence of the last prefill, averaged over the sequence-level routers (None when
@@ -496,6 +502,21 @@ def validate_mixture(cfg: MixtureConfig) -> None:
             ok = [n for n, c in ROUTERS.items() if c.level in PromptBank.levels]
             raise ConfigError(f"mixture.router={cfg.router!r} cannot route prompt experts (it routes per "
                               f"{cls.level}); valid with expert='prompt': {', '.join(ok)}")
+
+
+def _merge_forced(route: RouteWeights, forced: Tensor, device: torch.device) -> RouteWeights:
+    """The router's decision with the forced rows of ``forced`` (B, E) put in place (NaN rows kept)."""
+    forced = forced.to(device)
+    if forced.dim() != 2 or forced.shape[0] != route.weights.shape[0]:
+        raise ValueError(f"per-row forced weights have {forced.shape[0] if forced.dim() == 2 else 1} rows; "
+                         f"this batch has {route.weights.shape[0]}")
+    free = forced.isnan().all(-1)
+    weights = torch.where(free[:, None], route.weights, forced.to(route.weights.dtype))
+    index = None
+    one_hot = bool(((weights == 0) | (weights == 1)).all())
+    if one_hot:
+        index = weights.argmax(-1)
+    return RouteWeights(weights=weights, level=route.level, index=index, logits=route.logits, aux=route.aux)
 
 
 def _forced_route(weights: Tensor, bsz: int, device: torch.device) -> RouteWeights:

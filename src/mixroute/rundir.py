@@ -35,6 +35,10 @@ TENSORBOARD = "tb"
 CHECKPOINTS = "checkpoints"
 STAGE1 = "stage1"
 FINAL = "final"
+PARTITION = "partition.json"        # federated: clients x categories counts of the train split
+FEDERATED = "federated"              # federated: global/ (the last completed round's state), state.json
+CLIENT_GATES = "gates_clients.json"  # federated: gate matrix per client on its own data
+CLIENT_EVAL = "eval_clients.json"    # federated, personal routers: each client's own router on its test share
 PRUNE_REPORT = "prune_report.json"  # the report of a pruned model directory (mixroute prune --out)
 
 
@@ -180,6 +184,52 @@ def write_data_report(run_dir: str | Path, report: dict[str, Any]) -> None:
 
 def read_rounds(run_dir: str | Path, problems: Optional[list[str]] = None) -> list[dict[str, Any]]:
     return [r for r in read_jsonl(Path(run_dir) / ROUNDS, problems) if "round" in r]
+
+
+def append_round(run_dir: str | Path, row: dict[str, Any]) -> None:
+    """One line of rounds.jsonl (docs/report.md); one write call per line."""
+    with (Path(run_dir) / ROUNDS).open("a") as fh:
+        fh.write(json.dumps(_finite(row)) + "\n")
+
+
+def truncate_rounds(run_dir: str | Path, last_round: int) -> None:
+    """Drop rounds.jsonl lines past ``last_round`` (a resumed federated run redoes them)."""
+    path = Path(run_dir) / ROUNDS
+    if path.is_file():
+        keep = [r for r in read_rounds(run_dir) if r["round"] <= last_round]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def read_partition(run_dir: str | Path, problems: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
+    """{"scheme", "categories", "clients", "counts": clients x categories}."""
+    return read_json(Path(run_dir) / PARTITION, problems)
+
+
+def write_partition(run_dir: str | Path, table: dict[str, Any]) -> None:
+    atomic_write_text(Path(run_dir) / PARTITION, json.dumps(table, indent=2))
+
+
+def federated_dir(run_dir: str | Path) -> Path:
+    """The server's checkpoint: ``global/`` (mixture.safetensors + mixture.json) and ``state.json``."""
+    return Path(run_dir) / FEDERATED
+
+
+def read_client_gates(run_dir: str | Path, problems: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
+    return read_json(Path(run_dir) / CLIENT_GATES, problems)
+
+
+def write_client_gates(run_dir: str | Path, doc: dict[str, Any]) -> None:
+    """{"categories", "num_experts", "clients": {"client k": {"stage": [[...]]}}}."""
+    atomic_write_text(Path(run_dir) / CLIENT_GATES, json.dumps(doc))
+
+
+def read_client_eval(run_dir: str | Path, problems: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
+    return read_json(Path(run_dir) / CLIENT_EVAL, problems)
+
+
+def write_client_eval(run_dir: str | Path, doc: dict[str, Any]) -> None:
+    """{"split", "clients": {"client k": {"examples", "own_router": ppl dict, "global_router": ppl dict}}}."""
+    atomic_write_text(Path(run_dir) / CLIENT_EVAL, json.dumps(doc, indent=2))
 
 
 # ------------------------------------------------------------------ a loaded run

@@ -11,7 +11,7 @@ from __future__ import annotations
 import typer
 
 import mixroute
-from mixroute.cli import adapters, config, data, evaluate, model, prune, report, train
+from mixroute.cli import adapters, config, data, evaluate, federate, model, prune, report, serve, train
 from mixroute.cli.common import console
 
 app = typer.Typer(
@@ -53,6 +53,8 @@ app.command("compare", epilog=evaluate.COMPARE_EXAMPLES)(evaluate.compare_cmd)
 app.command("generate", epilog=evaluate.GENERATE_EXAMPLES)(evaluate.generate_cmd)
 app.command("report", help=report.HELP, epilog=report.EXAMPLES)(report.report_cmd)
 app.command("prune", help=prune.HELP, cls=prune.PruneHelp)(prune.prune_cmd)
+app.command("federate", epilog=federate.EXAMPLES)(federate.federate_cmd)
+app.command("serve", epilog=serve.EXAMPLES)(serve.serve_cmd)
 
 model_app = _group("model", model.HELP)
 model_app.command("info")(model.info_cmd)
@@ -63,6 +65,7 @@ config_app.command("show")(config.show_cmd)
 data_app = _group("data", data.HELP)
 data_app.command("inspect")(data.inspect_cmd)
 data_app.command("synthetic")(data.synthetic_cmd)
+data_app.command("partition")(data.partition_cmd)
 
 adapters_app = _group("adapters", adapters.HELP)
 adapters_app.command("import")(adapters.import_cmd)

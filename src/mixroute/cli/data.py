@@ -100,3 +100,33 @@ def synthetic_cmd(
     recs = synthetic_suite(per_task=per_task, seed=seed)
     atomic_write_text(out, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in recs))
     typer.echo(f"wrote {len(recs):,} records ({len(FAMILIES)} task families x {per_task}) to {out}")
+
+
+@user_errors(ValueError)
+def partition_cmd(
+    config: str = typer.Argument(..., help="YAML config with a federated: section (configs/fed_*.yaml)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. federated.clients=10 "
+                                                              "federated.partition=dirichlet"),
+    out: Optional[str] = typer.Option(None, "--out", help="Also write the table as JSON (partition.json format)."),
+) -> None:
+    """Print the clients x categories counts of the train split a federated config partitions."""
+    from mixroute.config import load_config
+    from mixroute.data import RunData, format_table, partition_train
+    from mixroute.fileio import atomic_write_text
+    from mixroute.models import load_tokenizer
+
+    cfg = load_config(config, overrides or [])
+    fed = cfg.federated
+    tok = load_tokenizer(cfg.model.name)
+    data = RunData.build(cfg, tok)
+    part = partition_train(fed, [e["task_id"] for e in data.examples["train"]], len(data.categories))
+    table = part.table(data.categories)
+    extra = f", alpha {fed.dirichlet_alpha}" if fed.partition == "dirichlet" else (
+        f", {fed.partition_total or 'all'} drawn, {fed.skew_factor:g}x" if fed.partition == "mop_skew" else "")
+    typer.echo(f"{fed.partition} partition of the train split ({len(data.examples['train'])} examples) over "
+               f"{fed.clients} clients, seed {fed.partition_seed}{extra}")
+    typer.echo(format_table(table))
+    if out:
+        atomic_write_text(out, json.dumps(table, indent=2))
+        typer.echo(f"wrote {out}")
+

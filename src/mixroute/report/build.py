@@ -72,10 +72,21 @@ def build_report(run_dirs: list[str | Path], layer: Optional[str | int] = None) 
         sections.append(Section("Training curves", "curves", _curve_blocks(trained)))
         fed = [r for r in trained if r.rounds]
         if fed:
-            sections.append(Section("Federated rounds", "rounds", [
-                Figure(f"rounds_{_slug(i, r.name)}", plots.round_curves(r), f"federated rounds of {r.name}",
-                       "From rounds.jsonl: validation perplexity per category and bytes exchanged per round.")
-                for i, r in enumerate(fed)]))
+            blocks = []
+            for i, r in enumerate(fed):
+                blocks.append(Figure(f"rounds_{_slug(i, r.name)}", plots.round_curves(r),
+                                     f"federated rounds of {r.name}", "From rounds.jsonl: validation perplexity "
+                                     "per category and bytes exchanged per round."))
+                if r.partition:
+                    blocks.append(Figure(f"partition_{_slug(i, r.name)}", plots.partition_heatmap(r),
+                                         f"partition of {r.name}", "From partition.json: train examples per "
+                                         "client and category."))
+                if r.client_gates and r.client_gates.get("clients"):
+                    blocks.append(Figure(f"client_gates_{_slug(i, r.name)}", plots.client_gate_heatmaps(r),
+                                         f"gates per client of {r.name}", "From gates_clients.json: each "
+                                         "client's routing by category in its first and last round (the global "
+                                         "gate before / during / after is under Gate heatmaps)."))
+            sections.append(Section("Federated rounds", "rounds", blocks))
     if pruned:
         sections.append(Section("Pruning", "pruning", [
             tables.prune_table(pruned),

@@ -203,6 +203,55 @@ def round_curves(run: RunInfo) -> bytes:
     return _png(fig)
 
 
+def partition_heatmap(run: RunInfo) -> bytes:
+    """Clients x categories example counts of a federated run's partition (partition.json)."""
+    part = run.partition or {}
+    counts, cats, clients = part.get("counts") or [[0]], part.get("categories") or [], part.get("clients") or []
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * max(len(cats), 2), 1.2 + 0.45 * max(len(clients), 2)))
+    im = ax.imshow(counts, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cats)), cats, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(clients)), clients, fontsize=8)
+    top = max((max(r) for r in counts if r), default=0)
+    for i, row in enumerate(counts):
+        for j, n in enumerate(row):
+            ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color="white" if n < top / 2 else "black")
+    ax.set_title(f"{run.name}: {part.get('scheme', '?')} partition (train examples)")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    return _png(fig)
+
+
+def client_gate_heatmaps(run: RunInfo) -> bytes:
+    """Per client: categories x experts average routing weight of its training sequences in its first and last
+    round (gates_clients.json), one colour scale for all panels."""
+    doc = run.client_gates or {}
+    clients = doc.get("clients") or {}
+    cats = doc.get("categories") or []
+    panels = []
+    for name in sorted(clients, key=lambda c: int(c.split()[-1]) if c.split()[-1].isdigit() else 0):
+        rounds = sorted(clients[name], key=int)
+        for r in ([rounds[0], rounds[-1]] if len(rounds) > 1 else rounds):
+            panels.append((f"{name}, round {r}", clients[name][r]))
+    n = max(len(panels), 1)
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 0.6 + 0.32 * max(len(cats), 2) * rows),
+                             squeeze=False)
+    vmax = max((max(max(row) for row in w if row) for _, w in panels if w), default=1.0) or 1.0
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, w) in zip(axes.flat, panels):
+        ax.axis("on")
+        im = ax.imshow(w, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+        ax.set_title(title, fontsize=9)
+        ax.set_yticks(range(len(cats)), cats if ax in axes[:, 0] else [""] * len(cats), fontsize=7)
+        ax.set_xlabel("expert", fontsize=8)
+    if panels:
+        fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.03)
+    fig.suptitle(f"{run.name}: gate by category per client (its training data; 0 = category not held)",
+                 fontsize=10)
+    return _png(fig)
+
+
 # ------------------------------------------------------------------ pruning
 def sparsity_curves(runs: list[RunInfo]) -> bytes:
     """Perplexity after pruning against achieved sparsity, one line per method, from the dense model (0%)."""

@@ -44,6 +44,8 @@ class RunInfo:
     gates: Optional[dict[str, Any]] = None
     eval: Optional[dict[str, Any]] = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    partition: Optional[dict[str, Any]] = None      # federated: partition.json (clients x categories counts)
+    client_gates: Optional[dict[str, Any]] = None   # federated: gates_clients.json (per client and round)
     prune: Optional[dict[str, Any]] = None
     missing: list[str] = field(default_factory=list)  # one human-readable line per problem
 
@@ -95,6 +97,9 @@ def read_run(path: str | Path) -> RunInfo:
     for row in rundir.read_metrics(path, info.missing):
         (info.eval_rows if "ppl" in row or "split" in row else info.train_rows).append(row)
     info.rounds = rundir.read_rounds(path, info.missing)
+    if info.rounds:
+        info.partition = rundir.read_partition(path, info.missing)
+        info.client_gates = rundir.read_client_gates(path, info.missing)
     for name, (loses, how) in RUN_FILES.items():
         if not (path / name).is_file():
             info.missing.append(f"{name} missing: no {loses} ({how.format(run=path)})")

@@ -26,7 +26,7 @@ from torch import nn
 from mixroute import rundir
 from mixroute.config import ConfigError, RunConfig
 from mixroute.data import RunData, to_device
-from mixroute.evaluate import gate_level, gate_matrix, held_out_pass, perplexity
+from mixroute.evaluate import validation_snapshot
 from mixroute.fileio import atomic_dir
 from mixroute.methods import mixture_config, needs_stage1, stage1_config
 from mixroute.rundir import load_model
@@ -294,18 +294,12 @@ def _diverged(ctx: _Ctx, mix: nn.Module, optimizer: Any, scheduler: Any, step: i
 # =========================================================================== evaluate and save
 def evaluate_validation(ctx: _Ctx, mix: Optional[nn.Module], step: int, stage: str) -> dict[str, Any]:
     """Validation perplexity (an eval line in metrics.jsonl) and a gate snapshot (gates.json)."""
-    cats = ctx.data.categories
-    held = held_out_pass(ctx.model, mix, ctx.data.batches("validation", ctx.cfg.eval.batch_size),
-                         device=ctx.accelerator.device)
-    ppl = perplexity(held.nll, held.tokens, held.task_ids, cats)
-    ctx.log.eval({"step": step, "split": "validation", "ppl": ppl["overall"],
-                  "ppl_per_category": ppl["per_category"]})
-    weights, layers = gate_matrix(held, len(cats))
-    if weights:
-        snap: dict[str, Any] = {"stage": stage, "step": step, "weights": weights}
-        if layers:
-            snap["layers"] = layers
-        ctx.log.gates(cats, len(weights[0]), gate_level(mix), snap)
+    ppl, row, snap = validation_snapshot(ctx.model, mix, ctx.data, ctx.cfg.eval.batch_size, step, stage,
+                                         device=ctx.accelerator.device)
+    ctx.log.eval(row)
+    if snap is not None:
+        level = snap.pop("level")
+        ctx.log.gates(ctx.data.categories, len(snap["weights"][0]), level, snap)
     return ppl
 
 

@@ -1,0 +1,80 @@
+"""Aggregation rules as pure functions over state dicts (hand-checked in tests/test_federated_aggregate.py).
+
+- ``fedavg`` (also FedProx's server side): every tensor = sum_k n_k w_k / sum_k n_k.
+- ``usage``: the slice of expert e in every per-expert tensor = sum_k n_k u_ke w_ke / sum_k n_k u_ke, where u_ke is
+  client k's measured routing mass on expert e; when no client used expert e (sum 0) it keeps its previous global
+  value. Tensors shared by the experts and routers/gates are averaged by examples.
+- ``personalize_router``: router tensors are not averaged into the client's model; each client keeps its own
+  (``personal_routers``), the global router is still the example-weighted average (for the global test split).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+Axis = Callable[[str, tuple], Optional[tuple[int, int]]]
+
+
+def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    acc = sum(t.to(torch.float64) * wi for t, wi in zip(tensors, w))
+    return (acc / w.sum()).to(tensors[0].dtype)
+
+
+def fedavg(states: Sequence[dict[str, Tensor]], examples: Sequence[int]) -> dict[str, Tensor]:
+    """Example-weighted average of every tensor."""
+    if not states:
+        raise ValueError("fedavg needs at least one client state")
+    return {k: weighted_mean([s[k] for s in states], examples) for k in states[0]}
+
+
+def usage_average(previous: dict[str, Tensor], states: Sequence[dict[str, Tensor]], examples: Sequence[int],
+                  usage: Sequence[Sequence[float]], axis: Axis) -> dict[str, Tensor]:
+    """Mixture-aware FedAvg: expert slices weighted by n_k * u_ke (previous value when unused), the rest by n_k."""
+    if not states:
+        raise ValueError("usage aggregation needs at least one client state")
+    out = {}
+    for key, prev in previous.items():
+        ax = axis(key, tuple(prev.shape))
+        if ax is None:
+            out[key] = weighted_mean([s[key] for s in states], examples)
+            continue
+        dim, block = ax
+        new = prev.clone()
+        for e in range(prev.shape[dim] // block):
+            weights = [n * float(u[e]) for n, u in zip(examples, usage)]
+            if sum(weights) <= 0:
+                continue  # no client routed to expert e: keep its previous value
+            sl = [slice(None)] * prev.dim()
+            sl[dim] = slice(e * block, (e + 1) * block)
+            new[tuple(sl)] = weighted_mean([s[key][tuple(sl)] for s in states], weights)
+        out[key] = new
+    return out
+
+
+def aggregate(rule: str, previous: dict[str, Tensor], states: Sequence[dict[str, Tensor]],
+              examples: Sequence[int], usage: Optional[Sequence[Sequence[float]]] = None,
+              axis: Optional[Axis] = None) -> dict[str, Tensor]:
+    """The new global state; an empty ``states`` (no survivors) keeps ``previous``."""
+    if not states:
+        return {k: v.clone() for k, v in previous.items()}
+    if rule in ("fedavg", "fedprox"):
+        return fedavg(states, examples)
+    if rule == "usage":
+        if usage is None or axis is None:
+            raise ValueError("usage aggregation needs per-client usage and the expert layout")
+        return usage_average(previous, states, examples, usage, axis)
+    raise ValueError(f"aggregation {rule!r} is not valid; expected fedavg, fedprox or usage")
+
+
+def split_routers(state: dict[str, Tensor], is_router: Callable[[str], bool]) -> tuple[dict, dict]:
+    """(experts and other tensors, router tensors)."""
+    return ({k: v for k, v in state.items() if not is_router(k)}, {k: v for k, v in state.items() if is_router(k)})
+
+
+def client_state(global_state: dict[str, Tensor], personal: Optional[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """What client k starts a round from: the global state with its own router when it has one."""
+    return {**global_state, **(personal or {})}

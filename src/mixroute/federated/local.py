@@ -1,0 +1,165 @@
+"""What server and clients share: loading the frozen base, the data, the partition and the mixture once per
+process (``setup``), and one client's local training for one round (``train_round``) with the central
+recipe's pieces (``build_optimizer``, ``train_step``, ``seed_everything``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from mixroute.config import RunConfig
+from mixroute.data import Partition, RunData, partition_train, to_device
+from mixroute.federated.payload import expert_axis
+from mixroute.methods import mixture_config
+from mixroute.rundir import load_model
+from mixroute.train.centralized import build_optimizer, seed_everything
+from mixroute.train.loop import train_mode, train_step
+
+
+@dataclass
+class Local:
+    """A process's frozen base model, data, partition and attached mixture (kept across rounds)."""
+
+    cfg: RunConfig
+    model: nn.Module
+    tok: Any
+    data: RunData
+    part: Partition
+    mix: nn.Module
+    accelerator: Any
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.mix.cfg.num_experts)
+
+    def axis(self, key: str, shape: tuple) -> Optional[tuple[int, int]]:
+        return expert_axis(key, shape, self.num_experts, int(self.mix.cfg.rank))
+
+    def client_data(self, k: int) -> RunData:
+        """Client k's view: its partition of the train split (held-out splits unchanged)."""
+        train = self.data.examples["train"]
+        idx = self.part.clients[k]
+        return dataclasses.replace(self.data, examples={**self.data.examples, "train": [train[i] for i in idx]},
+                                   records={**self.data.records,
+                                            "train": [self.data.records["train"][i] for i in idx]}, _epoch={})
+
+
+def setup(cfg: RunConfig) -> Local:
+    """Load everything a client or the server needs once (the base model stays loaded and frozen)."""
+    from accelerate import Accelerator
+
+    from mixroute.mixture import Mixture
+
+    seed_everything(cfg.train.seed)
+    model, tok = load_model(cfg.model)
+    data = RunData.build(cfg, tok)
+    part = partition_train(cfg.federated, [e["task_id"] for e in data.examples["train"]], len(data.categories))
+    mcfg = mixture_config(cfg, len(data.categories))
+    if mcfg is None:
+        from mixroute.config import ConfigError
+
+        raise ConfigError("train.method 'base' trains nothing and cannot be federated")
+    if cfg.train.stage1_adapters:
+        mix = Mixture.from_peft(model, list(cfg.train.stage1_adapters), mcfg)
+    else:
+        mix = Mixture.attach(model, mcfg)
+    mix.eval()
+    return Local(cfg, model, tok, data, part, mix, Accelerator(cpu=True))
+
+
+class _Local(nn.Module):
+    """The mixture as ``train_step`` drives it, plus FedProx's proximal term and usage bookkeeping."""
+
+    def __init__(self, mix: nn.Module, anchor: Optional[dict[str, Tensor]], mu: float, num_categories: int,
+                 num_experts: int, rank: int) -> None:
+        super().__init__()
+        self.mix, self.mu = mix, mu
+        self.named = [(n, p) for n, p in mix.named_parameters() if p.requires_grad and not n.startswith("model.")]
+        self.anchor = anchor
+        self.mass = torch.zeros(num_categories, num_experts, dtype=torch.float64)
+        self.rows = torch.zeros(num_categories, dtype=torch.float64)
+        self.rank = rank
+
+    def forward(self, **batch: Any) -> Any:
+        out = self.mix(**batch)
+        self._record(out.routing, batch)
+        if self.anchor is not None and self.mu > 0:
+            prox = sum(((p - self.anchor[n]) ** 2).sum() for n, p in self.named)
+            out = dataclasses.replace(out, loss=out.loss + 0.5 * self.mu * prox)
+        return out
+
+    @torch.no_grad()
+    def _record(self, routing: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
+        from mixroute.evaluate import _per_example
+
+        E = self.mass.shape[1]
+        vecs = []
+        for key, w in routing.items():
+            level = self.mix.routers[key].level
+            vec = _per_example(w.detach().float(), level in ("token", "rank"), batch["attention_mask"].bool())
+            if vec.shape[-1] == E * self.rank and E * self.rank != E:  # rank-level: fold ranks into experts
+                vec = vec.reshape(len(vec), E, self.rank).sum(-1)
+            if vec.shape[-1] != E:
+                continue
+            vecs.append(vec / vec.sum(-1, keepdim=True).clamp_min(1e-12))
+        if not vecs:
+            return
+        per_seq = torch.stack(vecs).mean(0).double().cpu()
+        tids = batch["task_ids"].cpu()
+        self.mass.index_add_(0, tids, per_seq)
+        self.rows.index_add_(0, tids, torch.ones(len(tids), dtype=torch.float64))
+
+    def update_balancing(self) -> None:
+        self.mix.update_balancing()
+
+    def usage(self) -> list[float]:
+        """Mean routing mass per expert over every sequence this round (sums to 1; uniform when unrouted)."""
+        total = self.mass.sum(0)
+        if float(total.sum()) <= 0:
+            return [1.0 / self.mass.shape[1]] * self.mass.shape[1]
+        return (total / total.sum()).tolist()
+
+    def gates(self) -> list[list[float]]:
+        """categories x experts average routing weight of this round's training sequences (0 for unseen)."""
+        return (self.mass / self.rows.clamp_min(1).unsqueeze(1)).tolist()
+
+
+def train_round(local: Local, k: int, state: dict[str, Tensor], rnd: int) -> tuple[dict[str, Tensor], dict]:
+    """Client k's local training in round ``rnd`` from ``state``: (new adapter state, metrics). A pure function
+    of (config, k, state, rnd): data order and RNG are seeded from them (resume gives identical results)."""
+    cfg, fed, mix = local.cfg, local.cfg.federated, local.mix
+    seed_everything(cfg.train.seed + 7919 * rnd + 104729 * k)
+    mix.load_adapter_state_dict(state, source=f"round {rnd} global state")
+    data = local.client_data(k)
+    n = len(data.examples["train"])
+    wrapper = _Local(mix, None, 0.0, len(data.categories), local.num_experts, int(mix.cfg.rank))
+    if n == 0:
+        return mix.adapter_state_dict(), {"num-examples": 0, "train_loss": float("nan"), "usage": wrapper.usage(),
+                                          "gates": wrapper.gates(), "steps": 0}
+    if fed.aggregation == "fedprox":
+        wrapper.anchor = {name: p.detach().clone() for name, p in wrapper.named}
+        wrapper.mu = fed.proximal_mu
+    steps, accum = fed.local_steps, cfg.train.grad_accum
+    bs = fed.batch_size or cfg.train.batch_size
+    # a fresh AdamW every round, cosine decay over the local steps, no warm-up (a per-round warm-up of a few
+    # local steps would spend most of them at a tiny learning rate)
+    local_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warmup_steps=0))
+    opt, sched = build_optimizer(mix.adapter_parameters(), local_cfg, steps, list(mix.routers.parameters()))
+    train_mode(mix)
+    losses = []
+    seed = cfg.train.seed + k
+    try:
+        for step in range(steps):
+            micro = [to_device(data.train_batch(((rnd - 1) * steps + step) * accum + a, bs, seed),
+                               local.accelerator.device) for a in range(accum)]
+            stats = train_step(wrapper, micro, opt, sched, local.accelerator, cfg.train.clip_grad, step + 1)
+            losses.append(stats.loss)
+    finally:
+        mix.eval()
+    return ({kk: v.detach().clone() for kk, v in mix.adapter_state_dict().items()},
+            {"num-examples": n, "train_loss": sum(losses) / len(losses), "usage": wrapper.usage(),
+             "gates": wrapper.gates(), "steps": steps})

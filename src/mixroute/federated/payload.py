@@ -1,0 +1,59 @@
+"""What travels between server and clients: the adapter state only (experts + routers/gates), as a Flower
+``ArrayRecord``, never a base-model tensor; and its size in bytes (logged per round)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import Tensor
+
+ROUTER_PREFIX = "routers."
+EXPERT_PREFIX = "experts."
+
+
+class BaseTensorLeak(RuntimeError):
+    """A payload held a tensor of the frozen base model."""
+
+
+def check_adapter_only(state: dict[str, Tensor]) -> None:
+    """Refuse any key that is not an expert or router tensor (base-model keys start with ``model.``)."""
+    bad = [k for k in state if not (k.startswith(EXPERT_PREFIX) or k.startswith(ROUTER_PREFIX))]
+    if bad:
+        raise BaseTensorLeak(f"refusing to send non-adapter tensors: {', '.join(bad[:5])}")
+
+
+def to_record(state: dict[str, Tensor]) -> Any:
+    """An ``ArrayRecord`` of an adapter state dict (checked: no base-model tensor)."""
+    from flwr.app import ArrayRecord
+
+    check_adapter_only(state)
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def from_record(record: Any) -> dict[str, Tensor]:
+    return dict(record.to_torch_state_dict())
+
+
+def num_bytes(state: dict[str, Tensor]) -> int:
+    """Bytes of the tensors' data (what a round moves per client and direction, without framing)."""
+    return sum(v.numel() * v.element_size() for v in state.values())
+
+
+def is_router(key: str) -> bool:
+    return key.startswith(ROUTER_PREFIX)
+
+
+def expert_axis(key: str, shape: tuple, num_experts: int, rank: int) -> Optional[tuple[int, int]]:
+    """(dim, block) when ``key`` stacks per-expert slices along ``dim`` in blocks of ``block`` (expert e owns
+    ``[e*block, (e+1)*block)``), None for tensors shared by the experts (averaged by examples).
+
+    LoRA banks stack experts' ranks: ``A`` is (E*r, in), ``B`` is (out, E*r); prompt banks are (E, L, H)."""
+    if not key.startswith(EXPERT_PREFIX) or num_experts < 1:
+        return None
+    if key.endswith(".A") and len(shape) == 2 and shape[0] == num_experts * rank:
+        return 0, rank
+    if key.endswith(".B") and len(shape) == 2 and shape[1] == num_experts * rank:
+        return 1, rank
+    if len(shape) >= 1 and shape[0] == num_experts and not key.endswith((".A", ".B")):
+        return 0, 1
+    return None

@@ -1,0 +1,314 @@
+"""The Flower ``ServerApp``: maps partitions to nodes, samples clients per round (seeded by round), sends the
+global adapter state, aggregates the survivors (failures and their reasons go to the round record), evaluates
+the global mixture on the validation split, writes ``rounds.jsonl`` and checkpoints atomically every round.
+
+``serve(grid, cfg, run_dir, ...)`` is the loop; ``make_app(...)`` wraps it for the simulation runtime and
+``app`` (module level) is the deployment entry point (``flwr run`` / SuperLink), configured by the run config
+keys ``config`` (YAML path) and ``run-dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from mixroute import rundir
+from mixroute.config import ConfigError, RunConfig, save_config
+from mixroute.evaluate import held_out_pass, perplexity, validation_snapshot
+from mixroute.federated.aggregate import aggregate, client_state, split_routers
+from mixroute.federated.payload import from_record, is_router, num_bytes, to_record
+from mixroute.fileio import atomic_dir, atomic_write_text
+
+STATE = "state.json"
+GLOBAL = "global.safetensors"
+
+
+# ------------------------------------------------------------------ checkpoints
+def save_state(run_dir: Path, rnd: int, global_state: dict, personal: dict[int, dict]) -> None:
+    """federated/ = global.safetensors + router-<k>.safetensors + state.json, replaced atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(rundir.federated_dir(run_dir)) as tmp:
+        save_file({k: v.contiguous() for k, v in global_state.items()}, str(tmp / GLOBAL))
+        for k, st in personal.items():
+            save_file({n: v.contiguous() for n, v in st.items()}, str(tmp / f"router-{k}.safetensors"))
+        atomic_write_text(tmp / STATE, json.dumps({"round": rnd, "personal": sorted(personal)}))
+
+
+def load_state(run_dir: Path) -> Optional[tuple[int, dict, dict[int, dict]]]:
+    from safetensors.torch import load_file
+
+    d = rundir.federated_dir(run_dir)
+    if not (d / STATE).is_file():
+        return None
+    meta = json.loads((d / STATE).read_text())
+    personal = {k: load_file(str(d / f"router-{k}.safetensors")) for k in meta.get("personal", [])}
+    return int(meta["round"]), load_file(str(d / GLOBAL)), personal
+
+
+# ------------------------------------------------------------------ the loop
+def sample(available: list[int], rnd: int, fed: Any) -> list[int]:
+    """Partitions trained in round ``rnd``: a seeded draw (same on resume) of ceil(fraction * clients)."""
+    want = max(fed.min_clients, math.ceil(fed.fraction * fed.clients))
+    want = min(want, len(available))
+    rng = np.random.default_rng([fed.partition_seed, rnd])
+    return sorted(int(x) for x in rng.choice(sorted(available), size=want, replace=False))
+
+
+def wait_for_nodes(grid: Grid, fed: Any, timeout: float = 120.0) -> list[int]:
+    """Node ids, waiting for ``clients`` nodes (at least ``min_clients`` within ``timeout``)."""
+    end = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= fed.clients or (time.monotonic() > end and len(nodes) >= fed.min_clients):
+            return nodes
+        if time.monotonic() > end:
+            raise RuntimeError(f"only {len(nodes)} nodes connected after {timeout:.0f}s; federated.min_clients is "
+                               f"{fed.min_clients}")
+        time.sleep(0.5)
+
+
+def map_partitions(grid: Grid, nodes: list[int], cfg_text: str, timeout: Optional[float]) -> dict[int, int]:
+    """partition-id -> node id (a QUERY message to every node; the clients load their base model here)."""
+    msgs = [Message(RecordDict({"config": ConfigRecord({"cfg": cfg_text})}), dst_node_id=n,
+                    message_type=MessageType.QUERY) for n in nodes]
+    out: dict[int, int] = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        if reply.has_error():
+            continue
+        k = int(reply.content["metrics"]["partition-id"])
+        if k in out:
+            raise RuntimeError(f"two nodes claim partition-id {k}")
+        out[k] = reply.metadata.src_node_id
+    return out
+
+
+def serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
+          stop_after_round: Optional[int] = None) -> None:
+    from mixroute.federated.local import setup
+    import yaml
+
+    fed = cfg.federated
+    local = setup(cfg)
+    mix, cats = local.mix, local.data.categories
+    console = _console(progress)
+    global_state = {k: v.detach().clone() for k, v in mix.adapter_state_dict().items()}
+    personal: dict[int, dict] = {}
+    start = 0
+    if resume and (ck := load_state(run_dir)) is not None:
+        start, global_state, personal = ck
+        rundir.truncate_rounds(run_dir, start)
+        rundir.truncate_after(run_dir, start)
+        console(f"resuming after round {start}")
+    elif not resume:
+        _evaluate(local, global_state, run_dir, 0, "before")
+    cfg_text = yaml.safe_dump(_to_send(cfg), sort_keys=False)
+    nodes = wait_for_nodes(grid, fed)
+    owners = map_partitions(grid, nodes, cfg_text, fed.round_timeout)
+    console(f"{len(owners)} clients connected (partitions {sorted(owners)}); {fed.rounds} rounds, "
+            f"aggregation {fed.aggregation}{', personal routers' if fed.personalize_router else ''}")
+    for rnd in range(start + 1, fed.rounds + 1):
+        t0 = time.perf_counter()
+        sampled = sample(list(owners), rnd, fed)
+        msgs, bytes_down = [], 0
+        for k in sampled:
+            st = client_state(global_state, personal.get(k)) if fed.personalize_router else global_state
+            bytes_down += num_bytes(st)
+            msgs.append(Message(RecordDict({"arrays": to_record(st),
+                                            "config": ConfigRecord({"round": rnd, "cfg": cfg_text, "partition": k})}),
+                                dst_node_id=owners[k], message_type=MessageType.TRAIN))
+        replies = list(grid.send_and_receive(msgs, timeout=fed.round_timeout))
+        by_node = {v: k for k, v in owners.items()}
+        # error replies made by the SuperLink for a lost node do not come from that node: match by message id
+        sent = {m.metadata.message_id: k for m, k in zip(msgs, sampled) if m.metadata.message_id}
+        ok: dict[int, tuple[dict, dict]] = {}
+        failed: list[dict] = []
+        for reply in replies:
+            k = sent.get(reply.metadata.reply_to_message_id, by_node.get(reply.metadata.src_node_id, -1))
+            if reply.has_error():
+                failed.append({"client": k, "reason": reply.error.reason})
+            else:
+                m = reply.content["metrics"]
+                ok[k] = (from_record(reply.content["arrays"]), {key: m[key] for key in m})
+        for k in sampled:
+            if k not in ok and not any(f["client"] == k for f in failed):
+                failed.append({"client": k, "reason": f"no reply within federated.round_timeout "
+                                                      f"({fed.round_timeout}s)"})
+        order = sorted(ok)
+        states = [ok[k][0] for k in order]
+        examples = [int(ok[k][1]["num-examples"]) for k in order]
+        usage = [list(ok[k][1]["usage"]) for k in order]
+        if states and sum(examples) > 0:
+            new = aggregate(fed.aggregation, global_state, states, examples, usage, local.axis)
+            if fed.personalize_router:
+                for k, st in zip(order, states):
+                    personal[k] = split_routers(st, is_router)[1]
+            global_state = new
+        ppl = _evaluate(local, global_state, run_dir, rnd, "after" if rnd == fed.rounds else "during")
+        n = sum(examples)
+        row = {"round": rnd, "sampled": sampled, "succeeded": order, "failed": failed, "examples": n,
+               "train_loss": (sum(ok[k][1]["train_loss"] * e for k, e in zip(order, examples)) / n) if n else None,
+               "usage": _mean_usage(usage, examples),
+               "usage_per_client": {str(k): u for k, u in zip(order, usage)},
+               "ppl": ppl["overall"], "ppl_average": ppl["average"], "ppl_per_category": ppl["per_category"],
+               "bytes_down": bytes_down, "bytes_up": int(sum(ok[k][1]["bytes"] for k in order)),
+               "seconds": round(time.perf_counter() - t0, 3)}
+        rundir.append_round(run_dir, row)
+        if row["train_loss"] is not None:
+            rundir.append_metrics(run_dir, {"step": rnd, "loss": row["train_loss"], "time": time.time()})
+        _client_gates(run_dir, cats, local.num_experts, rnd, {k: ok[k][1]["gates"] for k in order})
+        save_state(run_dir, rnd, global_state, personal)
+        console(_line(row, fed.rounds))
+        if stop_after_round is not None and rnd >= stop_after_round and rnd < fed.rounds:
+            return
+    mix.load_adapter_state_dict(global_state, source="final global state")
+    with atomic_dir(rundir.final_dir(run_dir)) as tmp:
+        mix.save(str(tmp))
+    if fed.personalize_router:
+        for k, st in personal.items():
+            mix.load_adapter_state_dict(client_state(global_state, st), source=f"client {k}")
+            with atomic_dir(rundir.final_dir(run_dir).parent / "clients" / f"client-{k}") as tmp:
+                mix.save(str(tmp))
+        _personal_eval(local, global_state, personal, run_dir)
+
+
+def _personal_eval(local: Any, global_state: dict, personal: dict[int, dict], run_dir: Path) -> None:
+    """Each client's own router on its own share of the test split (the test split partitioned with the same
+    scheme and seed as the train split), next to the global router on the same examples: eval_clients.json."""
+    from mixroute.data import partition_train
+
+    cfg, mix, cats = local.cfg, local.mix, local.data.categories
+    test = local.data.examples["test"]
+    part = partition_train(cfg.federated, [e["task_id"] for e in test], len(cats))
+    bs = cfg.eval.batch_size
+    out: dict[str, Any] = {}
+    for k in sorted(personal):
+        ex = [test[i] for i in part.clients[k]]
+        if not ex:
+            continue
+        batches = [local.data.collate(ex[i:i + bs]) for i in range(0, len(ex), bs)]
+        row: dict[str, Any] = {"examples": len(ex)}
+        for name, state in (("own_router", client_state(global_state, personal[k])), ("global_router", global_state)):
+            mix.load_adapter_state_dict(state, source=f"client {k} ({name})")
+            held = held_out_pass(local.model, mix, batches)
+            row[name] = perplexity(held.nll, held.tokens, held.task_ids, cats)
+        out[f"client {k}"] = row
+    mix.load_adapter_state_dict(global_state, source="final global state")
+    rundir.write_client_eval(run_dir, {"split": "test", "clients": out})
+
+
+def _to_send(cfg: RunConfig) -> dict:
+    """The config the clients rebuild (data.path made absolute: a client may run elsewhere)."""
+    from mixroute.config import to_dict
+
+    d = to_dict(cfg)
+    if d["data"]["path"] and not Path(d["data"]["path"]).is_absolute():
+        d["data"]["path"] = str(Path(d["data"]["path"]).resolve())
+    return d
+
+
+def _mean_usage(usage: list[list[float]], examples: list[int]) -> Optional[list[float]]:
+    if not usage or sum(examples) == 0:
+        return None
+    u = torch.tensor(usage, dtype=torch.float64)
+    w = torch.tensor(examples, dtype=torch.float64).unsqueeze(1)
+    return ((u * w).sum(0) / w.sum()).tolist()
+
+
+def _evaluate(local: Any, state: dict, run_dir: Path, rnd: int, stage: str) -> dict:
+    """Validation perplexity of the global mixture (a metrics.jsonl eval line, step = round) and gates."""
+    mix, cfg = local.mix, local.cfg
+    mix.load_adapter_state_dict(state, source=f"round {rnd} global state")
+    ppl, row, snap = validation_snapshot(local.model, mix, local.data, cfg.eval.batch_size, rnd, stage)
+    rundir.append_metrics(run_dir, row)
+    if snap is not None:
+        level = snap.pop("level")
+        rundir.add_gate_snapshot(run_dir, local.data.categories, len(snap["weights"][0]), level, snap)
+    return ppl
+
+
+def _client_gates(run_dir: Path, cats: list[str], num_experts: int, rnd: int, gates: dict[int, list]) -> None:
+    doc = rundir.read_client_gates(run_dir) or {"categories": cats, "num_experts": num_experts, "clients": {}}
+    for k, flat in gates.items():
+        rows = [list(flat[i * num_experts:(i + 1) * num_experts]) for i in range(len(cats))]
+        doc["clients"].setdefault(f"client {k}", {})[str(rnd)] = rows
+    rundir.write_client_gates(run_dir, doc)
+
+
+def _line(row: dict, rounds: int) -> str:
+    loss = f"{row['train_loss']:.4f}" if row["train_loss"] is not None else "-"
+    ppl = f"{row['ppl']:.2f}" if row["ppl"] is not None else "-"
+    fail = f" [red]{len(row['failed'])} failed[/red]" if row["failed"] else ""
+    return (f"round {row['round']}/{rounds}  clients {len(row['succeeded'])}/{len(row['sampled'])} ok{fail}  "
+            f"train loss {loss}  val ppl {ppl}  down {row['bytes_down'] / 1e6:.2f} MB  "
+            f"up {row['bytes_up'] / 1e6:.2f} MB  {row['seconds']:.1f}s")
+
+
+def _console(enabled: bool) -> Any:
+    from rich.console import Console
+
+    con = Console(highlight=False, soft_wrap=True)
+    return (lambda text: con.print(text)) if enabled else (lambda text: None)
+
+
+# ------------------------------------------------------------------ the apps
+def make_app(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after_round: Optional[int],
+             errors: list) -> ServerApp:
+    """A ServerApp for the simulation runtime; an exception is kept in ``errors`` for the runner to raise."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            serve(grid, cfg, run_dir, resume, progress, stop_after_round)
+        except BaseException as e:  # the simulation runtime only logs it
+            errors.append(e)
+            raise
+
+    return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def deployment_main(grid: Grid, context: Context) -> None:
+    """Deployment entry point: run config keys ``config`` (YAML path) and ``run-dir`` (flwr run --run-config)."""
+    from mixroute.config import load_config
+
+    rc = context.run_config
+    if "config" not in rc and "run-dir" not in rc:
+        raise ConfigError("pass --run-config \"config='configs/fed_mop_skew.yaml' run-dir='runs/x'\"")
+    run_dir = Path(str(rc.get("run-dir", "")))
+    resume = rundir.is_run_dir(run_dir) and (rundir.federated_dir(run_dir) / STATE).is_file()
+    if resume:
+        cfg = rundir.read_config(run_dir)
+    else:
+        overrides = [s for s in str(rc.get("overrides", "")).split() if s]
+        cfg = load_config(str(rc["config"]), overrides)
+        if not str(run_dir):
+            run_dir = Path(cfg.output_dir)
+        cfg.output_dir = str(run_dir)
+        prepare(cfg, run_dir)
+    serve(grid, cfg, run_dir, resume=resume, progress=True)
+
+
+def prepare(cfg: RunConfig, run_dir: Path) -> None:
+    """config.yaml, data_report.json and partition.json of a new run directory."""
+    from mixroute.data import RunData, partition_train
+    from mixroute.models import load_tokenizer
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / rundir.CONFIG)
+    data = RunData.build(cfg, load_tokenizer(cfg.model.name))
+    rundir.write_data_report(run_dir, data.report)
+    part = partition_train(cfg.federated, [e["task_id"] for e in data.examples["train"]], len(data.categories))
+    rundir.write_partition(run_dir, part.table(data.categories))

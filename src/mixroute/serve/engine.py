@@ -1,0 +1,400 @@
+"""The batching engine: one worker thread owns the model and decodes a running batch of mixed-expert rows.
+
+Requests wait in a queue. When nothing runs, the worker takes what arrives within ``max_wait_ms`` (at most
+``max_batch``) and prefills it as one left-padded batch, each row routed by the router or forced to the
+expert its request named (``Mixture.force`` with NaN rows left to the router). It then decodes the batch with
+the KV cache, one step at a time, stopping each row on its own (EOS, stop strings, ``max_tokens``). Between
+two steps, requests that arrived meanwhile are prefilled as a group (their own routing decisions) and join:
+ids, attention masks and KV caches are left-padded to one length and concatenated, and the kept per-row
+routes (``RoutingContext.kept``) are concatenated the same way (continuous batching). Finished rows leave the
+batch at once.
+
+Greedy output does not depend on the batch: every row has its own left padding, attention mask and position
+ids, and sampling draws from a per-request generator seeded by the request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mixroute.routers.base import RouteWeights
+
+TokenCallback = Callable[["Request", str, Optional[str]], None]  # (request, new text, finish reason or None)
+
+
+@dataclass
+class Request:
+    """One generation: prompt token ids, sampling settings and how it is routed."""
+
+    prompt_ids: list[int]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: Optional[int] = None
+    forced: Optional[list[float]] = None      # weights over experts (one-hot = override); None = the router
+    task_id: Optional[int] = None             # for routers that route by label (oracle, poly)
+    on_text: Optional[TokenCallback] = None   # streaming: called from the worker thread
+    on_done: Optional[Callable[["Request"], None]] = None  # called from the worker thread when done or failed
+    # filled by the engine
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    routing: dict[str, Any] = field(default_factory=dict)
+    error: Optional[BaseException] = None
+    done: threading.Event = field(default_factory=threading.Event)
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: Optional[float] = None
+    batch_size: int = 0
+    _sent: int = 0   # characters already handed to on_text
+
+
+class Engine:
+    """Owns ``model`` (+ ``mix``) on one worker thread; ``submit`` is safe from any thread."""
+
+    def __init__(self, model: Any, mix: Any, tok: Any, expert_names: list[str], max_batch: int = 16,
+                 max_wait_ms: float = 10.0, on_batch: Optional[Callable[[list[Request]], None]] = None) -> None:
+        self.model, self.mix, self.tok = model, mix, tok
+        self.expert_names = expert_names
+        self.max_batch, self.max_wait = max(1, max_batch), max(0.0, max_wait_ms) / 1000
+        self.on_batch = on_batch
+        self.eos = tok.eos_token_id
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos
+        self.device = next(model.parameters()).device
+        self._queue: "queue.Queue[Optional[Request]]" = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="mixroute-engine", daemon=True)
+        self._stopping = False
+        self._router_s = 0.0   # host time spent inside the routers during the current prefill
+        self._hooks = []
+        if mix is not None:
+            for router in mix.routers.values():
+                self._hooks += [router.register_forward_pre_hook(self._router_start),
+                                router.register_forward_hook(self._router_end)]
+
+    def _router_start(self, *_: Any) -> None:
+        self._t_router = time.perf_counter()
+
+    def _router_end(self, *_: Any) -> None:
+        self._router_s += time.perf_counter() - self._t_router
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is queued, then end the worker."""
+        self._stopping = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+        for h in self._hooks:
+            h.remove()
+
+    def submit(self, req: Request) -> Request:
+        if self._stopping:
+            raise RuntimeError("the server is shutting down")
+        self._queue.put(req)
+        return req
+
+    def generate(self, req: Request, timeout: Optional[float] = None) -> Request:
+        """Submit and wait (for Python callers and tests)."""
+        self.submit(req).done.wait(timeout)
+        if req.error is not None:
+            raise req.error
+        return req
+
+    # ------------------------------------------------------------------ worker
+    def _collect(self, batch: list[Request], limit: int, wait: bool) -> tuple[list[Request], bool]:
+        """Take up to ``limit`` more queued requests: waiting up to max_wait when nothing runs, else only what
+        is already there (a running batch must not stall). Returns them and whether stop() was called."""
+        deadline = time.perf_counter() + self.max_wait
+        while len(batch) < limit:
+            try:
+                nxt = (self._queue.get(timeout=max(0.0, deadline - time.perf_counter())) if wait
+                       else self._queue.get_nowait())
+            except queue.Empty:
+                break
+            if nxt is None:
+                return batch, True
+            batch.append(nxt)
+        return batch, False
+
+    def _loop(self) -> None:
+        run: Optional[_Running] = None
+        stopping = False
+        while True:
+            if run is None:
+                if stopping:
+                    return
+                first = self._queue.get()
+                if first is None:
+                    return
+                new, stopping = self._collect([first], self.max_batch, wait=True)
+            elif not stopping:
+                new, stopping = self._collect([], self.max_batch - len(run.reqs), wait=False)
+            else:
+                new = []
+            if new:  # new requests prefill with their own routing and join at this step boundary
+                try:
+                    group = self._prefill(new)
+                    run = group if run is None else _merge(run, group)
+                    for r in run.reqs:
+                        r.batch_size = max(r.batch_size, len(run.reqs))
+                    if self.on_batch is not None:
+                        self.on_batch(list(run.reqs))
+                    run = self._compact(run)
+                except Exception as e:  # a failing request fails alone: the worker and the running batch live
+                    _fail(new, e)
+                    if run is not None and any(r.done.is_set() for r in run.reqs):  # failed after the merge
+                        _fail(run.reqs, e)
+                        run = None
+            if run is not None:
+                try:
+                    self._step(run)
+                    run = self._compact(run)
+                except Exception as e:
+                    _fail(run.reqs, e)
+                    run = None
+
+    def _prefill(self, reqs: list[Request]) -> "_Running":
+        """One left-padded forward over new requests; samples their first token."""
+        n, width = len(reqs), max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((n, width), self.pad, dtype=torch.long)
+        attn = torch.zeros((n, width), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            attn[i, width - len(r.prompt_ids):] = 1
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        self._router_s = 0.0
+        with torch.no_grad(), self._routing(reqs):
+            out = self.model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp_min(0),
+                             use_cache=True)
+            self._record_routing(reqs, self._router_s, attn)
+        kept = dict(self.mix.context.kept) if self.mix is not None else {}
+        group = _Running(reqs, [_generator(r.seed) for r in reqs], ids, attn, out.past_key_values, kept, [True] * n)
+        self._sample(group, out.logits[:, -1].float())
+        return group
+
+    def _step(self, run: "_Running") -> None:
+        """One decode step of the running batch: each row reuses the routing its prefill decided."""
+        if self.mix is not None:
+            self.mix.context.kept = run.kept
+        pos = (run.attn.cumsum(-1) - 1)[:, -1:]
+        with torch.no_grad():
+            out = self.model(input_ids=run.ids[:, -1:], attention_mask=run.attn, position_ids=pos,
+                             past_key_values=run.cache, use_cache=True)
+        run.cache = out.past_key_values
+        self._sample(run, out.logits[:, -1].float())
+
+    def _sample(self, run: "_Running", logits: Tensor) -> None:
+        nxt = torch.full((len(run.reqs),), self.pad, dtype=torch.long)
+        greedy = logits.argmax(-1).tolist()   # one device sync for every greedy row
+        for i, r in enumerate(run.reqs):
+            if run.live[i]:
+                nxt[i] = greedy[i] if r.temperature <= 0 else _pick(logits[i], r.temperature, r.top_p, run.gens[i])
+                run.live[i] = self._advance(r, int(nxt[i]))
+        run.ids = torch.cat([run.ids, nxt[:, None].to(self.device)], dim=-1)
+        run.attn = torch.cat([run.attn, torch.ones_like(run.attn[:, :1])], dim=-1)
+
+    def _compact(self, run: "_Running") -> Optional["_Running"]:
+        """Finish the rows that stopped and drop them (and columns no row attends any more) from the batch."""
+        for r, live in zip(run.reqs, run.live):
+            if not live:
+                _finish(r)
+        keep = [i for i, live in enumerate(run.live) if live]
+        if not keep:
+            return None
+        if len(keep) < len(run.reqs):
+            idx = torch.tensor(keep, device=self.device)
+            run.ids, run.attn = run.ids[idx], run.attn[idx]
+            run.cache.batch_select_indices(idx)
+            run.kept = {k: v.select(idx) for k, v in run.kept.items()}
+            run.reqs, run.gens = [run.reqs[i] for i in keep], [run.gens[i] for i in keep]
+            run.live = [True] * len(keep)
+        lead = int(run.attn.any(0).long().argmax())   # leading columns that are padding in every row
+        if lead > 0:
+            run.ids, run.attn = run.ids[:, lead:], run.attn[:, lead:]
+            for layer in run.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+        return run
+
+    def _advance(self, r: Request, token: int) -> bool:
+        """Add ``token`` to ``r``; returns whether it goes on."""
+        if r.t_first is None:
+            r.t_first = time.perf_counter()
+        if token == self.eos:
+            r.finish_reason = "stop"
+            self._emit(r, final=True)
+            return False
+        r.tokens.append(token)
+        r.text = self.tok.decode(r.tokens, skip_special_tokens=True)
+        for s in r.stop:
+            if (at := r.text.find(s)) >= 0:
+                r.text, r.finish_reason = r.text[:at], "stop"
+                self._emit(r, final=True)
+                return False
+        if len(r.tokens) >= r.max_tokens:
+            r.finish_reason = "length"
+            self._emit(r, final=True)
+            return False
+        self._emit(r, final=False)
+        return True
+
+    def _emit(self, r: Request, final: bool) -> None:
+        """Hand new text to a streaming request; hold back what may still become a stop string or a split
+        multi-byte character, so the streamed pieces always add up to the final text."""
+        if r.on_text is None:
+            return
+        end = len(r.text)
+        if not final:
+            hold = max((len(s) - 1 for s in r.stop), default=0)
+            end = max(r._sent, end - hold)
+            while end > r._sent and r.text[end - 1] == "\ufffd":
+                end -= 1
+        piece, r._sent = r.text[r._sent:end], max(r._sent, end)
+        if piece or final:
+            r.on_text(r, piece, r.finish_reason if final else None)
+
+    # ------------------------------------------------------------------ routing
+    @contextlib.contextmanager
+    def _routing(self, batch: list[Request]) -> Iterator[None]:
+        """Force the rows whose request fixed its weights (NaN rows are left to the router) and show the
+        routers the task ids of label-routed requests, for one prefill."""
+        mix = self.mix
+        if mix is None:
+            yield
+            return
+        nan_row = [float("nan")] * len(self.expert_names)
+        any_forced = any(r.forced is not None for r in batch)
+        labels = [r.task_id for r in batch]
+        task_ids = None if all(t is None for t in labels) else torch.tensor([t or 0 for t in labels],
+                                                                           device=self.device)
+        if any_forced:
+            mix.force(torch.tensor([r.forced if r.forced is not None else nan_row for r in batch]))
+        try:
+            with mix.context.inputs(task_ids, None):
+                yield
+        finally:
+            if any_forced:
+                mix.force(None)
+
+    def _record_routing(self, batch: list[Request], seconds: float, attn: Tensor) -> None:
+        """Each request's routing as the prefill decided it (mean gate per expert for token-level routers)."""
+        if self.mix is None:
+            for r in batch:
+                r.routing = {"mode": "none", "experts": [], "probabilities": {}, "router_latency_ms": 0.0}
+            return
+        probs = _expert_probabilities(self.mix.context.routing, len(self.expert_names), attn)
+        ms = round(1000 * seconds, 3)   # the routers run once for the whole batch
+        for i, r in enumerate(batch):
+            p = probs[i] if probs is not None else None
+            pd = {} if p is None else {name: round(float(p[j]), 6) for j, name in enumerate(self.expert_names)}
+            if r.forced is not None:
+                chosen = [self.expert_names[j] for j, w in enumerate(r.forced) if w > 0]
+            elif p is not None:
+                chosen = [self.expert_names[int(p.argmax())]]
+            else:
+                chosen = []
+            r.routing = {"mode": "override" if r.forced is not None else "auto", "experts": chosen,
+                         "probabilities": pd, "router_latency_ms": ms}
+
+
+def _expert_probabilities(routing: dict[str, Tensor], num_experts: int, attn: Tensor) -> Optional[Tensor]:
+    """(B, E) mean weight per expert over routers (and over the attended prompt tokens for token- and
+    rank-level routers, over splits for Poly)."""
+    rows = []
+    for w in routing.values():
+        w = w.float()
+        if w.shape[-1] != num_experts:   # rank-level: weights per single rank, E*r of them
+            w = w.reshape(*w.shape[:-1], num_experts, -1).sum(-1)
+        if w.dim() == 3 and w.shape[1] == attn.shape[1]:   # per token: the mean gate over real tokens
+            m = attn.to(w.device, w.dtype)[..., None]
+            w = (w * m).sum(1) / m.sum(1).clamp_min(1.0)
+        while w.dim() > 2:
+            w = w.mean(1)
+        rows.append(w)
+    if not rows:
+        return None
+    p = torch.stack(rows).mean(0).cpu()
+    return p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+@dataclass
+class _Running:
+    """The batch being decoded: rows in request order; the KV cache holds every column of ``ids`` but the last
+    (the token sampled last, fed at the next step)."""
+
+    reqs: list[Request]
+    gens: list[torch.Generator]
+    ids: Tensor
+    attn: Tensor
+    cache: Any
+    kept: dict[str, RouteWeights]   # router key -> the prefill's decision per row, reused by decode steps
+    live: list[bool]
+
+
+def _merge(a: _Running, b: _Running) -> _Running:
+    """Rows of ``b`` appended to ``a``: the shorter side is left-padded (ids, mask, KV cache) to one length."""
+    la, lb = a.ids.shape[1], b.ids.shape[1]
+    width = max(la, lb)
+
+    def pad(run: _Running, extra: int) -> None:
+        if extra == 0:
+            return
+        run.ids = F.pad(run.ids, (extra, 0), value=0)
+        run.attn = F.pad(run.attn, (extra, 0), value=0)
+        for layer in run.cache.layers:
+            layer.keys = F.pad(layer.keys, (0, 0, extra, 0))
+            layer.values = F.pad(layer.values, (0, 0, extra, 0))
+
+    pad(a, width - la)
+    pad(b, width - lb)
+    for la_, lb_ in zip(a.cache.layers, b.cache.layers):
+        la_.keys, la_.values = torch.cat([la_.keys, lb_.keys]), torch.cat([la_.values, lb_.values])
+    kept = {}
+    for key, ra in a.kept.items():
+        rb = b.kept[key]
+        both = lambda x, y: None if x is None or y is None else torch.cat([x, y.to(x.dtype)])  # noqa: E731
+        kept[key] = RouteWeights(weights=torch.cat([ra.weights, rb.weights.to(ra.weights.dtype)]), level=ra.level,
+                                 index=both(ra.index, rb.index), logits=both(ra.logits, rb.logits))
+    return _Running(a.reqs + b.reqs, a.gens + b.gens, torch.cat([a.ids, b.ids]), torch.cat([a.attn, b.attn]),
+                    a.cache, kept, a.live + b.live)
+
+
+def _fail(reqs: list[Request], error: BaseException) -> None:
+    for r in reqs:
+        if not r.done.is_set():
+            r.error = error
+            _finish(r)
+
+
+def _finish(r: Request) -> None:
+    r.done.set()
+    if r.on_done is not None:
+        r.on_done(r)
+
+
+def _generator(seed: Optional[int]) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed % 2**63 if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))  # any int
+    return g
+
+
+def _pick(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """Greedy at temperature 0, else nucleus sampling with the request's own generator."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.cpu() / max(temperature, 1e-4), dim=-1)   # a tiny temperature stays finite
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(-1, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))

@@ -1,0 +1,140 @@
+"""Federated training in Flower's real simulation runtime (Ray, 2 clients, 1 CPU each, tiny model): only adapter
+tensors travel, failed clients are logged and the round aggregates the survivors, a round without survivors keeps
+the global state, resume after round 2 of 4 reaches bit-identical results, the run opens like any run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixroute import rundir
+from mixroute.config import load_config
+
+OVERRIDES = ["model.name=tiny", "data.path=null", "data.synthetic_per_task=24", "data.max_length=64",
+             "data.template=plain", "train.method=mop", "train.lr=0.01", "train.batch_size=4", "train.warmup_steps=0",
+             "mixture.num_experts=4", "mixture.num_virtual_tokens=4", "eval.max_eval=2", "eval.batch_size=8",
+             "federated.clients=2", "federated.rounds=4", "federated.local_steps=1", "federated.aggregation=usage",
+             "federated.personalize_router=true", "federated.partition=mop_skew", "federated.partition_total=null",
+             "federated.round_timeout=120",
+             "federated.inject_failures=['2:1', '3:0', '3:1']"]  # round 2: client 1 fails; round 3: both fail
+
+
+def cfg_for(out):
+    return load_config(None, OVERRIDES + [f"output_dir={out}"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from mixroute.federated import run
+
+    from typer.testing import CliRunner
+
+    from mixroute.cli import app
+
+    base = tmp_path_factory.mktemp("fed")
+    full = run(cfg_for(base / "full"), progress=False)
+    # the interrupted run goes through the CLI: mixroute federate ... --stop-after-round 2, then --resume
+    part = base / "part"
+    (base / "c.yaml").write_text(f"output_dir: {part}\n")
+    res = CliRunner().invoke(app, ["federate", str(base / "c.yaml"), *OVERRIDES, "--stop-after-round", "2"])
+    assert res.exit_code == 0, res.output
+    assert "round 2/4" in res.output and "round 3/4" not in res.output
+    after_stop = rundir.read_rounds(part)
+    res = CliRunner().invoke(app, ["federate", "--resume", str(part)])
+    assert res.exit_code == 0, res.output
+    assert "resuming after round 2" in res.output and "round 4/4" in res.output
+    return full, part, after_stop
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(rundir.final_dir(run_dir) / "mixture.safetensors"))
+
+
+def test_rounds_record_failures_and_survivors(runs):
+    full, _, _ = runs
+    rows = rundir.read_rounds(full)
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["succeeded"] == [0, 1] and rows[0]["failed"] == []
+    assert rows[1]["sampled"] == [0, 1] and rows[1]["succeeded"] == [0]
+    assert rows[1]["failed"][0]["client"] == 1 and "injected failure" in rows[1]["failed"][0]["reason"]
+    assert rows[2]["succeeded"] == [] and len(rows[2]["failed"]) == 2
+    assert rows[2]["ppl"] == rows[1]["ppl"]  # no survivors: the global state is kept
+    for r in rows:
+        assert r["seconds"] > 0 and r["bytes_down"] > 0
+        assert set(r["ppl_per_category"]) and r["ppl"] > 0
+    assert len(rows[0]["usage"]) == 4 and abs(sum(rows[0]["usage"]) - 1) < 1e-6
+    assert set(rows[0]["usage_per_client"]) == {"0", "1"}
+    part = rundir.read_partition(full)
+    assert len(part["counts"]) == 2 and all(all(n > 0 for n in row) for row in part["counts"])
+    assert set(rundir.read_client_gates(full)["clients"]) == {"client 0", "client 1"}
+
+
+def test_only_adapter_tensors_travel(runs):
+    full, _, _ = runs
+    run = rundir.load_run(full)
+    adapter = {k: v for k, v in run.mix.adapter_state_dict().items()}
+    per_client = sum(v.numel() * v.element_size() for v in adapter.values())
+    base = sum(p.numel() * p.element_size() for p in run.model.parameters())
+    rows = rundir.read_rounds(full)
+    assert rows[0]["bytes_up"] == 2 * per_client and rows[0]["bytes_down"] == 2 * per_client
+    assert rows[1]["bytes_up"] == per_client  # one survivor
+    assert per_client < base / 10
+
+
+def test_client_payload_has_no_base_model_tensor():
+    from mixroute.federated.local import setup, train_round
+    from mixroute.federated.payload import from_record, to_record
+
+    local = setup(cfg_for("unused"))
+    base_keys = {f"model.{k}" for k in local.model.state_dict()} | set(local.model.state_dict())
+    state, metrics = train_round(local, 0, local.mix.adapter_state_dict(), 1)
+    record = to_record(state)
+    keys = set(from_record(record))
+    assert keys == set(local.mix.adapter_state_dict())
+    assert not keys & base_keys and all(k.startswith(("experts.", "routers.")) for k in keys)
+    assert metrics["num-examples"] == len(local.part.clients[0])
+
+
+def test_resume_after_round_2_of_4_is_identical(runs):
+    full, resumed, after_stop = runs
+    assert [r["round"] for r in after_stop] == [1, 2]
+    a, b = _weights(full), _weights(resumed)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = rundir.read_rounds(full), rundir.read_rounds(resumed)
+    assert [r["ppl"] for r in ra] == [r["ppl"] for r in rb]
+    assert [r["train_loss"] for r in ra] == [r["train_loss"] for r in rb]
+
+
+def test_final_mixture_loads_and_opens_in_the_report(runs, tmp_path):
+    from mixroute.report import write_report
+
+    full, _, _ = runs
+    run = rundir.load_run(full)
+    assert run.mix is not None and run.mix.cfg.num_experts == 4
+    assert (full / "clients" / "client-0" / "mixture.safetensors").is_file()  # personal routers
+    per_client = rundir.read_client_eval(full)["clients"]
+    assert set(per_client) == {"client 0", "client 1"}
+    assert per_client["client 0"]["own_router"]["overall"] > 0 and per_client["client 0"]["global_router"]
+    html = write_report([str(full)], str(tmp_path / "rep"))
+    assert html.is_file() if hasattr(html, "is_file") else True
+
+
+def test_fedprox_adds_the_proximal_term_and_usage_is_a_distribution():
+    from mixroute.data import to_device
+    from mixroute.federated.local import _Local, setup
+
+    local = setup(cfg_for("unused"))
+    mix = local.mix
+    named = [(n, p) for n, p in mix.named_parameters() if p.requires_grad and not n.startswith("model.")]
+    anchor = {n: p.detach().clone() + 0.1 for n, p in named}  # every weight 0.1 away from the anchor
+    numel = sum(p.numel() for _, p in named)
+    batch = to_device(local.client_data(0).train_batch(0, 4, 0), "cpu")
+    plain = _Local(mix, None, 0.0, len(local.data.categories), 4, int(mix.cfg.rank))
+    prox = _Local(mix, anchor, 2.0, len(local.data.categories), 4, int(mix.cfg.rank))
+    with torch.no_grad():
+        a, b = plain(**batch, logits_for="labels").loss, prox(**batch, logits_for="labels").loss
+    assert float(b - a) == pytest.approx(0.5 * 2.0 * numel * 0.01, rel=1e-4)
+    usage = plain.usage()
+    assert len(usage) == 4 and sum(usage) == pytest.approx(1.0) and min(usage) >= 0

@@ -1,0 +1,79 @@
+"""Aggregation rules on hand-built tensors (mixroute.federated.aggregate) and the payload guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixroute.federated.aggregate import aggregate, client_state, fedavg, split_routers
+from mixroute.federated.payload import BaseTensorLeak, check_adapter_only, expert_axis, is_router, num_bytes
+
+E, R = 2, 1  # two experts of rank 1
+
+
+def axis(key, shape):
+    return expert_axis(key, shape, E, R)
+
+
+def st(a, b, p, g):
+    """A: (E*r, 2), B: (2, E*r), a prompt bank (E, 1, 2), a gate weight (2, 2)."""
+    return {"experts.l0.A": torch.tensor(a, dtype=torch.float32), "experts.l0.B": torch.tensor(b, dtype=torch.float32),
+            "experts.prompt.weight": torch.tensor(p, dtype=torch.float32),
+            "routers.gate.w": torch.tensor(g, dtype=torch.float32)}
+
+
+S1 = st([[1, 1], [2, 2]], [[1, 2], [1, 2]], [[[1, 1]], [[2, 2]]], [[1, 0], [0, 1]])
+S2 = st([[3, 3], [6, 6]], [[3, 6], [3, 6]], [[[3, 3]], [[6, 6]]], [[3, 0], [0, 3]])
+PREV = st([[9, 9], [9, 9]], [[9, 9], [9, 9]], [[[9, 9]], [[9, 9]]], [[9, 9], [9, 9]])
+
+
+def test_fedavg_is_example_weighted():
+    out = fedavg([S1, S2], [1, 3])  # (1*x1 + 3*x2) / 4
+    assert torch.equal(out["experts.l0.A"], torch.tensor([[2.5, 2.5], [5.0, 5.0]]))
+    assert torch.equal(out["routers.gate.w"], torch.tensor([[2.5, 0.0], [0.0, 2.5]]))
+    assert torch.equal(aggregate("fedprox", PREV, [S1, S2], [1, 3])["experts.l0.B"], out["experts.l0.B"])
+
+
+def test_usage_weights_each_expert_by_examples_times_routing_mass():
+    # client 1: 1 example, usage (1, 0); client 2: 3 examples, usage (0.5, 0.5)
+    out = aggregate("usage", PREV, [S1, S2], [1, 3], [[1.0, 0.0], [0.5, 0.5]], axis)
+    # expert 0 weights 1*1=1 and 3*0.5=1.5 -> (1*x1 + 1.5*x2) / 2.5; expert 1 only client 2
+    assert torch.allclose(out["experts.l0.A"], torch.tensor([[(1 + 1.5 * 3) / 2.5] * 2, [6.0, 6.0]]))
+    assert torch.allclose(out["experts.l0.B"], torch.tensor([[(1 + 1.5 * 3) / 2.5, 6.0]] * 2))
+    assert torch.allclose(out["experts.prompt.weight"], torch.tensor([[[(1 + 1.5 * 3) / 2.5] * 2], [[6.0, 6.0]]]))
+    # routers and gates: by examples
+    assert torch.allclose(out["routers.gate.w"], torch.tensor([[2.5, 0.0], [0.0, 2.5]]))
+
+
+def test_usage_keeps_the_previous_value_of_an_expert_nobody_used():
+    out = aggregate("usage", PREV, [S1, S2], [1, 3], [[1.0, 0.0], [1.0, 0.0]], axis)
+    assert torch.allclose(out["experts.l0.A"][0], torch.tensor([2.5, 2.5]))
+    assert torch.equal(out["experts.l0.A"][1], PREV["experts.l0.A"][1])
+    assert torch.equal(out["experts.l0.B"][:, 1], PREV["experts.l0.B"][:, 1])
+    assert torch.equal(out["experts.prompt.weight"][1], PREV["experts.prompt.weight"][1])
+
+
+def test_no_survivors_keeps_the_previous_global_state():
+    out = aggregate("usage", PREV, [], [], [], axis)
+    assert all(torch.equal(out[k], PREV[k]) for k in PREV)
+
+
+def test_personalized_routers_are_split_off_and_put_back_per_client():
+    rest, routers = split_routers(S1, is_router)
+    assert set(routers) == {"routers.gate.w"} and "routers.gate.w" not in rest
+    glob = fedavg([S1, S2], [1, 1])
+    mine = client_state(glob, routers)
+    assert torch.equal(mine["routers.gate.w"], S1["routers.gate.w"])   # own router
+    assert torch.equal(mine["experts.l0.A"], glob["experts.l0.A"])     # global experts
+
+
+def test_payload_refuses_base_tensors_and_counts_bytes():
+    check_adapter_only(S1)
+    with pytest.raises(BaseTensorLeak):
+        check_adapter_only({**S1, "model.embed_tokens.weight": torch.zeros(3)})
+    assert num_bytes(S1) == 4 * (4 + 4 + 4 + 4)
+
+
+def test_bad_rule_is_named():
+    with pytest.raises(ValueError, match="fedavg, fedprox or usage"):
+        aggregate("median", PREV, [S1], [1])
