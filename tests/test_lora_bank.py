@@ -58,3 +58,21 @@ def test_one_hot_index_paths_equal_the_dense_path():
         w = torch.nn.functional.one_hot(idx, 3).float()
         gathered = b.add_into(torch.zeros(3, 4, 5), x, RouteWeights(weights=w, index=idx))
         torch.testing.assert_close(gathered, reference(b, x, w[:, None, :]))
+
+
+def test_gathered_experts_are_reused_only_without_autograd():
+    """Decode steps keep the prefill's decision: the bank's gathered A/B are derived once and reused then, but
+    never kept while training (a kept graph would go stale when the weights change)."""
+    b = bank()
+    x = torch.randn(3, 1, 6)
+    idx = torch.tensor([2, 0, 1])
+    route = RouteWeights(weights=torch.nn.functional.one_hot(idx, 3).float(), index=idx)
+    b.add_into(torch.zeros(3, 1, 5), x, route)
+    assert not route._derived.get(("gather", id(b)))
+    with torch.no_grad():
+        first = b.add_into(torch.zeros(3, 1, 5), x, route)
+        cached = route._derived[("gather", id(b))]
+        again = b.add_into(torch.zeros(3, 1, 5), x, route)
+    assert route._derived[("gather", id(b))] is cached
+    torch.testing.assert_close(first, again)
+    torch.testing.assert_close(first, reference(b, x, route.weights[:, None, :]))

@@ -269,7 +269,8 @@ class Mixture(nn.Module):
         ctx, router = self.context, self.routers[key]
         bsz = hidden.shape[0]
         kept_level = router.level in KEPT_LEVELS
-        if kept_level and not ctx.is_prefill and key in ctx.kept:
+        reuse = kept_level and not ctx.is_prefill and key in ctx.kept
+        if reuse:
             route = ctx.kept[key].for_batch(bsz)
         elif (forced := self._forced.get(key, self._forced.get(None))) is not None \
                 and not bool(forced.isnan().any()):
@@ -280,7 +281,9 @@ class Mixture(nn.Module):
             ctx.add_aux(route.aux)
             if forced is not None:  # some rows forced, the NaN rows left to the router
                 route = _merge_forced(route, forced, hidden.device)
-        if kept_level:
+        if reuse:
+            ctx.kept[key] = route   # the same object every decode step: what banks derived from it is reused
+        elif kept_level:
             ctx.kept[key] = route.detach()
         ctx.routes[key] = route
         ctx.routing[key] = route.observed()

@@ -64,9 +64,7 @@ class LoraBank(nn.Module):
                 a, b = self.expert(shared)
                 out2.addmm_(x.reshape(-1, x.shape[-1]) @ a.T, b.T, alpha=s)
                 return out
-            e, r = self.num_experts, self.rank
-            a = self.A.view(e, r, -1)[route.index]                         # (B, r, in)
-            b = self.B.view(-1, e, r).permute(1, 2, 0)[route.index]        # (B, r, out)
+            a, b = route.reused(("gather", id(self)), lambda: self._gather(route.index))
             h = torch.bmm(x, a.transpose(1, 2))                            # (B, T, r)
             return out.baddbmm_(h, b, alpha=s)
         if route.level == "task":
@@ -74,6 +72,11 @@ class LoraBank(nn.Module):
         h = (x @ self.A.T) * route.per_rank(self.rank, x.dtype)                     # (B, T, E*r)
         out2.addmm_(h.reshape(-1, h.shape[-1]), self.B.T, alpha=s)
         return out
+
+    def _gather(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Each sequence's expert: A (B, r, in) and B^T (B, r, out)."""
+        e, r = self.num_experts, self.rank
+        return self.A.view(e, r, -1)[index], self.B.view(-1, e, r).permute(1, 2, 0)[index]
 
     def _poly(self, out: Tensor, x: Tensor, w: Tensor) -> Tensor:
         """Poly/MHR: per-example parameter mix. ``w`` (B, S, E): weights of each skill per input split."""

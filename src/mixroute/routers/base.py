@@ -15,7 +15,7 @@ name the field and what would be valid).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +68,16 @@ class RouteWeights:
             w = self.weights.to(dtype)
             w = w if self.level == "rank" else w.repeat_interleave(rank, dim=-1)
             self._derived[key] = w.unsqueeze(1) if w.dim() == 2 else w
+        return self._derived[key]
+
+    def reused(self, key: object, make) -> Any:
+        """``make()`` for this decision, kept on it when autograd is off: decode steps that keep a prefill's
+        decision then reuse what a bank derived from it (e.g. the gathered A/B of each sequence's expert)
+        instead of recomputing it every step. With autograd on it is recomputed (no graph is kept alive)."""
+        if torch.is_grad_enabled():
+            return make()
+        if key not in self._derived:
+            self._derived[key] = make()
         return self._derived[key]
 
     def select(self, rows: Tensor) -> "RouteWeights":
