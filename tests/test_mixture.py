@@ -153,6 +153,7 @@ def test_force_fixes_sequence_routing_for_every_expert_kind():
     assert task(b["input_ids"]).routing["layer_0"].tolist() != [[1 / 3] * 3] * 3
     with pytest.raises(ValueError, match="num_experts=3"):
         task.force(torch.tensor([1.0, 0.0]))
-    token = Mixture.attach(tiny_model()[0], MixtureConfig(router="token_topk", num_experts=3))
-    with pytest.raises(ValueError, match="only sequence-level"):
-        token.force(torch.tensor([1.0, 0.0, 0.0]))
+    for router in ("token_topk", "poly"):   # per token, or parameters mixed per task: nothing to fix per sequence
+        other = Mixture.attach(tiny_model()[0], MixtureConfig(router=router, num_experts=3, num_tasks=3))
+        with pytest.raises(ValueError, match="only sequence-level"):
+            other.force(torch.tensor([1.0, 0.0, 0.0]))

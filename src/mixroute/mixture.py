@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -150,7 +150,7 @@ class Mixture(nn.Module):
         self.module_names: dict[str, str] = {}      # expert key -> module name in the base model
         self.module_slots: dict[str, int] = {}      # expert key -> index among its layer's LoRA modules (Poly)
         self._routers_at: dict[int, list[str]] = {}  # decoder layer -> keys of the routers that read its input
-        self._forced: dict[Optional[str], Tensor] = {}
+        self._forced: dict[Optional[str], _Forced] = {}   # router key (None = all) -> fixed weights
         self._hooks: list = []
         self._patched: list[nn.Module] = []
 
@@ -270,17 +270,17 @@ class Mixture(nn.Module):
         bsz = hidden.shape[0]
         kept_level = router.level in KEPT_LEVELS
         reuse = kept_level and not ctx.is_prefill and key in ctx.kept
+        forced = self._forced.get(key, self._forced.get(None))
         if reuse:
             route = ctx.kept[key].for_batch(bsz)
-        elif (forced := self._forced.get(key, self._forced.get(None))) is not None \
-                and not bool(forced.isnan().any()):
-            route = _forced_route(forced, bsz, hidden.device)
+        elif forced is not None and forced.free is None:
+            route = _forced_route(forced, None, bsz, hidden.device)
         else:
             token_level = router.level in ("token", "rank")
             route = router(hidden, ctx.token_mask() if token_level else ctx.read_mask(), ctx.task_ids_for(bsz))
             ctx.add_aux(route.aux)
-            if forced is not None:  # some rows forced, the NaN rows left to the router
-                route = _merge_forced(route, forced, hidden.device)
+            if forced is not None:  # some rows forced, the rest left to the router
+                route = _forced_route(forced, route, bsz, hidden.device)
         if reuse:
             ctx.kept[key] = route   # the same object every decode step: what banks derived from it is reused
         elif kept_level:
@@ -302,7 +302,7 @@ class Mixture(nn.Module):
         for k in keys:
             if k not in self.routers:
                 raise ValueError(f"force: no router {k!r}; this mixture has {', '.join(self.routers)}")
-            if self.routers[k].level not in KEPT_LEVELS:
+            if self.routers[k].level != "sequence":
                 raise ValueError(f"force: router {k!r} routes per {self.routers[k].level}; only sequence-level "
                                  "routing can be fixed")
         n = router_class(self.cfg.router).experts_for(self.cfg)
@@ -310,10 +310,12 @@ class Mixture(nn.Module):
         free = weights.isnan().all(-1, keepdim=True)   # rows the router decides
         fixed = weights.masked_fill(free, 1.0)
         if weights.shape[-1] != n or weights.dim() not in (1, 2) or bool(fixed.isnan().any()) \
+                or (weights.dim() == 1 and bool(free.any())) \
                 or bool((fixed < 0).any()) or bool((fixed.sum(-1) <= 0).any()):
-            raise ValueError(f"forced weights must be >= 0, not all zero (or a whole row of NaN), with last dim "
+            raise ValueError(f"forced weights must be >= 0, not all zero (or, in a (B, E) tensor, a whole row of "
+                             f"NaN), with last dim "
                              f"num_experts={n}; got shape {tuple(weights.shape)}")
-        self._forced[key] = (fixed / fixed.sum(-1, keepdim=True)).masked_fill(free, float("nan"))
+        self._forced[key] = _Forced(fixed / fixed.sum(-1, keepdim=True), free[..., 0] if bool(free.any()) else None)
 
     def chosen_experts(self) -> Optional[list[int]]:
         """Top-1 expert per sequence of the last prefill, averaged over the sequence-level routers (None when
@@ -507,23 +509,22 @@ def validate_mixture(cfg: MixtureConfig) -> None:
                               f"{cls.level}); valid with expert='prompt': {', '.join(ok)}")
 
 
-def _merge_forced(route: RouteWeights, forced: Tensor, device: torch.device) -> RouteWeights:
-    """The router's decision with the forced rows of ``forced`` (B, E) put in place (NaN rows kept)."""
-    forced = forced.to(device)
-    if forced.dim() != 2 or forced.shape[0] != route.weights.shape[0]:
-        raise ValueError(f"per-row forced weights have {forced.shape[0] if forced.dim() == 2 else 1} rows; "
-                         f"this batch has {route.weights.shape[0]}")
-    free = forced.isnan().all(-1)
-    weights = torch.where(free[:, None], route.weights, forced.to(route.weights.dtype))
-    index = None
-    one_hot = bool(((weights == 0) | (weights == 1)).all())
-    if one_hot:
-        index = weights.argmax(-1)
-    return RouteWeights(weights=weights, level=route.level, index=index, logits=route.logits, aux=route.aux)
+class _Forced(NamedTuple):
+    """Weights given to ``Mixture.force``, normalised; ``free`` (B,) marks rows left to the router (None: none)."""
+
+    weights: Tensor
+    free: Optional[Tensor]
 
 
-def _forced_route(weights: Tensor, bsz: int, device: torch.device) -> RouteWeights:
-    w = weights.to(device)
+def _forced_route(forced: _Forced, route: Optional[RouteWeights], bsz: int, device: torch.device) -> RouteWeights:
+    """The forced decision; with ``route`` (the router's own), its rows stay where ``forced.free`` says."""
+    w = forced.weights.to(device)
     w = w.expand(bsz, -1) if w.dim() == 1 else w
+    if route is not None:
+        if w.shape[0] != route.weights.shape[0]:
+            raise ValueError(f"per-row forced weights have {w.shape[0]} rows; this batch has "
+                             f"{route.weights.shape[0]}")
+        w = torch.where(forced.free.to(device)[:, None], route.weights, w.to(route.weights.dtype))
     one_hot = bool(((w == 0) | (w == 1)).all())
-    return RouteWeights(weights=w, index=w.argmax(-1) if one_hot else None)
+    return RouteWeights(weights=w, index=w.argmax(-1) if one_hot else None,
+                        logits=None if route is None else route.logits, aux={} if route is None else route.aux)
