@@ -1,9 +1,11 @@
-"""mixroute's LoRA bank and Poly router pinned to Hugging Face PEFT: same weights -> same logits (1e-5)."""
+"""mixroute's LoRA bank and Poly router pinned to Hugging Face PEFT: same weights -> same logits (1e-5), on the
+tiny Llama and, for LoRA, on every family of tests/families.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from families import FAMILIES, tiny_family
 
 from mixroute.config import ALL_PROJECTIONS, MixtureConfig
 from mixroute.mixture import Mixture
@@ -146,3 +148,69 @@ def test_poly_equals_peft_poly(n_splits):
     base = tiny_model()[0](input_ids=ids, attention_mask=am).logits
     assert (ref - base).abs().max() > 1e-3
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ every architecture
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is faster than two threads synchronising, many times so on shared cores."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@torch.no_grad()
+def test_lora_equals_peft_on_every_family(family, tmp_path, one_thread):
+    """PEFT all-linear LoRA adapters (Phi-3's fused qkv_proj, GPT-2's Conv1D, OPT's flattened MLP, ...): one
+    adapter alone, and a mixed batch with one adapter per sequence against each row under its PEFT adapter
+    (PEFT's own mixed batches, ``adapter_names``, fail on OPT, whose MLP sees (B*T, H) rows)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    dirs = []
+    for i in range(2):
+        torch.manual_seed(100 + i)
+        pm = get_peft_model(tiny_family(family)[0], LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                               init_lora_weights=False))
+        pm.save_pretrained(tmp_path / f"a{i}")
+        dirs.append(str(tmp_path / f"a{i}"))
+    ids, am = batch()
+    pm = PeftModel.from_pretrained(tiny_family(family)[0], dirs[0], adapter_name="a0")
+    pm.load_adapter(dirs[1], adapter_name="a1")
+    pm.eval()
+    single = Mixture.from_peft(tiny_family(family)[0], dirs[:1], MixtureConfig(router="single")).eval()
+    torch.testing.assert_close(single(ids, attention_mask=am).logits,
+                               pm(input_ids=ids, attention_mask=am).logits, atol=ATOL, rtol=0)
+    tids = torch.tensor([1, 0, 0, 1])
+    ref = torch.empty_like(base := tiny_family(family)[0](input_ids=ids, attention_mask=am).logits)
+    for a in range(2):
+        pm.set_adapter(f"a{a}")
+        ref[tids == a] = pm(input_ids=ids, attention_mask=am).logits[tids == a]
+    mixed = Mixture.from_peft(tiny_family(family)[0], dirs, MixtureConfig(router="oracle", num_tasks=2)).eval()
+    torch.testing.assert_close(mixed(ids, attention_mask=am, task_ids=tids).logits, ref, atol=ATOL, rtol=0)
+    assert (ref - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family, mlp_only", [("gpt2", True), ("phi3", False), ("opt", True)])
+@torch.no_grad()
+def test_export_peft_round_trip_on_other_families(family, mlp_only, tmp_path, one_thread):
+    """An exported expert selects exactly its modules in PEFT (GPT-2 mlp_only: "mlp.c_proj", not attn.c_proj
+    too) and records Conv1D's fan_in_fan_out."""
+    import json
+
+    from peft import PeftModel
+
+    mix = Mixture.attach(tiny_family(family)[0], MixtureConfig(router="oracle", num_experts=2, num_tasks=2, rank=4,
+                                                               mlp_only=mlp_only)).eval()
+    for p in mix.experts.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    mix.export_peft(1, str(tmp_path / "e1"))
+    conf = json.loads((tmp_path / "e1" / "adapter_config.json").read_text())
+    assert conf["fan_in_fan_out"] == (family == "gpt2")
+    ref = PeftModel.from_pretrained(tiny_family(family)[0], str(tmp_path / "e1")).eval()
+    assert sorted(n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in ref.named_modules()
+                  if n.endswith(".lora_A")) == sorted(mix.module_names.values())
+    ids, am = batch()
+    out = mix(ids, attention_mask=am, task_ids=torch.ones(4, dtype=torch.long))
+    torch.testing.assert_close(out.logits, ref(input_ids=ids, attention_mask=am).logits, atol=ATOL, rtol=0)

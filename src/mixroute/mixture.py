@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mixroute.arch import decoder_layers, in_out_features, layers_path, lm_head_logits, resolve_targets
 from mixroute.config import ConfigError, MixtureConfig
 from mixroute.experts.lora import LoraBank, patch_linear, unpatch_linear
 from mixroute.routers import Router, RouterDims, RouteWeights, build_router, router_class
@@ -128,13 +129,16 @@ class MixtureOutput:
 
 
 def base_fingerprint(model: nn.Module) -> dict:
-    """Shape facts of a base model that a saved mixture must match."""
+    """Shape facts of a base model that a saved mixture must match. Configs name them differently (GPT-2:
+    n_embd, n_layer, n_head; transformers' attribute_map aliases the common names where it can), and a fact
+    a config does not have is recorded as None."""
     c = model.config
-    return {"architecture": type(model).__name__, "hidden_size": c.hidden_size,
-            "num_hidden_layers": c.num_hidden_layers, "vocab_size": c.vocab_size,
+    heads = getattr(c, "num_attention_heads", None)
+    return {"architecture": type(model).__name__, "hidden_size": getattr(c, "hidden_size", None),
+            "num_hidden_layers": getattr(c, "num_hidden_layers", None), "vocab_size": getattr(c, "vocab_size", None),
             "intermediate_size": getattr(c, "intermediate_size", None),
-            "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": getattr(c, "num_key_value_heads", c.num_attention_heads)}
+            "num_attention_heads": heads,
+            "num_key_value_heads": getattr(c, "num_key_value_heads", None) or heads}
 
 
 class Mixture(nn.Module):
@@ -167,13 +171,17 @@ class Mixture(nn.Module):
             torch.manual_seed(cfg.seed)
             dec = model.get_decoder()
             mix.add_hook(dec.register_forward_pre_hook(mix._begin_forward, with_kwargs=True))
-            if cfg.expert == "prompt":
-                from mixroute.experts.prompt import install_prompt_experts  # MoP (other module)
+            try:
+                if cfg.expert == "prompt":
+                    from mixroute.experts.prompt import install_prompt_experts  # MoP (other module)
 
-                layer = install_prompt_experts(mix, cfg, num_experts, PROMPT_ROUTER_KEY)
-                mix._add_router(PROMPT_ROUTER_KEY, layer, RouterDims(model.config.hidden_size, num_experts))
-            else:
-                mix._install_lora(cfg, num_experts)
+                    layer = install_prompt_experts(mix, cfg, num_experts, PROMPT_ROUTER_KEY)
+                    mix._add_router(PROMPT_ROUTER_KEY, layer, RouterDims(model.config.hidden_size, num_experts))
+                else:
+                    mix._install_lora(cfg, num_experts)
+            except BaseException:
+                mix.detach()   # a failed attach leaves the model as it was (no hook, no patch)
+                raise
         ref = next(model.parameters())
         mix.experts.to(device=ref.device, dtype=ref.dtype)
         mix.routers.to(device=ref.device)
@@ -188,48 +196,33 @@ class Mixture(nn.Module):
         self.routers[key] = router
         if layer not in self._routers_at:
             self._routers_at[layer] = []
-            dec_layer = self.model.get_decoder().layers[layer]
+            dec_layer = decoder_layers(self.model)[layer]
             self.add_hook(dec_layer.register_forward_pre_hook(self._layer_hook(layer), with_kwargs=True))
         self._routers_at[layer].append(key)
 
     def _install_lora(self, cfg: MixtureConfig, num_experts: int) -> None:
-        targets = list(cfg.target_modules)
-        if cfg.mlp_only:
-            targets = [t for t in targets if t in ("gate_proj", "up_proj", "down_proj")]
-        bad = sorted(set(targets) - {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
-        if bad or not targets:
-            raise ValueError(f"target_modules: {bad or targets} not valid; use any of q_proj, k_proj, v_proj, "
-                             "o_proj, gate_proj, up_proj, down_proj")
-        dec = self.model.get_decoder()
+        # every target is resolved and checked before anything is patched: a bad config leaves the model as it was
+        found = resolve_targets(self.model, cfg.target_modules, mlp_only=cfg.mlp_only,
+                                allow_partial=cfg.allow_partial)
+        task_level = router_class(cfg.router).level == "task"
+        for t in (t for layer in found for t in layer):
+            fan_in, fan_out = in_out_features(t.module)
+            if task_level and (fan_in % cfg.n_splits or fan_out % cfg.n_splits):
+                raise ValueError(f"n_splits={cfg.n_splits} must divide {t.path}'s in/out features "
+                                 f"({fan_in}, {fan_out})")
         hidden = self.model.config.hidden_size
-        prefix = self._decoder_prefix()
-        for i, layer in enumerate(dec.layers):
-            linears = [(n, m) for n, m in layer.named_modules()
-                       if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
-            if not linears:
-                raise ValueError(f"layer {i} has none of the target modules {targets}")
+        for i, targets in enumerate(found):
             key = "global" if cfg.router_scope == "global" else f"layer_{i}"
             if key not in self.routers:
-                self._add_router(key, i, RouterDims(hidden, num_experts, cfg.rank, len(linears)))
-            for slot, (name, lin) in enumerate(linears):
-                if self.routers[key].level == "task" and (lin.in_features % cfg.n_splits
-                                                          or lin.out_features % cfg.n_splits):
-                    raise ValueError(f"n_splits={cfg.n_splits} must divide {name}'s in/out features "
-                                     f"({lin.in_features}, {lin.out_features})")
-                ekey = f"layers_{i}_{name.replace('.', '_')}"
-                bank = LoraBank(lin.in_features, lin.out_features, num_experts, cfg.rank, cfg.alpha, cfg.dropout)
+                self._add_router(key, i, RouterDims(hidden, num_experts, cfg.rank, len(targets)))
+            for slot, t in enumerate(targets):
+                ekey = f"layers_{i}_{t.name.replace('.', '_')}"
+                bank = LoraBank(*in_out_features(t.module), num_experts, cfg.rank, cfg.alpha, cfg.dropout)
                 self.experts[ekey] = bank
-                self.module_names[ekey] = f"{prefix}layers.{i}.{name}"
+                self.module_names[ekey] = t.path
                 self.module_slots[ekey] = slot
-                patch_linear(lin, bank, self._route_getter(key), slot)
-                self._patched.append(lin)
-
-    def _decoder_prefix(self) -> str:
-        dec = self.model.get_decoder()
-        for name, mod in self.model.named_modules():
-            if mod is dec:
-                return f"{name}." if name else ""
-        return ""
+                patch_linear(t.module, bank, self._route_getter(key), slot)
+                self._patched.append(t.module)
 
     def add_hook(self, handle: Any) -> None:
         """Keep a hook handle so ``detach()`` removes it (also for components installed by other modules)."""
@@ -349,7 +342,7 @@ class Mixture(nn.Module):
                 target = labels[:, 1:]
                 keep = target != -100
                 hidden = out.last_hidden_state[:, :-1][keep]
-                logits_sel = self.model.get_output_embeddings()(hidden)
+                logits_sel = lm_head_logits(self.model, hidden)
                 lm_loss = F.cross_entropy(logits_sel.float(), target[keep])
                 logits = None
             elif logits_for in ("all", "labels"):
@@ -460,7 +453,16 @@ class Mixture(nn.Module):
         cfg = copy.deepcopy(cfg or MixtureConfig())
         experts, peft_cfg = read_peft_adapters(adapter_dirs)
         cfg.expert, cfg.num_experts, cfg.rank = "lora", len(adapter_dirs), peft_cfg["r"]
-        cfg.alpha, cfg.target_modules, cfg.mlp_only = float(peft_cfg["lora_alpha"]), peft_cfg["targets"], False
+        # the targets are the modules the adapters hold weights for, named relative to their decoder layer
+        # ("self_attn.q_proj"): exactly PEFT's set, whatever form (names, regex, all-linear) its config used
+        prefix = layers_path(model) + "."
+        names = sorted({name for weights in experts for name in weights})
+        outside = [n for n in names if not n.startswith(prefix)]
+        if outside:
+            raise ValueError(f"{adapter_dirs[0]} has LoRA weights outside the decoder layers ({prefix}*): "
+                             f"{', '.join(outside[:3])}; mixroute's experts live in the decoder layers only")
+        cfg.target_modules = sorted({n[len(prefix):].split(".", 1)[1] for n in names})
+        cfg.alpha, cfg.mlp_only = float(peft_cfg["lora_alpha"]), False
         if (n := router_class(cfg.router).experts_for(cfg)) != len(adapter_dirs):
             raise ValueError(f"router {cfg.router!r} holds {n} expert(s) but {len(adapter_dirs)} adapters were "
                              "given; pass one adapter or choose another router")
@@ -478,6 +480,9 @@ class Mixture(nn.Module):
 
     def export_peft(self, expert_index: int, out_dir: str) -> None:
         """Write expert ``expert_index`` as a PEFT LoRA adapter directory (``PeftModel.from_pretrained``)."""
+        from peft.tuners.tuners_utils import _find_minimal_target_modules
+        from transformers.pytorch_utils import Conv1D
+
         from mixroute.experts.lora import write_peft_adapter
 
         if self.cfg.expert != "lora" or router_class(self.cfg.router).level == "task":
@@ -487,7 +492,12 @@ class Mixture(nn.Module):
         if not 0 <= expert_index < n:
             raise ValueError(f"expert index {expert_index} out of range: this mixture has {n} experts")
         weights = {self.module_names[k]: bank.expert(expert_index) for k, bank in self.experts.items()}
-        write_peft_adapter(weights, self.cfg, getattr(self.model.config, "name_or_path", None), out_dir)
+        modules = dict(self.model.named_modules())
+        # PEFT's own shortest target names that select these modules and no other (GPT-2 has attn.c_proj and
+        # mlp.c_proj: with mlp_only the target must be "mlp.c_proj")
+        targets = sorted(_find_minimal_target_modules(list(weights), [n for n in modules if n and n not in weights]))
+        write_peft_adapter(weights, self.cfg, getattr(self.model.config, "name_or_path", None), out_dir,
+                           targets=targets, fan_in_fan_out=isinstance(modules[next(iter(weights))], Conv1D))
 
 
 PROMPT_ROUTER_KEY = "gate"  # the one router of a prompt bank (the saved tensors' prefix: routers.gate.*)

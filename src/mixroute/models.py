@@ -233,7 +233,11 @@ def tiny_model(seed: int = 0, spec: TinyModelSpec | None = None):
 
 
 def model_info(model) -> dict:
-    """Parameter count, layers and shape facts of a loaded base model."""
+    """Parameter count, layers and shape facts of a loaded base model, and what mixroute attaches to it: the
+    decoder layers, attention, positions and the LoRA targets the default config resolves to
+    (``mixroute.arch.describe``)."""
+    from mixroute.arch import describe
+
     cfg = model.config
     return {
         "source": getattr(model, "mixroute_source", getattr(cfg, "name_or_path", "?")),
@@ -243,9 +247,10 @@ def model_info(model) -> dict:
         "hidden_size": cfg.hidden_size,
         "intermediate_size": getattr(cfg, "intermediate_size", None),
         "attention_heads": cfg.num_attention_heads,
-        "kv_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+        "kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
         "vocab_size": cfg.vocab_size,
         "dtype": str(next(model.parameters()).dtype),
+        **describe(model),
     }
 
 

@@ -16,7 +16,8 @@ def info_cmd(
     name: Optional[str] = typer.Argument(None, help="Model: omit for the embedded SmolLM2-135M-Instruct, a local "
                                                    "directory, a cached Hugging Face id, or 'tiny'."),
 ) -> None:
-    """Parameters, layers and where the model was loaded from."""
+    """Parameters, layers, where the model was loaded from, and what mixroute attaches to: decoder layers,
+    attention, positions, the LoRA targets (all-linear, mlp_only, PEFT's default) and prompt-expert support."""
     from rich.table import Table
 
     from mixroute.models import load_base_model, model_info

@@ -10,9 +10,14 @@ its read layer by ``Mixture``; MoP's is the ``gate``): the bank reads them from 
 below m never see the prompts. With E=1, m=0 and g=1 this is exactly PEFT prompt
 tuning: there the virtual tokens are prepended embeddings that attend causally among themselves.
 
-Positions (RoPE): each expert's block holds positions 0..L-1 and input tokens are shifted by L (L..L+T-1), as in
-PEFT prompt tuning at m=0. The shift is applied at every layer; RoPE only sees position differences, so layers
-below m are unaffected.
+Positions: each expert's block holds positions 0..L-1 and input tokens are shifted by L (L..L+T-1), as in
+PEFT prompt tuning at m=0, in every family. With rotary embeddings (Llama-likes, Phi, GPT-NeoX) the prompt pass
+rotates the prompts' keys at 0..L-1 and the shift is applied at every layer; RoPE only sees position
+differences, so layers below m are unaffected. With absolute position embeddings (GPT-2, OPT: added to the
+input, ``mixroute.arch.position_style``) the prompts are hidden states that already carry their positions
+(``init_prompts`` computes them at 0..L-1, training keeps them free), and the input's embedding positions start
+at L. ALiBi models and models whose attention bypasses transformers' attention interface (Falcon, Bloom) are
+refused at attach, with the reason (``mixroute.arch.prompt_support``).
 
 Hooking transformers (5.x): the attention of a registered implementation ``mixroute_mop_<sdpa|eager>`` wraps the
 model's own one (transformers has no hook that adds K/V columns); a decoder pre-hook shifts ``position_ids`` and
@@ -23,12 +28,19 @@ prefill (and at every forward with gradients) and reused by decode steps.
 from __future__ import annotations
 
 import sys
+import inspect
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from mixroute.arch import (attention_module, decoder, decoder_layers, position_style, positions_from_mask,
+                           prompt_support)
 from mixroute.config import ConfigError, MixtureConfig
+
+
+class _Reached(Exception):
+    """Stops the initialising forward at the injection layer: nothing above it is needed."""
 
 
 class PromptBank(nn.Module):
@@ -64,7 +76,12 @@ class PromptInjector:
 
     def __init__(self, mix: nn.Module, bank: PromptBank, router_key: str, inject_layer: int) -> None:
         self.mix, self.bank, self.router_key, self.m = mix, bank, router_key, inject_layer
-        self.dec = mix.model.get_decoder()
+        self.dec, self.layers = decoder(mix.model), decoder_layers(mix.model)
+        self.rotary = self.dec.rotary_emb if position_style(mix.model) == "rotary" else None
+        self.mask_positions = positions_from_mask(mix.model)
+        # layer signatures differ by family (GPT-2 takes no position arguments, GPT-NeoX calls its cache
+        # layer_past): pass only what a layer declares
+        self.layer_params = set(inspect.signature(type(self.layers[0]).forward).parameters)
         self.kv: Optional[dict[int, tuple[Tensor, Tensor]]] = None   # layer -> prompt (K, V), (1, Hkv, E*L, D)
         self.capture: Optional[dict] = None                           # set during the prompt pass
         self._masks: dict = {}
@@ -75,18 +92,23 @@ class PromptInjector:
         positions 0..L-1 per expert); with ``capture`` keep every layer's K/V in ``self.capture``."""
         E, L = self.bank.num_experts, self.bank.num_tokens
         pos = torch.arange(L, device=hidden.device).repeat(E).unsqueeze(0)
-        rope = self.dec.rotary_emb(hidden, pos)
         blk = torch.arange(E * L, device=hidden.device) // L
         ok = (blk[:, None] == blk[None, :]) & (pos[0][:, None] >= pos[0][None, :])
         mask = torch.zeros(ok.shape, dtype=hidden.dtype, device=hidden.device)
         mask = mask.masked_fill(~ok, torch.finfo(hidden.dtype).min)[None, None]
+        kwargs: dict[str, Any] = {"attention_mask": mask}
+        if "position_ids" in self.layer_params:
+            kwargs["position_ids"] = pos
+        if "use_cache" in self.layer_params:
+            kwargs["use_cache"] = False
+        if self.rotary is not None:
+            kwargs["position_embeddings"] = self.rotary(hidden, pos)
         self.capture = {} if capture else None
         try:
             for i in range(start, stop):
                 # .forward, not __call__: the prompt pass is not a forward of the model, so hooks on the decoder
                 # layers (ours at layer g, callers capturing hidden states) must not see it
-                out = self.dec.layers[i].forward(hidden, attention_mask=mask, position_embeddings=rope,
-                                                 position_ids=pos, past_key_values=None, use_cache=False)
+                out = self.layers[i].forward(hidden, **kwargs)
                 hidden = out[0] if isinstance(out, tuple) else out
             return hidden
         finally:
@@ -94,13 +116,27 @@ class PromptInjector:
             self.capture = None
 
     def init_prompts(self, token_ids: Tensor) -> None:
-        """Set the prompts to the hidden states entering layer m of these E*L vocabulary tokens (their
-        embeddings at m=0, as PEFT does; for m>0 each block run as a prompt through layers 0..m-1)."""
+        """Set the prompts to the hidden states entering layer m of these E*L vocabulary tokens, each expert's
+        block run by the model itself as one sequence at positions 0..L-1: at m=0 their embeddings as PEFT
+        initialises them, plus whatever the family adds there (GPT-2 / OPT position embeddings, Gemma's
+        embedding scale); for m>0 what layers 0..m-1 make of them."""
+        got: list[Tensor] = []
+
+        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            got.append(args[0] if args else kwargs["hidden_states"])
+            raise _Reached
+
+        E, L = self.bank.num_experts, self.bank.num_tokens
+        handle = self.layers[self.m].register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
+        try:
+            with torch.no_grad():
+                self.dec(input_ids=token_ids.view(E, L), use_cache=False)
+        except _Reached:
+            pass
+        finally:
+            handle.remove()
         with torch.no_grad():
-            hidden = self.mix.model.get_input_embeddings()(token_ids).unsqueeze(0)
-            if self.m > 0:
-                hidden = self.run_prompt_layers(hidden, 0, self.m, capture=False)
-            self.bank.weight.copy_(hidden.reshape(self.bank.weight.shape))
+            self.bank.weight.copy_(got[0].reshape(self.bank.weight.shape))
 
     # ---------------------------------------------------------------- hooks
     def before_decoder(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -110,15 +146,21 @@ class PromptInjector:
         past = pkv.get_seq_length() if pkv is not None and hasattr(pkv, "get_seq_length") else 0
         pos = kwargs.get("position_ids")
         if pos is None:
-            pos = torch.arange(past, past + x.shape[1], device=x.device).unsqueeze(0)
+            pos = self._default_positions(kwargs.get("attention_mask"), past, x.shape[1], x.device)
         kwargs["position_ids"] = pos + self.bank.num_tokens
         self._masks = {}
         # the prompts' K/V do not depend on the input: a decode step (the mixture's context says so, with or
         # without a KV cache) reuses the prefill's; anything that trains recomputes them for the gradient
         if self.mix.context.is_prefill or self.kv is None or torch.is_grad_enabled():
             w = self.bank.weight
-            self.run_prompt_layers(w.reshape(1, -1, w.shape[-1]), self.m, len(self.dec.layers), capture=True)
+            self.run_prompt_layers(w.reshape(1, -1, w.shape[-1]), self.m, len(self.layers), capture=True)
         return args, kwargs
+
+    def _default_positions(self, mask: Optional[Tensor], past: int, length: int, device: torch.device) -> Tensor:
+        """The positions the decoder would use without ``position_ids`` (the shift is added to these)."""
+        if self.mask_positions and mask is not None and mask.dim() == 2:
+            return ((mask.long().cumsum(-1) * mask.long()) - 1)[:, past:]
+        return torch.arange(past, past + length, device=device).unsqueeze(0)
 
     # ---------------------------------------------------------------- attention
     def attend(self, base: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -235,11 +277,13 @@ def install_prompt_experts(mix: nn.Module, cfg: MixtureConfig, num_experts: int,
     and its hooks (removed by ``mix.detach()``); the bank reads route ``router_key``. Returns the layer whose
     input the router must read (``gate_layer``)."""
     model = mix.model
-    dec, conf = model.get_decoder(), model.config
-    if not hasattr(dec, "layers") or not hasattr(dec, "rotary_emb"):
-        raise ValueError(f"prompt experts need a decoder with .layers and a shared .rotary_emb (Llama-style); "
-                         f"{type(dec).__name__} has not")
-    m, g = resolve_layers(cfg, len(dec.layers))
+    conf = model.config
+    why = prompt_support(model)
+    if why is not None:
+        raise ConfigError(f"mixture.expert='prompt' cannot run on this model: {why}. LoRA experts work on it "
+                          "(mixture.expert=lora); docs/models.md lists the families")
+    layers = decoder_layers(model)
+    m, g = resolve_layers(cfg, len(layers))
     total, max_pos = num_experts * cfg.num_virtual_tokens, getattr(conf, "max_position_embeddings", None)
     if max_pos is not None and total >= max_pos:
         raise ConfigError(f"mixture.num_experts * mixture.num_virtual_tokens = {num_experts} * "
@@ -254,9 +298,9 @@ def install_prompt_experts(mix: nn.Module, cfg: MixtureConfig, num_experts: int,
     bank.to(device=ref.device, dtype=ref.dtype)
     inj.init_prompts(_init_token_ids(mix, cfg, total, tokenizer))
     conf._attn_implementation = _register_attention(impl)
-    attns = [layer.self_attn for layer in dec.layers]
+    attns = [attention_module(layer) for layer in layers]
     for a in attns:
         a.__dict__["_mixroute_mop"] = inj   # plain attribute, not a registered submodule / state_dict entry
     mix.add_hook(_Uninstall(conf, impl, attns))
-    mix.add_hook(dec.register_forward_pre_hook(inj.before_decoder, with_kwargs=True))
+    mix.add_hook(inj.dec.register_forward_pre_hook(inj.before_decoder, with_kwargs=True))
     return g

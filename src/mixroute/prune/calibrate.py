@@ -40,17 +40,14 @@ class LayerInput:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a causal LM (``model.model.layers`` for Llama; any ModuleList of num_hidden_layers)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(decoder, "layers", None)
-    if isinstance(layers, nn.ModuleList):
-        return layers
-    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == depth:
-            return module
-    raise PruneError(f"cannot find the decoder layers of {type(model).__name__} (no ModuleList of "
-                     f"num_hidden_layers={depth} blocks)")
+    """The decoder blocks of a causal LM (``mixroute.arch.decoder_layers``: the one place that finds them)."""
+    from mixroute.arch import ArchitectureError
+    from mixroute.arch import decoder_layers as find_layers
+
+    try:
+        return find_layers(model)
+    except ArchitectureError as e:
+        raise PruneError(str(e)) from None
 
 
 def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:

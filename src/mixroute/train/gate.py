@@ -25,7 +25,9 @@ def router_features(mix: nn.Module, key: str, input_ids: Tensor, attention_mask:
                     prompt_mask: Optional[Tensor] = None) -> Tensor:
     """(B, H) what router ``key`` reads: the hidden states entering its layer, mean-pooled over the attended
     prompt tokens."""
-    layer = mix.model.get_decoder().layers[mix.routers[key].read_layer]
+    from mixroute.arch import decoder_layers
+
+    layer = decoder_layers(mix.model)[mix.routers[key].read_layer]
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if prompt_mask is not None:
         mask = mask & prompt_mask.bool()
