@@ -23,9 +23,12 @@ FORBIDDEN = {
     "report": ABOVE_RUNDIR - {"report"},
     "prune": ABOVE_RUNDIR - {"prune", "evaluate"},
     "federated": ABOVE_RUNDIR - {"federated", "train", "evaluate"},  # only cli imports federated
+    "library": ABOVE_RUNDIR - {"evaluate"} | {"serve"},   # serve reads a library, never the reverse
     **{low: ABOVE_RUNDIR | {"rundir"} for low in ("mixture", "experts", "routers", "methods")},
     **{low: ABOVE_RUNDIR | {"rundir", "mixture", "experts", "routers", "methods"}
-       for low in ("data", "models", "config", "fileio")},
+       for low in ("data", "models", "config", "fileio", "arch")},
+    "devices": ABOVE_RUNDIR | {"rundir", "mixture", "experts", "routers", "methods", "data", "models", "config",
+                               "fileio"},
 }
 
 

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -41,6 +41,10 @@ class ModelConfig:
     name: Optional[str] = f(None, "Base model: null for the embedded SmolLM2-135M-Instruct, a local directory, or a "
                               "Hugging Face id already in the local cache. 'tiny' is the random test model.")
     dtype: Literal["float32", "bfloat16", "float16"] = f("float32", "Parameter dtype of the frozen base model.")
+    device: str = f("auto", "Where training runs: auto (CUDA when torch sees a GPU, else CPU), cpu or cuda "
+                            "(several GPUs: `accelerate launch`). eval/generate/prune/serve take --device.")
+    precision: Literal["no", "bf16", "fp16"] = f("no", "Autocast compute precision (the frozen weights keep "
+                                                       "dtype): bf16 or fp16 on GPUs, no = dtype.")
 
 
 @dataclass
@@ -67,16 +71,24 @@ class MixtureConfig:
     expert: ExpertKind = f("lora", "Expert kind: 'lora' (LoRA expert bank) or 'prompt' (soft-prompt experts, MoP).")
     router: str = f("task", "Router (registered in mixroute.routers.ROUTERS): single (E=1 plain LoRA / prompt), "
                             "uniform, oracle (route by label), task (MoA), token_topk (MoE-LoRA), poly (Poly/MHR), "
-                            "rank (SMoRA), gate (MoP's MLP gate). Prompt experts take the sequence-level ones: "
-                            "single, uniform, oracle, task, gate.")
+                            "rank (SMoRA), gate (MoP's MLP gate), centroid and arrow (expert library: extend without "
+                            "retraining). Prompt experts take the sequence-level ones: single, uniform, oracle, task, "
+                            "gate, centroid.")
     num_experts: int = f(8, "Number of experts E (LoRA experts, Poly skills, or prompt groups).", ge=1)
     # LoRA experts
     rank: int = f(8, "LoRA rank r of each expert.", ge=1)
     alpha: float = f(16.0, "LoRA alpha; the update is scaled by alpha / r.", gt=0.0)
     dropout: float = f(0.0, "Dropout on the LoRA input.", ge=0.0, lt=1.0)
-    target_modules: list = f(list(ALL_PROJECTIONS), "Projections that get LoRA experts (any of q_proj, k_proj, "
-                                                    "v_proj, o_proj, gate_proj, up_proj, down_proj).")
-    mlp_only: bool = f(False, "Put experts on the MLP projections only (LLaVA-MoLE).")
+    target_modules: Union[list, str] = f(
+        ["all-linear"], "Projections of each decoder layer that get LoRA experts, matched as PEFT does (a module "
+                        "name or its dotted suffix: q_proj, mlp.c_proj), or all-linear (every linear layer of the "
+                        "decoder layers, the default) or peft-default (PEFT's default targets for the "
+                        "architecture), alone or as a one-item list. `mixroute model info` lists a model's names; "
+                        "docs/models.md.")
+    mlp_only: bool = f(False, "Put experts on the MLP projections only (LLaVA-MoLE): the targets outside each "
+                              "layer's attention module.")
+    allow_partial: bool = f(False, "Attach to the target_modules a model has and skip the names it lacks (by "
+                                   "default a name that matches nothing in a layer is an error).")
     # routers
     top_k: int = f(1, "Experts kept per token (token_topk) or per sequence at inference (task; the MoP gate "
                       "uses gate_top_k).", ge=1)
@@ -102,13 +114,21 @@ class MixtureConfig:
     prompt_init: Literal["random", "text"] = f("random", "Init prompts from random vocabulary embeddings or from "
                                                        "the embeddings of prompt_init_text.")
     prompt_init_text: Optional[str] = f(None, "Text whose token embeddings initialise the prompts.")
-    # MoP gate (added by the MoP owner, issue 4)
+    # MoP gate
     gate_top_k: Optional[int] = f(None, "MoP gate: keep the top-k experts per sequence and renormalise, in training "
                                         "and inference (null = all E, a soft gate).", ge=1)
     gate_pretrain_steps: int = f(0, "MoP gate: steps of gate pre-training on category labels before prompt "
                                     "training (0 = none; prompt experts only: train.gate.pretrain_gate).", ge=0)
     gate_pretrain_lr: float = f(1e-3, "MoP gate: learning rate of gate pre-training.", gt=0.0)
     seed: int = f(0, "Seed of expert and router initialisation.")
+    # expert library routers (docs/library.md)
+    centroid_temperature: float = f(0.1, "centroid router: softmax temperature over the cosines between a prompt's "
+                                         "pooled hidden state and each expert's prototype.", gt=0.0)
+    arrow_top_k: int = f(3, "arrow router: experts kept per token (capped at num_experts).", ge=1)
+    arrow_temperature: float = f(1.0, "arrow router: softmax temperature over the kept experts' |cos| scores.",
+                                 gt=0.0)
+    route_cost_weight: float = f(0.0, "Expert library: lambda of cost-aware routing, the choice is argmax over "
+                                      "experts of predicted quality - lambda * cost (0 = ignore costs).", ge=0.0)
 
 
 @dataclass
@@ -225,7 +245,18 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check_value(key, value, inner[0], meta)
+        for a in inner[:-1]:
+            try:
+                return _check_value(key, value, a, meta)
+            except ConfigError:
+                continue
+        try:
+            return _check_value(key, value, inner[-1], meta)
+        except ConfigError:
+            if len(inner) == 1:
+                raise
+            raise ConfigError(f"{key}: {value!r} ({type(value).__name__}) is not valid; expected "
+                              f"{_describe(tp)}") from None
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not valid; expected {_describe(tp)}")

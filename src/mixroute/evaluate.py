@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from mixroute import rundir
 from mixroute.data import to_device
+from mixroute.devices import autocast, resolve_device
 
 
 # ------------------------------------------------------------------ the held-out pass
@@ -55,9 +56,10 @@ def held_out_pass(model: nn.Module, mix: Optional[nn.Module], batches: Iterable[
     """Teacher-forced pass over held-out batches: response-token NLL per example, routing per example and,
     with ``capture_layer``, the hidden states entering that decoder layer mean-pooled over the prompt tokens
     (what a sequence-level router reads)."""
+    from mixroute.arch import decoder_layers, lm_head_logits
     from mixroute.routers.base import masked_mean
 
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    decoder = model.get_decoder()
     runner = mix if mix is not None else model
     modes = {m: m.training for m in runner.modules()}  # restored after: a recipe calls this mid-training
     runner.eval()
@@ -69,7 +71,7 @@ def held_out_pass(model: nn.Module, mix: Optional[nn.Module], batches: Iterable[
     if capture_layer is not None:
         def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
             captured.append(args[0] if args else kwargs["hidden_states"])
-        handle = decoder.layers[capture_layer].register_forward_pre_hook(grab, with_kwargs=True)
+        handle = decoder_layers(model)[capture_layer].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for raw in batches:
             b = to_device(raw, device)
@@ -81,7 +83,7 @@ def held_out_pass(model: nn.Module, mix: Optional[nn.Module], batches: Iterable[
                                  use_cache=False).last_hidden_state
             target = b["labels"][:, 1:]
             keep = target != -100
-            logits = head(hidden[:, :-1][keep]).float()
+            logits = lm_head_logits(model, hidden[:, :-1][keep]).float()
             tok_nll = F.cross_entropy(logits, target[keep], reduction="none")
             row = keep.nonzero()[:, 0]
             nll.append(torch.zeros(len(target), device=tok_nll.device).index_add_(0, row, tok_nll).cpu())
@@ -283,16 +285,26 @@ def generate_texts(model: nn.Module, mix: Optional[nn.Module], tok: Any, prompts
 # ------------------------------------------------------------------ a run directory
 def evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int] = None, max_generate: Optional[int] = None,
                  split: Optional[str] = None, write: bool = True, progress: bool = False,
-                 classifier: bool = True) -> dict[str, Any]:
+                 classifier: bool = True, device: str | torch.device = "auto",
+                 precision: str = "no") -> dict[str, Any]:
     """Evaluate ``run_dir`` (its config.yaml and final/ mixture) and write ``eval.json``.
 
     ``max_generate=0`` skips generation (BLEU / ROUGE-L come out empty); ``classifier=False`` skips the
-    logistic-regression baseline, which runs the whole train split through the model once more.
+    logistic-regression baseline, which runs the whole train split through the model once more. ``device``
+    (auto: CUDA when available) and ``precision`` (autocast: no, bf16, fp16) say where and how it runs.
     """
+    dev = resolve_device(device)
+    with autocast(dev, precision):
+        return _evaluate_run(run_dir, max_new_tokens, max_generate, split, write, progress, classifier, dev)
+
+
+def _evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int], max_generate: Optional[int],
+                  split: Optional[str], write: bool, progress: bool, classifier: bool,
+                  device: torch.device) -> dict[str, Any]:
     from mixroute.methods import is_label_aligned
 
     t0 = time.time()
-    run = rundir.load_run(run_dir)
+    run = rundir.load_run(run_dir, device)
     cfg, model, tok, mix, data = run.cfg, run.model, run.tok, run.mix, run.data
     split = split or cfg.eval.split
     max_new_tokens = max_new_tokens or cfg.eval.max_new_tokens
@@ -301,7 +313,7 @@ def evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int] = None, max_
     aligned = is_label_aligned(mix.cfg if mix is not None else None)
     layer = router_read_layer(mix) if aligned else None
 
-    held = held_out_pass(model, mix, data.batches(split, cfg.eval.batch_size), capture_layer=layer)
+    held = held_out_pass(model, mix, data.batches(split, cfg.eval.batch_size), device=device, capture_layer=layer)
     result: dict[str, Any] = {"run": Path(run_dir).name, "method": cfg.train.method, "split": split,
                               "categories": list(cats),
                               "perplexity": perplexity(held.nll, held.tokens, held.task_ids, cats)}
@@ -309,7 +321,7 @@ def evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int] = None, max_
     examples = data.generation_examples(split, max_generate) if max_generate > 0 else []
     hyps, chosen = generate_texts(model, mix, tok, [e["prompt_ids"] for e in examples],
                                   [e["task_id"] for e in examples], max_new_tokens,
-                                  cfg.eval.batch_size) if examples else ([], [])
+                                  cfg.eval.batch_size, device) if examples else ([], [])
     labels = [e["task_id"] for e in examples]
     result["bleu"], result["rougeL"] = bleu_rouge(hyps, [e["reference"] for e in examples], labels, cats)
 
@@ -321,7 +333,8 @@ def evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int] = None, max_
         if any(c >= 0 for c in chosen):
             result["router_accuracy"]["generation"] = router_accuracy(chosen, labels, cats, num_experts)["overall"]
     if aligned and classifier:
-        train_held = held_out_pass(model, mix, data.batches("train", cfg.eval.batch_size), capture_layer=layer)
+        train_held = held_out_pass(model, mix, data.batches("train", cfg.eval.batch_size), device=device,
+                                   capture_layer=layer)
         result["classifier_accuracy"] = classifier_accuracy(train_held.pooled, train_held.task_ids, held.pooled,
                                                             held.task_ids, cats, seed=cfg.train.seed)
         result["classifier_accuracy"]["layer"] = layer
@@ -340,7 +353,8 @@ def evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int] = None, max_
 
 # ------------------------------------------------------------------ one prompt
 def routed_generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, category: Optional[str] = None,
-                    context: str = "") -> dict[str, Any]:
+                    context: str = "", device: str | torch.device = "auto",
+                    precision: str = "no") -> dict[str, Any]:
     """Answer one prompt with a run's mixture; the router picks the expert (``mixroute generate``).
 
     Returns ``{"expert": description, "text": continuation}``. Routers that need labels at inference
@@ -349,7 +363,8 @@ def routed_generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, 
     from mixroute.routers import router_class
     from mixroute.rundir import load_run
 
-    run = load_run(run_dir)
+    dev = resolve_device(device)
+    run = load_run(run_dir, dev)
     cats = run.data.categories
     routers = list(run.mix.routers.values()) if run.mix is not None else []
     needs_label = any(r.needs_task_ids for r in routers)
@@ -361,7 +376,8 @@ def routed_generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, 
     task_ids = [cats.index(category)] if category is not None else None
     ids = run.data.prompt_ids({"instruction": prompt, "context": context, "response": "",
                                "category": category or cats[0]})
-    texts, chosen = generate_texts(run.model, run.mix, run.tok, [ids], task_ids, max_new_tokens, 1)
+    with autocast(dev, precision):
+        texts, chosen = generate_texts(run.model, run.mix, run.tok, [ids], task_ids, max_new_tokens, 1, dev)
     if run.mix is None:
         expert = "none (base model)"
     elif gate_level(run.mix) != "sequence":

@@ -253,15 +253,17 @@ def load_model(cfg: ModelConfig, device: Any = "cpu") -> tuple["nn.Module", Any]
     return load_base_model(cfg.name, dtype=getattr(torch, cfg.dtype), device=device)
 
 
-def load_run(run_dir: str | Path) -> Run:
-    """Load ``run_dir``'s config, base model, data and final mixture (for eval / generate)."""
+def load_run(run_dir: str | Path, device: Any = "auto") -> Run:
+    """Load ``run_dir``'s config, base model, data and final mixture (for eval / generate) onto ``device``
+    (``auto``: CUDA when available, else CPU; not the device the run was trained on)."""
     from mixroute.data import RunData
+    from mixroute.devices import resolve_device
     from mixroute.methods import mixture_config
     from mixroute.mixture import Mixture
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, resolve_device(device))
     data = RunData.build(cfg, tok)
     mix = None
     if mixture_config(cfg, len(data.categories)) is not None:

@@ -24,6 +24,7 @@ _errors = Console(stderr=True, soft_wrap=True, highlight=False)
 USER_ERRORS = (
     ("mixroute.config", "ConfigError"),
     ("mixroute.data", "DataError"),
+    ("mixroute.devices", "DeviceError"),
     ("mixroute.models", "ModelNotFoundError"),
     ("mixroute.prune", "PruneError"),
     ("mixroute.report", "ReportError"),
@@ -61,3 +62,13 @@ def user_errors(*extra: type[BaseException]) -> Iterator[None]:
         if not is_user_error(e, extra):
             raise
         fail(str(e))
+
+
+def device_option() -> typer.models.OptionInfo:
+    return typer.Option("auto", "--device", help="Where the model runs: auto (CUDA when torch sees a GPU, else CPU), "
+                                                 "cpu, cuda or cuda:N.")
+
+
+def precision_option() -> typer.models.OptionInfo:
+    return typer.Option("no", "--precision", help="Autocast compute precision: no (the model's dtype), bf16 or "
+                                                  "fp16 (GPUs; bf16 also works on CPUs).")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from mixroute.cli.common import console, fail, user_errors
+from mixroute.cli.common import console, device_option, fail, precision_option, user_errors
 
 # typer/rich keeps blank-line separated paragraphs of an epilog; one example per paragraph reads best
 EVAL_EXAMPLES = """Examples:
@@ -40,6 +40,8 @@ def eval_cmd(
     classifier: bool = typer.Option(True, "--classifier/--no-classifier",
                                     help="Fit the logistic-regression baseline on the pooled states the router "
                                          "reads (runs the train split through the model once more)."),
+    device: str = device_option(),
+    precision: str = precision_option(),
 ) -> None:
     """Perplexity, BLEU, ROUGE-L, router accuracy and the classifier baseline -> RUN_DIR/eval.json."""
     from mixroute.evaluate import evaluate_run
@@ -47,7 +49,7 @@ def eval_cmd(
     if split not in (None, "validation", "test"):
         fail(f"--split {split!r}: expected validation or test")
     result = evaluate_run(run_dir, max_new_tokens=max_new_tokens, max_generate=max_generate, split=split,
-                          classifier=classifier)
+                          classifier=classifier, device=device, precision=precision)
     from mixroute.report.compare import comparison_table, to_markdown
     from mixroute.rundir import EVAL
 
@@ -91,10 +93,13 @@ def generate_cmd(
     category: Optional[str] = typer.Option(None, "--category", help="Category label, for methods that route by "
                                                                    "label (lora_single, poly, mhr)."),
     context: str = typer.Option("", "--context", help="Optional context passage (Dolly's context field)."),
+    device: str = device_option(),
+    precision: str = precision_option(),
 ) -> None:
     """Generate an answer; the router picks the expert. Prints the chosen expert and the text."""
     from mixroute.evaluate import routed_generate
 
-    out = routed_generate(run_dir, prompt, max_new_tokens=max_new_tokens, category=category, context=context)
+    out = routed_generate(run_dir, prompt, max_new_tokens=max_new_tokens, category=category, context=context,
+                          device=device, precision=precision)
     console.print(f"[bold]expert:[/bold] {out['expert']}", highlight=False)
     console.print(out["text"], markup=False, highlight=False)

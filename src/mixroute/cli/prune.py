@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from typer.core import TyperCommand
 
-from mixroute.cli.common import console, fail, user_errors
+from mixroute.cli.common import console, device_option, fail, user_errors
 
 HELP = (
     "Prune every nn.Linear of the decoder blocks (magnitude, Wanda or SparseGPT) and save a model directory "
@@ -61,6 +61,7 @@ def prune_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the data split and the calibration order."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists and is not empty."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar over layers."),
+    device: str = device_option(),
 ) -> None:
     from transformers.utils import logging as hf_logging
 
@@ -73,7 +74,8 @@ def prune_cmd(
     report = run_prune(model, method, out, sparsity=sparsity, pattern=pattern, calib=calib,
                        calib_samples=calib_samples, calib_seq_len=calib_seq_len, eval_examples=eval_examples,
                        include_embeddings=include_embeddings, include_lm_head=include_lm_head,
-                       blocksize=blocksize, percdamp=percdamp, force=force, seed=seed, progress=progress)
+                       blocksize=blocksize, percdamp=percdamp, force=force, seed=seed, progress=progress,
+                       device=device)
     target = report.pattern or f"{report.sparsity:.0%}"
     ppl = (f"perplexity {report.ppl_before:.3f} -> {report.ppl_after:.3f}" if report.ppl_before is not None
            else "perplexity not measured")

@@ -34,6 +34,11 @@ def train_cmd(
     stop_at_step: Optional[int] = typer.Option(None, "--stop-at-step", help="Checkpoint and stop after this "
                                                                           "step (as if killed; resume later)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default: model.device, auto "
+                                                               "= CUDA when torch sees a GPU). Several GPUs: "
+                                                               "accelerate launch -m mixroute train ..."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Autocast: no, bf16 or fp16 (default: "
+                                                                     "model.precision)."),
 ) -> None:
     """Train a method (setup, stage 1 when needed, train, save) into a run directory."""
     from mixroute.config import load_config
@@ -44,13 +49,15 @@ def train_cmd(
     if resume:
         if config or overrides:
             fail("--resume RUN_DIR continues a run with its own config.yaml; do not pass a config or overrides")
-        run_dir = resume_run(resume, stop_at_step=stop_at_step, progress=progress)
+        run_dir = resume_run(resume, stop_at_step=stop_at_step, progress=progress, device=device,
+                             precision=precision)
     else:
         if config is None:
             fail("give a config file (e.g. configs/moa.yaml) or --resume RUN_DIR")
-        cfg = load_config(config, overrides or [])
+        flags = [f"model.device={device}"] * bool(device) + [f"model.precision={precision}"] * bool(precision)
+        cfg = load_config(config, [*(overrides or []), *flags])
         run_dir = train(cfg, overwrite=overwrite, stop_at_step=stop_at_step, progress=progress)
     console.print(f"run directory: [bold]{run_dir}[/bold]")
     stopped_early = stop_at_step is not None and not final_dir(run_dir).is_dir()
     if evaluate and not stopped_early:
-        eval_cmd(str(run_dir), None, None, None, True)
+        eval_cmd(str(run_dir), None, None, None, True, device or "auto", precision or "no")

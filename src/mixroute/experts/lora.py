@@ -1,4 +1,5 @@
-"""The stacked LoRA expert bank: E experts of rank r on one frozen ``nn.Linear``.
+"""The stacked LoRA expert bank: E experts of rank r on one frozen linear layer (``nn.Linear`` or GPT-2's
+``Conv1D``).
 
 All experts live in two matrices, A (E*r, in) and B (out, E*r), so any routing is a few dense matmuls with no
 Python loop over experts (METHODS.md section 5): this is the one part no library provides (PEFT keeps one
@@ -56,21 +57,23 @@ class LoraBank(nn.Module):
         # ``out`` is the fresh output of F.linear, which autograd does not save (linear's backward needs only
         # x and W), so the LoRA term is accumulated in place: a fused BLAS add-matmul with no extra pass over
         # (and no new copy of) the (tokens, out) output; measured ~10% faster per projection than out + lora.
-        s = self.scaling
+        # Autocast does not cast the operands of in-place ops: they are brought to ``out``'s dtype (bf16/fp16
+        # under autocast; otherwise the parameters' own dtype, and ``.to`` is a no-op)
+        s, dt = self.scaling, out.dtype
         out2 = out.view(-1, out.shape[-1])
         if route.index is not None:
             shared = route.shared_index()
             if shared is not None:
                 a, b = self.expert(shared)
-                out2.addmm_(x.reshape(-1, x.shape[-1]) @ a.T, b.T, alpha=s)
+                out2.addmm_((x.reshape(-1, x.shape[-1]) @ a.T).to(dt), b.T.to(dt), alpha=s)
                 return out
             a, b = route.reused(("gather", id(self)), lambda: self._gather(route.index))
             h = torch.bmm(x, a.transpose(1, 2))                            # (B, T, r)
-            return out.baddbmm_(h, b, alpha=s)
+            return out.baddbmm_(h.to(dt), b.to(dt), alpha=s)
         if route.level == "task":
             return self._poly(out, x, route.weights[:, slot])
         h = (x @ self.A.T) * route.per_rank(self.rank, x.dtype)                     # (B, T, E*r)
-        out2.addmm_(h.reshape(-1, h.shape[-1]), self.B.T, alpha=s)
+        out2.addmm_(h.reshape(-1, h.shape[-1]).to(dt), self.B.T.to(dt), alpha=s)
         return out
 
     def _gather(self, index: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,31 +87,41 @@ class LoraBank(nn.Module):
         a = torch.einsum("bse,ersd->brsd", w, self.A.view(e, r, s, -1)).reshape(w.shape[0], r, -1)
         b = torch.einsum("bse,soer->bsor", w, self.B.view(s, -1, e, r)).reshape(w.shape[0], -1, r)
         h = torch.bmm(x, a.transpose(1, 2))
-        return out.baddbmm_(h, b.transpose(1, 2), alpha=self.scaling)
+        return out.baddbmm_(h.to(out.dtype), b.transpose(1, 2).to(out.dtype), alpha=self.scaling)
 
 
 RouteGetter = Callable[[], Optional[RouteWeights]]
 
 
-def patch_linear(linear: nn.Linear, bank: LoraBank, get_route: RouteGetter, slot: int = 0) -> None:
-    """Make ``linear`` add the bank's LoRA term, by overriding its instance ``forward``.
+def patch_linear(linear: nn.Module, bank: LoraBank, get_route: RouteGetter, slot: int = 0) -> None:
+    """Make ``linear`` (an ``nn.Linear`` or a ``Conv1D``) add the bank's LoRA term, by overriding its instance
+    ``forward``.
 
     We patch the instance instead of wrapping it in a new module so the base model's module tree and
     ``state_dict`` keys stay exactly as they were (``save_pretrained`` and weight tying keep working) and
-    ``unpatch_linear`` restores it exactly.
+    ``unpatch_linear`` restores it exactly. The base output comes from the layer's own class ``forward``, so a
+    ``Conv1D`` (weight stored as (in, out), PEFT's fan_in_fan_out) or a ``Linear`` subclass computes exactly
+    what it did before; the LoRA term is the same (r, in) / (out, r) pair either way, as in PEFT.
     """
+    base_forward = type(linear).forward
 
-    def forward(self: nn.Linear, x: Tensor) -> Tensor:
-        out = F.linear(x, self.weight, self.bias)
+    def forward(self: nn.Module, x: Tensor) -> Tensor:
+        out = base_forward(self, x)
         route = get_route()
         if route is None:
+            return out
+        bsz = route.weights.shape[0]
+        if x.dim() == 2 and x.shape[0] % bsz == 0:
+            # OPT runs its MLP on (B*T, H) rows: routes are per sequence, so the batch dimension is restored (a
+            # view: the LoRA term still lands in ``out``)
+            bank.add_into(out.view(bsz, -1, out.shape[-1]), x.view(bsz, -1, x.shape[-1]), route, slot)
             return out
         return bank.add_into(out, x, route, slot)
 
     linear.forward = types.MethodType(forward, linear)  # type: ignore[method-assign]
 
 
-def unpatch_linear(linear: nn.Linear) -> None:
+def unpatch_linear(linear: nn.Module) -> None:
     """Undo ``patch_linear``."""
     linear.__dict__.pop("forward", None)
 
@@ -160,17 +173,20 @@ def read_peft_adapters(adapter_dirs: list[str]) -> tuple[list[dict[str, tuple[Te
 
 
 def write_peft_adapter(weights: dict[str, tuple[Tensor, Tensor]], cfg, base_name: Optional[str],
-                       out_dir: str) -> None:
+                       out_dir: str, targets: Optional[list[str]] = None, fan_in_fan_out: bool = False) -> None:
     """Write {module name: (A (r, in), B (out, r))} as a PEFT LoRA adapter that PeftModel.from_pretrained
-    loads (the config is written by PEFT's own LoraConfig, so it stays in step with PEFT's format)."""
+    loads (the config is written by PEFT's own LoraConfig, so it stays in step with PEFT's format).
+
+    ``targets``: PEFT target names that select exactly these modules (default: their last name part);
+    ``fan_in_fan_out``: the modules are ``Conv1D`` (GPT-2), as PEFT records it for them."""
     from pathlib import Path
 
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    targets = sorted({name.rsplit(".", 1)[-1] for name in weights})
+    targets = targets or sorted({name.rsplit(".", 1)[-1] for name in weights})
     conf = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                      task_type="CAUSAL_LM", base_model_name_or_path=base_name)
+                      task_type="CAUSAL_LM", base_model_name_or_path=base_name, fan_in_fan_out=fan_in_fan_out)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     conf.save_pretrained(out_dir)
     tensors = {}

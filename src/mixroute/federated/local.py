@@ -16,7 +16,7 @@ from mixroute.data import Partition, RunData, partition_train, to_device
 from mixroute.federated.payload import expert_axis
 from mixroute.methods import mixture_config
 from mixroute.rundir import load_model
-from mixroute.train.centralized import build_optimizer, seed_everything
+from mixroute.train.centralized import build_optimizer, make_accelerator, seed_everything
 from mixroute.train.loop import train_mode, train_step
 
 
@@ -50,8 +50,6 @@ class Local:
 
 def setup(cfg: RunConfig) -> Local:
     """Load everything a client or the server needs once (the base model stays loaded and frozen)."""
-    from accelerate import Accelerator
-
     from mixroute.mixture import Mixture
 
     seed_everything(cfg.train.seed)
@@ -68,7 +66,8 @@ def setup(cfg: RunConfig) -> Local:
     else:
         mix = Mixture.attach(model, mcfg)
     mix.eval()
-    return Local(cfg, model, tok, data, part, mix, Accelerator(cpu=True))
+    # clients train on the CPU: a simulation shares one machine, and Ray is given CPUs per client only
+    return Local(cfg, model, tok, data, part, mix, make_accelerator(dataclasses.replace(cfg.model, device="cpu")))
 
 
 class _Local(nn.Module):

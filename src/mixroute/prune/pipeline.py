@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from mixroute.devices import resolve_device
 from mixroute.evaluate import held_out_pass, perplexity
 from mixroute.fileio import atomic_dir
 from mixroute.models import load_base_model
@@ -105,8 +106,10 @@ def run_prune(model_name: Optional[str], method: str, out: str | Path, sparsity:
               pattern: Optional[PatternLike] = None, calib: Optional[str] = None, calib_samples: int = 128,
               calib_seq_len: int = 256, eval_examples: int = 64, include_embeddings: bool = False,
               include_lm_head: bool = False, blocksize: int = 128, percdamp: float = 0.01, force: bool = False,
-              seed: int = 0, progress: bool = True) -> PruneReport:
-    """Load, measure, prune, measure, save; returns the report also written to OUT/prune_report.json."""
+              seed: int = 0, progress: bool = True, device: str = "auto") -> PruneReport:
+    """Load, measure, prune, measure, save; returns the report also written to OUT/prune_report.json.
+    ``device``: where the model, calibration and Hessians live (auto: CUDA when available); the pruned model
+    is saved from there. No autocast: SparseGPT's Hessian inverse needs float32."""
     check_method(method)
     sparsity, pat = resolve_target(sparsity, pattern)
     check_out_dir(out, force)
@@ -115,7 +118,7 @@ def run_prune(model_name: Optional[str], method: str, out: str | Path, sparsity:
                          ">= 2 tokens")
     if eval_examples < 0:
         raise PruneError(f"--eval-examples {eval_examples}: need >= 0 (0 skips the perplexity)")
-    model, tok = load_base_model(model_name)
+    model, tok = load_base_model(model_name, device=resolve_device(device))
     if pat is not None:  # fail before any data work
         for name, mod in prune_targets(model, include_embeddings, include_lm_head).items():
             check_nm_width(pat, mod.weight.shape[1], name)

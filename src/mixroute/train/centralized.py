@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from mixroute import rundir
-from mixroute.config import ConfigError, RunConfig
+from mixroute.config import ConfigError, ModelConfig, RunConfig
 from mixroute.data import RunData, to_device
+from mixroute.devices import DeviceError, resolve_device
 from mixroute.evaluate import validation_snapshot
 from mixroute.fileio import atomic_dir
 from mixroute.methods import mixture_config, needs_stage1, stage1_config
@@ -45,12 +46,26 @@ def seed_everything(seed: int) -> None:
     torch.set_flush_denormal(True)
 
 
-def make_accelerator() -> Any:
-    """One ``accelerate.Accelerator``: CPU here, GPUs under ``accelerate launch`` with no code change."""
+def make_accelerator(cfg: ModelConfig) -> Any:
+    """One ``accelerate.Accelerator`` on ``cfg.device`` with ``cfg.precision``: CPU or one GPU as asked, several
+    GPUs under ``accelerate launch`` with no code change."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
 
+    try:
+        device = resolve_device(cfg.device)
+    except DeviceError as e:
+        raise ConfigError(f"model.device: {e}") from None
+    if device.index is not None:
+        raise ConfigError(f"model.device={cfg.device!r}: training takes auto, cpu or cuda; pick the GPU with "
+                          "CUDA_VISIBLE_DEVICES (several GPUs: accelerate launch)")
+    # accelerate keeps one process-wide state and refuses a second precision or device in the same process;
+    # training is a library call that may run many times per process, so each run starts from a fresh state
+    # (the distributed part, PartialState, is kept: a launched process stays in its group)
+    AcceleratorState._reset_state(reset_partial_state=False)
     # top-1 routers leave some experts without gradient in a step
-    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.precision,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
@@ -96,14 +111,19 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop
     """
     # ---- setup (every config error is raised before the run directory is touched)
     seed_everything(cfg.train.seed)
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cfg.model)
     model, tok = load_model(cfg.model, accelerator.device)
     data = RunData.build(cfg, tok)
     mcfg = mixture_config(cfg, len(data.categories))
-    run_dir = prepare_run_dir(cfg, resume, overwrite)
+    # under `accelerate launch` one process owns the run directory; the others wait until it is ready (each
+    # would otherwise find the others' fresh directory and refuse it as an existing run)
+    if accelerator.is_main_process:
+        run_dir = prepare_run_dir(cfg, resume, overwrite)
+        if not resume:
+            rundir.write_data_report(run_dir, data.report)
+    accelerator.wait_for_everyone()
+    run_dir = Path(cfg.output_dir)
     log = MetricsLogger(run_dir, enabled=accelerator.is_main_process)
-    if not resume:
-        rundir.write_data_report(run_dir, data.report)
     ctx = _Ctx(cfg, run_dir, accelerator, model, tok, data, log, progress, stop_at_step)
     if mcfg is None:  # base: nothing to train; validation perplexity of the frozen model, eval reads it
         evaluate_validation(ctx, None, 0, stage="before")
@@ -136,10 +156,14 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop
     return run_dir
 
 
-def resume(run_dir: str | Path, stop_at_step: Optional[int] = None, progress: bool = True) -> Path:
-    """Continue a run from its newest checkpoint (the config is the run's own config.yaml)."""
+def resume(run_dir: str | Path, stop_at_step: Optional[int] = None, progress: bool = True,
+           device: Optional[str] = None, precision: Optional[str] = None) -> Path:
+    """Continue a run from its newest checkpoint (the config is the run's own config.yaml; ``device`` and
+    ``precision`` may differ from the ones it started with: a run begun on a GPU can finish on a CPU)."""
     cfg = rundir.read_config(run_dir)
     cfg.output_dir = str(run_dir)
+    cfg.model.device = device or cfg.model.device
+    cfg.model.precision = precision or cfg.model.precision
     return train(cfg, resume=True, stop_at_step=stop_at_step, progress=progress)
 
 
@@ -294,8 +318,9 @@ def _diverged(ctx: _Ctx, mix: nn.Module, optimizer: Any, scheduler: Any, step: i
 # =========================================================================== evaluate and save
 def evaluate_validation(ctx: _Ctx, mix: Optional[nn.Module], step: int, stage: str) -> dict[str, Any]:
     """Validation perplexity (an eval line in metrics.jsonl) and a gate snapshot (gates.json)."""
-    ppl, row, snap = validation_snapshot(ctx.model, mix, ctx.data, ctx.cfg.eval.batch_size, step, stage,
-                                         device=ctx.accelerator.device)
+    with ctx.accelerator.autocast():
+        ppl, row, snap = validation_snapshot(ctx.model, mix, ctx.data, ctx.cfg.eval.batch_size, step, stage,
+                                             device=ctx.accelerator.device)
     ctx.log.eval(row)
     if snap is not None:
         level = snap.pop("level")
