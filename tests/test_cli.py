@@ -15,7 +15,7 @@ from mixroute.cli.common import user_errors
 from mixroute.config import ConfigError
 
 runner = CliRunner()
-COMMANDS = {"train", "eval", "compare", "generate", "report", "prune", "federate", "serve", "model", "config", "data", "adapters"}
+COMMANDS = {"train", "eval", "compare", "generate", "report", "prune", "federate", "serve", "model", "config", "data", "adapters", "library"}
 
 
 def _command_paths(group: click.Group, prefix: tuple = ()):

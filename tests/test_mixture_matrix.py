@@ -25,13 +25,16 @@ CASES = {
     "lora-token_topk": dict(router="token_topk", num_experts=3, top_k=2, mlp_only=True),
     "lora-poly": dict(router="poly", num_experts=3, num_tasks=3, n_splits=2),
     "lora-rank": dict(router="rank", num_experts=3, rank_top_k=4),
+    "lora-centroid": dict(router="centroid", num_experts=3),
+    "lora-arrow": dict(router="arrow", num_experts=3, arrow_top_k=2),
     "prompt-single": dict(PROMPT, router="single"),
     "prompt-uniform": dict(PROMPT, router="uniform", num_experts=3),
     "prompt-oracle": dict(PROMPT, router="oracle", num_experts=3, num_tasks=3),
     "prompt-task": dict(PROMPT, router="task", num_experts=3, num_tasks=3),
     "prompt-gate": dict(PROMPT, router="gate", num_experts=3, num_tasks=3),
+    "prompt-centroid": dict(PROMPT, router="centroid", num_experts=3),
 }
-PER_TOKEN = {"lora-token_topk", "lora-rank"}
+PER_TOKEN = {"lora-token_topk", "lora-rank", "lora-arrow"}
 
 
 def make(case: str) -> Mixture:

@@ -186,6 +186,8 @@ BAD = [  # (body changes, status, param)
     ({"mixroute": {"weights": [1.0]}}, 400, "mixroute.weights"),
     ({"mixroute": {"weights": {"nobody": 1.0}}}, 400, "mixroute.weights"),
     ({"mixroute": {"category": "nope"}}, 400, "mixroute.category"),
+    ({"mixroute": {"route_cost_weight": 1.0}}, 400, "mixroute.route_cost_weight"),   # a run, not a library
+    ({"mixroute": {"route_cost_weight": -1}}, 400, "mixroute.route_cost_weight"),
     ({"messages": [{"role": "user", "content": "word " * 2100}]}, 400, "messages"),
 ]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import typer
 
 import mixroute
-from mixroute.cli import adapters, config, data, evaluate, federate, model, prune, report, serve, train
+from mixroute.cli import adapters, config, data, evaluate, federate, library, model, prune, report, serve, train
 from mixroute.cli.common import console
 
 app = typer.Typer(
@@ -70,3 +70,14 @@ data_app.command("partition")(data.partition_cmd)
 adapters_app = _group("adapters", adapters.HELP)
 adapters_app.command("import")(adapters.import_cmd)
 adapters_app.command("export")(adapters.export_cmd)
+
+library_app = _group("library", library.HELP)
+library_app.command("create", epilog=library.CREATE_EXAMPLES)(library.create_cmd)
+library_app.command("add", epilog=library.ADD_EXAMPLES)(library.add_cmd)
+library_app.command("remove")(library.remove_cmd)
+library_app.command("list")(library.list_cmd)
+library_app.command("route", epilog=library.ROUTE_EXAMPLES)(library.route_cmd)
+library_app.command("export")(library.export_cmd)
+library_app.command("fit-router", epilog=library.FIT_EXAMPLES)(library.fit_router_cmd)
+library_app.command("calibrate", epilog=library.FIT_EXAMPLES)(library.calibrate_cmd)
+library_app.command("curve", epilog=library.FIT_EXAMPLES)(library.curve_cmd)

@@ -280,3 +280,33 @@ def sparsity_curves(runs: list[RunInfo]) -> bytes:
     if by_method:
         ax.legend(fontsize=8)
     return _png(fig)
+
+
+# ------------------------------------------------------------------ expert library
+def cost_curve(rows: list[dict[str, Any]], title: str = "cost-aware routing") -> bytes:
+    """Routed perplexity against mean expert cost, one point per lambda (``mixroute library curve``)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    pts = sorted(rows, key=lambda r: r["lambda"])
+    ax.plot([r["mean_cost"] for r in pts], [r["ppl"] for r in pts], **_line_style(0))
+    for r in pts:
+        ax.annotate(f"λ={r['lambda']:g}", (r["mean_cost"], r["ppl"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)
+    ax.set_title(f"{title}: quality against cost as lambda varies")
+    ax.set_xlabel("mean cost of the chosen experts")
+    ax.set_ylabel("routed perplexity (lower is better)")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def cost_curve_plot(rows: list[dict[str, Any]], path: Any, title: str = "cost-aware routing") -> None:
+    """Write ``cost_curve`` as a PNG file (atomically)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(cost_curve(rows, title))
+    os.replace(tmp, path)

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 from mixroute.config import ConfigError, MixtureConfig
+from mixroute.routers.arrow import ArrowRouter
 from mixroute.routers.base import Router, RouterDims, RouteWeights, masked_mean
+from mixroute.routers.centroid import CentroidRouter
 from mixroute.routers.fixed import OracleRouter, SingleRouter, UniformRouter
 from mixroute.routers.gate import GateRouter
 from mixroute.routers.poly import PolyRouter
@@ -23,6 +25,8 @@ ROUTERS: dict[str, type[Router]] = {cls.name: cls for cls in (
     PolyRouter,
     RankRouter,
     GateRouter,
+    CentroidRouter,
+    ArrowRouter,
 )}
 
 

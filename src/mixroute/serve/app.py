@@ -3,6 +3,10 @@
 ``model`` = the run's name lets the router decide; ``model`` = an expert's name forces that expert; the
 ``mixroute`` request object may fix weights over experts. Every answer says what was decided: the ``routing``
 field and the ``X-Mixroute-Expert`` header (streamed answers: on the first chunk and the response headers).
+
+An expert library (docs/library.md) is served the same way; with ``allow_library_updates`` ``POST /v1/experts``
+and ``DELETE /v1/experts/{name}`` change it while serving: the engine applies the change between batches, so
+in-flight requests finish on the mixture they started with and later ones wait for the swap.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mixroute.serve.engine import Engine, Request
 from mixroute.serve.metrics import Metrics
-from mixroute.serve.schema import ChatCompletionRequest, CompletionRequest, MixrouteOptions
+from mixroute.serve.schema import AddExpertRequest, ChatCompletionRequest, CompletionRequest, MixrouteOptions
 
 log = logging.getLogger("uvicorn.error")
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "json-or-python"}
@@ -64,17 +68,22 @@ class Served:
     context_length: int
     can_force: bool          # sequence-level routing: an expert can be forced per request
     needs_category: bool     # the router routes by label (oracle, poly)
+    library: Any = None      # the served expert library (None: a run directory)
+    router: Optional[str] = None    # the library's router as served (None: its default)
+    cost_weight: float = 0.0        # the library's default lambda of cost-aware routing
 
 
-def load_served(run_dir: Union[str, Path], device: str = "cpu") -> Served:
-    """Load a run directory for serving (its config, base model, final mixture)."""
+def load_served(run_dir: Union[str, Path], device: str = "auto") -> Served:
+    """Load a run directory, or an expert library (a directory with manifest.json), for serving on ``device``
+    (auto: CUDA when available, else CPU)."""
     from mixroute.routers import router_class
     from mixroute.rundir import load_run
 
-    run = load_run(run_dir)
+    if (Path(run_dir) / "manifest.json").is_file():
+        return load_library(run_dir, device=device)
+
+    run = load_run(run_dir, device)
     mix, cats = run.mix, list(run.data.categories)
-    if device != "cpu":
-        (mix or run.model).to(device)
     routers = list(mix.routers.values()) if mix is not None else []
     n = router_class(mix.cfg.router).experts_for(mix.cfg) if mix is not None else 0
     aligned = any(r.label_aligned for r in routers)
@@ -86,14 +95,34 @@ def load_served(run_dir: Union[str, Path], device: str = "cpu") -> Served:
                   needs_category=any(r.needs_task_ids for r in routers))
 
 
+def load_library(lib_dir: Union[str, Path], device: str = "auto", router: Optional[str] = None,
+                 cost_weight: float = 0.0) -> Served:
+    """Load an expert library for serving, routed by ``router`` (default: the library's own)."""
+    from mixroute.devices import resolve_device
+    from mixroute.library import Library
+
+    dev = resolve_device(device)
+    lib = Library(lib_dir)
+    if dev.type != "cpu":
+        lib.model.to(dev)
+    mix = lib.mixture(router, cost_weight)
+    return Served(name=Path(lib_dir).resolve().name, model=lib.model, tok=lib.tok, mix=mix,
+                  template=lib.man.template, categories=[], expert_names=lib.man.names(),
+                  context_length=int(getattr(lib.model.config, "max_position_embeddings", 2048)),
+                  can_force=all(r.level == "sequence" for r in mix.routers.values()), needs_category=False,
+                  library=lib, router=router, cost_weight=cost_weight)
+
+
 def create_app(run: Union[str, Path, Served], api_key: Optional[str] = None, max_batch: int = 16,
-               max_wait_ms: float = 10.0, limits: Optional[Limits] = None) -> FastAPI:
-    """The app for a run directory (or an already loaded ``Served``); the engine starts with the app."""
+               max_wait_ms: float = 10.0, limits: Optional[Limits] = None,
+               allow_library_updates: bool = False, precision: str = "no") -> FastAPI:
+    """The app for a run directory or library (or an already loaded ``Served``); the engine starts with the
+    app. ``allow_library_updates`` turns on ``POST /v1/experts`` and ``DELETE /v1/experts/{name}``."""
     served = run if isinstance(run, Served) else load_served(run)
     limits = limits or Limits()
     metrics = Metrics()
     engine = Engine(served.model, served.mix, served.tok, served.expert_names, max_batch=max_batch,
-                    max_wait_ms=max_wait_ms, on_batch=lambda b: metrics.batched(len(b)))
+                    max_wait_ms=max_wait_ms, on_batch=lambda b: metrics.batched(len(b)), precision=precision)
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
@@ -192,9 +221,15 @@ def create_app(run: Union[str, Path, Served], api_key: Optional[str] = None, max
                            f"model's context of {served.context_length} tokens", prompt_param,
                            code="context_length_exceeded")
         forced, task_id = _routing_request(served, body.model, body.mixroute)
+        lam = body.mixroute.route_cost_weight if body.mixroute is not None else None
+        if lam is not None and (served.mix is None
+                                or not any(hasattr(r, "row_cost_weight") for r in served.mix.routers.values())):
+            raise APIError(400, "mixroute.route_cost_weight: cost-aware routing needs an expert library served with "
+                           "a sequence-level router (centroid or task)", "mixroute.route_cost_weight")
         stop = [body.stop] if isinstance(body.stop, str) else [s for s in (body.stop or []) if s]
         req = Request(prompt_ids=prompt, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                      stop=stop, seed=body.seed, forced=forced, task_id=task_id)
+                      stop=stop, seed=body.seed, forced=forced, task_id=task_id, cost_weight=lam,
+                      forced_names=list(served.expert_names) if forced is not None else None)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         loop = asyncio.get_running_loop()
@@ -205,7 +240,7 @@ def create_app(run: Union[str, Path, Served], api_key: Optional[str] = None, max
         _submit(req)
         await done
         if req.error is not None:
-            raise req.error
+            raise _api_error(req.error)
         _finished(req, body.user)
         choice: dict[str, Any] = {"index": 0, "finish_reason": req.finish_reason, "logprobs": None}
         if chat:
@@ -225,7 +260,7 @@ def create_app(run: Union[str, Path, Served], api_key: Optional[str] = None, max
         # the first piece comes after the prefill: then the routing is known and can go in the headers
         head = await pieces.get()
         if head is None and req.error is not None:
-            raise req.error
+            raise _api_error(req.error)
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text: Optional[str], finish: Optional[str], first: bool = False) -> str:
@@ -263,6 +298,76 @@ def create_app(run: Union[str, Path, Served], api_key: Optional[str] = None, max
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=_route_header(req))
 
+    # ------------------------------------------------------------------ library updates
+    def _library() -> Any:
+        if served.library is None:
+            raise APIError(404, f"{served.name} is a run directory, not an expert library: nothing to add to or "
+                           "remove from (serve a library: mixroute serve LIB)", None, "not_found_error")
+        if not allow_library_updates:
+            raise APIError(403, "library updates are off; start the server with --allow-library-updates to add "
+                           "or remove experts while serving", None, "permission_error", "library_updates_disabled")
+        return served.library
+
+    async def _change(change: Any) -> Any:
+        """Run ``change(lib)`` on the engine between batches; the mixture is rebuilt and swapped in whether or
+        not the change went through (building a mixture detaches the one before)."""
+        lib = _library()
+
+        def apply() -> Any:
+            try:
+                return change(lib)
+            finally:
+                mix = lib.mixture(served.router, served.cost_weight)
+                engine.swap(mix, lib.man.names())
+                served.mix, served.expert_names = mix, lib.man.names()
+
+        from mixroute.library import LibraryError
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, lambda: engine.between_batches(apply, 600))
+        except LibraryError as e:
+            raise APIError(404 if "no expert" in str(e) else 400, str(e), None, "invalid_request_error",
+                           "library_error") from e
+
+    def _add(lib: Any, body: AddExpertRequest) -> Any:
+        """Add, then build the served mixture with the new expert; if the served router cannot route it (a
+        fitted task router, centroid without examples) the add is undone and the error says why."""
+        e = lib.add(body.name, body.adapter_dir, body.examples, body.cost, body.description)
+        try:
+            lib.mixture(served.router, served.cost_weight)
+        except Exception:
+            lib.remove(e.name)
+            raise
+        return e
+
+    def _remove(lib: Any, name: str) -> None:
+        lib.man.get(name)   # an unknown name: 404 before anything changes
+        if len(lib.man.experts) == 1:
+            from mixroute.library import LibraryError
+
+            raise LibraryError(f"{name!r} is the library's last expert; a served library needs at least one")
+        lib.remove(name)
+
+    @app.get("/v1/experts", dependencies=[Depends(auth)])
+    async def list_experts() -> dict:
+        lib = served.library
+        if lib is None:
+            return {"object": "list", "data": [{"name": n} for n in served.expert_names]}
+        return {"object": "list", "data": lib.rows(), "notes": lib.notes()}
+
+    @app.post("/v1/experts", dependencies=[Depends(auth)])
+    async def add_expert(body: AddExpertRequest) -> dict:
+        e = await _change(lambda lib: _add(lib, body))
+        log.info("mixroute: expert %s added; experts now [%s]", e.name, ", ".join(served.expert_names))
+        return {"object": "expert", "name": e.name, "rank": e.rank, "cost": e.cost, "examples": e.examples,
+                "experts": served.expert_names}
+
+    @app.delete("/v1/experts/{name}", dependencies=[Depends(auth)])
+    async def remove_expert(name: str) -> dict:
+        await _change(lambda lib: _remove(lib, name))
+        log.info("mixroute: expert %s removed; experts now [%s]", name, ", ".join(served.expert_names))
+        return {"object": "expert", "name": name, "deleted": True, "experts": served.expert_names}
+
     def _submit(req: Request) -> None:
         try:
             engine.submit(req)
@@ -279,6 +384,13 @@ def create_app(run: Union[str, Path, Served], api_key: Optional[str] = None, max
                  f" expert={','.join(req.routing.get('experts', [])) or '-'}" + (f" user={user}" if user else ""))
 
     return app
+
+
+def _api_error(error: BaseException) -> BaseException:
+    """An engine failure as the API answers it: an expert removed while the request waited is a 404."""
+    if isinstance(error, LookupError):
+        return APIError(404, str(error), "model", "invalid_request_error", "model_not_found")
+    return error
 
 
 def _usage(req: Request) -> dict:

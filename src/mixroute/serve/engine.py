@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mixroute.devices import autocast, check_precision
 from mixroute.routers.base import RouteWeights
 
 TokenCallback = Callable[["Request", str, Optional[str]], None]  # (request, new text, finish reason or None)
@@ -42,6 +43,8 @@ class Request:
     stop: list[str] = field(default_factory=list)
     seed: Optional[int] = None
     forced: Optional[list[float]] = None      # weights over experts (one-hot = override); None = the router
+    forced_names: Optional[list[str]] = None  # the expert names ``forced`` is ordered by (a library may change)
+    cost_weight: Optional[float] = None       # lambda of cost-aware routing for this request (None = default)
     task_id: Optional[int] = None             # for routers that route by label (oracle, poly)
     on_text: Optional[TokenCallback] = None   # streaming: called from the worker thread
     on_done: Optional[Callable[["Request"], None]] = None  # called from the worker thread when done or failed
@@ -62,8 +65,10 @@ class Engine:
     """Owns ``model`` (+ ``mix``) on one worker thread; ``submit`` is safe from any thread."""
 
     def __init__(self, model: Any, mix: Any, tok: Any, expert_names: list[str], max_batch: int = 16,
-                 max_wait_ms: float = 10.0, on_batch: Optional[Callable[[list[Request]], None]] = None) -> None:
+                 max_wait_ms: float = 10.0, on_batch: Optional[Callable[[list[Request]], None]] = None,
+                 precision: str = "no") -> None:
         self.model, self.mix, self.tok = model, mix, tok
+        self.precision = check_precision(precision)   # autocast of every forward (devices.autocast)
         self.expert_names = expert_names
         self.max_batch, self.max_wait = max(1, max_batch), max(0.0, max_wait_ms) / 1000
         self.on_batch = on_batch
@@ -74,9 +79,16 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="mixroute-engine", daemon=True)
         self._stopping = False
         self._router_s = 0.0   # host time spent inside the routers during the current prefill
+        self._hooks: list = []
+        self._control: Optional[_Control] = None   # a change waiting for the running batch to finish
+        self._watch_routers()
+
+    def _watch_routers(self) -> None:
+        for h in self._hooks:
+            h.remove()
         self._hooks = []
-        if mix is not None:
-            for router in mix.routers.values():
+        if self.mix is not None:
+            for router in self.mix.routers.values():
                 self._hooks += [router.register_forward_pre_hook(self._router_start),
                                 router.register_forward_hook(self._router_end)]
 
@@ -104,6 +116,25 @@ class Engine:
         self._queue.put(req)
         return req
 
+    def between_batches(self, change: Callable[[], Any], timeout: Optional[float] = None) -> Any:
+        """Run ``change()`` on the worker once the running batch has finished, and return its result. Requests
+        that arrive meanwhile wait in the queue, so every in-flight request ends on the mixture it started
+        with; ``change`` may swap the mixture (``swap``)."""
+        ctl = _Control(change)
+        if self._stopping:
+            raise RuntimeError("the server is shutting down")
+        self._queue.put(ctl)
+        if not ctl.done.wait(timeout):
+            raise TimeoutError("the change did not run in time")
+        if ctl.error is not None:
+            raise ctl.error
+        return ctl.result
+
+    def swap(self, mix: Any, expert_names: list[str]) -> None:
+        """Serve ``mix`` from now on (call from ``between_batches``: the worker is idle then)."""
+        self.mix, self.expert_names = mix, list(expert_names)
+        self._watch_routers()
+
     def generate(self, req: Request, timeout: Optional[float] = None) -> Request:
         """Submit and wait (for Python callers and tests)."""
         self.submit(req).done.wait(timeout)
@@ -124,6 +155,9 @@ class Engine:
                 break
             if nxt is None:
                 return batch, True
+            if isinstance(nxt, _Control):   # later requests wait until the change has run
+                self._control = nxt
+                break
             batch.append(nxt)
         return batch, False
 
@@ -131,17 +165,24 @@ class Engine:
         run: Optional[_Running] = None
         stopping = False
         while True:
+            if run is None and self._control is not None:
+                self._control.run()
+                self._control = None
             if run is None:
                 if stopping:
                     return
                 first = self._queue.get()
                 if first is None:
                     return
+                if isinstance(first, _Control):
+                    first.run()
+                    continue
                 new, stopping = self._collect([first], self.max_batch, wait=True)
-            elif not stopping:
+            elif not stopping and self._control is None:
                 new, stopping = self._collect([], self.max_batch - len(run.reqs), wait=False)
             else:
                 new = []
+            new = self._admit(new)
             if new:  # new requests prefill with their own routing and join at this step boundary
                 try:
                     group = self._prefill(new)
@@ -164,6 +205,22 @@ class Engine:
                     _fail(run.reqs, e)
                     run = None
 
+    def _admit(self, reqs: list[Request]) -> list[Request]:
+        """Re-order forced weights to the current experts (a library may have changed since the request was
+        checked); a request whose forced experts are all gone fails alone with a LookupError."""
+        ok = []
+        for r in reqs:
+            if r.forced is not None and r.forced_names is not None and r.forced_names != self.expert_names:
+                w = dict(zip(r.forced_names, r.forced))
+                r.forced = [float(w.get(n, 0.0)) for n in self.expert_names]
+                r.forced_names = list(self.expert_names)
+                if sum(r.forced) <= 0:
+                    _fail([r], LookupError("the expert(s) this request named were removed from the library; "
+                                           f"available: {', '.join(self.expert_names)}"))
+                    continue
+            ok.append(r)
+        return ok
+
     def _prefill(self, reqs: list[Request]) -> "_Running":
         """One left-padded forward over new requests; samples their first token."""
         n, width = len(reqs), max(len(r.prompt_ids) for r in reqs)
@@ -174,7 +231,7 @@ class Engine:
             attn[i, width - len(r.prompt_ids):] = 1
         ids, attn = ids.to(self.device), attn.to(self.device)
         self._router_s = 0.0
-        with torch.no_grad(), self._routing(reqs):
+        with torch.no_grad(), autocast(self.device, self.precision), self._routing(reqs):
             out = self.model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp_min(0),
                              use_cache=True)
             self._record_routing(reqs, self._router_s, attn)
@@ -188,7 +245,7 @@ class Engine:
         if self.mix is not None:
             self.mix.context.kept = run.kept
         pos = (run.attn.cumsum(-1) - 1)[:, -1:]
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.device, self.precision):
             out = self.model(input_ids=run.ids[:, -1:], attention_mask=run.attn, position_ids=pos,
                              past_key_values=run.cache, use_cache=True)
         run.cache = out.past_key_values
@@ -279,12 +336,18 @@ class Engine:
                                                                            device=self.device)
         if any_forced:
             mix.force(torch.tensor([r.forced if r.forced is not None else nan_row for r in batch]))
+        lam = torch.tensor([float("nan") if r.cost_weight is None else r.cost_weight for r in batch])
+        cost_aware = [r for r in mix.routers.values() if hasattr(r, "row_cost_weight")]
+        for router in cost_aware:
+            router.row_cost_weight = lam
         try:
             with mix.context.inputs(task_ids, None):
                 yield
         finally:
             if any_forced:
                 mix.force(None)
+            for router in cost_aware:
+                router.row_cost_weight = None
 
     def _record_routing(self, batch: list[Request], seconds: float, attn: Tensor) -> None:
         """Each request's routing as the prefill decided it (mean gate per expert for token-level routers)."""
@@ -367,6 +430,21 @@ def _merge(a: _Running, b: _Running) -> _Running:
                                  index=both(ra.index, rb.index), logits=both(ra.logits, rb.logits))
     return _Running(a.reqs + b.reqs, a.gens + b.gens, torch.cat([a.ids, b.ids]), torch.cat([a.attn, b.attn]),
                     a.cache, kept, a.live + b.live)
+
+
+class _Control:
+    """A change to run on the worker between batches (``Engine.between_batches``)."""
+
+    def __init__(self, change: Callable[[], Any]) -> None:
+        self.change, self.result, self.error = change, None, None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.result = self.change()
+        except Exception as e:  # handed to the caller; the worker keeps serving
+            self.error = e
+        self.done.set()
 
 
 def _fail(reqs: list[Request], error: BaseException) -> None:

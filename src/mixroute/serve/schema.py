@@ -12,12 +12,24 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class MixrouteOptions(BaseModel):
-    """The optional ``mixroute`` request object: fixed weights over experts, or the category for routers that
-    route by label (oracle, poly)."""
+    """The optional ``mixroute`` request object: fixed weights over experts, the category for routers that
+    route by label (oracle, poly), or lambda of cost-aware routing (expert libraries)."""
 
     model_config = ConfigDict(extra="forbid")
     weights: Optional[Union[list[float], dict[str, float]]] = None
     category: Optional[str] = None
+    route_cost_weight: Optional[float] = Field(None, ge=0.0, le=1e6)
+
+
+class AddExpertRequest(BaseModel):
+    """``POST /v1/experts``: a PEFT LoRA adapter directory on the server's disk joins the served library."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    adapter_dir: str = Field(min_length=1)
+    examples: Optional[list[str]] = Field(None, min_length=1, max_length=10000)
+    cost: Optional[float] = Field(None, ge=0.0)
+    description: str = ""
 
 
 class StreamOptions(BaseModel):

@@ -1,0 +1,137 @@
+"""Materialise a ``Mixture`` from a library: N PEFT adapters stacked into one LoRA bank, router state installed.
+
+Experts may differ in rank, alpha and target modules: the bank takes the largest rank and the union of the
+targets, with alpha = rank (scaling 1), and each expert's update B A * (alpha_e / r_e) is copied in exactly
+(the scaling folded into B, unused ranks and modules left at zero). Adding or removing an expert is therefore a
+rebuild with N +- 1 experts and a copy: nothing is retrained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from mixroute.arch import layers_path
+from mixroute.config import MixtureConfig
+from mixroute.library.cost import CostAware
+from mixroute.library.features import arrow_prototypes
+from mixroute.library.manifest import CENTROID, LibraryError, Manifest, peft_settings
+from mixroute.mixture import Mixture
+
+ROUTER_KINDS = ("centroid", "arrow", "task")
+
+
+def read_adapter(adapter_dir: str | Path, name: str, model: nn.Module,
+                 max_rank: int) -> tuple[dict[str, tuple[Tensor, Tensor]], dict]:
+    """{module name: (A (r, in), B (out, r) scaled by alpha / r)} of a PEFT adapter, checked against the base
+    ``model``: every module must be one of its Linear layers with matching shapes (else the adapter was trained
+    on another base), and the file may hold only LoRA A/B weights."""
+    settings = peft_settings(adapter_dir, name, max_rank)
+    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    weights: dict[str, tuple[Tensor, Tensor]] = {}
+    scale = settings["lora_alpha"] / settings["r"]
+    for key in tensors:
+        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise LibraryError(f"expert {name!r}: {adapter_dir}/adapter_model.safetensors holds {key}, which is not a "
+                               "LoRA A/B weight (DoRA magnitudes, biases and saved modules are not supported)")
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
+        a, b = tensors[key], tensors.get(key.replace(".lora_A.", ".lora_B."))
+        lin = linears.get(module)
+        if b is None:
+            raise LibraryError(f"expert {name!r}: {key} has no matching lora_B weight")
+        if lin is None or a.shape[1] != lin.in_features or b.shape[0] != lin.out_features:
+            have = "no such Linear" if lin is None else f"Linear {lin.in_features}->{lin.out_features}"
+            raise LibraryError(f"expert {name!r} was trained on another base model: {module} is "
+                               f"{a.shape[1]}->{b.shape[0]} in the adapter, the library's base has {have}")
+        if a.shape[0] != settings["r"] or b.shape[1] != settings["r"]:
+            raise LibraryError(f"expert {name!r}: {module} has rank {a.shape[0]}, adapter_config.json says "
+                               f"r={settings['r']}")
+        weights[module] = (a.float(), b.float() * scale)
+    if not weights:
+        raise LibraryError(f"expert {name!r}: {adapter_dir}/adapter_model.safetensors holds no LoRA weights")
+    return weights, settings
+
+
+def mixture_config(router: str, ranks: list[int], targets: list[str],
+                   overrides: Optional[dict] = None) -> MixtureConfig:
+    rank = max(ranks)
+    cfg = MixtureConfig(expert="lora", router=router, num_experts=len(ranks), rank=rank, alpha=float(rank),
+                        dropout=0.0, target_modules=targets, num_tasks=len(ranks), top_k=1)
+    for k, v in (overrides or {}).items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def materialise(model: nn.Module, lib: Path, man: Manifest, router: str,
+                adapters: list[dict[str, tuple[Tensor, Tensor]]], cfg_overrides: Optional[dict] = None,
+                state: Optional[dict] = None) -> Mixture:
+    """A mixture over the manifest's experts (``adapters`` in manifest order) with ``router`` installed.
+    ``state``: {"task": {key: tensors}, "calibration": {key: tensors}} already reordered to the experts."""
+    if not man.experts:
+        raise LibraryError(f"{lib}: the library has no experts; add one with `mixroute library add`")
+    # targets relative to their decoder layer ("self_attn.q_proj", "mlp.c_proj"): a bare last name would also
+    # match GPT-2's attn.c_proj where only mlp.c_proj was trained
+    prefix = layers_path(model) + "."
+    targets = sorted({m[len(prefix):].split(".", 1)[1] for w in adapters for m in w})
+    cfg = mixture_config(router, [e.rank for e in man.experts], targets, cfg_overrides)
+    mix = Mixture.attach(model, cfg)
+    with torch.no_grad():
+        for key, bank in mix.experts.items():
+            bank.A.zero_()
+            bank.B.zero_()
+            for e, weights in enumerate(adapters):
+                w = weights.get(mix.module_names[key])
+                if w is not None:
+                    a, b = bank.expert(e)
+                    a[: w[0].shape[0]].copy_(w[0])
+                    b[:, : w[1].shape[1]].copy_(w[1])
+        install_router(mix, lib, man, router, state or {})
+    mix.eval()
+    return mix
+
+
+def install_router(mix: Mixture, lib: Path, man: Manifest, router: str, state: dict) -> None:
+    """Fill the routers' state (prototypes, fitted weights) and wrap sequence-level ones for cost-aware
+    selection."""
+    if router == "centroid":
+        missing = [e.name for e in man.experts if e.examples == 0]
+        if missing:
+            raise LibraryError(f"the centroid router needs example prompts for every expert; none for "
+                               f"{', '.join(missing)} (add them again with --examples FILE, or route with arrow)")
+        feats = [load_file(str(lib / e.path / CENTROID)) for e in man.experts]
+        for key, r in mix.routers.items():
+            r.prototypes.copy_(torch.stack([f[f"layer_{r.read_layer}"] for f in feats]))
+    elif router == "arrow":
+        for key, r in mix.routers.items():
+            protos, gain = arrow_prototypes(mix, key)
+            r.prototypes.copy_(protos)
+            r.gain.copy_(gain)
+    elif router == "task":
+        fitted = state.get("task")
+        if fitted is None:
+            raise LibraryError("the task router is not fitted for this library's experts; run `mixroute library "
+                               "fit-router LIB --data FILE` (it trains the router only, the experts stay frozen)")
+        for key, r in mix.routers.items():
+            r.proj.weight.copy_(fitted[f"{key}.weight"])
+            r.proj.bias.copy_(fitted[f"{key}.bias"])
+    if router == "arrow":
+        return
+    costs = torch.tensor([e.cost for e in man.experts])
+    calib = state.get("calibration")
+    for key in list(mix.routers):
+        inner = mix.routers[key]
+        quality = None
+        if calib is not None:
+            quality = nn.Linear(calib[f"{key}.weight"].shape[1], len(man.experts))
+            quality.weight.data.copy_(calib[f"{key}.weight"])
+            quality.bias.data.copy_(calib[f"{key}.bias"])
+        device = next(inner.buffers(), next(mix.model.parameters())).device
+        mix.routers[key] = CostAware(inner, costs, mix.cfg.route_cost_weight, quality).to(device)
+

@@ -1,0 +1,75 @@
+"""What the library reads from users: example prompts (centroid prototypes) and labelled records (fit-router,
+calibrate), tokenised with the library's own prompt template; and a small progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+from mixroute.data import Collator, Record, load_records, prompt_ids, tokenize_records
+from mixroute.library.manifest import LibraryError, Manifest
+
+Examples = Union[str, Path, Sequence[str], Sequence[Record]]
+
+
+def read_prompts(examples: Examples, man: Manifest, tok: Any) -> list[list[int]]:
+    """Prompt token ids from a .txt file (one prompt per line), a records file (Dolly schema: instruction and
+    context are used), or a list of strings / Records."""
+    if isinstance(examples, (str, Path)):
+        path = Path(examples)
+        if not path.is_file():
+            raise LibraryError(f"examples file {path} does not exist")
+        if path.suffix == ".txt":
+            items: list = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        else:
+            items = list(load_records(str(path)).records)
+    else:
+        items = list(examples)
+    if not items:
+        raise LibraryError(f"no example prompts in {examples if isinstance(examples, (str, Path)) else 'the list'}")
+    recs = [Record(instruction=x, response="", category="") if isinstance(x, str) else x for x in items]
+    return [prompt_ids(r, tok, template=man.template, max_length=man.max_length) for r in recs]
+
+
+def labelled_batches(path: str | Path, man: Manifest, tok: Any, batch_size: int, need_labels: bool,
+                     max_examples: Optional[int] = None) -> tuple[list[dict], list[str]]:
+    """Batches (the collator's dict) of a records file. With ``need_labels`` each record's ``category`` must
+    name an expert (task_ids = expert index) and every expert needs examples."""
+    recs = list(load_records(str(path)).records)[: max_examples or None]
+    names = man.names()
+    if need_labels:
+        unknown = sorted({r.category for r in recs} - set(names))
+        if unknown:
+            raise LibraryError(f"{path}: category {unknown[0]!r} is not an expert of this library; each record's "
+                               f"category must be one of {', '.join(names)}")
+        missing = [n for n in names if n not in {r.category for r in recs}]
+        if missing:
+            raise LibraryError(f"{path}: no records for expert(s) {', '.join(missing)}: the task router needs "
+                               "examples of every expert")
+        cats = names
+    else:
+        cats = sorted({r.category for r in recs})
+    tr = tokenize_records(recs, tok, cats, template=man.template, max_length=man.max_length)
+    collate = Collator(tok)
+    ex = tr.examples
+    return [collate(ex[i:i + batch_size]) for i in range(0, len(ex), batch_size)], cats
+
+
+@contextlib.contextmanager
+def progress(label: str, total: int, enabled: bool = True) -> Iterator[Any]:
+    """A rich progress bar (``advance()``), silent when disabled."""
+    if not enabled:
+        yield lambda n=1: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n=1: bar.advance(task, n)
+
+
+def chunks(seq: Sequence, size: int) -> Iterable[Sequence]:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]

@@ -1,0 +1,106 @@
+"""Prompt features and prototypes: what the library's routers compare prompts and experts by.
+
+``layer_features`` runs a mixture over batches with given routing and returns, for every decoder layer, the
+hidden states entering it mean-pooled over the prompt tokens (what a sequence-level router at that layer
+reads). ``arrow_prototypes`` derives Arrow's per-layer prototype of each expert from its LoRA weights alone.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mixroute.routers.base import masked_mean
+
+ATTN_INPUTS = ("q_proj", "k_proj", "v_proj")      # read input_layernorm(x)
+MLP_INPUTS = ("gate_proj", "up_proj")             # read post_attention_layernorm(h)
+
+
+def prompt_batches(prompts: Sequence[list[int]], pad: int, batch_size: int = 8) -> list[dict[str, Tensor]]:
+    """Right-padded batches of prompt token ids (every attended token is prompt)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, p in enumerate(chunk):
+            ids[j, :len(p)] = torch.tensor(p, dtype=torch.long)
+            attn[j, :len(p)] = 1
+        out.append({"input_ids": ids, "attention_mask": attn})
+    return out
+
+
+@torch.no_grad()
+def layer_features(mix: nn.Module, batches: Iterable[dict[str, Tensor]],
+                   weights: Optional[Sequence[Tensor]] = None) -> dict[int, Tensor]:
+    """{layer: (N, H)} pooled prompt features entering each decoder layer. ``weights[i]`` ((B, E) per batch)
+    fixes the routing of batch i (``Mixture.force``): the experts below a layer shape what it reads."""
+    layers = mix.model.get_decoder().layers
+    device = next(mix.model.parameters()).device
+    got: dict[int, list[Tensor]] = {i: [] for i in range(len(layers))}
+    mask_now: list[Tensor] = []
+
+    def grab(i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            got[i].append(masked_mean(hidden.float(), mask_now[0]).cpu())
+        return hook
+
+    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True, prepend=True)
+               for i, layer in enumerate(layers)]
+    try:
+        for k, b in enumerate(batches):
+            ids, attn = b["input_ids"].to(device), b["attention_mask"].to(device)
+            mask = attn.bool() if b.get("prompt_mask") is None else attn.bool() & b["prompt_mask"].to(device).bool()
+            mask_now[:] = [mask]
+            if weights is not None:
+                mix.force(weights[k])
+            try:
+                with mix.context.inputs(None, mask):
+                    mix.model.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False)
+            finally:
+                if weights is not None:
+                    mix.force(None)
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: torch.cat(v) for i, v in got.items() if v}
+
+
+def _top_right_singular(a_list: list[Tensor], b_list: list[Tensor]) -> Tensor:
+    """Top right singular vector of the row-stacked updates [B_1 A_1; B_2 A_2; ...] without forming them: with
+    A_all^T = Q R, the Gram matrix sum A^T B^T B A is Q (R G R^T) Q^T, G block-diagonal of B_m^T B_m."""
+    a_all = torch.cat(a_list).double()                        # (sum r, H)
+    g = torch.block_diag(*[(b.T @ b).double() for b in b_list])
+    q, r = torch.linalg.qr(a_all.T)                           # (H, k), (k, k)
+    vals, vecs = torch.linalg.eigh(r @ g @ r.T)
+    if float(vals[-1]) <= 0:
+        return torch.zeros(a_all.shape[1])
+    return (q @ vecs[:, -1]).float()
+
+
+def arrow_prototypes(mix: nn.Module, key: str) -> tuple[Tensor, Tensor]:
+    """((E, H) prototypes, (H,) gain) for router ``key`` of a LoRA mixture: per expert the top right singular
+    vector of its updates in the projections reading the router's layer's normalised input."""
+    layer_idx = mix.routers[key].read_layer
+    prefix = f"layers_{layer_idx}_"
+    banks = [(k, b) for k, b in mix.experts.items() if k.startswith(prefix)
+             and mix.module_names[k].rsplit(".", 1)[-1] in ATTN_INPUTS + MLP_INPUTS]
+    attn = [kb for kb in banks if mix.module_names[kb[0]].rsplit(".", 1)[-1] in ATTN_INPUTS]
+    use = attn or banks     # one gain per router: the attention input's when it has LoRA, else the MLP's
+    layer = mix.model.get_decoder().layers[layer_idx]
+    norm = getattr(layer, "input_layernorm" if attn else "post_attention_layernorm", None)
+    hidden = mix.model.config.hidden_size
+    gain = norm.weight.detach().float().cpu() if norm is not None and hasattr(norm, "weight") else torch.ones(hidden)
+    n = next(iter(mix.experts.values())).num_experts
+    protos = torch.zeros(n, hidden)
+    if not use:
+        return protos, gain
+    for e in range(n):
+        pairs = [bank.expert(e) for _, bank in use]
+        protos[e] = _top_right_singular([a.detach().cpu() * bank.scaling for (a, _), (_, bank) in zip(pairs, use)],
+                                        [b.detach().cpu() for _, b in pairs])
+    return protos, gain

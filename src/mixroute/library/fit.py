@@ -1,0 +1,102 @@
+"""Fitting on frozen experts: the task router (``library fit-router``) and per-expert loss estimates
+(``library calibrate``). Both read pooled prompt features once (one pass over the data) and fit small linear
+heads on them: minutes on a CPU, and no expert weight changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mixroute.library.data import labelled_batches, progress
+from mixroute.library.features import layer_features
+
+
+def _key_features(mix, feats: dict[int, Tensor]) -> dict[str, Tensor]:
+    return {key: feats[r.read_layer] for key, r in mix.routers.items()}
+
+
+def fit_task_router(lib, data: str | Path, steps: int = 300, lr: float = 1e-2, batch_size: int = 8,
+                    max_examples: Optional[int] = None) -> dict:
+    """Train only the task router (one linear classifier per layer, MoA) to pick each record's expert (its
+    ``category`` names the expert). Features are read with the label's expert active in the layers below, as
+    MoA's stage 2 trains with teacher forcing."""
+    batches, names = labelled_batches(data, lib.man, lib.tok, batch_size, need_labels=True,
+                                      max_examples=max_examples)
+    mix = lib._attach("uniform", 0.0)
+    n = len(names)
+    feats = layer_features(mix, batches, [F.one_hot(b["task_ids"], n).float() for b in batches])
+    labels = torch.cat([b["task_ids"] for b in batches])
+    state, acc = {}, {}
+    keys = _key_features(mix, feats)
+    with progress("fit task router", len(keys), lib.progress) as advance:
+        for key, x in keys.items():
+            # LLM hidden states have a few huge channels: train on standardised features, then fold the
+            # standardisation into the weights so the router reads raw features like MoA's
+            mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+            z = (x - mu) / sd
+            lin = torch.nn.Linear(x.shape[1], n)
+            opt = torch.optim.AdamW(lin.parameters(), lr=lr)
+            for _ in range(steps):
+                opt.zero_grad()
+                F.cross_entropy(lin(z), labels).backward()
+                opt.step()
+            with torch.no_grad():
+                weight = lin.weight / sd
+                bias = lin.bias - weight @ mu
+                acc[key] = float(((x @ weight.T + bias).argmax(-1) == labels).float().mean())
+            state[f"{key}.weight"], state[f"{key}.bias"] = weight, bias
+            advance()
+    mean_acc = sum(acc.values()) / len(acc)
+    lib._write_state("task", state, names, {"examples": int(len(labels)), "train_accuracy": round(mean_acc, 4)})
+    return {"examples": int(len(labels)), "train_accuracy": mean_acc}
+
+
+@torch.no_grad()
+def expert_losses(mix, batches: list[dict], num_experts: int, advance=lambda n=1: None) -> Tensor:
+    """(N, E): each example's mean response NLL with each expert forced alone."""
+    from mixroute.evaluate import held_out_pass
+
+    cols = []
+    for e in range(num_experts):
+        w = torch.zeros(num_experts)
+        w[e] = 1.0
+        mix.force(w)
+        try:
+            held = held_out_pass(mix.model, mix, batches)
+        finally:
+            mix.force(None)
+        cols.append(held.nll / held.tokens.clamp_min(1))
+        advance()
+    return torch.stack(cols, dim=1)
+
+
+def calibrate(lib, data: str | Path, batch_size: int = 8, ridge: float = 1.0,
+              max_examples: Optional[int] = None) -> dict:
+    """Fit, per router layer, a ridge regression from pooled prompt features to each expert's loss on the
+    prompt's response. Cost-aware routing then uses minus the predicted loss as predicted quality. The
+    features are read with every expert at weight 1/E below (the routing a prompt will get is unknown)."""
+    batches, _ = labelled_batches(data, lib.man, lib.tok, batch_size, need_labels=False, max_examples=max_examples)
+    n = len(lib.man.experts)
+    mix = lib._attach("uniform", 0.0)
+    feats = layer_features(mix, batches, [torch.full((len(b["input_ids"]), n), 1.0 / n) for b in batches])
+    with progress("expert losses", n, lib.progress) as advance:
+        y = expert_losses(mix, batches, n, advance)
+    state = {}
+    best_hit = []
+    for key, x in _key_features(mix, feats).items():
+        xb = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+        reg = ridge * torch.eye(xb.shape[1], dtype=torch.float64)
+        reg[-1, -1] = 0.0    # the bias is not shrunk
+        w = torch.linalg.solve(xb.T @ xb + reg, xb.T @ y.double())    # (H+1, E)
+        state[f"{key}.weight"], state[f"{key}.bias"] = w[:-1].T.float().contiguous(), w[-1].float().contiguous()
+        best_hit.append(float(((xb @ w).argmin(-1) == y.argmin(-1)).double().mean()))
+    names = lib.man.names()
+    oracle = float(y.min(1).values.mean())
+    lib._write_state("calibration", state, names, {"examples": int(len(y)), "ridge": ridge})
+    return {"examples": int(len(y)), "best_expert_accuracy": sum(best_hit) / len(best_hit),
+            "mean_loss": {nm: float(y[:, i].mean()) for i, nm in enumerate(names)}, "oracle_loss": oracle}

@@ -1,0 +1,61 @@
+"""``Library.from_run``: a library from a trained run's final mixture."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from torch import Tensor
+
+from mixroute.library.manifest import LibraryError
+
+
+def from_run(cls: type, path: str | Path, run_dir: str | Path, max_rank: int = 64, router: str = "centroid",
+             examples_per_expert: int = 32, progress: bool = False):
+    """A library holding every LoRA expert of a trained run's final mixture, named after the run's
+    categories when its router is label-aligned (else expert-<i>), with centroid prototypes from the run's
+    training prompts of each category and, for MoA runs, its trained task router."""
+    from mixroute.rundir import load_run
+
+    run = load_run(run_dir)
+    mix = run.mix
+    if mix is None or mix.cfg.expert != "lora":
+        raise LibraryError(f"{run_dir}: method {run.cfg.train.method!r} has no LoRA experts to put in a library")
+    n = next(iter(mix.experts.values())).num_experts
+    cats = list(run.data.categories)
+    aligned = any(r.label_aligned for r in mix.routers.values()) and n == len(cats)
+    names = [cats[i] if aligned else f"expert-{i}" for i in range(n)]
+    names = [safe_name(x) for x in names]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(n):
+            mix.export_peft(i, f"{tmp}/{i}")
+        task = _task_state(mix) if mix.cfg.router == "task" and mix.cfg.router_scope == "layer" else None
+        mix.detach()
+        lib = cls.create(path, run.cfg.model.name, run.cfg.model.dtype, run.cfg.data.template,
+                         run.cfg.data.max_length, max_rank, router, run.model, run.tok, progress)
+        examples: list[Optional[list]] = [None] * n
+        if aligned:
+            for rec in run.data.records["train"]:
+                i = cats.index(rec.category)
+                examples[i] = examples[i] or []
+                if len(examples[i]) < examples_per_expert:
+                    examples[i].append(rec)
+        lib.add_many([(names[i], f"{tmp}/{i}", examples[i], None, f"from {Path(run_dir).name}")
+                      for i in range(n)])
+    if task is not None:
+        lib._write_state("task", task, names, {"source": str(run_dir)})
+    return lib
+
+
+def safe_name(name: str) -> str:
+    out = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:64]
+    return out if out and out[0].isalnum() else f"x{out}"[:64]
+
+
+def _task_state(mix) -> dict[str, Tensor]:
+    out = {}
+    for key, r in mix.routers.items():
+        out[f"{key}.weight"] = r.proj.weight.detach().float().cpu()
+        out[f"{key}.bias"] = r.proj.bias.detach().float().cpu()
+    return out
