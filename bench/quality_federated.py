@@ -5,13 +5,20 @@ calibration as bench/quality_pruned.py and reused) and every method (FedAvg prom
 FedAvg and with ``usage`` aggregation, federated single LoRA, federated MoA), this script trains with
 ``mixroute.federated.run`` and evaluates the global mixture on the test split (per-category and average
 perplexity); the same methods trained centrally on the union of the clients' data (the same partition's
-examples, ``rounds x local_steps x clients_per_round`` steps... capped by ``--central-steps``) are the reference.
-Learning rates come from ``--lr`` / ``--prompt-lr`` / ``--mop-lr`` (tune them on the validation split:
-``--select-on validation`` evaluates there instead of on test). Rewrites the "## Federated (Flower, mop_skew)"
-section of docs/benchmarks.md unless ``--no-write``.
+examples, ``rounds x local_steps x clients_per_round`` steps unless ``--central-steps``) are the reference (one
+central run per central method: MoP's two aggregations share it).
 
-    python bench/quality_federated.py                                     # about an hour on a 2-core CPU
-    python bench/quality_federated.py --model tiny --data synthetic --settings dense --methods fed_lora \\
+Learning rates: give several values to ``--lr`` / ``--prompt-lr`` / ``--mop-lr`` and each is trained; the one
+with the lowest average *validation* perplexity is kept, and only that run is evaluated on the test split (read
+once). With one value per method nothing is selected. Finished runs are reused (same overrides -> no
+retraining), so a selection run followed by the final run with the chosen values trains nothing twice.
+Rewrites the "## Federated (Flower, mop_skew)" section of docs/benchmarks.md (a selection-only run, ``--split
+validation``, writes "## Federated: learning-rate selection" instead) unless ``--no-write``.
+
+    python bench/quality_federated.py --settings dense --methods fed_prompt_tuning fed_mop_fedavg fed_lora \
+        --prompt-lr 3e-3 3e-2 3e-1 --mop-lr 0.3 1 3 --lr 5e-4 2e-3 --no-central --split validation   # selection
+    python bench/quality_federated.py --prompt-lr X --mop-lr Y --lr Z      # the table, about an hour on 2 cores
+    python bench/quality_federated.py --model tiny --data synthetic --settings dense --methods fed_lora \
         --clients 2 --rounds 1 --local-steps 1 --per-category 24 --central-steps 1 --no-write   # smoke
 """
 
@@ -29,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DOLLY, ROOT, fmt, write_section  # noqa: E402
 
 SECTION = "## Federated (Flower, mop_skew)"
+SWEEP_SECTION = "## Federated: learning-rate selection (validation)"
 # name -> (central method, aggregation)
 METHODS = {
     "fed_prompt_tuning": ("prompt_tuning", "fedavg"),
@@ -63,13 +71,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--partition-total", type=int, default=5000)
     p.add_argument("--max-length", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-4, help="LoRA methods.")
-    p.add_argument("--prompt-lr", type=float, default=3e-2)
-    p.add_argument("--mop-lr", type=float, default=1.0)
+    p.add_argument("--lr", type=float, nargs="+", default=[5e-4],
+                   help="LoRA methods (several values: chosen on validation).")
+    p.add_argument("--prompt-lr", type=float, nargs="+", default=[3e-2], help="Prompt tuning (idem).")
+    p.add_argument("--mop-lr", type=float, nargs="+", default=[1.0], help="MoP prompts (idem).")
     p.add_argument("--mop-router-lr", type=float, default=1e-3)
     p.add_argument("--max-eval", type=int, default=8, help="Held-out examples per category for perplexity.")
-    p.add_argument("--select-on", choices=["test", "validation"], default="test",
-                   help="Evaluate on validation when tuning learning rates (never tune on test).")
+    p.add_argument("--split", choices=["test", "validation"], default="test",
+                   help="Split of the reported table (validation: a selection-only run that never reads test).")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -79,10 +88,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def overrides(a: argparse.Namespace, method: str, aggregation: str, model: Optional[str], run_dir: Path,
-              central_steps: int) -> list[str]:
+              central_steps: int, lr: float) -> list[str]:
     data = (["data.path=null", f"data.synthetic_per_task={a.per_category}"] if a.data == "synthetic"
             else [f"data.path={a.data}"])
-    lr = {"prompt_tuning": a.prompt_lr, "mop": a.mop_lr}.get(method, a.lr)
     extra = [f"train.router_lr={a.mop_router_lr}", "mixture.gate_pretrain_steps=0"] if method == "mop" else []
     if method == "moa":
         extra = ["mixture.route_train=label", "train.router_lr=0.01"]
@@ -92,11 +100,16 @@ def overrides(a: argparse.Namespace, method: str, aggregation: str, model: Optio
             f"train.max_steps={central_steps}", "train.stage1_steps=0", f"train.batch_size={a.batch_size}",
             f"train.lr={lr}", "train.warmup_steps=0", "train.eval_every=0", "train.save_every=0",
             f"train.seed={a.seed}", "eval.max_generate=1", "eval.max_new_tokens=1", f"eval.max_eval={a.max_eval}",
-            f"eval.split={a.select_on}", f"output_dir={run_dir}", f"federated.clients={a.clients}",
+            f"output_dir={run_dir}", f"federated.clients={a.clients}",
             f"federated.fraction={a.fraction}", f"federated.rounds={a.rounds}",
             f"federated.local_steps={a.local_steps}", f"federated.aggregation={aggregation}",
             "federated.partition=mop_skew", f"federated.partition_total={a.partition_total}",
             f"federated.partition_seed={a.seed}", "federated.min_clients=1", *extra]
+
+
+def candidates(a: argparse.Namespace, method: str) -> list[float]:
+    """The learning rates to try for a central method."""
+    return {"prompt_tuning": a.prompt_lr, "mop": a.mop_lr}.get(method, a.lr)
 
 
 def base_model(a: argparse.Namespace, setting: str) -> Optional[str]:
@@ -114,13 +127,30 @@ def base_model(a: argparse.Namespace, setting: str) -> Optional[str]:
     return str(model_dir)
 
 
-def evaluate(run_dir: Path) -> dict[str, Any]:
+def evaluate(run_dir: Path, split: str) -> dict[str, Any]:
     from mixroute.evaluate import evaluate_run
 
-    return evaluate_run(run_dir, max_generate=0, classifier=False)
+    return evaluate_run(run_dir, max_generate=0, split=split, classifier=False, write=split == "test")
 
 
-def run_one(a: argparse.Namespace, setting: str, name: str, model: Optional[str]) -> dict[str, Any]:
+DONE = "bench_done.json"   # written last into a run directory: the overrides it was trained with
+
+
+def trained(run_dir: Path, ovr: list[str], train_fn) -> bool:
+    """Train into ``run_dir`` unless it already holds a finished run of the same overrides; True if reused."""
+    marker = run_dir / DONE
+    if marker.is_file() and json.loads(marker.read_text()) == ovr:
+        return True
+    shutil.rmtree(run_dir, ignore_errors=True)
+    train_fn()
+    (run_dir / DONE).write_text(json.dumps(ovr))
+    return False
+
+
+def run_one(a: argparse.Namespace, setting: str, name: str, model: Optional[str],
+            central_done: dict[str, Any]) -> dict[str, Any]:
+    """Every learning rate of ``name`` federated (chosen on validation when several), then the chosen one on
+    ``a.split`` and its central reference (shared by methods with the same central method)."""
     from mixroute.config import load_config
     from mixroute.federated import run
 
@@ -128,67 +158,121 @@ def run_one(a: argparse.Namespace, setting: str, name: str, model: Optional[str]
     per_round = max(1, min(a.clients, round(a.fraction * a.clients)))
     central = a.central_steps or a.rounds * a.local_steps * per_round
     out = Path(a.out) / setting.replace(":", "of")
-    row: dict[str, Any] = {"setting": setting, "method": name}
-    fed_dir = out / name
-    shutil.rmtree(fed_dir, ignore_errors=True)
-    cfg = load_config(None, overrides(a, method, agg, model, fed_dir, central))
-    t0 = time.perf_counter()
-    run(cfg, progress=True)
-    row["federated"] = evaluate(fed_dir)["perplexity"]
-    row["federated_seconds"] = time.perf_counter() - t0
+    row: dict[str, Any] = {"setting": setting, "method": name, "sweep": {}}
+    lrs = candidates(a, method)
+    for lr in lrs:
+        fed_dir = out / f"{name}-lr{lr:g}"
+        ovr = overrides(a, method, agg, model, fed_dir, central, lr)
+        t0 = time.perf_counter()
+        reused = trained(fed_dir, ovr, lambda: run(load_config(None, ovr), progress=True))
+        if len(lrs) > 1:
+            val = evaluate(fed_dir, "validation")["perplexity"]["average"]
+            row["sweep"][lr] = val
+            print(f"{setting} {name} lr={lr:g}: validation PPL {val:.3f}" + (" (reused)" if reused else ""))
+        if not reused:
+            row["federated_seconds"] = time.perf_counter() - t0
+    row["lr"] = min(row["sweep"], key=row["sweep"].get) if len(lrs) > 1 else lrs[0]
+    chosen = out / f"{name}-lr{row['lr']:g}"
+    row["federated"] = evaluate(chosen, a.split)["perplexity"]
     if not a.no_central:
-        row["central"] = central_reference(a, cfg, out / f"{name}_central")
+        key = f"{method}-lr{row['lr']:g}"
+        if key not in central_done:
+            cdir = out / f"central_{key}"
+            ovr = overrides(a, method, agg, model, cdir, central, row["lr"])
+            trained(cdir, ovr, lambda: central_reference(load_config(None, ovr)))
+            central_done[key] = evaluate(cdir, a.split)["perplexity"]
+        row["central"] = central_done[key]
     return row
 
 
-def central_reference(a: argparse.Namespace, fed_cfg: Any, run_dir: Path) -> dict[str, Any]:
+def central_reference(cfg: Any) -> None:
     """The same method trained centrally on the union of the clients' examples (data.max_per_category etc.
     unchanged; the union of a mop_skew partition with partition_total >= the train split is the train split)."""
-    import copy
-
     from mixroute.train import train
 
-    cfg = copy.deepcopy(fed_cfg)
-    cfg.output_dir = str(run_dir)
     if cfg.train.method == "moa":
         cfg.train.method = "mixture"  # no stage 1, like the federated run: task router over fresh experts
         cfg.mixture.router, cfg.mixture.expert = "task", "lora"
     train(cfg, overwrite=True, progress=False)
-    return evaluate(run_dir)["perplexity"]
 
 
 def table(rows: list[dict[str, Any]], cats: list[str]) -> str:
-    head = ["base", "method", "where", *cats, "average"]
+    head = ["base", "method", "lr", "where", *cats, "average"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         for where in ("federated", "central"):
             if where not in r:
                 continue
             p = r[where]
-            lines.append("| " + " | ".join([r["setting"], LABELS[r["method"]], where,
+            lines.append("| " + " | ".join([r["setting"], LABELS[r["method"]], f"{r['lr']:g}", where,
                                             *[fmt(p["per_category"].get(c)) for c in cats],
                                             fmt(p.get("average"))]) + " |")
     return "\n".join(lines)
 
 
+def sweep_table(rows: list[dict[str, Any]]) -> str:
+    """Validation perplexity of every learning rate tried (the chosen one in bold)."""
+    lines = ["| base | method | lr | validation PPL |", "|---|---|---|---|"]
+    for r in rows:
+        for lr, val in r["sweep"].items():
+            mark = "**" if lr == r["lr"] else ""
+            lines.append(f"| {r['setting']} | {LABELS[r['method']]} | {mark}{lr:g}{mark} | {mark}{fmt(val, 3)}{mark} |")
+    return "\n".join(lines)
+
+
+def claims(rows: list[dict[str, Any]]) -> str:
+    """MoP vs prompt tuning per base, federated and central: relative perplexity change, from the rows."""
+    by = {(r["setting"], r["method"]): r for r in rows}
+    lines = ["| base | comparison | federated | central |", "|---|---|---|---|"]
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        pt = by.get((setting, "fed_prompt_tuning"))
+        for name in ("fed_mop_fedavg", "fed_mop_usage", "fed_moa"):
+            other, ref = by.get((setting, name)), pt if name != "fed_moa" else by.get((setting, "fed_lora"))
+            if other is None or ref is None:
+                continue
+            cells = []
+            for where in ("federated", "central"):
+                if where in other and where in ref and ref[where].get("average"):
+                    cells.append(f"{100 * (other[where]['average'] / ref[where]['average'] - 1):+.1f}%")
+                else:
+                    cells.append("-")
+            lines.append(f"| {setting} | {LABELS[name]} vs {LABELS[ref['method']]} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     a = parse_args(argv)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for setting in a.settings:
         model = base_model(a, setting)
+        central_done: dict[str, Any] = {}
         for name in a.methods:
-            rows.append(run_one(a, setting, name, model))
+            rows.append(run_one(a, setting, name, model, central_done))
     cats = sorted({c for r in rows for c in r["federated"]["per_category"]})
-    text = table(rows, cats)
     cmd = "python bench/quality_federated.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    section = (f"{SECTION}\n\n{a.clients} clients under mop_skew (MoP appendix A), {a.rounds} rounds x "
-               f"{a.local_steps} local steps, fraction {a.fraction}; perplexity of the global model on the "
-               f"{a.select_on} split ({a.max_eval} per category); central = the same method trained on the union "
-               f"of the clients' data. Command: `{cmd.strip()}`\n\n{text}\n")
+    size = (f"{a.clients} clients under mop_skew (MoP appendix A), {a.rounds} rounds x {a.local_steps} local "
+            f"steps of batch {a.batch_size}, fraction {a.fraction}; data {Path(a.data).name if a.data != 'synthetic' else 'the synthetic suite'}, "
+            f"{a.per_category} records per category, seed {a.seed}; perplexity of the global model on the "
+            f"{a.split} split ({a.max_eval} examples per category)")
+    sweep = sweep_table(rows) if any(r["sweep"] for r in rows) else ""
+    if a.split == "validation":
+        heading = SWEEP_SECTION
+        section = (f"{heading}\n\n{size}. Each learning rate trained federated; the lowest average validation "
+                   f"perplexity (bold) is the one the table above uses. Command: `{cmd.strip()}`\n\n"
+                   f"{sweep or table(rows, cats)}\n")
+    else:
+        heading = SECTION
+        central = "" if a.no_central else ("; central = the same method and learning rate trained on the union of "
+                                           "the clients' data for the same number of steps")
+        rel = claims(rows)
+        section = (f"{heading}\n\n{size}{central}. Command: `{cmd.strip()}`\n\n{table(rows, cats)}\n"
+                   + (f"\nAverage perplexity relative to the reference method (negative = lower perplexity):\n\n"
+                      f"{rel}\n" if rel else "")
+                   + (f"\nLearning rates tried (validation):\n\n{sweep}\n" if sweep else ""))
     print(section)
-    (Path(a.out) / "results.json").write_text(json.dumps(rows, indent=2))
+    (Path(a.out) / f"results_{a.split}.json").write_text(json.dumps(rows, indent=2))
     if not a.no_write:
-        write_section(Path(a.docs), SECTION, section)
+        write_section(Path(a.docs), heading, section)
 
 
 if __name__ == "__main__":

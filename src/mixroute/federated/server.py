@@ -10,6 +10,7 @@ keys ``config`` (YAML path) and ``run-dir``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ from mixroute.evaluate import held_out_pass, perplexity, validation_snapshot
 from mixroute.federated.aggregate import aggregate, client_state, split_routers
 from mixroute.federated.payload import from_record, is_router, num_bytes, to_record
 from mixroute.fileio import atomic_dir, atomic_write_text
+
+log = logging.getLogger("mixroute.federated")
 
 STATE = "state.json"
 GLOBAL = "global.safetensors"
@@ -82,7 +85,8 @@ def map_partitions(grid: Grid, nodes: list[int], cfg_text: str, timeout: Optiona
                     message_type=MessageType.QUERY) for n in nodes]
     out: dict[int, int] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
-        if reply.has_error():
+        if reply.has_error():   # that node is left out of the run; say why (a broken client is not silent)
+            log.warning("node %s did not join: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
         k = int(reply.content["metrics"]["partition-id"])
         if k in out:
@@ -113,8 +117,15 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False, progr
     cfg_text = yaml.safe_dump(_to_send(cfg), sort_keys=False)
     nodes = wait_for_nodes(grid, fed)
     owners = map_partitions(grid, nodes, cfg_text, fed.round_timeout)
+    silent = len(nodes) - len(owners)
+    if len(owners) < fed.min_clients:
+        raise RuntimeError(f"only {len(owners)} of {len(nodes)} nodes answered within federated.round_timeout="
+                           f"{fed.round_timeout}s (each loads the base model first); federated.min_clients is "
+                           f"{fed.min_clients}: raise round_timeout on a busy machine, or check the clients' logs")
     console(f"{len(owners)} clients connected (partitions {sorted(owners)}); {fed.rounds} rounds, "
-            f"aggregation {fed.aggregation}{', personal routers' if fed.personalize_router else ''}")
+            f"aggregation {fed.aggregation}{', personal routers' if fed.personalize_router else ''}"
+            + (f"; {silent} node(s) did not answer within federated.round_timeout={fed.round_timeout}s (loading "
+               "the base model on a busy machine can take that long: raise it)" if silent else ""))
     for rnd in range(start + 1, fed.rounds + 1):
         t0 = time.perf_counter()
         sampled = sample(list(owners), rnd, fed)
