@@ -81,7 +81,7 @@ def peft_cases(model, batch: dict) -> list[Case]:
 
     m = get_peft_model(structural_copy(model), PolyConfig(r=8, n_tasks=8, n_skills=8, n_splits=1,
                                                           target_modules=ALL_PROJECTIONS, task_type="CAUSAL_LM"))
-    tids = torch.arange(bsz) % 8
+    tids = torch.arange(bsz, device=ids.device) % 8
     params = [p for p in m.parameters() if p.requires_grad]
     m.eval()
     out.append(("PEFT Poly, 8 skills", lambda m=m: m(input_ids=ids, attention_mask=am, task_ids=tids),
@@ -104,7 +104,7 @@ def adapter_train(module, params, loss_fn) -> Callable[[], None]:
 def mixroute_cases(model, batch: dict) -> list[Case]:
     ids, am, labels, pm = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["prompt_mask"]
     bsz = ids.shape[0]
-    tids = torch.arange(bsz) % 8
+    tids = torch.arange(bsz, device=ids.device) % 8
     specs = [
         ("mixroute single (plain LoRA r=8)", MixtureConfig(router="single", rank=8), False),
         ("mixroute single, train step with logits_for='all'", MixtureConfig(router="single", rank=8), False),
@@ -153,7 +153,7 @@ def mop_cases(model, batch: dict) -> list[Case]:
     from peft import PromptTuningConfig, get_peft_model
 
     ids, am, labels, pm = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["prompt_mask"]
-    tids = torch.arange(ids.shape[0]) % MOP_EXPERTS
+    tids = torch.arange(ids.shape[0], device=ids.device) % MOP_EXPERTS
     pt = get_peft_model(structural_copy(model), PromptTuningConfig(task_type="CAUSAL_LM",
                                                                    num_virtual_tokens=MOP_TOKENS))
     pt.eval()
@@ -174,16 +174,21 @@ def mop_cases(model, batch: dict) -> list[Case]:
 
 
 def timed(fn: Callable[[], None], grad: bool) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # GPU work is asynchronous
+    sync()
     start = time.perf_counter()
     if grad:
         fn()
     else:
         with torch.no_grad():
             fn()
+    sync()
     return time.perf_counter() - start
 
 
-def machine() -> str:
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
     try:
         lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
         name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Model name")), platform.processor())
@@ -203,15 +208,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     ap.add_argument("--verbose", action="store_true", help="print each case's time as it runs (stderr)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0 = leave torch's default)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    from mixroute.devices import resolve_device
     from mixroute.models import load_base_model
 
-    model, tok = load_base_model(args.model)
+    device = resolve_device(args.device)
+    model, tok = load_base_model(args.model, device=device)
     bsz, seq = args.batch, args.seq
-    ids = torch.randint(100, model.config.vocab_size - 100, (bsz, seq))
+    ids = torch.randint(100, model.config.vocab_size - 100, (bsz, seq), device=device)
     am = torch.ones_like(ids)
     labels = ids.clone()
     labels[:, : seq // 2] = -100
@@ -266,7 +274,7 @@ def write_docs(table: str, args, model) -> None:
     path = ROOT / "docs" / "benchmarks.md"
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
     cmd = "python bench/speed.py " + " ".join(sys.argv[1:])
-    body = (f"## Speed\n\nMachine: {machine()}. Model: {type(model).__name__} "
+    body = (f"## Speed\n\nMachine: {machine(device)}. Model: {type(model).__name__} "
             f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, float32), batch "
             f"{args.batch} x {args.seq} tokens, median of {args.repeats} interleaved rounds.\n"
             f"Command: `{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M')}).\n\n<!-- speed-table -->\n{table}\n"
