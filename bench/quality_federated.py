@@ -248,6 +248,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         central_done: dict[str, Any] = {}
         for name in a.methods:
             rows.append(run_one(a, setting, name, model, central_done))
+            report(a, rows, argv, done=False)   # a killed run still leaves every finished row behind
+    report(a, rows, argv, done=True)
+
+
+def report(a: argparse.Namespace, rows: list[dict[str, Any]], argv: Optional[list[str]], done: bool) -> None:
+    """results_<split>.json and, when ``done``, the docs section (printed too)."""
+    from mixroute.fileio import atomic_write_text
+
+    atomic_write_text(Path(a.out) / f"results_{a.split}.json", json.dumps(rows, indent=2))
+    if not done:
+        return
     cats = sorted({c for r in rows for c in r["federated"]["per_category"]})
     cmd = "python bench/quality_federated.py " + " ".join(sys.argv[1:] if argv is None else argv)
     size = (f"{a.clients} clients under mop_skew (MoP appendix A), {a.rounds} rounds x {a.local_steps} local "
@@ -270,7 +281,6 @@ def main(argv: Optional[list[str]] = None) -> None:
                       f"{rel}\n" if rel else "")
                    + (f"\nLearning rates tried (validation):\n\n{sweep}\n" if sweep else ""))
     print(section)
-    (Path(a.out) / f"results_{a.split}.json").write_text(json.dumps(rows, indent=2))
     if not a.no_write:
         write_section(Path(a.docs), heading, section)
 
