@@ -179,6 +179,11 @@ def test_calibrate_and_the_cost_curve(lib, tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads((lib.path / "cost_curve.json").read_text())[1]["mean_cost"] == pytest.approx(1.0)
     assert (lib.path / "cost_curve.png").read_bytes()[:4] == b"\x89PNG"
+    res = CliRunner().invoke(app, ["report", str(lib.path), "--out", str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Expert library" in md and "quality against cost of" in md and "| 100 |" in md
+    assert any(f.name.startswith("cost_curve_") for f in (tmp_path / "report").rglob("*.png"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"instruction": "x", "response": "y", "category": "poetry"}) + "\n")
     res = CliRunner().invoke(app, ["library", "fit-router", str(lib.path), "--data", str(bad)])

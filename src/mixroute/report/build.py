@@ -87,6 +87,9 @@ def build_report(run_dirs: list[str | Path], layer: Optional[str | int] = None) 
                                          "client's routing by category in its first and last round (the global "
                                          "gate before / during / after is under Gate heatmaps)."))
             sections.append(Section("Federated rounds", "rounds", blocks))
+    libraries = [r for r in runs if r.kind == "library"]
+    if libraries:
+        sections.append(Section("Expert library", "library", _library_blocks(libraries)))
     if pruned:
         sections.append(Section("Pruning", "pruning", [
             tables.prune_table(pruned),
@@ -114,9 +117,30 @@ def _runs_blocks(runs: list[RunInfo]) -> list:
     return blocks
 
 
+def _library_blocks(libs: list[RunInfo]) -> list:
+    """Each library's experts and, when `mixroute library curve` has run, its quality-vs-cost curve."""
+    from mixroute.report import plots
+
+    blocks: list = []
+    for i, r in enumerate(libs):
+        experts = (r.library or {}).get("experts", [])
+        blocks.append(Table(["expert", "kind", "rank", "cost", "example prompts", "description"],
+                            [[e.get("name", "?"), e.get("kind", "?"), str(e.get("rank", "-")), f"{e.get('cost', 0):g}",
+                              str(e.get("examples", 0)), e.get("description", "")] for e in experts],
+                            caption=f"experts of {r.name}"))
+        if r.cost_curve:
+            blocks.append(Figure(f"cost_curve_{_slug(i, r.name)}", plots.cost_curve(r.cost_curve, r.name),
+                                 f"quality against cost of {r.name}", "From cost_curve.json: routed perplexity "
+                                 "and mean expert cost as lambda (route_cost_weight) varies."))
+            blocks.append(Table(["lambda", "routed perplexity", "mean cost"],
+                                [[f"{c['lambda']:g}", f"{c['ppl']:.3f}", f"{c['mean_cost']:.3f}"]
+                                 for c in r.cost_curve], caption=f"cost-aware routing of {r.name}"))
+    return blocks
+
+
 def _progress(r: RunInfo) -> str:
     """How far metrics.jsonl goes: last train step and last validation step (``--watch`` shows it move)."""
-    if r.kind == "pruned":
+    if r.kind in ("pruned", "library"):
         return "-"
     last = max((x["step"] for x in r.train_rows if isinstance(x.get("step"), int)), default=None)
     val = max((x["step"] for x in r.eval_rows if isinstance(x.get("step"), int)), default=None)

@@ -1,6 +1,6 @@
 """Read what a report shows from run directories (through ``mixroute.rundir``): training runs (config.yaml,
 data_report.json, metrics.jsonl, gates.json, eval.json, optional rounds.jsonl of a federated run) and pruned
-model directories (prune_report.json).
+model directories (prune_report.json) and expert libraries (manifest.json, cost_curve.json).
 
 Nothing here needs matplotlib; a missing or unreadable file is recorded in ``RunInfo.missing`` with what it
 would have shown and how to produce it, and the report renders what exists.
@@ -22,8 +22,9 @@ RUN_FILES = {
     rundir.GATES: ("gate heatmaps", "written by `mixroute train` at each validation"),
     rundir.EVAL: ("comparison table, router accuracy, confusion matrix", "run `mixroute eval {run}`"),
 }
+LIBRARY_MANIFEST, COST_CURVE = "manifest.json", "cost_curve.json"   # an expert library (docs/library.md)
 # files whose change means the report is stale (``--watch``)
-WATCHED = (*RUN_FILES, rundir.ROUNDS, rundir.PRUNE_REPORT)
+WATCHED = (*RUN_FILES, rundir.ROUNDS, rundir.PRUNE_REPORT, LIBRARY_MANIFEST, COST_CURVE)
 
 
 class ReportError(ValueError):
@@ -36,7 +37,7 @@ class RunInfo:
 
     name: str
     path: Path
-    kind: str = "train"  # "train" or "pruned"
+    kind: str = "train"  # "train", "pruned" or "library"
     config: Optional[dict[str, Any]] = None
     data_report: Optional[dict[str, Any]] = None
     train_rows: list[dict[str, Any]] = field(default_factory=list)
@@ -47,12 +48,16 @@ class RunInfo:
     partition: Optional[dict[str, Any]] = None      # federated: partition.json (clients x categories counts)
     client_gates: Optional[dict[str, Any]] = None   # federated: gates_clients.json (per client and round)
     prune: Optional[dict[str, Any]] = None
+    library: Optional[dict[str, Any]] = None        # an expert library's manifest.json
+    cost_curve: Optional[list[dict[str, Any]]] = None  # its cost_curve.json (mixroute library curve)
     missing: list[str] = field(default_factory=list)  # one human-readable line per problem
 
     @property
     def method(self) -> str:
         if self.kind == "pruned":
             return (self.prune or {}).get("method", "?")
+        if self.kind == "library":
+            return f"library ({(self.library or {}).get('router', '?')} router)"
         for src in (self.eval, (self.config or {}).get("train")):
             if src and src.get("method"):
                 return str(src["method"])
@@ -83,6 +88,15 @@ def read_run(path: str | Path) -> RunInfo:
         info.kind = "pruned"
         info.prune = rundir.read_json(path / rundir.PRUNE_REPORT, info.missing)
         return info
+    if (path / LIBRARY_MANIFEST).is_file():
+        info.kind = "library"
+        info.library = rundir.read_json(path / LIBRARY_MANIFEST, info.missing)
+        if (path / COST_CURVE).is_file():
+            info.cost_curve = _read_curve(path / COST_CURVE, info.missing)
+        else:
+            info.missing.append(f"{COST_CURVE} missing: no quality-vs-cost curve (run `mixroute library curve "
+                                f"{path} --data FILE`)")
+        return info
     import yaml
 
     if rundir.is_run_dir(path):
@@ -107,6 +121,22 @@ def read_run(path: str | Path) -> RunInfo:
         info.missing.append(f"{rundir.FINAL}/ missing: training has not finished (or was killed); resume with "
                             f"`mixroute train --resume {path}`")
     return info
+
+
+def _read_curve(path: Path, problems: list[str]) -> Optional[list[dict[str, Any]]]:
+    """cost_curve.json: a list of {"lambda", "ppl", "mean_cost", ...} rows (None, named in ``problems``, if not)."""
+    import json
+
+    try:
+        rows = json.loads(path.read_text())
+        if isinstance(rows, list) and rows and all(isinstance(r, dict) and {"lambda", "ppl", "mean_cost"} <= set(r)
+                                                   for r in rows):
+            return rows
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    problems.append(f"{path.name} is not a list of lambda / ppl / mean_cost rows (as `mixroute library curve` "
+                    "writes): curve skipped")
+    return None
 
 
 def read_runs(paths: list[str | Path]) -> list[RunInfo]:
