@@ -264,7 +264,7 @@ def report(a: argparse.Namespace, rows: list[dict[str, Any]], argv: Optional[lis
     size = (f"{a.clients} clients under mop_skew (MoP appendix A), {a.rounds} rounds x {a.local_steps} local "
             f"steps of batch {a.batch_size}, fraction {a.fraction}; data {Path(a.data).name if a.data != 'synthetic' else 'the synthetic suite'}, "
             f"{a.per_category} records per category, seed {a.seed}; perplexity of the global model on the "
-            f"{a.split} split ({a.max_eval} examples per category)")
+            f"{a.split} split (up to {a.max_eval} examples per category)")
     sweep = sweep_table(rows) if any(r["sweep"] for r in rows) else ""
     if a.split == "validation":
         heading = SWEEP_SECTION
