@@ -6,6 +6,16 @@ import torch
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models of many families: one thread is faster than two threads synchronising, many times so on
+    shared cores (for the rest of the module that uses it)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer): the tiny random Llama with the real SmolLM2 tokenizer. Do not mutate the model in

@@ -151,15 +151,6 @@ def test_poly_equals_peft_poly(n_splits):
 
 
 # ------------------------------------------------------------------------------------ every architecture
-@pytest.fixture
-def one_thread():
-    """Tiny models: one thread is faster than two threads synchronising, many times so on shared cores."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 @torch.no_grad()
 def test_lora_equals_peft_on_every_family(family, tmp_path, one_thread):
