@@ -20,7 +20,6 @@ def test_prototypes_are_saved_and_decide(router, tmp_path):
         r.prototypes.normal_()
     ids = torch.randint(10, 3000, (2, 8), generator=torch.Generator().manual_seed(0))
     before = mix(input_ids=ids).routing
-    assert len({tuple(w.reshape(-1, 3).argmax(-1).tolist()) for w in before.values()}) >= 1
     mix.save(str(tmp_path / "m"))
     loaded = Mixture.load(tiny_model()[0], str(tmp_path / "m"))
     for key, r in loaded.routers.items():
