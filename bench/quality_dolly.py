@@ -1,253 +1,506 @@
-"""Quality on Dolly-15k (MoA's table 2/3/4 setting, scaled down for a 2-core CPU) -> docs/benchmarks.md.
+"""MoA's table (perplexity, BLEU, ROUGE-L, router vs classifier) on a multi-domain data set -> docs/benchmarks.md.
 
-Trains and evaluates, one after the other in one process, on the same seeded split of Dolly-15k (8
-categories) with SmolLM2-135M-Instruct: base, lora_single (one LoRA per category, oracle routing = MoA's stage
-1), lora_mixed, moa, moe_lora, moe_lora_naive, prompt_tuning, mop. ``moa`` and ``moe_lora`` start from the
-lora_single run's stage-1 adapters (``train.stage1_adapters``: the same weights, trained once). Prints three
-tables (perplexity / BLEU / ROUGE-L per category and average), router vs classifier accuracy and trainable
-parameters, and rewrites the "## Quality" section of docs/benchmarks.md unless ``--no-write``.
+Trains and evaluates, one after the other in one process, with SmolLM2-135M-Instruct on the same seeded split:
+base, lora_single (one LoRA per category, oracle routing = MoA's stage 1), lora_mixed, moa, moe_lora,
+moe_lora_naive, prompt_tuning, mop. ``moa`` and ``moe_lora`` start from the same seed's lora_single adapters
+(``train.stage1_adapters``: the same weights, trained once).
 
-    python bench/quality_dolly.py                        # ~25 min on 2 cores
-    python bench/quality_dolly.py --per-category 200 --steps 200 --stage1-steps 50 --mixed-steps 400
-    python bench/quality_dolly.py --methods base lora_mixed --no-write          # a subset
+``--budget full`` (bench/protocol.py) trains every method in epochs of its own data until validation perplexity
+stops improving (early stopping, best weights kept, capped), first sweeps learning rates on the validation split
+of the first seed (every LoRA method uses the rate chosen for lora_mixed; MoA's router_lr and eta, prompt
+tuning's lr and MoP's prompt and gate lr have their own), then repeats the chosen configuration over three seeds
+and reports mean +/- std, paired bootstrap intervals for the headline comparisons and the validation curves.
+``--budget smoke`` is a few fixed steps (the test suite runs it on the tiny model).
+
+``--data`` takes a Dolly-schema JSONL file (default: Dolly-15k), ``synthetic`` (the built-in suite of well
+separated tasks) or ``dolly-groups`` (Dolly's 8 categories merged into 4 groups that differ in form: questions,
+tasks on a given passage, classification, open-ended writing). Finished runs are reused, so a rerun after a crash
+(or with more seeds) only does what is missing.
+
+    python bench/quality_dolly.py --budget full                      # the docs table; hours on 2 cores
+    python bench/quality_dolly.py --budget full --data dolly-groups --methods base lora_single lora_mixed moa
+    python bench/quality_dolly.py --budget smoke --no-write          # minutes
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOLLY, ROOT, finished, fmt, preset, write_section  # noqa: E402
+import protocol as P  # noqa: E402
+from common import DOLLY, ROOT, fmt, preset, write_section  # noqa: E402
 
-ORDER = ["base", "lora_single", "lora_mixed", "moa", "moe_lora", "moe_lora_naive", "prompt_tuning", "mop"]
+ORDER = ["base", "lora_mixed", "lora_single", "moa", "moe_lora", "moe_lora_naive", "prompt_tuning", "mop"]
+SHOWN = ["base", "lora_single", "lora_mixed", "moa", "moe_lora", "moe_lora_naive", "prompt_tuning", "mop"]
+# Coordinate-wise sweeps on the first seed's validation split, starting from the presets: each stage tries its
+# values with the best of the earlier stages. Every LoRA method trains at the lr chosen for lora_mixed.
+SWEEPS: dict[str, list[tuple[str, list[float]]]] = {
+    "lora_mixed": [("train.lr", [3e-4, 1e-3, 3e-3])],
+    "moa": [("train.router_lr", [1e-2, 1e-1]), ("mixture.eta", [0.1, 1.0])],
+    "prompt_tuning": [("train.lr", [1e-2, 3e-2, 1e-1])],
+    "mop": [("train.lr", [0.3, 1.0, 3.0]), ("train.router_lr", [1e-3, 1e-2])],
+}
+LORA_LR_FROM = "lora_mixed"
+USES_LORA_LR = {"lora_single", "moa", "moe_lora", "moe_lora_naive"}
+# the headline comparisons: (a, b), reported as (PPL_a - PPL_b) / PPL_b with a paired bootstrap interval
+PAIRS = [("moa", "lora_mixed"), ("moa", "lora_single"), ("lora_mixed", "lora_single"), ("moe_lora", "moa"),
+         ("mop", "prompt_tuning")]
+GROUPS = {"open_qa": "questions", "general_qa": "questions", "closed_qa": "passage tasks",
+          "information_extraction": "passage tasks", "summarization": "passage tasks",
+          "classification": "classification", "brainstorming": "open-ended writing",
+          "creative_writing": "open-ended writing"}
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=DOLLY)
-    p.add_argument("--out", default=str(ROOT / "runs" / "quality_dolly"))
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = P.parser(__doc__)
+    p.add_argument("--data", default=DOLLY, help="A Dolly-schema JSONL file, 'synthetic' or 'dolly-groups'.")
     p.add_argument("--methods", nargs="+", default=ORDER, choices=ORDER)
-    p.add_argument("--per-category", type=int, default=48, help="Records per category (seeded sample).")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--stage1-steps", type=int, default=6, help="Steps per category LoRA (lora_single / stage 1).")
-    p.add_argument("--steps", type=int, default=24, help="Steps of moa / moe_lora* / prompt_tuning / mop.")
-    p.add_argument("--mixed-steps", type=int, default=48, help="Steps of lora_mixed (= 8 x stage-1 steps: the "
-                                                              "same examples as all single LoRAs together).")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--prompt-lr", type=float, default=3e-2, help="prompt_tuning's lr (prompts at the input).")
-    p.add_argument("--mop-lr", type=float, default=1.0,
-                   help="MoP's prompt lr: its prompts start as hidden states of the middle layer (~50x the norm of "
-                        "embeddings on SmolLM2), so Adam needs a ~30x larger step (configs/mop_dolly.yaml).")
-    p.add_argument("--mop-router-lr", type=float, default=1e-3, help="train.router_lr of MoP's pre-trained gate.")
-    p.add_argument("--eta", type=float, default=0.1)
-    p.add_argument("--router-lr", type=float, default=None, help="train.router_lr (default: the preset's).")
-    p.add_argument("--route-train", choices=["label", "router"], default=None,
-                   help="mixture.route_train of moa (default: the preset's).")
-    p.add_argument("--max-generate", type=int, default=4, help="Test prompts per category for BLEU / ROUGE-L.")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-write", action="store_true")
-    p.add_argument("--fresh", action="store_true", help="Retrain every method even when a finished run with the "
-                                                        "same config exists in --out.")
-    return p.parse_args()
+    a = p.parse_args(argv)
+    a.data_name = data_name(a.data)
+    return P.finish_args(a, argv, f"quality_{a.data_name}_{a.budget}")
 
 
-def overrides(a: argparse.Namespace, method: str) -> list[str]:
-    steps = {"lora_mixed": a.mixed_steps}.get(method, a.steps)
-    lr = {"prompt_tuning": a.prompt_lr, "mop": a.mop_lr}.get(method, a.lr)
-    router_lr = a.mop_router_lr if method == "mop" else a.router_lr
-    return [f"data.path={a.data}", f"data.max_per_category={a.per_category}", f"data.max_length={a.max_length}",
-            "data.template=plain", "data.val_fraction=0.1", "data.test_fraction=0.25", f"data.seed={a.seed}",
-            f"train.max_steps={steps}", f"train.stage1_steps={a.stage1_steps}", f"train.batch_size={a.batch_size}",
-            f"train.lr={lr}", "train.warmup_steps=2", "train.eval_every=0", "train.save_every=0",
-            f"train.seed={a.seed}", f"mixture.eta={a.eta}", f"eval.max_generate={a.max_generate}",
-            f"eval.max_new_tokens={a.max_new_tokens}", "eval.max_eval=12", "eval.batch_size=8",
-            f"output_dir={Path(a.out) / method}"] \
-        + ([f"train.router_lr={router_lr}"] if router_lr is not None else []) \
-        + ([f"mixture.route_train={a.route_train}"] if a.route_train is not None else [])
+def data_name(data: str) -> str:
+    if data in ("synthetic", "dolly-groups"):
+        return data.replace("-", "_")
+    return "dolly" if Path(data).resolve() == Path(DOLLY).resolve() else Path(data).stem
 
 
-def _finished(out: Path, method: str, cfg: Any) -> Optional[dict[str, Any]]:
-    """The earlier result of ``method`` when its run was evaluated with the same resolved config."""
-    saved = out / "results.json"
-    if not finished(out / method, cfg) or not saved.is_file():
+def data_label(a: argparse.Namespace) -> str:
+    if a.data == "synthetic":
+        return "the built-in synthetic suite (well separated task families)"
+    if a.data == "dolly-groups":
+        return ("Dolly-15k with its 8 categories merged into 4 groups (" + "; ".join(
+            f"{g}: {', '.join(c for c, gg in GROUPS.items() if gg == g)}" for g in dict.fromkeys(GROUPS.values()))
+                + ")")
+    return "Dolly-15k (8 categories)" if a.data_name == "dolly" else f"`{a.data}`"
+
+
+def heading(a: argparse.Namespace) -> str:
+    return {"dolly": "## Quality", "synthetic": "## Quality: synthetic suite",
+            "dolly_groups": "## Quality: Dolly in 4 merged groups"}.get(a.data_name, f"## Quality: {a.data_name}")
+
+
+def data_path(a: argparse.Namespace) -> Optional[str]:
+    """The JSONL the runs read (None = the synthetic suite); dolly-groups is written once under --out."""
+    if a.data == "synthetic":
         return None
-    return json.loads(saved.read_text())["results"].get(method)
+    if a.data != "dolly-groups":
+        return str(Path(a.data).resolve())
+    from mixroute.fileio import atomic_write_text
+
+    path = Path(a.out) / "dolly_groups.jsonl"
+    if not path.is_file():
+        rows = []
+        for line in Path(DOLLY).read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                r["category"] = GROUPS[r["category"]]
+                rows.append(json.dumps(r))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, "\n".join(rows) + "\n")
+    return str(path)
 
 
-def main() -> None:
+# ------------------------------------------------------------------ configs
+def base_overrides(a: argparse.Namespace, seed: int) -> list[str]:
+    b = P.BUDGETS[a.budget]
+    path = data_path(a)
+    data = (["data.path=null", f"data.synthetic_per_task={a.per_category}"] if path is None
+            else [f"data.path={path}"])
+    return [f"model.name={a.model or 'null'}", *data, f"data.max_per_category={a.per_category}",
+            f"data.max_length={b.max_length}", "data.template=plain", f"data.val_fraction={b.val_fraction}",
+            f"data.test_fraction={b.test_fraction}", f"data.seed={seed}", f"train.batch_size={a.batch_size}",
+            "train.warmup_steps=2", "train.save_every=0", "train.length_grouped=true", f"train.seed={seed}",
+            f"mixture.seed={seed}", "eval.max_eval=null", f"eval.max_generate={b.max_generate}",
+            f"eval.max_new_tokens={b.max_new_tokens}", "eval.batch_size=8"]
+
+
+def split_sizes(a: argparse.Namespace, seed: int) -> tuple[int, int]:
+    """(train examples in all, most train examples of one category) of a seed's split."""
+    from mixroute.config import load_config
+    from mixroute.data.bundle import load_config_records
+    from mixroute.data.split import split_records
+
+    cfg = load_config(preset("base"), base_overrides(a, seed))
+    rs = load_config_records(cfg.data)
+    train = split_records(rs.records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)["train"]
+    per: dict[str, int] = {}
+    for r in train:
+        per[r.category] = per.get(r.category, 0) + 1
+    return len(train), max(per.values())
+
+
+# ------------------------------------------------------------------ one run
+class Runner:
+    """Trains (or reuses) runs and evaluates the chosen ones on the test split, once."""
+
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.commands: dict[str, str] = {}
+
+    def config(self, method: str, seed: int, params: dict[str, float], run_dir: Path,
+               stage1: Optional[list[str]] = None) -> tuple[Any, str]:
+        from mixroute.config import load_config
+
+        n_train, n_cat = split_sizes(self.a, seed)
+        sched = P.schedule(P.BUDGETS[self.a.budget], n_train, n_cat, self.a.batch_size)
+        ov = base_overrides(self.a, seed) + P.schedule_overrides(sched) + [f"{k}={v}" for k, v in params.items()]
+        if stage1:
+            ov.append("train.stage1_adapters=[" + ", ".join(stage1) + "]")
+        ov.append(f"output_dir={run_dir}")
+        return load_config(preset(method), ov), (f"mixroute train configs/{preset(method).name} "
+                                                 + " ".join(shlex.quote(o) for o in ov))
+
+    def train(self, cfg: Any) -> Path:
+        return P.train_once(cfg, str(Path(cfg.output_dir).relative_to(self.a.out)))
+
+    def test(self, run_dir: Path, method: str) -> dict[str, Any]:
+        return P.test_once(run_dir, str(run_dir.relative_to(self.a.out)), classifier=method == "moa")
+
+
+# ------------------------------------------------------------------ the experiment
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     import torch
 
     from mixroute import rundir
-    from mixroute.config import load_config
-    from mixroute.evaluate import evaluate_run
-    from mixroute.fileio import atomic_write_text
     from mixroute.models import quiet_transformers
-    from mixroute.train import train
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    a = parse_args()
+    a = parse_args(argv)
     quiet_transformers()
-    results: dict[str, dict[str, Any]] = {}
-    commands: dict[str, str] = {}
+    torch.set_num_threads(max(1, a.threads))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    for method in [m for m in ORDER if m in a.methods]:
-        ov = overrides(a, method)
-        single = Path(a.out) / "lora_single"
-        if method in ("moa", "moe_lora") and (single / rundir.STAGE1).is_dir() and "lora_single" in results:
-            dirs = [str(rundir.stage1_dir(single, c)) for c in results["lora_single"]["categories"]]
-            ov.append("train.stage1_adapters=[" + ", ".join(dirs) + "]")
-        commands[method] = f"mixroute train configs/{preset(method).name} " + " ".join(ov)
-        cfg = load_config(preset(method), ov)
-        done = _finished(Path(a.out), method, cfg) if not a.fresh else None
-        if done is not None:  # same resolved config, evaluated: reuse it (a rerun after a crash is cheap)
-            results[method] = done
-            print(f"{method}: reusing {Path(a.out) / method}", flush=True)
-            continue
-        t0 = time.time()
-        run = train(cfg, overwrite=True, progress=sys.stdout.isatty())
-        t1 = time.time()
-        res = evaluate_run(run)
-        res["train_seconds"], res["eval_seconds"] = round(t1 - t0), round(time.time() - t1)
-        results[method] = res
-        print(f"{method}: PPL {res['perplexity']['average']:.3f} BLEU {res['bleu']['average']:.2f} "
-              f"ROUGE-L {res['rougeL']['average']:.2f} (train {t1 - t0:.0f} s, eval {time.time() - t1:.0f} s)",
-              flush=True)
-        saved = Path(a.out) / "results.json"
-        earlier = json.loads(saved.read_text())["results"] if saved.is_file() else {}
-        atomic_write_text(saved, json.dumps({"args": vars(a), "results": {**earlier, **results},
-                                             "commands": commands}, indent=2, default=str))
-    text = render(a, results, commands, time.time() - started)
+    load = os.getloadavg()[0]
+    runner = Runner(a)
+    chosen: dict[str, dict[str, float]] = {m: {} for m in ORDER}
+    sweeps: dict[str, list[dict[str, Any]]] = {}
+    results: dict[int, dict[str, dict[str, Any]]] = {}   # seed -> method -> eval.json + run info
+    methods = [m for m in ORDER if m in a.methods]
+    for si, seed in enumerate(a.seeds):
+        sdir = out / f"seed{seed}"
+        results[seed] = {}
+        for method in methods:
+            params = dict(chosen[method])
+            if method in USES_LORA_LR and "train.lr" in chosen.get(LORA_LR_FROM, {}):
+                params["train.lr"] = chosen[LORA_LR_FROM]["train.lr"]
+            stage1 = None
+            if method in ("moa", "moe_lora"):
+                single = results[seed].get("lora_single")
+                if single is None:
+                    print(f"seed {seed}: {method} needs lora_single's stage-1 LoRAs (add lora_single to "
+                          "--methods)", flush=True)
+                    continue
+                stage1 = [str(rundir.stage1_dir(Path(single["dir"]), c)) for c in single["categories"]]
+            if si == 0 and a.sweep and method in SWEEPS:
+                from mixroute.config import load_config
+
+                preset_cfg = load_config(preset(method), [])
+                start = {**{k: P.config_value(preset_cfg, k) for k, _ in SWEEPS[method]}, **params}
+
+                def train_with(trial: dict, method: str = method, stage1: Optional[list] = stage1) -> Path:
+                    cfg, _ = runner.config(method, seed, trial, sdir / "sweep" / P.run_name(method, trial), stage1)
+                    return runner.train(cfg)
+                params, sweeps[method] = P.sweep(SWEEPS[method], start, train_with, method)
+                chosen[method] = {k: v for k, v in params.items() if k != "train.lr" or method not in USES_LORA_LR}
+            cfg, command = runner.config(method, seed, params, sdir / P.run_name(method, params), stage1)
+            runner.commands.setdefault(method, command)
+            run_dir = runner.train(cfg)
+            res = runner.test(run_dir, method)
+            res["dir"], res["params"] = str(run_dir), params
+            res["curve"], res["stage1_curves"] = P.validation_curve(run_dir), P.stage1_curves(run_dir)
+            res["stopping"] = P.stopping(run_dir)
+            results[seed][method] = res
+            P.write_json(out / "results.json", {"args": {k: v for k, v in vars(a).items()}, "chosen": chosen,
+                                           "sweeps": sweeps, "results": slim(results)})
+    figures = curve_figures(a, results)
+    text = render(a, results, chosen, sweeps, figures, runner.commands, time.time() - started, load)
     print(text)
     if not a.no_write:
-        write_section(ROOT / "docs" / "benchmarks.md", "## Quality", text)
+        write_section(Path(a.docs), heading(a), text)
+    return {"results": results, "chosen": chosen, "sweeps": sweeps, "text": text}
 
 
-def render(a: argparse.Namespace, results: dict[str, dict], commands: dict[str, str], seconds: float) -> str:
-    methods = list(results)
-    # reused runs took no time in this invocation: report the runs' own train + eval times
-    seconds = max(seconds, sum((r.get("train_seconds") or 0) + (r.get("eval_seconds") or 0)
-                               for r in results.values()))
-    cats = next(iter(results.values()))["categories"] if results else []
-    out = ["## Quality", "",
-           f"Dolly-15k, SmolLM2-135M-Instruct (embedded, float32), CPU ({platform.processor() or platform.machine()}, "
-           f"2 cores), `python bench/quality_dolly.py` with its defaults; training + evaluation "
-           f"{seconds / 60:.0f} min "
-           f"({time.strftime('%Y-%m-%d')}).", "",
-           f"Split: {a.per_category} records per category sampled with seed {a.seed}, stratified 65/10/25 % "
-           f"train/validation/test (data.seed={a.seed}); plain template, max_length {a.max_length}. Training: "
-           f"batch {a.batch_size}, AdamW lr {a.lr} (prompt_tuning {a.prompt_lr}, MoP prompts {a.mop_lr} with gate "
-           f"router_lr {a.mop_router_lr}), 2 warm-up steps + cosine, "
-           f"LoRA r=8 alpha=16 on all 7 projections; stage 1 = {a.stage1_steps} steps per category, "
-           f"lora_mixed {a.mixed_steps} steps, the other methods {a.steps} steps, eta={a.eta}. Test metrics: "
-           f"perplexity on up to 12 test examples per category, BLEU/ROUGE-L on {a.max_generate} greedy "
-           f"generations per category ({a.max_new_tokens} new tokens). moa and moe_lora start from the "
-           f"lora_single run's stage-1 LoRAs; moa routes by the label in training and its router learns at "
-           f"train.router_lr={a.router_lr or 0.01} (configs/moa_dolly.yaml; docs/training.md says why).", ""]
-    for title, key, nd in (("Perplexity (lower is better)", "perplexity", 3), ("BLEU", "bleu", 2),
+def slim(results: dict[int, dict[str, dict[str, Any]]]) -> dict[int, dict[str, dict[str, Any]]]:
+    """results without per-example arrays (results.json stays small; eval.json beside each run has them)."""
+    return {s: {m: {k: v for k, v in r.items() if k not in ("per_example", "generation")} for m, r in rs.items()}
+            for s, rs in results.items()}
+
+
+def curve_figures(a: argparse.Namespace, results: dict[int, dict[str, dict[str, Any]]]) -> dict[int, str]:
+    """One PNG per seed: every method's validation curve, and each stage-1 LoRA's on its own category."""
+    figs = {}
+    for seed, rs in results.items():
+        curves = {m: r["curve"] for m, r in rs.items() if m != "base" and len(r["curve"]) > 1}
+        stage1 = (rs.get("lora_single") or {}).get("stage1_curves") or None
+        if not curves and not stage1:
+            continue
+        png = Path(a.img_dir) / f"quality_{a.data_name}_{a.budget}_curves_seed{seed}.png"
+        P.curves_figure(curves, f"{data_name(a.data)}, seed {seed}: validation during training", png, stage1)
+        figs[seed] = str(png)
+    return figs
+
+
+# ------------------------------------------------------------------ the section
+def _per_seed(results: dict, method: str, get) -> list[Optional[float]]:
+    return [get(rs[method]) if method in rs else None for rs in results.values()]
+
+
+def render(a: argparse.Namespace, results: dict, chosen: dict, sweeps: dict, figures: dict[int, str],
+           commands: dict[str, str], wall: float, load: float) -> str:
+    import torch
+
+    b = P.BUDGETS[a.budget]
+    rs0 = next(iter(results.values()), {})
+    methods = [m for m in SHOWN if any(m in rs for rs in results.values())]
+    cats = next(iter(rs0.values()))["categories"] if rs0 else []
+    n_test = {c: sum(1 for t in next(iter(rs0.values()))["per_example"]["task_ids"] if t == i)
+              for i, c in enumerate(cats)} if rs0 else {}
+    seconds = sum((r.get("train_seconds") or 0) + (r.get("eval_seconds") or 0)
+                  for rs in results.values() for r in rs.values())
+    sweep_seconds = sum(_timing(Path(t["dir"])) for tried in sweeps.values() for t in tried)
+    command = "python bench/quality_dolly.py" + (" " + shlex.join(a.argv) if a.argv else "")
+    model = "SmolLM2-135M-Instruct (embedded, float32)" if a.model is None else f"`{a.model}`"
+    n_train, n_cat = split_sizes(a, a.seeds[0])
+    sched = P.schedule(b, n_train, n_cat, a.batch_size)
+    out = [heading(a), "",
+           f"Data: {data_label(a)}. Model: {model}. Machine: {os.cpu_count()}-core {platform.machine()} CPU "
+           f"({platform.processor() or 'unknown'}), torch {torch.__version__}, {a.threads} threads, load "
+           f"average {load:.2f} at the start. Command: `{command}` ({time.strftime('%Y-%m-%d')}, commit "
+           f"{P.commit()}); training + test evaluation {seconds / 60:.0f} min summed over the reported runs, plus "
+           f"{sweep_seconds / 60:.0f} min of sweep runs.", ""]
+    if b.steps is None:
+        how = (f"every method trains in epochs of its own data (one single LoRA: its category's ~{n_cat} train "
+               f"examples, {sched['stage1_eval_every']} steps an epoch; the others: the union of {n_train}, "
+               f"{sched['eval_every']} steps an epoch), is validated once per epoch on the validation split "
+               f"(category-average perplexity; a stage-1 LoRA on its own category) and stops after "
+               f"{b.patience} epoch(s) without improvement, keeping its best weights, at most {b.max_epochs} "
+               "epochs. moa's stage 2 runs to its own plateau from the stage-1 LoRAs.")
+    else:
+        how = (f"a fixed {b.steps} steps per method ({b.stage1_steps} per single LoRA), no early stopping: a "
+               "check that everything runs, not a measurement.")
+    out += [f"Budget `{a.budget}`: {a.per_category} records per category sampled with each seed, stratified "
+            f"{100 * (1 - b.val_fraction - b.test_fraction):.0f}/{100 * b.val_fraction:.0f}/"
+            f"{100 * b.test_fraction:.0f} % train/validation/test (test: "
+            + ", ".join(f"{n}" for n in sorted(set(n_test.values()))) + " examples per category for perplexity, "
+            f"the first {b.max_generate} of each for BLEU / ROUGE-L with {b.max_new_tokens} greedy tokens); "
+            f"plain template, max_length {b.max_length}, batch {a.batch_size}, length-grouped batches, AdamW with "
+            f"2 warm-up steps and cosine decay over the cap; LoRA r=8 alpha=16 on all linear projections; {how} "
+            f"Seeds {', '.join(map(str, a.seeds))} (each: data sample, split, initialisation and data order). "
+            "Tables: mean ± standard deviation over the seeds.", ""]
+    if sweeps:
+        lora = chosen.get(LORA_LR_FROM, {}).get("train.lr")
+        out += P.sweep_table(sweeps, f" on the first seed; the chosen values are used for every seed" + (
+            f"; every LoRA method (lora_single, moa, moe_lora, moe_lora_naive) trains at lr {lora:g}, the rate "
+            f"chosen for {LORA_LR_FROM}" if lora is not None else ""))
+    for title, key, nd in (("Test perplexity (lower is better)", "perplexity", 3), ("BLEU", "bleu", 2),
                            ("ROUGE-L", "rougeL", 2)):
-        out += [f"**{title}**", "", "| category | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        out += [f"**{title}**", "", "| category | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
         for c in cats + ["average"]:
-            row = [(r[key].get("average") if c == "average" else r[key]["per_category"].get(c))
-                   for r in results.values()]
-            label = "**average**" if c == "average" else c
-            out.append(f"| {label} | " + " | ".join(fmt(v, nd) for v in row) + " |")
+            cells = [P.fmt_ms(_per_seed(results, m, (lambda r, c=c: r[key].get("average") if c == "average"
+                                                     else r[key]["per_category"].get(c))), nd) for m in methods]
+            out.append(f"| {'**average**' if c == 'average' else c} | " + " | ".join(cells) + " |")
         out.append("")
-    routed = [m for m, r in results.items() if r.get("router_accuracy")]
-    if routed:
-        out += ["**Router accuracy at inference vs a standalone classifier** (top-1 vs category label, test split; "
-                "classifier = logistic regression on the pooled hidden states the router reads, trained on the "
-                "train split)", "",
-                "| category | " + " | ".join(f"{m} router | {m} classifier" for m in routed) + " |",
-                "|---|" + "---|---|" * len(routed)]
-        for c in cats + ["overall"]:
-            cells = []
-            for m in routed:
-                ra, ca = results[m]["router_accuracy"], results[m]["classifier_accuracy"] or {}
-                get = (lambda d: d.get("overall")) if c == "overall" else (lambda d: d.get("per_category", {}).get(c))
-                cells += [fmt(100 * get(ra), 1) if get(ra) is not None else "-",
-                          fmt(100 * get(ca), 1) if ca and get(ca) is not None else "-"]
-            out.append(f"| {'**overall**' if c == 'overall' else c} | " + " | ".join(cells) + " |")
+    out += paired_table(results)
+    out += router_table(results)
+    out += ["**Trainable parameters, steps and time** (steps: where early stopping kept the weights / where it "
+            "stopped, per seed; single LoRAs: the range over categories)", "",
+            "| method | trainable parameters | best / stopped step | train s | eval s |", "|---|---:|---|---:|---:|"]
+    for m in methods:
+        r0 = next(rs[m] for rs in results.values() if m in rs)
+        steps = "; ".join(_steps(rs[m]) for rs in results.values() if m in rs)
+        out.append(f"| {m} | {r0['trainable_parameters']:,} | {steps or '-'} | "
+                   f"{P.fmt_ms(_per_seed(results, m, lambda r: r.get('train_seconds')), 0)} | "
+                   f"{P.fmt_ms(_per_seed(results, m, lambda r: r.get('eval_seconds')), 0)} |")
+    out.append("")
+    if figures:
+        docs_dir = Path(a.docs).resolve().parent
+        out += ["**Validation curves** (category-average validation perplexity at each epoch; the right panel: "
+                "each stage-1 LoRA on its own category)", ""]
+        out += [f"![validation curves, seed {s}]({os.path.relpath(p, docs_dir)})" for s, p in figures.items()]
         out.append("")
-    out += ["**Trainable parameters and time**", "", "| method | trainable parameters | train s | eval s |",
-            "|---|---|---|---|"]
-    for m, r in results.items():
-        out.append(f"| {m} | {r['trainable_parameters']:,} | {r.get('train_seconds', '-')} | "
-                   f"{r.get('eval_seconds', '-')} |")
-    out += ["", "**What this shows, against the papers**", ""] + discussion(a, results)
-    out += ["", "<details><summary>Exact commands</summary>", "", "```"]
-    out += [commands[m] for m in results]
+    out += ["**What this shows, against the papers**", ""] + discussion(a, results, methods) + [""]
+    out += ["<details><summary>Exact commands (first seed; the others change the seeds)</summary>", "", "```"]
+    out += [commands[m] for m in methods if m in commands]
     out += ["```", "", "</details>", ""]
     return "\n".join(out)
 
 
-def discussion(a: argparse.Namespace, results: dict[str, dict]) -> list[str]:
-    """Bullets read off ``results`` (a rerun with other flags stays truthful), then the setup's limits."""
-    ppl = {m: r["perplexity"]["average"] for m, r in results.items()}
+def _timing(run_dir: Path) -> float:
+    path = run_dir / "bench_timing.json"
+    return json.loads(path.read_text()).get("train_seconds", 0) if path.is_file() else 0
+
+
+def _steps(r: dict[str, Any]) -> str:
+    """Where early stopping kept the weights / where it stopped (single LoRAs: ranges over categories)."""
+    if r.get("stage1_curves") and r.get("method") == "lora_single":
+        curves = r["stage1_curves"].values()
+        best = [min(c, key=lambda p: p[1])[0] for c in curves if c]
+        last = [c[-1][0] for c in curves if c]
+        return f"{min(best)}-{max(best)} / {min(last)}-{max(last)}" if best else "-"
+    stops = [s for s in r.get("stopping") or [] if "category" not in s]
+    return f"{stops[-1]['best_step']} / {stops[-1]['stopped_step']}" if stops else "-"
+
+
+def paired(results: dict, a: str, b: str) -> Optional[tuple[P.Paired, list[float]]]:
+    p, per_seed = P.Paired(), []
+    for seed, rs in results.items():
+        if a in rs and b in rs and "per_example" in rs[a] and "per_example" in rs[b]:
+            one = P.Paired()
+            one.add(rs[a], rs[b])
+            per_seed.append(P.relative_ppl_diff(one, range(len(one.tokens))))
+            p.add(rs[a], rs[b], tag=seed)
+    return (p, per_seed) if per_seed else None
+
+
+def paired_table(results: dict) -> list[str]:
+    rows = []
+    for a, b in PAIRS:
+        got = paired(results, a, b)
+        if got is None:
+            continue
+        p, per_seed = got
+        point, lo, hi = P.paired_bootstrap(p)
+        rows.append(f"| {a} vs {b} | " + ", ".join(f"{d:+.1f}%" for d in per_seed)
+                    + f" | {point:+.1f}% | [{lo:+.1f}%, {hi:+.1f}%] | {P.verdict(lo, hi, a, b)} |")
+    if not rows:
+        return []
+    return ["**Paired comparisons** (relative difference of the average test perplexity, (a - b) / b, negative = a "
+            "better; per seed, and pooled over the seeds' test examples with a paired bootstrap 95% interval: "
+            "2000 resamples of test examples within each category, the same examples for both methods)", "",
+            "| a vs b | per seed | pooled | 95% interval | verdict |", "|---|---|---:|---|---|", *rows, ""]
+
+
+def router_table(results: dict) -> list[str]:
+    rows = []
+    for seed, rs in results.items():
+        r = rs.get("moa") or {}
+        ra, ca = r.get("router_accuracy") or {}, r.get("classifier_accuracy") or {}
+        if ra.get("overall") is None:
+            continue
+        n = len(r["per_example"]["task_ids"])
+        cells = []
+        for acc in (ra.get("overall"), ca.get("overall")):
+            if acc is None:
+                cells.append("-")
+                continue
+            lo, hi = P.accuracy_interval(round(acc * n), n)
+            cells.append(f"{100 * acc:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]")
+        rows.append(f"| {seed} | {n} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["**MoA's router vs a standalone classifier** (top-1 choice vs the category label on the test split, "
+            "Wilson 95% interval; classifier = logistic regression on the pooled hidden states the router reads, "
+            "fit on the train split)", "", "| seed | test examples | router | classifier |", "|---|---:|---|---|",
+            *rows, ""]
+
+
+def _avg_ppl(results: dict, m: str) -> Optional[float]:
+    return P.mean_std(_per_seed(results, m, lambda r: r["perplexity"]["average"]))[0]
+
+
+def discussion(a: argparse.Namespace, results: dict, methods: list[str]) -> list[str]:
+    """Sentences read off ``results``: each one is computed from the numbers above it."""
     out: list[str] = []
+    ppl = {m: _avg_ppl(results, m) for m in methods}
+    ppl = {m: v for m, v in ppl.items() if v is not None}
     if ppl:
-        order = sorted(ppl, key=ppl.get)
-        out.append("- Average test perplexity, best first: " + " < ".join(f"{m} {ppl[m]:.2f}" for m in order) + ".")
+        out.append("- Mean average test perplexity, best first: "
+                   + " < ".join(f"{m} {ppl[m]:.3f}" for m in sorted(ppl, key=ppl.get)) + ".")
+
+    def ci(x: str, y: str) -> Optional[tuple[float, float, float]]:
+        got = paired(results, x, y)
+        return P.paired_bootstrap(got[0]) if got else None
+
     trio = [m for m in ("moa", "lora_mixed", "lora_single") if m in ppl]
     if len(trio) == 3:
         ours = " < ".join(sorted(trio, key=ppl.get))
         same = ours == "moa < lora_mixed < lora_single"
-        out.append(f"- MoA's paper finds moa < lora_mixed < lora_single; here {ours}"
-                   + (": the same order." if same else ": not the paper's order.") + (
-            f" Every single LoRA gets {a.stage1_steps} optimizer steps (one LoRA per category, "
-            f"{a.stage1_steps * a.batch_size} sequences each), lora_mixed gets {a.mixed_steps} steps on the same "
-            f"examples taken together, and moa {a.stage1_steps} + {a.steps}. At this budget an adapter is far from "
-            "converged (B starts at 0 and the learning rate decays within a few steps), so the method with the most "
-            "optimizer steps on one set of weights wins, and Dolly's categories share most of what a 135M model "
-            "can learn in a few steps (answer style, length), so pooling helps more than specialising. The paper "
-            "trains each LoRA to convergence on thousands of examples per domain with a 7B model."
-            if not same else ""))
-    if "moa" in ppl and "lora_single" in ppl:
-        verb = "below" if ppl["moa"] < ppl["lora_single"] else "above"
-        out.append(f"- MoA ({ppl['moa']:.2f}) is {verb} the single-LoRA-per-category baseline it starts from "
-                   f"({ppl['lora_single']:.2f}) although lora_single routes by the true label: joint training of "
-                   "the experts in stage 2 adds steps, and the router mixes experts where categories overlap.")
-    acc = (results.get("moa") or {}).get("router_accuracy") or {}
-    cls = (results.get("moa") or {}).get("classifier_accuracy") or {}
-    if acc.get("overall") is not None and cls.get("overall") is not None:
-        out.append(f"- MoA's router picks the test example's own category's expert {100 * acc['overall']:.1f}% of the "
-                   f"time vs {100 * cls['overall']:.1f}% for a logistic regression on the same pooled states "
-                   "(MoA's paper: 99.90% vs 99.67%, on par). Dolly's categories overlap (open_qa / general_qa / "
-                   "brainstorming) and a 135M model's pooled states separate them less than a 7B model's, so "
-                   "neither is near 100% here.")
+        line = (f"- MoA's paper: moa < lora_mixed < lora_single. Here, by the means: {ours}"
+                + (" (the paper's order)." if same else " (not the paper's order)."))
+        for x, y in (("moa", "lora_mixed"), ("moa", "lora_single"), ("lora_mixed", "lora_single")):
+            got = ci(x, y)
+            if got:
+                line += f" {x} vs {y}: {got[0]:+.1f}% [{got[1]:+.1f}, {got[2]:+.1f}], {P.verdict(got[1], got[2], x, y)}."
+        out.append(line)
+    for key, name in (("bleu", "BLEU"), ("rougeL", "ROUGE-L")):
+        vals = {m: P.mean_std(_per_seed(results, m, lambda r, k=key: r[k].get("average")))[0] for m in trio}
+        vals = {m: v for m, v in vals.items() if v is not None}
+        if len(vals) == 3:
+            order = " > ".join(sorted(vals, key=vals.get, reverse=True))
+            stds = [P.mean_std(_per_seed(results, m, lambda r, k=key: r[k].get("average")))[1] for m in vals]
+            gap = max(vals.values()) - min(vals.values())
+            line = (f"- {name} (higher is better), by the means: {order} ("
+                    + ", ".join(f"{m} {vals[m]:.2f}" for m in trio) + ")")
+            if gap == 0:
+                line += ": a tie."
+            elif any(sd is None for sd in stds):
+                line += "; one seed, so no spread to compare the gaps with."
+            else:
+                spread = max(stds)
+                line += (f"; the largest gap, {gap:.2f}, is " + ("smaller" if gap < spread else "larger")
+                         + f" than the largest standard deviation over seeds ({spread:.2f})"
+                         + (", so the order is within noise." if gap < spread else "."))
+            out.append(line)
     moe = [m for m in ("moe_lora", "moe_lora_naive") if m in ppl]
-    if moe and "moa" in ppl:
-        out.append("- Token-level mixtures: " + ", ".join(f"{m} {ppl[m]:.2f}" for m in moe) + f" vs moa "
-                   f"{ppl['moa']:.2f} (MoA's paper: MoE-LoRA 3.8578, naive 3.7969, MoA 3.7987). Their routers are "
-                   "trained by the LM loss alone and, with top-2 per token, nearly every expert gets gradient on "
-                   "every batch, so they behave like a larger single LoRA on the mixed data, which is what wins at "
-                   "this budget.")
+    if moe and "moa" in ppl and "lora_mixed" in ppl:
+        lo_, hi_ = sorted((ppl["moa"], ppl["lora_mixed"]))
+        out.append("- MoA's paper puts MoE-LoRA (3.8578) and the naive mixture (3.7969) at or above MoA (3.7987). "
+                   "Here: " + ", ".join(
+                       f"{m} {ppl[m]:.3f} ("
+                       + ("between moa and lora_mixed" if lo_ <= ppl[m] <= hi_ else
+                          "below both moa and lora_mixed" if ppl[m] < lo_ else "above both moa and lora_mixed")
+                       + ")" for m in moe) + ".")
+    seeds_acc = []
+    for rs in results.values():
+        r = rs.get("moa") or {}
+        ra, ca = (r.get("router_accuracy") or {}).get("overall"), (r.get("classifier_accuracy") or {}).get("overall")
+        if ra is not None and ca is not None:
+            seeds_acc.append((ra, ca, len(r["per_example"]["task_ids"])))
+    if seeds_acc:
+        ra = sum(x[0] * x[2] for x in seeds_acc) / sum(x[2] for x in seeds_acc)
+        ca = sum(x[1] * x[2] for x in seeds_acc) / sum(x[2] for x in seeds_acc)
+        n = sum(x[2] for x in seeds_acc)
+        rlo, rhi = P.accuracy_interval(round(ra * n), n)
+        clo, chi = P.accuracy_interval(round(ca * n), n)
+        overlap = rlo <= chi and clo <= rhi
+        rel = ("at least as accurate as" if ra >= ca else "less accurate than")
+        out.append(f"- Router vs classifier (MoA's paper: 99.90% vs 99.67%, on par): pooled over {len(seeds_acc)} "
+                   f"seed(s) and {n} test examples the router picks the example's own category's expert "
+                   f"{100 * ra:.1f}% [{100 * rlo:.1f}, {100 * rhi:.1f}] of the time, the classifier "
+                   f"{100 * ca:.1f}% [{100 * clo:.1f}, {100 * chi:.1f}]: the router is {rel} the classifier"
+                   + (", the intervals overlap." if overlap else ", and the intervals do not overlap.")
+                   + (" Both are near 100%: the categories are separable from the prompt." if min(ra, ca) >= 0.95
+                      else " Neither is near 100%: the categories are not fully separable from the prompt's "
+                           "pooled hidden states." if max(ra, ca) < 0.9 else ""))
     if "mop" in ppl and "prompt_tuning" in ppl:
-        d = 100 * (ppl["mop"] - ppl["prompt_tuning"]) / ppl["prompt_tuning"]
-        out.append(f"- MoP vs prompt tuning: {d:+.1f}% average perplexity (the MoP paper: MoP below prompt "
-                   "tuning)." + (" MoP does not win here. Its gate routes only part of the test examples to their "
-                                 "category's expert, each expert's prompt sees one eighth of the data in "
-                                 f"{a.steps} steps, and Dolly's categories overlap, so one shared prompt loses little"
-                                 + (" (MoP's PPL is even above the untrained base's)"
-                                    if ppl["mop"] > ppl.get("base", 1e9) else "")
-                                 + ". The learning-rate sweep under 'MoP on pruned bases' shows why MoP's prompts "
-                                   "need a much larger lr than input prompts." if d > 0 else
-                                   f" The paper's direction, by {-d:.1f}% (the paper: 3% to 30% centrally); with 12 "
-                                   "test examples per category, gaps under a few percent are within noise. MoP's "
-                                   f"prompts train at lr {a.mop_lr}, prompt tuning's at {a.prompt_lr} (docs/mop.md "
-                                   "says why they differ; at the old shared lr, --prompt-lr 0.003 --mop-lr "
-                                   "0.003 --mop-router-lr 0.003, MoP was 4.3% worse: 14.93 vs 14.31)."))
-    if "bleu" in next(iter(results.values()), {}):
-        out.append(f"- BLEU / ROUGE-L come from {a.max_generate} greedy generations of {a.max_new_tokens} tokens per "
-                   "category: single examples swing a category's score by tens of points, so read them as a check "
-                   "that generation works end to end, not as a ranking.")
+        got = ci("mop", "prompt_tuning")
+        if got:
+            out.append(f"- MoP vs prompt tuning (MoP's paper: MoP lower): {got[0]:+.1f}% [{got[1]:+.1f}, "
+                       f"{got[2]:+.1f}], {P.verdict(got[1], got[2], 'mop', 'prompt_tuning')}.")
+    if "base" in ppl:
+        worse = [m for m in ppl if m != "base" and ppl[m] > ppl["base"]]
+        if worse:
+            out.append("- Above the untrained base model's perplexity: " + ", ".join(worse) + ".")
+    capped = []
+    for m in methods:
+        for rs in results.values():
+            for s in (rs.get(m) or {}).get("stopping") or []:
+                if s["best_step"] == s["stopped_step"]:
+                    capped.append(m)
+    capped = list(dict.fromkeys(capped))
+    if capped and P.BUDGETS[a.budget].steps is None:
+        out.append("- Still improving at the cap (best weights = the last step) in at least one seed or stage-1 "
+                   "LoRA: " + ", ".join(capped) + "; their numbers are a lower bound on what more epochs give.")
     return out
 
 

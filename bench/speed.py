@@ -267,10 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     table = "\n".join(rows)
     print(table)
     if not args.no_write:
-        write_docs(table, args, model)
+        write_docs(table, args, model, next(model.parameters()).device)
 
 
-def write_docs(table: str, args, model) -> None:
+def write_docs(table: str, args, model, device: torch.device) -> None:
     path = ROOT / "docs" / "benchmarks.md"
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
     cmd = "python bench/speed.py " + " ".join(sys.argv[1:])

@@ -1,5 +1,5 @@
-"""bench/quality_pruned.py end to end on the tiny model and the synthetic suite: prune, train, table, figure,
-section written, and a rerun reuses every finished output."""
+"""bench/quality_pruned.py end to end on the tiny model and the synthetic suite: prune per seed, train, table with
+the paired interval, figures, section written, and a rerun reuses every finished output."""
 
 from __future__ import annotations
 
@@ -25,44 +25,47 @@ def test_parse_setting():
     assert bench.setting_target("sparsegpt-90") == ("sparsegpt", 0.9, None)
     assert bench.setting_target("sparsegpt-4:8") == ("sparsegpt", None, "4:8")
     assert bench.rel_diff(9.0, 10.0) == pytest.approx(-10.0)
+    assert bench.sweep_on(["dense", "sparsegpt-50", "sparsegpt-75"]) == "sparsegpt-75"
+    assert bench.sweep_on(["dense", "wanda-50"]) == "wanda-50"
     for bad in ("sgpt-50", "wanda-0", "wanda-100", "wanda-5:4", "wanda"):
         with pytest.raises(Exception):
             bench.parse_setting(bad)
 
 
-def test_quality_pruned_tiny(tmp_path, capsys):
+def test_quality_pruned_smoke_tiny(tmp_path, capsys, one_thread):
     bench = _bench()
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\n## Quality\n\nkept\n")
-    argv = ["--model", "tiny", "--data", "synthetic", "--settings", "wanda-50", "--methods", "base",
-            "prompt_tuning", "mop", "--steps", "1", "--per-category", "8", "--max-length", "48", "--max-eval", "2",
-            "--calib-samples", "2", "--calib-seq-len", "16", "--out", str(tmp_path / "runs"), "--img-dir",
+    argv = ["--budget", "smoke", "--model", "tiny", "--data", "synthetic", "--settings", "wanda-50", "--methods",
+            "base", "prompt_tuning", "mop", "--per-category", "12", "--seeds", "0", "1", "--calib-samples", "2",
+            "--calib-seq-len", "16", "--threads", "1", "--out", str(tmp_path / "runs"), "--img-dir",
             str(tmp_path / "img"), "--docs", str(docs)]
     out = bench.main(argv)
 
-    setting = tmp_path / "runs" / "wanda-50"
-    report = json.loads((setting / "model" / "prune_report.json").read_text())
-    assert report["method"] == "wanda" and report["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
+    for seed in (0, 1):  # pruned once per seed, calibrated on that seed's own train split
+        report = json.loads((tmp_path / "runs" / "wanda-50" / f"seed{seed}" / "model" / "prune_report.json")
+                            .read_text())
+        assert report["method"] == "wanda" and report["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert report["calibration"]["seed"] == seed
     runs = out["results"]["wanda-50"]["runs"]
-    assert set(runs) == {"base", "prompt_tuning", "mop"}
-    assert all(r["perplexity"]["average"] > 0 for r in runs.values())
-    assert runs["mop"]["router_accuracy"] is not None
-    assert str(setting / "model") in (setting / "mop" / "config.yaml").read_text()
+    assert set(runs) == {0, 1} and all(set(r) == {"base", "prompt_tuning", "mop"} for r in runs.values())
+    assert all(r["perplexity"]["average"] > 0 for rs in runs.values() for r in rs.values())
+    assert runs[0]["mop"]["router_accuracy"] is not None
     png = Path(out["results"]["wanda-50"]["figure"]["png"])
     assert png.is_file() and png.stat().st_size > 1000 and png.parent == tmp_path / "img"
 
     text = docs.read_text()
     assert "## Quality\n\nkept" in text and text.count(bench.HEADING) == 1
-    assert "| wanda 50% | pruned base |" in text and "MoP vs PT" in text
-    mop, pt = runs["mop"]["perplexity"]["average"], runs["prompt_tuning"]["perplexity"]["average"]
-    assert f"{bench.rel_diff(mop, pt):+.1f}%" in text
+    assert "| wanda 50% |" in text and "MoP vs PT" in text and "Budget `smoke`" in text
+    d = bench.mop_vs_pt(out["results"], "wanda-50")
+    assert len(d[3]) == 2 and d[1] <= d[0] <= d[2]
+    assert f"{d[0]:+.1f}% | [{d[1]:+.1f}%, {d[2]:+.1f}%]" in text
 
-    mtime = (setting / "mop" / "eval.json").stat().st_mtime_ns
+    mtime = (tmp_path / "runs" / "wanda-50" / "seed0" / "mop" / "eval.json").stat().st_mtime_ns
     capsys.readouterr()
     again = bench.main(argv)  # everything finished: reused, not redone
     printed = capsys.readouterr().out
-    assert "wanda-50: reused" in printed and printed.count(": reused") == 4
-    assert (setting / "mop" / "eval.json").stat().st_mtime_ns == mtime
-    assert again["results"]["wanda-50"]["runs"]["mop"]["perplexity"] == runs["mop"]["perplexity"]
+    assert printed.count(": reused") == 2 and not [ln for ln in printed.splitlines() if ln.startswith(("train ", "test "))]
+    assert (tmp_path / "runs" / "wanda-50" / "seed0" / "mop" / "eval.json").stat().st_mtime_ns == mtime
+    assert again["results"]["wanda-50"]["runs"][0]["mop"]["perplexity"] == runs[0]["mop"]["perplexity"]
     assert docs.read_text().count(bench.HEADING) == 1
-

@@ -215,3 +215,64 @@ def test_checkpoint_state_round_trip(tmp_path, fresh_tiny):
     for k in s1:
         for name in s1[k]:
             assert torch.equal(torch.as_tensor(s1[k][name]), torch.as_tensor(s2[k][name])), (k, name)
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_early_stopping_ends_on_the_best_validated_weights(tmp_path):
+    # a large lr makes validation perplexity go up and down; patience 1 stops at the first rise
+    run = train(tiny_cfg("lora_mixed", tmp_path / "es", "train.max_steps=30", "train.lr=0.2", "train.eval_every=1",
+                         "train.patience=1"), progress=False)
+    rows = _rows(run)
+    es = [r for r in rows if r.get("stage") == "early_stopping"]
+    assert len(es) == 1
+    es = es[0]
+    during = [r for r in rows if r.get("stage") is None and r.get("ppl") is not None and "loss" not in r]
+    val = {r["step"]: r["ppl_average"] for r in during}  # early stopping reads the category average
+    assert es["stopped_step"] < 30, "validation never rose: the test lost its point"
+    assert es["best_ppl"] == pytest.approx(min(val.values())) and val[es["best_step"]] == es["best_ppl"]
+    # stopped one validation after the best; the final weights are the best ones again
+    assert es["stopped_step"] == es["best_step"] + 1
+    assert max(r["step"] for r in rows if "loss" in r) == es["stopped_step"]
+    after = [r for r in rows if r.get("ppl") is not None][-1]
+    assert after["ppl_average"] == pytest.approx(es["best_ppl"], rel=1e-5)
+
+
+def test_early_stopping_off_trains_to_the_cap(tmp_path):
+    run = train(tiny_cfg("lora_mixed", tmp_path / "cap", "train.max_steps=6", "train.lr=0.2", "train.eval_every=1"),
+                progress=False)
+    rows = _rows(run)
+    assert max(r["step"] for r in rows if "loss" in r) == 6
+    assert not [r for r in rows if r.get("stage") in ("early_stopping", "stage1")]
+
+
+def test_stage1_early_stopping_validates_each_category_on_its_own_examples(tmp_path):
+    run = train(tiny_cfg("lora_single", tmp_path / "s1", "train.stage1_steps=12", "train.lr=0.2",
+                         "train.stage1_eval_every=2", "train.patience=1"), progress=False)
+    rows = _rows(run)
+    cats = json.loads((run / "data_report.json").read_text())
+    stage1 = [r for r in rows if r.get("stage") == "stage1" and "ppl" in r]
+    names = list(dict.fromkeys(r["category"] for r in stage1))
+    assert len(names) > 1 and cats
+    for r in stage1:  # one category's examples only
+        assert list(r["ppl_per_category"]) == [r["category"]]
+    stops = [r for r in rows if r.get("stage") == "early_stopping"]
+    assert [r["category"] for r in stops] == names
+    for c, r in enumerate(stops):  # steps of category c are numbered c * 12 + 1 .. c * 12 + 12
+        assert c * 12 <= r["best_step"] <= r["stopped_step"] <= (c + 1) * 12
+
+
+def test_resume_with_early_stopping_reaches_the_same_weights(tmp_path):
+    args = ("train.max_steps=12", "train.lr=0.2", "train.eval_every=1", "train.patience=2", "train.save_every=1")
+    full = train(tiny_cfg("lora_mixed", tmp_path / "full", *args), progress=False)
+    stopped = [r for r in _rows(full) if r.get("stage") == "early_stopping"][0]
+    part = tmp_path / "part"
+    train(tiny_cfg("lora_mixed", part, *args), stop_at_step=max(1, stopped["stopped_step"] - 1), progress=False)
+    resume(part, progress=False)
+    a = load_file(str(full / "final" / "mixture.safetensors"))
+    b = load_file(str(part / "final" / "mixture.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r for r in _rows(part) if r.get("stage") == "early_stopping"] == [stopped]

@@ -148,6 +148,12 @@ class TrainConfig:
     warmup_steps: int = f(10, "Linear warm-up steps before the cosine decay.", ge=0)
     clip_grad: float = f(1.0, "Gradient norm clipping (0 = off).", ge=0.0)
     eval_every: int = f(50, "Validation perplexity every N steps (0 = only at the end).", ge=0)
+    patience: int = f(0, "Early stopping: stop after this many validations (eval_every steps apart) without a "
+                         "lower validation perplexity and keep the best weights; max_steps / stage1_steps stay "
+                         "the caps (0 = off, train to the cap).", ge=0)
+    stage1_eval_every: Optional[int] = f(None, "MoA stage 1: validation of each category's LoRA on that "
+                                               "category's validation examples every N steps, for patience "
+                                               "(null = eval_every; 0 = none).", ge=0)
     save_every: int = f(50, "Checkpoint every N steps (0 = only at the end).", ge=0)
     stage1_steps: int = f(50, "MoA stage 1: steps per category LoRA.", ge=0)
     stage1_adapters: Optional[list] = f(None, "MoA stage 2 from given PEFT adapter directories (skips stage 1).")

@@ -235,14 +235,16 @@ def router_read_layer(mix: nn.Module) -> int:
 
 
 def validation_snapshot(model: nn.Module, mix: Optional[nn.Module], data: Any, batch_size: int, step: int,
-                        stage: str, device: torch.device | str = "cpu") -> tuple[dict, dict, Optional[dict]]:
+                        stage: str, device: torch.device | str = "cpu",
+                        category: Optional[int] = None) -> tuple[dict, dict, Optional[dict]]:
     """Validation perplexity of ``mix`` (or the base model) at ``step``: the perplexity dict, its metrics.jsonl
     eval row, and a gates.json snapshot (None when nothing routes). Central and federated training both log
-    these."""
+    these. With ``category`` only that category's validation examples are read (a stage-1 LoRA)."""
     cats = data.categories
-    held = held_out_pass(model, mix, data.batches("validation", batch_size), device=device)
+    held = held_out_pass(model, mix, data.batches("validation", batch_size, category=category), device=device)
     ppl = perplexity(held.nll, held.tokens, held.task_ids, cats)
-    row = {"step": step, "split": "validation", "ppl": ppl["overall"], "ppl_per_category": ppl["per_category"]}
+    row = {"step": step, "split": "validation", "ppl": ppl["overall"], "ppl_average": ppl["average"],
+           "ppl_per_category": ppl["per_category"]}
     weights, layers = gate_matrix(held, len(cats))
     snap: Optional[dict] = None
     if weights:
@@ -283,6 +285,40 @@ def generate_texts(model: nn.Module, mix: Optional[nn.Module], tok: Any, prompts
 
 
 # ------------------------------------------------------------------ a run directory
+class _Phases:
+    """``evaluate_run``'s progress: one rich bar per phase (held-out batches, generated prompts, train-split
+    batches for the classifier) with elapsed time and ETA; silent when disabled. The metric functions stay
+    free of it: the bar wraps what they iterate over."""
+
+    def __init__(self, run: str, enabled: bool) -> None:
+        self.run, self.progress = run, None
+        if not enabled:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                 TimeRemainingColumn(), transient=False)
+        self.progress.start()
+
+    def track(self, items: Sequence[Any], what: str, unit: str, sizes: Optional[Sequence[int]] = None) -> Iterable:
+        """Yield ``items``, advancing the phase's bar after each by its size (1, or ``sizes[i]``)."""
+        if self.progress is None or not items:
+            yield from items
+            return
+        sizes = list(sizes) if sizes is not None else [1] * len(items)
+        task = self.progress.add_task(f"eval {self.run}: {what}", total=sum(sizes), unit=unit)
+        for item, n in zip(items, sizes):
+            yield item
+            self.progress.advance(task, n)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
 def evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int] = None, max_generate: Optional[int] = None,
                  split: Optional[str] = None, write: bool = True, progress: bool = False,
                  classifier: bool = True, device: str | torch.device = "auto",
@@ -292,14 +328,19 @@ def evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int] = None, max_
     ``max_generate=0`` skips generation (BLEU / ROUGE-L come out empty); ``classifier=False`` skips the
     logistic-regression baseline, which runs the whole train split through the model once more. ``device``
     (auto: CUDA when available) and ``precision`` (autocast: no, bf16, fp16) say where and how it runs.
+    ``progress`` shows a bar per phase: the held-out pass, generation, the classifier's train-split pass.
     """
     dev = resolve_device(device)
-    with autocast(dev, precision):
-        return _evaluate_run(run_dir, max_new_tokens, max_generate, split, write, progress, classifier, dev)
+    phases = _Phases(Path(run_dir).name, progress)
+    try:
+        with autocast(dev, precision):
+            return _evaluate_run(run_dir, max_new_tokens, max_generate, split, write, phases, classifier, dev)
+    finally:
+        phases.close()
 
 
 def _evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int], max_generate: Optional[int],
-                  split: Optional[str], write: bool, progress: bool, classifier: bool,
+                  split: Optional[str], write: bool, phases: _Phases, classifier: bool,
                   device: torch.device) -> dict[str, Any]:
     from mixroute.methods import is_label_aligned
 
@@ -313,15 +354,25 @@ def _evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int], max_genera
     aligned = is_label_aligned(mix.cfg if mix is not None else None)
     layer = router_read_layer(mix) if aligned else None
 
-    held = held_out_pass(model, mix, data.batches(split, cfg.eval.batch_size), device=device, capture_layer=layer)
+    batches = data.batches(split, cfg.eval.batch_size)
+    held = held_out_pass(model, mix, phases.track(batches, f"perplexity ({split})", "batches"), device=device,
+                         capture_layer=layer)
     result: dict[str, Any] = {"run": Path(run_dir).name, "method": cfg.train.method, "split": split,
                               "categories": list(cats),
-                              "perplexity": perplexity(held.nll, held.tokens, held.task_ids, cats)}
+                              "perplexity": perplexity(held.nll, held.tokens, held.task_ids, cats),
+                              # what a paired comparison of two runs on the same split needs (bootstrap intervals)
+                              "per_example": {"nll": [round(float(x), 5) for x in held.nll],
+                                              "tokens": held.tokens.tolist(), "task_ids": held.task_ids.tolist()}}
 
     examples = data.generation_examples(split, max_generate) if max_generate > 0 else []
-    hyps, chosen = generate_texts(model, mix, tok, [e["prompt_ids"] for e in examples],
-                                  [e["task_id"] for e in examples], max_new_tokens,
-                                  cfg.eval.batch_size, device) if examples else ([], [])
+    hyps, chosen = [], []
+    bs = cfg.eval.batch_size
+    chunks = [examples[i:i + bs] for i in range(0, len(examples), bs)]  # generate_texts' own batches
+    for chunk in phases.track(chunks, "generation", "prompts", [len(c) for c in chunks]):
+        h, c = generate_texts(model, mix, tok, [e["prompt_ids"] for e in chunk], [e["task_id"] for e in chunk],
+                              max_new_tokens, bs, device)
+        hyps += h
+        chosen += c
     labels = [e["task_id"] for e in examples]
     result["bleu"], result["rougeL"] = bleu_rouge(hyps, [e["reference"] for e in examples], labels, cats)
 
@@ -333,8 +384,9 @@ def _evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int], max_genera
         if any(c >= 0 for c in chosen):
             result["router_accuracy"]["generation"] = router_accuracy(chosen, labels, cats, num_experts)["overall"]
     if aligned and classifier:
-        train_held = held_out_pass(model, mix, data.batches("train", cfg.eval.batch_size), device=device,
-                                   capture_layer=layer)
+        train_batches = data.batches("train", cfg.eval.batch_size)
+        train_held = held_out_pass(model, mix, phases.track(train_batches, "classifier (train split)", "batches"),
+                                   device=device, capture_layer=layer)
         result["classifier_accuracy"] = classifier_accuracy(train_held.pooled, train_held.task_ids, held.pooled,
                                                             held.task_ids, cats, seed=cfg.train.seed)
         result["classifier_accuracy"]["layer"] = layer

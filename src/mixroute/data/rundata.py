@@ -78,22 +78,27 @@ class RunData:
         return self.collate([self.examples["train"][i] for i in batch])
 
     # ------------------------------------------------------------------ held-out
-    def held_out_indices(self, split: str, max_per_category: Optional[int] = None) -> list[int]:
-        """Indices of ``split`` with at most ``max_per_category`` (default ``eval.max_eval``) per category."""
+    def held_out_indices(self, split: str, max_per_category: Optional[int] = None,
+                         category: Optional[int] = None) -> list[int]:
+        """Indices of ``split`` with at most ``max_per_category`` (default ``eval.max_eval``) per category
+        (only ``category``'s when given)."""
         cap = max_per_category if max_per_category is not None else self.max_eval
         seen: dict[int, int] = {}
         keep = []
         for i, e in enumerate(self.examples[split]):
             c = e["task_id"]
+            if category is not None and c != category:
+                continue
             if cap is None or seen.get(c, 0) < cap:
                 seen[c] = seen.get(c, 0) + 1
                 keep.append(i)
         return keep
 
-    def batches(self, split: str, batch_size: int, max_per_category: Optional[int] = None) -> list[dict[str, Tensor]]:
-        """Held-out batches in a fixed order, sorted by length (less padding)."""
+    def batches(self, split: str, batch_size: int, max_per_category: Optional[int] = None,
+                category: Optional[int] = None) -> list[dict[str, Tensor]]:
+        """Held-out batches in a fixed order, sorted by length (less padding); only ``category``'s when given."""
         ex = self.examples[split]
-        idx = self.held_out_indices(split, max_per_category)
+        idx = self.held_out_indices(split, max_per_category, category)
         order = batch_indices([len(ex[i]["input_ids"]) for i in idx], batch_size, length_grouped=True)
         return [self.collate([ex[idx[j]] for j in b]) for b in order]
 

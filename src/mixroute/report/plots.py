@@ -127,9 +127,14 @@ def training_curves(runs: list[RunInfo]) -> bytes:
             steps = [x["step"] for x in rows]
             axes[0].plot(steps, [x.get("loss") for x in rows], **kw)
             axes[2].plot(steps, [x.get("tokens_per_s") for x in rows], **kw)
-        ev = [x for x in r.eval_rows if x.get("ppl") is not None and "step" in x]
+        ev = [x for x in r.eval_rows if x.get("ppl") is not None and "step" in x and x.get("stage") != "stage1"]
         if ev:
             axes[1].plot([x["step"] for x in ev], [x["ppl"] for x in ev], **style, label=r.name)
+        for j, cat in enumerate(dict.fromkeys(x.get("category") for x in r.eval_rows if x.get("stage") == "stage1")):
+            ev = [x for x in r.eval_rows if x.get("stage") == "stage1" and x.get("category") == cat
+                  and x.get("ppl") is not None]
+            axes[1].plot([x["step"] for x in ev], [x["ppl"] for x in ev], **dict(style, linestyle=":"), alpha=0.6,
+                         label=f"{r.name} (stage 1, own category)" if j == 0 else None)
     for ax, title, ylabel in zip(axes, ("training loss", "validation perplexity", "throughput"),
                                  ("loss (nats / token)", "perplexity", "tokens / s")):
         ax.set_title(title)
@@ -174,7 +179,8 @@ def _per_category_axes(ax: Any, xs_rows: list[tuple[Any, dict[str, float]]], tit
 
 def category_curves(run: RunInfo) -> bytes:
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    _per_category_axes(ax, [(x["step"], x.get("ppl_per_category") or {}) for x in run.eval_rows if "step" in x],
+    _per_category_axes(ax, [(x["step"], x.get("ppl_per_category") or {}) for x in run.eval_rows
+                            if "step" in x and x.get("stage") != "stage1"],
                        f"{run.name}: validation perplexity per category", "optimizer step")
     return _png(fig)
 

@@ -12,10 +12,11 @@ function of (seed, step); optimizer, scheduler and RNG states are restored).
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -146,13 +147,13 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop
         finish(ctx, mix, offset)
         return run_dir
 
-    # ---- stage 2 (or the only stage): train the mixture
-    fit(ctx, mix, steps=cfg.train.max_steps, offset=offset, resume=resume)
+    # ---- stage 2 (or the only stage): train the mixture (to the cap or until validation stops improving)
+    last = fit(ctx, mix, steps=cfg.train.max_steps, offset=offset, resume=resume)
     if ctx.stopped:
         return run_dir
 
     # ---- evaluate and save
-    finish(ctx, mix, offset + cfg.train.max_steps)
+    finish(ctx, mix, last)
     return run_dir
 
 
@@ -199,7 +200,8 @@ def run_stage1(ctx: _Ctx) -> list[str]:
         ctx.log.truncate_after(c * steps)  # a resumed run redoes this LoRA: drop its lines from the killed run
         mix = Mixture.attach(ctx.model, _seeded(stage1_config(cfg), cfg.mixture.seed + 1 + c))
         try:
-            fit(ctx, mix, steps=steps, offset=c * steps, category=c, checkpoints=False)
+            every = cfg.train.eval_every if cfg.train.stage1_eval_every is None else cfg.train.stage1_eval_every
+            fit(ctx, mix, steps=steps, offset=c * steps, category=c, checkpoints=False, eval_every=every)
             if ctx.stopped:
                 return dirs
             with atomic_dir(out) as tmp:
@@ -235,27 +237,69 @@ def build_mixture(model: nn.Module, mcfg: Any, adapters: Optional[list[str]], da
 
 
 # =========================================================================== the training loop
+@dataclass
+class EarlyStopping:
+    """The lowest validation perplexity so far, its step and weights, and the validations since it improved."""
+
+    patience: int
+    best: float = math.inf
+    best_step: Optional[int] = None
+    bad: int = 0
+    weights: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)
+
+    def update(self, ppl: Optional[float], step: int, mix: nn.Module) -> bool:
+        """Record the validation at ``step``; True when training should stop."""
+        if not self.patience:
+            return False
+        if ppl is not None and ppl < self.best:
+            self.best, self.best_step, self.bad = ppl, step, 0
+            self.weights = {k: v.detach().clone() for k, v in mix.adapter_state_dict().items()}
+        else:
+            self.bad += 1
+        return 0 < self.patience <= self.bad
+
+    def restore(self, mix: nn.Module) -> None:
+        if self.weights is not None:
+            mix.load_adapter_state_dict(self.weights, source=f"the best validation (step {self.best_step})")
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad}
+
+
 def fit(ctx: _Ctx, mix: nn.Module, steps: int, offset: int, resume: bool = False, category: Optional[int] = None,
-        checkpoints: bool = True) -> None:
-    """Train ``mix`` for ``steps`` optimizer steps (global step numbers ``offset + 1 ..``). With
-    ``category`` only that category's examples are used (stage 1), without checkpoints or evaluation."""
+        checkpoints: bool = True, eval_every: Optional[int] = None) -> int:
+    """Train ``mix`` for up to ``steps`` optimizer steps (global step numbers ``offset + 1 ..``); returns the
+    global step it stopped at. With ``category`` only that category's examples are used (stage 1), without
+    checkpoints, validated on that category alone. With ``train.patience`` training stops once validation
+    perplexity (the category average) has not improved for that many validations, and the best weights are
+    put back."""
     cfg, acc = ctx.cfg, ctx.accelerator
+    every = cfg.train.eval_every if eval_every is None else eval_every
     optimizer, scheduler = build_optimizer(mix.adapter_parameters(), cfg, steps, list(mix.routers.parameters()))
+    stop = EarlyStopping(cfg.train.patience if every else 0)
     start = 0
     if resume and checkpoints and (ckpt := latest_checkpoint(ctx.run_dir)) is not None:
         mix.load_adapter_state_dict(_load_weights(ckpt), source=str(ckpt))
-        done = load_trainer_state(ckpt, optimizer, scheduler)["step"]
+        meta = load_trainer_state(ckpt, optimizer, scheduler)
+        done = meta["step"]
         ctx.log.truncate_after(done)
         start = done - offset
+        if "early_stopping" in meta:
+            stop = EarlyStopping(stop.patience, **meta["early_stopping"])
+            if (ckpt / BEST_WEIGHTS).is_file():
+                from safetensors.torch import load_file
+
+                stop.weights = load_file(str(ckpt / BEST_WEIGHTS))
     model_p, opt_p = acc.prepare(mix, optimizer)
     stage2 = category is None
-    if stage2 and start == 0:
-        evaluate_validation(ctx, mix, offset, stage="before")
+    if start == 0 and (stage2 or stop.patience):
+        stop.update(evaluate_validation(ctx, mix, offset, stage="before", category=category), offset, mix)
     train_mode(mix)
     accum, world, bs = cfg.train.grad_accum, acc.num_processes, cfg.train.batch_size
     seed = cfg.train.seed if stage2 else cfg.train.seed + 1000 * (category + 1)
     label = "train" if stage2 else f"stage 1: {ctx.data.categories[category]}"
     bar = ProgressBar(label, steps, start, enabled=ctx.progress and acc.is_main_process)
+    step = offset + start
     try:
         for local in range(start, steps):
             step = offset + local + 1
@@ -277,19 +321,53 @@ def fit(ctx: _Ctx, mix: nn.Module, steps: int, offset: int, resume: bool = False
             ctx.log.train(row)
             bar.update(local + 1, stats.loss, tps)
             last = local + 1 == steps
-            if stage2 and cfg.train.eval_every and (local + 1) % cfg.train.eval_every == 0 and not last:
-                evaluate_validation(ctx, mix, step, stage="during")
+            halt = False
+            # with patience the cap is validated too: the last weights may be the best
+            if (stage2 or stop.patience) and every and (
+                    ((local + 1) % every == 0 and not last) or (last and stop.patience)):
+                ppl = evaluate_validation(ctx, mix, step, stage="during", category=category)
+                halt = stop.update(ppl, step, mix)
                 train_mode(mix)
             if checkpoints and acc.is_main_process and (
-                    last or (cfg.train.save_every and (local + 1) % cfg.train.save_every == 0)
+                    last or halt or (cfg.train.save_every and (local + 1) % cfg.train.save_every == 0)
                     or step == ctx.stop_at_step):
-                save_checkpoint(ctx.run_dir, step, mix, optimizer, scheduler, {"offset": offset})
+                _checkpoint(ctx, step, mix, optimizer, scheduler, offset, stop)
             if ctx.stop_at_step is not None and step >= ctx.stop_at_step:
                 ctx.stopped = True
-                return
+                return step
+            if halt:
+                break
+        if stop.patience and stop.best_step is not None:
+            if step != stop.best_step:  # the cap, or patience ran out: end on the best validated weights
+                bar.note(f"stopped at step {step}; best validation perplexity {stop.best:.3f} at step "
+                         f"{stop.best_step}")
+                stop.restore(mix)
+            ctx.log.eval({"step": step, "split": "validation", "stage": "early_stopping",
+                          "best_step": stop.best_step, "best_ppl": stop.best, "stopped_step": step,
+                          **({"category": ctx.data.categories[category]} if category is not None else {})})
+        return step
     finally:
         bar.close()
         mix.eval()
+
+
+BEST_WEIGHTS = "best_adapters.safetensors"
+
+
+def _checkpoint(ctx: _Ctx, step: int, mix: nn.Module, optimizer: Any, scheduler: Any, offset: int,
+                stop: EarlyStopping) -> None:
+    """A checkpoint; with early stopping also its state and the best weights so far (a resumed run stops
+    where an uninterrupted one would and ends on the same weights)."""
+    from safetensors.torch import save_file
+
+    extra: dict[str, Any] = {"offset": offset}
+    if stop.patience:
+        extra["early_stopping"] = stop.state()
+    path = save_checkpoint(ctx.run_dir, step, mix, optimizer, scheduler, extra)
+    if stop.patience and stop.weights is not None:
+        tmp = path / (BEST_WEIGHTS + ".tmp")
+        save_file(stop.weights, str(tmp))
+        tmp.replace(path / BEST_WEIGHTS)
 
 
 def _load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -316,16 +394,21 @@ def _diverged(ctx: _Ctx, mix: nn.Module, optimizer: Any, scheduler: Any, step: i
 
 
 # =========================================================================== evaluate and save
-def evaluate_validation(ctx: _Ctx, mix: Optional[nn.Module], step: int, stage: str) -> dict[str, Any]:
-    """Validation perplexity (an eval line in metrics.jsonl) and a gate snapshot (gates.json)."""
+def evaluate_validation(ctx: _Ctx, mix: Optional[nn.Module], step: int, stage: str,
+                        category: Optional[int] = None) -> Optional[float]:
+    """Validation perplexity (an eval line in metrics.jsonl) and a gate snapshot (gates.json); returns the
+    category-average perplexity (a stage-1 LoRA: its own category's, on that category's examples, no gates)."""
     with ctx.accelerator.autocast():
         ppl, row, snap = validation_snapshot(ctx.model, mix, ctx.data, ctx.cfg.eval.batch_size, step, stage,
-                                             device=ctx.accelerator.device)
+                                             device=ctx.accelerator.device, category=category)
+    if category is not None:
+        row.update(stage="stage1", category=ctx.data.categories[category])
+        snap = None
     ctx.log.eval(row)
     if snap is not None:
         level = snap.pop("level")
         ctx.log.gates(ctx.data.categories, len(snap["weights"][0]), level, snap)
-    return ppl
+    return ppl["average"]
 
 
 def finish(ctx: _Ctx, mix: nn.Module, step: int) -> None:

@@ -75,6 +75,11 @@ class ProgressBar:
         if self.progress is not None:
             self.progress.update(self.task, completed=done, loss=f"{loss:.4f}", tps=f"{tokens_per_s:,.0f}")
 
+    def note(self, text: str) -> None:
+        """A line above the bar (e.g. why training stopped before the cap)."""
+        if self.progress is not None:
+            self.progress.console.print(text)
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()

@@ -1,0 +1,381 @@
+"""The protocol the quality benchmarks share: budgets, learning-rate sweeps read on the validation split,
+validation curves, and the statistics of a table over seeds (mean, standard deviation, paired bootstrap).
+
+A budget says how much data each method sees and when it stops: ``smoke`` is a fixed few steps (minutes, CI);
+``full`` trains every method in epochs of its own data (a single LoRA its category's train split, the others the
+union) up to ``max_epochs``, validating once per epoch, and stops when validation perplexity has not improved for
+``patience`` validations (``train.patience``: the best weights are kept). Hyperparameters are chosen by the
+lowest validation perplexity a run reached; the test split is read only by the chosen runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much each method trains and how much of the test split is read."""
+
+    name: str
+    per_category: int              # records sampled per category (data.max_per_category)
+    max_length: int                # tokens per example
+    val_fraction: float
+    test_fraction: float
+    seeds: tuple[int, ...]         # data sample + split + init + data order
+    max_generate: int              # test prompts per category for BLEU / ROUGE-L
+    max_new_tokens: int
+    steps: Optional[int] = None    # smoke: fixed optimizer steps per method (stage 1: ``stage1_steps``)
+    stage1_steps: Optional[int] = None
+    max_epochs: Optional[int] = None   # full: the cap, in epochs of the method's own data
+    patience: int = 0              # full: validations without improvement before stopping
+    sweep: bool = False            # full: choose learning rates on the validation split first
+
+
+BUDGETS = {
+    "smoke": Budget("smoke", per_category=16, max_length=64, val_fraction=0.25, test_fraction=0.25, seeds=(0,),
+                    max_generate=2, max_new_tokens=8, steps=4, stage1_steps=2),
+    # 90 records per category: 50 test (perplexity; 20 of them generate for BLEU / ROUGE-L), 11 validation,
+    # 29 train. One epoch = 4 steps of batch 8 for a single LoRA, 29 for the union.
+    "full": Budget("full", per_category=90, max_length=128, val_fraction=0.12, test_fraction=0.56,
+                   seeds=(0, 1, 2), max_generate=20, max_new_tokens=32, max_epochs=6, patience=1, sweep=True),
+}
+
+
+def schedule(budget: Budget, n_train: int, n_per_category: int, batch_size: int) -> dict[str, int]:
+    """Steps, validation interval and caps of ``budget`` for a split with ``n_train`` train examples in all and
+    at most ``n_per_category`` in one category."""
+    if budget.steps is not None:
+        return {"max_steps": budget.steps, "stage1_steps": budget.stage1_steps or budget.steps,
+                "eval_every": 0, "stage1_eval_every": 0, "patience": 0}
+    epoch, epoch1 = -(-n_train // batch_size), -(-n_per_category // batch_size)
+    return {"max_steps": budget.max_epochs * epoch, "stage1_steps": budget.max_epochs * epoch1,
+            "eval_every": epoch, "stage1_eval_every": epoch1, "patience": budget.patience}
+
+
+def schedule_overrides(s: dict[str, int]) -> list[str]:
+    return [f"train.{k}={v}" for k, v in s.items()]
+
+
+# ------------------------------------------------------------------ validation curves
+def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def validation_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, category-average validation perplexity) of the mixture (stage 2 / the only stage), in order;
+    the final re-validation of the restored best weights is left out."""
+    rows = [r for r in metrics_rows(run_dir) if r.get("ppl_average") is not None and r.get("stage") != "stage1"]
+    seen: dict[int, float] = {}
+    for r in rows:
+        seen.setdefault(r["step"], r["ppl_average"])
+    return sorted(seen.items())
+
+
+def stage1_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per category, (step within that LoRA's training, its validation perplexity on its own category)."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    rows = [r for r in metrics_rows(run_dir) if r.get("stage") == "stage1" and r.get("ppl_average") is not None]
+    for r in rows:
+        out.setdefault(r["category"], []).append((r["step"], r["ppl_average"]))
+    # steps are global (category c owns c * stage1_steps + 1 ..): count from each LoRA's own start
+    return {c: [(s - pts[0][0], v) for s, v in pts] for c, pts in out.items()}
+
+
+def stopping(run_dir: Path) -> list[dict[str, Any]]:
+    """The early-stopping rows of a run (best step, best perplexity, step it stopped at), stage 1 first."""
+    return [r for r in metrics_rows(run_dir) if r.get("stage") == "early_stopping"]
+
+
+def best_validation(run_dir: Path) -> Optional[float]:
+    """The lowest category-average validation perplexity the run reached (what a sweep compares)."""
+    curve = validation_curve(run_dir)
+    return min(v for _, v in curve) if curve else None
+
+
+def curves_figure(curves: dict[str, list[tuple[int, float]]], title: str, path: Path,
+                  stage1: Optional[dict[str, list[tuple[int, float]]]] = None) -> Path:
+    """A PNG of validation perplexity against optimizer step, one line per method (and, when given, one
+    dotted line per stage-1 LoRA on its own category in a second panel)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if stage1 else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+    ax = axes[0][0]
+    for name, pts in curves.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=name)
+    ax.set_title(title)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation perplexity (category average)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if stage1:
+        ax1 = axes[0][1]
+        for name, pts in stage1.items():
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=":", marker=".", label=name)
+        ax1.set_title("stage 1: each single LoRA on its own category")
+        ax1.set_xlabel("optimizer step of that LoRA")
+        ax1.set_ylabel("validation perplexity")
+        ax1.grid(alpha=0.3)
+        ax1.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------ statistics
+def mean_std(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional[float], int]:
+    """Mean, sample standard deviation (None for one value) and count of the values that are not None."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return None, None, 0
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else None), len(v)
+
+
+def fmt_ms(values: Sequence[Optional[float]], nd: int = 2, scale: float = 1.0) -> str:
+    m, s, n = mean_std([None if x is None else x * scale for x in values])
+    if m is None:
+        return "-"
+    return f"{m:.{nd}f}" + (f" ± {s:.{nd}f}" if s is not None else "")
+
+
+@dataclass
+class Paired:
+    """Per-example summed NLL and response tokens of two methods on the same test examples."""
+
+    nll_a: list[float] = field(default_factory=list)
+    nll_b: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    task_ids: list[int] = field(default_factory=list)
+
+    def add(self, a: dict[str, Any], b: dict[str, Any], tag: int = 0) -> None:
+        """Append the examples of two eval.json dicts (same split; ``tag`` keeps categories of different seeds
+        apart)."""
+        pa, pb = a["per_example"], b["per_example"]
+        if pa["tokens"] != pb["tokens"] or pa["task_ids"] != pb["task_ids"]:
+            raise ValueError("the two runs were not evaluated on the same test examples")
+        self.nll_a += pa["nll"]
+        self.nll_b += pb["nll"]
+        self.tokens += pa["tokens"]
+        self.task_ids += [tag * 1000 + t for t in pa["task_ids"]]
+
+
+def relative_ppl_diff(p: Paired, idx: Sequence[int]) -> float:
+    """(PPL_a - PPL_b) / PPL_b in percent, PPL = the category average of token-weighted perplexities over the
+    examples ``idx`` (the tables' ``average``)."""
+    def avg(nll: list[float]) -> float:
+        sums: dict[int, list[float]] = {}
+        for i in idx:
+            s = sums.setdefault(p.task_ids[i], [0.0, 0.0])
+            s[0] += nll[i]
+            s[1] += p.tokens[i]
+        return statistics.fmean(math.exp(a / b) for a, b in sums.values() if b > 0)
+    return 100.0 * (avg(p.nll_a) - avg(p.nll_b)) / avg(p.nll_b)
+
+
+def paired_bootstrap(p: Paired, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Point estimate and 95% percentile interval of the relative average-perplexity difference a vs b,
+    resampling test examples with replacement within each category (the same examples for both methods)."""
+    rng = random.Random(seed)
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(p.task_ids):
+        groups.setdefault(t, []).append(i)
+    point = relative_ppl_diff(p, range(len(p.tokens)))
+    draws = []
+    for _ in range(resamples):
+        idx = [g[rng.randrange(len(g))] for g in groups.values() for _ in g]
+        draws.append(relative_ppl_diff(p, idx))
+    draws.sort()
+    return point, draws[int(0.025 * resamples)], draws[int(0.975 * resamples) - 1]
+
+
+def accuracy_interval(correct: int, n: int) -> tuple[Optional[float], Optional[float]]:
+    """Wilson 95% interval of an accuracy (in [0, 1])."""
+    if n == 0:
+        return None, None
+    z, ph = 1.96, correct / n
+    centre = (ph + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(ph * (1 - ph) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def verdict(lo: float, hi: float, a: str, b: str) -> str:
+    """What a 95% interval of (a - b) / b says, in words."""
+    if hi < 0:
+        return f"{a} below {b}"
+    if lo > 0:
+        return f"{a} above {b}"
+    return "within noise (the interval contains 0)"
+
+
+# ------------------------------------------------------------------ runs
+def write_json(path: Path, obj: Any) -> None:
+    from mixroute.fileio import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def train_once(cfg: Any, label: str = "") -> Path:
+    """Train ``cfg`` unless its run directory already holds a finished training of exactly this config;
+    returns the run directory (training time in bench_timing.json)."""
+    import sys
+    import time
+
+    from mixroute import rundir
+    from mixroute.config import ConfigError, to_dict
+    from mixroute.train import train
+
+    run_dir = Path(cfg.output_dir)
+    done = rundir.final_dir(run_dir).is_dir() or (cfg.train.method == "base" and (run_dir / "metrics.jsonl").is_file())
+    try:
+        if done and to_dict(rundir.read_config(run_dir)) == to_dict(cfg):
+            return run_dir
+    except (ConfigError, FileNotFoundError):
+        pass
+    print(f"train {label or run_dir}", flush=True)
+    t0 = time.time()
+    train(cfg, overwrite=True, progress=sys.stdout.isatty())
+    write_json(run_dir / "bench_timing.json", {"train_seconds": round(time.time() - t0)})
+    return run_dir
+
+
+def test_once(run_dir: Path, label: str = "", **eval_kwargs: Any) -> dict[str, Any]:
+    """The run's test evaluation (eval.json), computed once: reused when the bench already evaluated it."""
+    import sys
+    import time
+
+    from mixroute import rundir
+    from mixroute.evaluate import evaluate_run
+
+    timing_path = run_dir / "bench_timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    if (run_dir / rundir.EVAL).is_file() and "eval_seconds" in timing:
+        res = rundir.read_eval(run_dir)
+    else:
+        t0 = time.time()
+        res = evaluate_run(run_dir, progress=sys.stdout.isatty(), **eval_kwargs)
+        timing["eval_seconds"] = round(time.time() - t0)
+        write_json(timing_path, timing)
+        print(f"test {label or run_dir}: PPL {res['perplexity']['average']:.3f}", flush=True)
+    res.update(timing)
+    return res
+
+
+def sweep(stages: list[tuple[str, list[float]]], start: dict[str, Any],
+          train_with: Callable[[dict[str, Any]], Path], label: str = "") -> tuple[dict[str, Any], list[dict]]:
+    """Coordinate-wise learning-rate sweep on the validation split: each stage tries its values with the best of
+    the earlier stages (``start`` holds the preset's values); the lowest validation perplexity a run reached
+    wins. ``train_with(params)`` trains (or reuses) one run and returns its directory. Returns the chosen
+    parameters and every run tried; none of them is evaluated on the test split here."""
+    best = dict(start)
+    tried: list[dict[str, Any]] = []
+    for key, values in stages:
+        scores: dict[float, Optional[float]] = {}
+        for v in values:
+            trial = {**best, key: v}
+            run_dir = train_with(trial)
+            scores[v] = best_validation(run_dir)
+            tried.append({"params": trial, "validation_ppl": scores[v], "dir": str(run_dir),
+                          "stopping": stopping(run_dir)})
+            print(f"sweep {label} {key}={v:g}: best validation PPL "
+                  f"{'-' if scores[v] is None else f'{scores[v]:.3f}'}", flush=True)
+        ok = [v for v in values if scores[v] is not None]
+        if ok:
+            best[key] = min(ok, key=lambda v: scores[v])
+    return best, tried
+
+
+def run_name(method: str, params: dict[str, Any]) -> str:
+    """A run directory name that tells the swept values apart."""
+    return method + "".join(f"_{k.split('.')[-1]}={v:g}" for k, v in sorted(params.items()))
+
+
+def config_value(cfg: Any, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def sweep_table(sweeps: dict[str, list[dict]], note: str = "") -> list[str]:
+    """Markdown rows of every sweep: method, setting, best validation perplexity (bold = chosen)."""
+    out = ["**Learning-rate sweeps** (validation split only; the lowest validation perplexity each run reached; "
+           f"**bold** = chosen){note}", "", "| method | setting | validation PPL |", "|---|---|---:|"]
+    for m, tried in sweeps.items():
+        best = min((t["validation_ppl"] for t in tried if t["validation_ppl"] is not None), default=None)
+        seen = set()
+        for t in tried:
+            key = json.dumps(t["params"], sort_keys=True, default=str)
+            if key in seen:
+                continue
+            seen.add(key)
+            setting = ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in t["params"].items())
+            v = "-" if t["validation_ppl"] is None else f"{t['validation_ppl']:.3f}"
+            out.append(f"| {m} | {setting} | {f'**{v}**' if t['validation_ppl'] == best else v} |")
+    return out + [""]
+
+
+def commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ------------------------------------------------------------------ command line
+def parser(doc: str) -> "argparse.ArgumentParser":
+    """The arguments every quality benchmark takes (the script adds its own): budget, model, seeds, sizes,
+    threads and where the section goes."""
+    import argparse
+
+    root = Path(__file__).resolve().parents[1]
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(doc.split("\n\n")[1:]))
+    p.add_argument("--budget", choices=list(BUDGETS), default="smoke",
+                   help="smoke: fixed few steps; full: early stopping on validation, lr sweeps, 3 seeds.")
+    p.add_argument("--model", default=None, help="Base model as in load_base_model (default: the embedded "
+                                                 "SmolLM2-135M-Instruct; 'tiny' = the random test model).")
+    p.add_argument("--out", default=None, help="Run directories (default: under runs/, named after the budget).")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="Seeds (default: the budget's).")
+    p.add_argument("--per-category", type=int, default=None, help="Records per category (default: the budget's).")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-sweep", action="store_true", help="Use the presets' learning rates (no sweep).")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads (1 when other jobs share the cores: two threads synchronising on a "
+                        "descheduled core run several times slower).")
+    p.add_argument("--docs", default=str(root / "docs" / "benchmarks.md"), help="Where the section is written.")
+    p.add_argument("--img-dir", default=None, help="Where the PNGs go (default: docs/img, or OUT/img with "
+                                                   "--no-write so a trial run leaves the committed figures alone).")
+    p.add_argument("--no-write", action="store_true", help="Print only; leave --docs alone.")
+    return p
+
+
+def finish_args(a: Any, argv: Optional[list[str]], out_name: str) -> Any:
+    """Fill the budget's defaults into parsed arguments; ``out_name`` names the default run directory."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    b = BUDGETS[a.budget]
+    a.argv = list(sys.argv[1:] if argv is None else argv)
+    a.seeds = a.seeds or list(b.seeds)
+    a.per_category = a.per_category or b.per_category
+    a.sweep = b.sweep and not a.no_sweep
+    a.out = a.out or str(root / "runs" / out_name)
+    a.img_dir = a.img_dir or (str(Path(a.out) / "img") if a.no_write else str(root / "docs" / "img"))
+    return a

@@ -1,0 +1,125 @@
+"""bench/quality_dolly.py on the tiny model: the smoke budget end to end (every method, reuse on rerun), the full
+budget's protocol (sweeps read validation only, early stopping, seeds, paired intervals) on a small grid, and
+prose that follows from the numbers and names the data used."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from mixroute import rundir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    sys.path.insert(0, str(ROOT / "bench"))
+    return importlib.import_module("quality_dolly")
+
+
+def _protocol():
+    sys.path.insert(0, str(ROOT / "bench"))
+    return importlib.import_module("protocol")
+
+
+def test_smoke_every_method_and_rerun_reuses(tmp_path, capsys, one_thread):
+    bench = _bench()
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\n## Quality\n\nDolly table kept\n")
+    argv = ["--budget", "smoke", "--model", "tiny", "--data", "synthetic", "--threads", "1", "--out",
+            str(tmp_path / "runs"), "--img-dir", str(tmp_path / "img"), "--docs", str(docs)]
+    out = bench.main(argv)
+    assert set(out["results"][0]) == set(bench.ORDER)
+    text = docs.read_text()
+    # its own section, named after the data it read; the Dolly section is untouched
+    assert "## Quality: synthetic suite" in text and "Dolly table kept" in text
+    section = text.split("## Quality: synthetic suite", 1)[1]
+    assert "Dolly" not in section and "the built-in synthetic suite" in section
+    assert "| moa vs lora_mixed |" in section and "Budget `smoke`" in section
+    capsys.readouterr()
+    bench.main(argv)
+    printed = capsys.readouterr().out
+    assert not [ln for ln in printed.splitlines() if ln.startswith(("train ", "test "))]  # nothing redone
+
+
+def test_full_protocol_on_a_small_grid(tmp_path, monkeypatch, one_thread):
+    bench = _bench()
+    P = _protocol()
+    monkeypatch.setitem(P.BUDGETS, "full", P.Budget("full", per_category=12, max_length=48, val_fraction=0.25,
+                                                    test_fraction=0.25, seeds=(0, 1), max_generate=1,
+                                                    max_new_tokens=2, max_epochs=3, patience=1, sweep=True))
+    monkeypatch.setattr(bench, "SWEEPS", {"lora_mixed": [("train.lr", [1e-3, 3e-1])],
+                                          "prompt_tuning": [("train.lr", [1e-2, 1e-1])]})
+    out = bench.main(["--budget", "full", "--model", "tiny", "--data", "synthetic", "--methods", "base",
+                      "lora_mixed", "prompt_tuning", "--threads", "1", "--out", str(tmp_path / "runs"),
+                      "--no-write"])
+    for method, tried in out["sweeps"].items():
+        scores = {t["params"]["train.lr"]: t["validation_ppl"] for t in tried}
+        assert out["chosen"][method]["train.lr"] == min(scores, key=scores.get)
+        for t in tried:  # sweep runs are read on validation only
+            assert not (Path(t["dir"]) / "eval.json").exists()
+    for seed in (0, 1):
+        r = out["results"][seed]["lora_mixed"]
+        assert r["params"]["train.lr"] == out["chosen"]["lora_mixed"]["train.lr"]
+        assert len(r["curve"]) >= 2 and r["stopping"]  # validated every epoch, early stopping recorded
+        stop = r["stopping"][-1]
+        cfg = rundir.read_config(r["dir"])
+        assert cfg.train.eval_every > 0 and cfg.train.max_steps == 3 * cfg.train.eval_every  # 3 epochs at most
+        assert stop["best_step"] <= stop["stopped_step"] <= cfg.train.max_steps
+    text = out["text"]
+    assert "mean ± standard deviation over the seeds" in text and "**Learning-rate sweeps**" in text
+    assert " ± " in text.split("**Test perplexity", 1)[1].split("**BLEU", 1)[0]
+
+
+def test_paired_bootstrap_and_intervals():
+    P = _protocol()
+    a = {"per_example": {"nll": [10.0, 12.0, 8.0, 9.0], "tokens": [5, 6, 4, 5], "task_ids": [0, 0, 1, 1]}}
+    b = {"per_example": {"nll": [11.0, 13.0, 9.0, 10.0], "tokens": [5, 6, 4, 5], "task_ids": [0, 0, 1, 1]}}
+    p = P.Paired()
+    p.add(a, b)
+    point, lo, hi = P.paired_bootstrap(p, resamples=500)
+    assert point < 0 and lo <= point <= hi and hi < 0  # a is better on every example
+    assert P.verdict(lo, hi, "a", "b") == "a below b"
+    assert P.verdict(-1.0, 2.0, "a", "b").startswith("within noise")
+    with pytest.raises(ValueError, match="same test examples"):
+        P.Paired().add(a, {"per_example": {**b["per_example"], "tokens": [1, 1, 1, 1]}})
+    lo, hi = P.accuracy_interval(50, 50)
+    assert hi == 1.0 and 0.9 < lo < 1.0
+    assert P.fmt_ms([1.0, 3.0]) == "2.00 ± 1.41" and P.fmt_ms([2.0]) == "2.00" and P.fmt_ms([None]) == "-"
+
+
+def _result(ppl: float, router: float | None = None, clf: float | None = None) -> dict:
+    cats = ["x", "y"]
+    per = {"nll": [ppl, ppl], "tokens": [1, 1], "task_ids": [0, 1]}
+    return {"categories": cats, "perplexity": {"average": ppl, "per_category": {"x": ppl, "y": ppl}},
+            "bleu": {"average": 1.0, "per_category": {}}, "rougeL": {"average": 1.0, "per_category": {}},
+            "router_accuracy": None if router is None else {"overall": router},
+            "classifier_accuracy": None if clf is None else {"overall": clf}, "per_example": per, "stopping": []}
+
+
+def test_discussion_follows_the_numbers():
+    bench = _bench()
+    a = bench.parse_args(["--budget", "smoke", "--data", "synthetic", "--no-write"])
+    both_perfect = {0: {"moa": _result(3.0, 1.0, 1.0), "lora_mixed": _result(4.0), "lora_single": _result(5.0)}}
+    text = "\n".join(bench.discussion(a, both_perfect, ["lora_single", "lora_mixed", "moa"]))
+    assert "Both are near 100%" in text and "Neither" not in text
+    assert "moa < lora_mixed < lora_single (the paper's order)" in text
+    reversed_ = {0: {"moa": _result(6.0, 0.5, 0.7), "lora_mixed": _result(4.0), "lora_single": _result(5.0)}}
+    text = "\n".join(bench.discussion(a, reversed_, ["lora_single", "lora_mixed", "moa"]))
+    assert "(not the paper's order)" in text and "Neither is near 100%" in text
+    assert "less accurate than the classifier" in text
+
+
+def test_heading_names_the_data(tmp_path):
+    bench = _bench()
+    other = tmp_path / "my_domains.jsonl"
+    a = bench.parse_args(["--data", str(other), "--no-write", "--out", str(tmp_path / "o")])
+    assert bench.heading(a) == "## Quality: my_domains" and "my_domains.jsonl" in bench.data_label(a)
+    assert bench.heading(bench.parse_args(["--no-write"])) == "## Quality"
+    groups = bench.parse_args(["--data", "dolly-groups", "--no-write"])
+    assert "4 groups" in bench.data_label(groups) and set(bench.GROUPS.values()) == {
+        "questions", "passage tasks", "classification", "open-ended writing"}
