@@ -42,9 +42,10 @@ BUDGETS = {
     "smoke": Budget("smoke", per_category=16, max_length=64, val_fraction=0.25, test_fraction=0.25, seeds=(0,),
                     max_generate=2, max_new_tokens=8, steps=4, stage1_steps=2),
     # 90 records per category: 50 test (perplexity; 20 of them generate for BLEU / ROUGE-L), 11 validation,
-    # 29 train. One epoch = 4 steps of batch 8 for a single LoRA, 29 for the union.
-    "full": Budget("full", per_category=90, max_length=128, val_fraction=0.12, test_fraction=0.56,
-                   seeds=(0, 1, 2), max_generate=20, max_new_tokens=32, max_epochs=6, patience=1, sweep=True),
+    # 29 train. One epoch = 4 steps of batch 8 for a single LoRA, 29 for the union. 96 tokens keep at least 24
+    # response tokens of every example (docs/data.md, truncation) at ~80 tokens per example on average.
+    "full": Budget("full", per_category=90, max_length=96, val_fraction=0.12, test_fraction=0.56,
+                   seeds=(0, 1, 2), max_generate=20, max_new_tokens=32, max_epochs=5, patience=1, sweep=True),
 }
 
 
@@ -359,6 +360,9 @@ def parser(doc: str) -> "argparse.ArgumentParser":
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads (1 when other jobs share the cores: two threads synchronising on a "
                         "descheduled core run several times slower).")
+    p.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="model.precision of every run and of its evaluation (bf16: autocast, ~2x faster training "
+                        "on CPUs with avx512_bf16; weights stay float32).")
     p.add_argument("--docs", default=str(root / "docs" / "benchmarks.md"), help="Where the section is written.")
     p.add_argument("--img-dir", default=None, help="Where the PNGs go (default: docs/img, or OUT/img with "
                                                    "--no-write so a trial run leaves the committed figures alone).")

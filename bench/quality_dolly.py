@@ -43,10 +43,10 @@ SHOWN = ["base", "lora_single", "lora_mixed", "moa", "moe_lora", "moe_lora_naive
 # Coordinate-wise sweeps on the first seed's validation split, starting from the presets: each stage tries its
 # values with the best of the earlier stages. Every LoRA method trains at the lr chosen for lora_mixed.
 SWEEPS: dict[str, list[tuple[str, list[float]]]] = {
-    "lora_mixed": [("train.lr", [3e-4, 1e-3, 3e-3])],
+    "lora_mixed": [("train.lr", [5e-4, 2e-3])],
     "moa": [("train.router_lr", [1e-2, 1e-1]), ("mixture.eta", [0.1, 1.0])],
-    "prompt_tuning": [("train.lr", [1e-2, 3e-2, 1e-1])],
-    "mop": [("train.lr", [0.3, 1.0, 3.0]), ("train.router_lr", [1e-3, 1e-2])],
+    "prompt_tuning": [("train.lr", [3e-2, 1e-1])],
+    "mop": [("train.lr", [1.0, 3.0]), ("train.router_lr", [1e-3, 1e-2])],
 }
 LORA_LR_FROM = "lora_mixed"
 USES_LORA_LR = {"lora_single", "moa", "moe_lora", "moe_lora_naive"}
@@ -118,7 +118,8 @@ def base_overrides(a: argparse.Namespace, seed: int) -> list[str]:
             else [f"data.path={path}"])
     return [f"model.name={a.model or 'null'}", *data, f"data.max_per_category={a.per_category}",
             f"data.max_length={b.max_length}", "data.template=plain", f"data.val_fraction={b.val_fraction}",
-            f"data.test_fraction={b.test_fraction}", f"data.seed={seed}", f"train.batch_size={a.batch_size}",
+            f"data.test_fraction={b.test_fraction}", f"data.seed={seed}", f"model.precision={a.precision}",
+            f"train.batch_size={a.batch_size}",
             "train.warmup_steps=2", "train.save_every=0", "train.length_grouped=true", f"train.seed={seed}",
             f"mixture.seed={seed}", "eval.max_eval=null", f"eval.max_generate={b.max_generate}",
             f"eval.max_new_tokens={b.max_new_tokens}", "eval.batch_size=8"]
@@ -164,7 +165,8 @@ class Runner:
         return P.train_once(cfg, str(Path(cfg.output_dir).relative_to(self.a.out)))
 
     def test(self, run_dir: Path, method: str) -> dict[str, Any]:
-        return P.test_once(run_dir, str(run_dir.relative_to(self.a.out)), classifier=method == "moa")
+        return P.test_once(run_dir, str(run_dir.relative_to(self.a.out)), classifier=method == "moa",
+                           precision=self.a.precision)
 
 
 # ------------------------------------------------------------------ the experiment

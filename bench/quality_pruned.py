@@ -47,8 +47,8 @@ DEFAULT_SETTINGS = ["dense", "sparsegpt-50", "sparsegpt-75"]
 FULL_GRID = ["dense", "sparsegpt-50", "sparsegpt-75", "sparsegpt-90", "wanda-50", "wanda-75", "wanda-90",
              "sparsegpt-2:4", "sparsegpt-4:8"]
 SWEEPS: dict[str, list[tuple[str, list[float]]]] = {
-    "prompt_tuning": [("train.lr", [1e-2, 3e-2, 1e-1])],
-    "mop": [("train.lr", [0.3, 1.0, 3.0]), ("train.router_lr", [1e-3, 1e-2])],
+    "prompt_tuning": [("train.lr", [3e-2, 1e-1])],
+    "mop": [("train.lr", [1.0, 3.0]), ("train.router_lr", [1e-3, 1e-2])],
 }
 
 
@@ -120,7 +120,8 @@ def base_overrides(a: argparse.Namespace, seed: int) -> list[str]:
     # eval.max_generate must be >= 1 in a config; generation itself is skipped (evaluate_run(max_generate=0))
     return [*path, f"data.max_per_category={a.per_category}", f"data.max_length={b.max_length}",
             "data.template=plain", f"data.val_fraction={b.val_fraction}", f"data.test_fraction={b.test_fraction}",
-            f"data.seed={seed}", f"train.batch_size={a.batch_size}", "train.warmup_steps=2", "train.save_every=0",
+            f"data.seed={seed}", f"model.precision={a.precision}", f"train.batch_size={a.batch_size}",
+            "train.warmup_steps=2", "train.save_every=0",
             "train.length_grouped=true", f"train.seed={seed}", f"mixture.seed={seed}", "eval.max_eval=null",
             "eval.max_generate=1", "eval.max_new_tokens=1", "eval.batch_size=8"]
 
@@ -270,7 +271,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 if si == 0:
                     commands.append(f"mixroute train configs/{preset(method).name} " + shlex.join(ov))
                 run_dir = P.train_once(cfg, f"{setting} seed {seed} {method}")
-                res = P.test_once(run_dir, f"{setting} seed {seed} {method}", max_generate=0, classifier=False)
+                res = P.test_once(run_dir, f"{setting} seed {seed} {method}", max_generate=0, classifier=False,
+                                  precision=a.precision)
                 res["curve"], res["stopping"] = P.validation_curve(run_dir), P.stopping(run_dir)
                 runs[method] = res
                 if method == "mop" and si == 0:

@@ -65,6 +65,7 @@ class Case:
     grouped: bool
     method: str = "lora_mixed"
     with_eval: bool = False
+    precision: str = "no"     # "bf16": autocast (weights stay float32)
 
 
 def cases(a: argparse.Namespace) -> list[Case]:
@@ -74,6 +75,11 @@ def cases(a: argparse.Namespace) -> list[Case]:
            Case("mixroute_grouped", "mixroute lora_mixed, length-grouped batches", "mixroute", True),
            Case("mixroute_grouped_eval", f"mixroute lora_mixed, length-grouped, validation + checkpoint every "
                                          f"{a.eval_every} steps", "mixroute", True, with_eval=True)]
+    if a.bf16:
+        out += [Case("peft_grouped_bf16", "PEFT LoRA + plain loop, length-grouped, bf16 autocast", "peft", True,
+                     precision="bf16"),
+                Case("mixroute_grouped_bf16", "mixroute lora_mixed, length-grouped, bf16 autocast (--precision bf16)",
+                     "mixroute", True, precision="bf16")]
     if a.moa:
         out.append(Case("moa_grouped", "mixroute MoA stage 2 (8 experts, task router), length-grouped",
                         "mixroute", True, method="moa"))
@@ -111,7 +117,7 @@ def overrides(a: argparse.Namespace, case: Case, out_dir: Path) -> list[str]:
     ov = data + [f"data.max_length={a.max_length}", "data.template=plain", f"train.max_steps={a.steps}",
                  f"train.batch_size={a.batch_size}", "train.grad_accum=1", f"train.length_grouped={str(case.grouped).lower()}",
                  f"train.eval_every={every}", f"train.save_every={every}", "train.patience=0",
-                 f"model.device={a.device}", f"output_dir={out_dir}"]
+                 f"model.device={a.device}", f"model.precision={case.precision}", f"output_dir={out_dir}"]
     if not case.with_eval:  # the before/after validation is outside the timed steps: keep it small
         ov.append("eval.max_eval=1")
     if case.method == "moa":
@@ -201,7 +207,8 @@ def run_peft(base: Any, tok: Any, data: Any, cfg: Any, targets: list[str], devic
         feats = [{"input_ids": examples[i]["input_ids"], "attention_mask": [1] * len(examples[i]["input_ids"]),
                   "labels": examples[i]["labels"]} for i in batch_ids(data, k, t.batch_size, t.seed)]
         batch = {n: v.to(device) for n, v in collate(feats).items()}
-        loss = model(**batch).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.precision == "bf16"):
+            loss = model(**batch).loss
         loss.backward()
         if t.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
@@ -322,6 +329,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="validation + checkpoint interval of the validation row (default: half of --steps, the "
                         "preset's 20 of 40)")
     p.add_argument("--moa", action="store_true", help="add a MoA stage-2 row")
+    p.add_argument("--bf16", action="store_true", help="add bf16-autocast rows (PEFT and mixroute; fast on CPUs "
+                                                      "with avx512_bf16 / AMX and on GPUs)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")

@@ -38,13 +38,13 @@ def test_train_speed_tiny(tmp_path, capsys):
     docs.write_text("# Benchmarks\n\n## Speed\n\nkept\n\n## Training throughput\n\nold table\n\n## Serving\n\n"
                     "kept too\n")
     out = bench.main(["--model", "tiny", "--data", str(data), "--per-category", "12", "--max-length", "64",
-                      "--batch-size", "2", "--steps", "2", "--repeats", "1", "--eval-every", "1", "--moa",
+                      "--batch-size", "2", "--steps", "2", "--repeats", "1", "--eval-every", "1", "--moa", "--bf16",
                       "--threads", "1", "--docs", str(docs)])
     printed = capsys.readouterr().out
 
     res = out["results"]
     assert list(res) == ["peft_random", "peft_grouped", "mixroute_random", "mixroute_grouped",
-                         "mixroute_grouped_eval", "moa_grouped"]
+                         "mixroute_grouped_eval", "peft_grouped_bf16", "mixroute_grouped_bf16", "moa_grouped"]
     for key, r in res.items():
         (m,) = r.runs
         assert m.tps > 0 and m.seconds > 0 and m.steps == 1, key

@@ -73,3 +73,10 @@ def test_router_names_are_checked_against_the_registry():
     with pytest.raises(ConfigError) as err:
         validate_mixture(cfg.mixture)
     assert "mixture.router: 'foo' is not valid" in str(err.value) and ", ".join(ROUTERS) in str(err.value)
+
+
+def test_a_bare_no_is_the_word_for_a_choice_named_no():
+    # YAML reads model.precision=no as False; the choice is the word
+    assert load_config(None, ["model.precision=no"]).model.precision == "no"
+    with pytest.raises(ConfigError, match="model.precision"):
+        load_config(None, ["model.precision=yes"])

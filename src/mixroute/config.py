@@ -264,6 +264,9 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
             raise ConfigError(f"{key}: {value!r} ({type(value).__name__}) is not valid; expected "
                               f"{_describe(tp)}") from None
     if origin is Literal:
+        # YAML 1.1 reads a bare no / yes as a boolean; a choice named "no" (model.precision) means the word
+        if isinstance(value, bool) and str(value).lower() not in typing.get_args(tp):
+            value = {False: "no", True: "yes"}[value]
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not valid; expected {_describe(tp)}")
         return value
