@@ -231,9 +231,14 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
-def train_once(cfg: Any, label: str = "") -> Path:
+class NotFinished(Exception):
+    """A run the table needs has not finished (``--only-finished`` renders what has)."""
+
+
+def train_once(cfg: Any, label: str = "", only_finished: bool = False) -> Path:
     """Train ``cfg`` unless its run directory already holds a finished training of exactly this config;
-    returns the run directory (training time in bench_timing.json)."""
+    returns the run directory (training time in bench_timing.json). ``only_finished``: raise NotFinished
+    instead of training."""
     import sys
     import time
 
@@ -248,6 +253,8 @@ def train_once(cfg: Any, label: str = "") -> Path:
             return run_dir
     except (ConfigError, FileNotFoundError):
         pass
+    if only_finished:
+        raise NotFinished(label or str(run_dir))
     print(f"train {label or run_dir}", flush=True)
     t0 = time.time()
     train(cfg, overwrite=True, progress=sys.stdout.isatty())
@@ -255,8 +262,9 @@ def train_once(cfg: Any, label: str = "") -> Path:
     return run_dir
 
 
-def test_once(run_dir: Path, label: str = "", **eval_kwargs: Any) -> dict[str, Any]:
-    """The run's test evaluation (eval.json), computed once: reused when the bench already evaluated it."""
+def test_once(run_dir: Path, label: str = "", only_finished: bool = False, **eval_kwargs: Any) -> dict[str, Any]:
+    """The run's test evaluation (eval.json), computed once: reused when the bench already evaluated it
+    (``only_finished``: raise NotFinished instead of evaluating)."""
     import sys
     import time
 
@@ -267,6 +275,8 @@ def test_once(run_dir: Path, label: str = "", **eval_kwargs: Any) -> dict[str, A
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     if (run_dir / rundir.EVAL).is_file() and "eval_seconds" in timing:
         res = rundir.read_eval(run_dir)
+    elif only_finished:
+        raise NotFinished(label or str(run_dir))
     else:
         t0 = time.time()
         res = evaluate_run(run_dir, progress=sys.stdout.isatty(), **eval_kwargs)
@@ -289,7 +299,11 @@ def sweep(stages: list[tuple[str, list[float]]], start: dict[str, Any],
         scores: dict[float, Optional[float]] = {}
         for v in values:
             trial = {**best, key: v}
-            run_dir = train_with(trial)
+            try:
+                run_dir = train_with(trial)
+            except NotFinished as e:
+                e.tried = tried  # the part of the sweep that has finished
+                raise
             scores[v] = best_validation(run_dir)
             tried.append({"params": trial, "validation_ppl": scores[v], "dir": str(run_dir),
                           "stopping": stopping(run_dir)})
@@ -367,6 +381,9 @@ def parser(doc: str) -> "argparse.ArgumentParser":
     p.add_argument("--img-dir", default=None, help="Where the PNGs go (default: docs/img, or OUT/img with "
                                                    "--no-write so a trial run leaves the committed figures alone).")
     p.add_argument("--no-write", action="store_true", help="Print only; leave --docs alone.")
+    p.add_argument("--only-finished", action="store_true",
+                   help="Train and evaluate nothing: render the runs that have finished and list the missing ones "
+                        "(a long experiment's table while it is still running).")
     return p
 
 
@@ -380,6 +397,6 @@ def finish_args(a: Any, argv: Optional[list[str]], out_name: str) -> Any:
     a.seeds = a.seeds or list(b.seeds)
     a.per_category = a.per_category or b.per_category
     a.sweep = b.sweep and not a.no_sweep
-    a.out = a.out or str(root / "runs" / out_name)
+    a.out = str(Path(a.out or root / "runs" / out_name).resolve())  # run configs compare absolute paths
     a.img_dir = a.img_dir or (str(Path(a.out) / "img") if a.no_write else str(root / "docs" / "img"))
     return a

@@ -162,11 +162,11 @@ class Runner:
                                                  + " ".join(shlex.quote(o) for o in ov))
 
     def train(self, cfg: Any) -> Path:
-        return P.train_once(cfg, str(Path(cfg.output_dir).relative_to(self.a.out)))
+        return P.train_once(cfg, str(Path(cfg.output_dir).relative_to(self.a.out)), self.a.only_finished)
 
     def test(self, run_dir: Path, method: str) -> dict[str, Any]:
-        return P.test_once(run_dir, str(run_dir.relative_to(self.a.out)), classifier=method == "moa",
-                           precision=self.a.precision)
+        return P.test_once(run_dir, str(run_dir.relative_to(self.a.out)), self.a.only_finished,
+                           classifier=method == "moa", precision=self.a.precision)
 
 
 # ------------------------------------------------------------------ the experiment
@@ -188,48 +188,66 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     sweeps: dict[str, list[dict[str, Any]]] = {}
     results: dict[int, dict[str, dict[str, Any]]] = {}   # seed -> method -> eval.json + run info
     methods = [m for m in ORDER if m in a.methods]
+    missing: list[str] = []
     for si, seed in enumerate(a.seeds):
-        sdir = out / f"seed{seed}"
         results[seed] = {}
         for method in methods:
-            params = dict(chosen[method])
-            if method in USES_LORA_LR and "train.lr" in chosen.get(LORA_LR_FROM, {}):
-                params["train.lr"] = chosen[LORA_LR_FROM]["train.lr"]
-            stage1 = None
-            if method in ("moa", "moe_lora"):
-                single = results[seed].get("lora_single")
-                if single is None:
-                    print(f"seed {seed}: {method} needs lora_single's stage-1 LoRAs (add lora_single to "
-                          "--methods)", flush=True)
-                    continue
-                stage1 = [str(rundir.stage1_dir(Path(single["dir"]), c)) for c in single["categories"]]
-            if si == 0 and a.sweep and method in SWEEPS:
-                from mixroute.config import load_config
-
-                preset_cfg = load_config(preset(method), [])
-                start = {**{k: P.config_value(preset_cfg, k) for k, _ in SWEEPS[method]}, **params}
-
-                def train_with(trial: dict, method: str = method, stage1: Optional[list] = stage1) -> Path:
-                    cfg, _ = runner.config(method, seed, trial, sdir / "sweep" / P.run_name(method, trial), stage1)
-                    return runner.train(cfg)
-                params, sweeps[method] = P.sweep(SWEEPS[method], start, train_with, method)
-                chosen[method] = {k: v for k, v in params.items() if k != "train.lr" or method not in USES_LORA_LR}
-            cfg, command = runner.config(method, seed, params, sdir / P.run_name(method, params), stage1)
-            runner.commands.setdefault(method, command)
-            run_dir = runner.train(cfg)
-            res = runner.test(run_dir, method)
-            res["dir"], res["params"] = str(run_dir), params
-            res["curve"], res["stage1_curves"] = P.validation_curve(run_dir), P.stage1_curves(run_dir)
-            res["stopping"] = P.stopping(run_dir)
-            results[seed][method] = res
-            P.write_json(out / "results.json", {"args": {k: v for k, v in vars(a).items()}, "chosen": chosen,
-                                           "sweeps": sweeps, "results": slim(results)})
+            try:
+                one_run(a, runner, method, seed, si, chosen, sweeps, results)
+            except P.NotFinished as e:
+                missing.append(f"seed {seed} {method}")
+                if getattr(e, "tried", None) is not None:
+                    sweeps[method] = e.tried
+                continue
+            if not a.only_finished:
+                P.write_json(out / "results.json", {"args": vars(a), "chosen": chosen, "sweeps": sweeps,
+                                                    "results": slim(results)})
     figures = curve_figures(a, results)
-    text = render(a, results, chosen, sweeps, figures, runner.commands, time.time() - started, load)
+    text = render(a, results, chosen, sweeps, figures, runner.commands, time.time() - started, load, missing)
     print(text)
     if not a.no_write:
         write_section(Path(a.docs), heading(a), text)
-    return {"results": results, "chosen": chosen, "sweeps": sweeps, "text": text}
+    return {"results": results, "chosen": chosen, "sweeps": sweeps, "text": text, "missing": missing}
+
+
+def one_run(a: argparse.Namespace, runner: Runner, method: str, seed: int, si: int, chosen: dict, sweeps: dict,
+            results: dict) -> None:
+    """Train (after its sweep, on the first seed) and test one method on one seed into ``results``."""
+    from mixroute import rundir
+
+    sdir = Path(a.out) / f"seed{seed}"
+    params = dict(chosen[method])
+    if method in USES_LORA_LR and "train.lr" in chosen.get(LORA_LR_FROM, {}):
+        params["train.lr"] = chosen[LORA_LR_FROM]["train.lr"]
+    stage1 = None
+    if method in ("moa", "moe_lora"):
+        single = results[seed].get("lora_single")
+        if single is None and "lora_single" in a.methods:
+            raise P.NotFinished(f"seed {seed} lora_single")
+        if single is None:
+            print(f"seed {seed}: {method} needs lora_single's stage-1 LoRAs (add lora_single to "
+                  "--methods)", flush=True)
+            return
+        stage1 = [str(rundir.stage1_dir(Path(single["dir"]), c)) for c in single["categories"]]
+    if si == 0 and a.sweep and method in SWEEPS:
+        from mixroute.config import load_config
+
+        preset_cfg = load_config(preset(method), [])
+        start = {**{k: P.config_value(preset_cfg, k) for k, _ in SWEEPS[method]}, **params}
+
+        def train_with(trial: dict, method: str = method, stage1: Optional[list] = stage1) -> Path:
+            cfg, _ = runner.config(method, seed, trial, sdir / "sweep" / P.run_name(method, trial), stage1)
+            return runner.train(cfg)
+        params, sweeps[method] = P.sweep(SWEEPS[method], start, train_with, method)
+        chosen[method] = {k: v for k, v in params.items() if k != "train.lr" or method not in USES_LORA_LR}
+    cfg, command = runner.config(method, seed, params, sdir / P.run_name(method, params), stage1)
+    runner.commands.setdefault(method, command)
+    run_dir = runner.train(cfg)
+    res = runner.test(run_dir, method)
+    res["dir"], res["params"] = str(run_dir), params
+    res["curve"], res["stage1_curves"] = P.validation_curve(run_dir), P.stage1_curves(run_dir)
+    res["stopping"] = P.stopping(run_dir)
+    results[seed][method] = res
 
 
 def slim(results: dict[int, dict[str, dict[str, Any]]]) -> dict[int, dict[str, dict[str, Any]]]:
@@ -258,7 +276,7 @@ def _per_seed(results: dict, method: str, get) -> list[Optional[float]]:
 
 
 def render(a: argparse.Namespace, results: dict, chosen: dict, sweeps: dict, figures: dict[int, str],
-           commands: dict[str, str], wall: float, load: float) -> str:
+           commands: dict[str, str], wall: float, load: float, missing: Optional[list[str]] = None) -> str:
     import torch
 
     b = P.BUDGETS[a.budget]
@@ -299,6 +317,10 @@ def render(a: argparse.Namespace, results: dict, chosen: dict, sweeps: dict, fig
             f"2 warm-up steps and cosine decay over the cap; LoRA r=8 alpha=16 on all linear projections; {how} "
             f"Seeds {', '.join(map(str, a.seeds))} (each: data sample, split, initialisation and data order). "
             "Tables: mean ± standard deviation over the seeds.", ""]
+    if missing:
+        out += [f"**Not finished yet** ({len(missing)} of the table's runs; rendered with `--only-finished` while "
+                "the experiment runs, so the tables below hold only the finished seeds): " + ", ".join(missing)
+                + ".", ""]
     if sweeps:
         lora = chosen.get(LORA_LR_FROM, {}).get("train.lr")
         out += P.sweep_table(sweeps, f" on the first seed; the chosen values are used for every seed" + (
@@ -432,7 +454,8 @@ def discussion(a: argparse.Namespace, results: dict, methods: list[str]) -> list
         for x, y in (("moa", "lora_mixed"), ("moa", "lora_single"), ("lora_mixed", "lora_single")):
             got = ci(x, y)
             if got:
-                line += f" {x} vs {y}: {got[0]:+.1f}% [{got[1]:+.1f}, {got[2]:+.1f}], {P.verdict(got[1], got[2], x, y)}."
+                line += (f" {x} vs {y}: {got[0]:+.1f}% [{got[1]:+.1f}, {got[2]:+.1f}], "
+                         f"{P.verdict(got[1], got[2], x, y)}.")
         out.append(line)
     for key, name in (("bleu", "BLEU"), ("rougeL", "ROUGE-L")):
         vals = {m: P.mean_std(_per_seed(results, m, lambda r, k=key: r[k].get("average")))[0] for m in trio}

@@ -172,6 +172,8 @@ def prune_setting(a: argparse.Namespace, setting: str, seed: int, model_dir: Pat
         report = json.loads(report_path.read_text())
         if report.get("calibration", {}).get("request") == want:
             return report, False
+    if a.only_finished:
+        raise P.NotFinished(f"{setting} seed {seed}: pruned model")
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     for stale in [d for d in model_dir.parent.iterdir() if d.is_dir() and d != model_dir]:
         shutil.rmtree(stale)  # runs on an older pruned model must not be reused after a crash
@@ -235,6 +237,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     chosen: dict[str, dict[str, Any]] = {}
     sweeps: dict[str, list[dict]] = {}
     commands: list[str] = []
+    missing: list[str] = []
     sweep_setting = sweep_on(a.settings)
     # the sweep's setting first: the others reuse what it chose
     for setting in sorted(a.settings, key=lambda s: s != sweep_setting):
@@ -246,7 +249,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             model_name = a.model
             if setting != "dense":
                 t0 = time.time()
-                report, fresh = prune_setting(a, setting, seed, sdir / "model")
+                try:
+                    report, fresh = prune_setting(a, setting, seed, sdir / "model")
+                except P.NotFinished:
+                    missing += [f"{setting} seed {seed} {m}" for m in methods]
+                    continue
                 entry["prune"][seed] = {k: report.get(k) for k in ("method", "sparsity", "pattern",
                                                                    "overall_sparsity", "wall_time_s")}
                 print(f"{setting} seed {seed}: {'pruned' if fresh else 'reused'} {sdir / 'model'} (sparsity "
@@ -255,40 +262,48 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             runs: dict[str, Any] = {}
             entry["runs"][seed] = runs
             for method in methods:
-                def make(params: dict[str, Any], where: Path, method: str = method) -> Any:
-                    ov = overrides(a, method, seed, model_name, params, where / P.run_name(method, params))
-                    return load_config(preset(method), ov), ov
+                try:
+                    def make(params: dict[str, Any], where: Path, method: str = method) -> Any:
+                        ov = overrides(a, method, seed, model_name, params, where / P.run_name(method, params))
+                        return load_config(preset(method), ov), ov
 
-                params = dict(chosen.get(method, {}))
-                if a.sweep and method in SWEEPS and setting == sweep_setting and si == 0:
-                    start = {k: P.config_value(load_config(preset(method), []), k) for k, _ in SWEEPS[method]}
+                    params = dict(chosen.get(method, {}))
+                    if a.sweep and method in SWEEPS and setting == sweep_setting and si == 0:
+                        start = {k: P.config_value(load_config(preset(method), []), k) for k, _ in SWEEPS[method]}
 
-                    def train_with(trial: dict[str, Any], make=make, sdir=sdir) -> Path:
-                        return P.train_once(make(trial, sdir / "sweep")[0], f"{setting} seed {seed} sweep")
-                    params, sweeps[method] = P.sweep(SWEEPS[method], start, train_with, method)
-                    chosen[method] = params
-                cfg, ov = make(params, sdir)
-                if si == 0:
-                    commands.append(f"mixroute train configs/{preset(method).name} " + shlex.join(ov))
-                run_dir = P.train_once(cfg, f"{setting} seed {seed} {method}")
-                res = P.test_once(run_dir, f"{setting} seed {seed} {method}", max_generate=0, classifier=False,
-                                  precision=a.precision)
-                res["curve"], res["stopping"] = P.validation_curve(run_dir), P.stopping(run_dir)
-                runs[method] = res
-                if method == "mop" and si == 0:
-                    entry["figure"] = gate_figure(a, setting, sdir, run_dir)
+                        def train_with(trial: dict[str, Any], make=make, sdir=sdir) -> Path:
+                            return P.train_once(make(trial, sdir / "sweep")[0], f"{setting} seed {seed} sweep",
+                                                a.only_finished)
+                        params, sweeps[method] = P.sweep(SWEEPS[method], start, train_with, method)
+                        chosen[method] = params
+                    cfg, ov = make(params, sdir)
+                    if si == 0:
+                        commands.append(f"mixroute train configs/{preset(method).name} " + shlex.join(ov))
+                    run_dir = P.train_once(cfg, f"{setting} seed {seed} {method}", a.only_finished)
+                    res = P.test_once(run_dir, f"{setting} seed {seed} {method}", a.only_finished, max_generate=0,
+                                      classifier=False, precision=a.precision)
+                    res["curve"], res["stopping"] = P.validation_curve(run_dir), P.stopping(run_dir)
+                    runs[method] = res
+                    if method == "mop" and si == 0:
+                        entry["figure"] = gate_figure(a, setting, sdir, run_dir)
+                except P.NotFinished as e:
+                    missing.append(f"{setting} seed {seed} {method}")
+                    if getattr(e, "tried", None) is not None:
+                        sweeps[method] = e.tried
             curves = {NAMES[m]: r["curve"] for m, r in runs.items() if m != "base" and len(r["curve"]) > 1}
             if si == 0 and curves:
-                png = Path(a.img_dir) / f"quality_pruned_{a.budget}_{setting_dirname(setting).replace('.', '_')}_curves.png"
+                name = setting_dirname(setting).replace(".", "_")
+                png = Path(a.img_dir) / f"quality_pruned_{a.budget}_{name}_curves.png"
                 entry["curves"] = str(P.curves_figure(curves, f"{setting_label(setting)}, seed {seed}", png))
-        P.write_json(out / "results.json", {"args": vars(a), "chosen": chosen, "sweeps": sweeps,
-                                            "results": _slim(results)})
+        if not a.only_finished:
+            P.write_json(out / "results.json", {"args": vars(a), "chosen": chosen, "sweeps": sweeps,
+                                                "results": _slim(results)})
     results = {s: results[s] for s in a.settings}
-    text = render(a, results, chosen, sweeps, commands, time.time() - started, load)
+    text = render(a, results, chosen, sweeps, commands, time.time() - started, load, missing)
     print(text)
     if not a.no_write:
         write_section(Path(a.docs), HEADING, text)
-    return {"results": results, "chosen": chosen, "sweeps": sweeps, "text": text}
+    return {"results": results, "chosen": chosen, "sweeps": sweeps, "text": text, "missing": missing}
 
 
 def sweep_on(settings: list[str]) -> Optional[str]:
@@ -335,7 +350,7 @@ def mop_vs_pt(results: dict[str, Any], setting: str) -> Optional[tuple[float, fl
 
 
 def render(a: argparse.Namespace, results: dict[str, dict], chosen: dict, sweeps: dict, commands: list[str],
-           wall: float, load: float) -> str:
+           wall: float, load: float, missing: Optional[list[str]] = None) -> str:
     import torch
 
     b = P.BUDGETS[a.budget]
@@ -377,6 +392,10 @@ def render(a: argparse.Namespace, results: dict[str, dict], chosen: dict, sweeps
            "Prompt tuning: 10 virtual tokens at the input; MoP: 8 experts x 8 tokens at the middle layer, its gate "
            "pre-trained 50 steps on labels, then trained jointly at train.router_lr. Metric: token-weighted test "
            "perplexity of the responses; `average` = mean of the per-category PPLs; mean ± std over seeds.", ""]
+    if missing:
+        out += [f"**Not finished yet** ({len(missing)} of the table's runs; rendered with `--only-finished` while "
+                "the experiment runs, so the tables below hold only the finished seeds): " + ", ".join(missing)
+                + ".", ""]
     if sweeps:
         swept_on = sweep_on(a.settings) or "dense"
         out += P.sweep_table(sweeps, f" on {setting_label(swept_on)}, first seed; the chosen values are used for "

@@ -115,7 +115,8 @@ def overrides(a: argparse.Namespace, case: Case, out_dir: Path) -> list[str]:
             else [f"data.path={a.data}", f"data.max_per_category={a.per_category}"])
     every = a.eval_every if case.with_eval else 0
     ov = data + [f"data.max_length={a.max_length}", "data.template=plain", f"train.max_steps={a.steps}",
-                 f"train.batch_size={a.batch_size}", "train.grad_accum=1", f"train.length_grouped={str(case.grouped).lower()}",
+                 f"train.batch_size={a.batch_size}", "train.grad_accum=1",
+                 f"train.length_grouped={str(case.grouped).lower()}",
                  f"train.eval_every={every}", f"train.save_every={every}", "train.patience=0",
                  f"model.device={a.device}", f"model.precision={case.precision}", f"output_dir={out_dir}"]
     if not case.with_eval:  # the before/after validation is outside the timed steps: keep it small
