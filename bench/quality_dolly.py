@@ -240,6 +240,7 @@ def one_run(a: argparse.Namespace, runner: Runner, method: str, seed: int, si: i
             return runner.train(cfg)
         params, sweeps[method] = P.sweep(SWEEPS[method], start, train_with, method)
         chosen[method] = {k: v for k, v in params.items() if k != "train.lr" or method not in USES_LORA_LR}
+        sdir = sdir / "sweep"  # the chosen configuration's run is the first seed's run: not trained twice
     cfg, command = runner.config(method, seed, params, sdir / P.run_name(method, params), stage1)
     runner.commands.setdefault(method, command)
     run_dir = runner.train(cfg)

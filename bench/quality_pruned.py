@@ -276,7 +276,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                                 a.only_finished)
                         params, sweeps[method] = P.sweep(SWEEPS[method], start, train_with, method)
                         chosen[method] = params
-                    cfg, ov = make(params, sdir)
+                    # the chosen configuration's sweep run is this seed's run: not trained twice
+                    swept = a.sweep and method in SWEEPS and setting == sweep_setting and si == 0
+                    cfg, ov = make(params, sdir / "sweep" if swept else sdir)
                     if si == 0:
                         commands.append(f"mixroute train configs/{preset(method).name} " + shlex.join(ov))
                     run_dir = P.train_once(cfg, f"{setting} seed {seed} {method}", a.only_finished)
