@@ -7,8 +7,8 @@ moe_lora_naive, prompt_tuning, mop. ``moa`` and ``moe_lora`` start from the same
 
 ``--budget full`` (bench/protocol.py) trains every method in epochs of its own data until validation perplexity
 stops improving (early stopping, best weights kept, capped), first sweeps learning rates on the validation split
-of the first seed (every LoRA method uses the rate chosen for lora_mixed; MoA's router_lr and eta, prompt
-tuning's lr and MoP's prompt and gate lr have their own), then repeats the chosen configuration over three seeds
+of the first seed (lora_single and moe_lora_naive use the rate chosen for lora_mixed; MoA's stage-2 lr,
+router_lr and eta, MoE-LoRA's stage-2 lr, prompt tuning's lr and MoP's prompt and gate lr have their own), then repeats the chosen configuration over three seeds
 and reports mean +/- std, paired bootstrap intervals for the headline comparisons and the validation curves.
 ``--budget smoke`` is a few fixed steps (the test suite runs it on the tiny model).
 
@@ -44,12 +44,16 @@ SHOWN = ["base", "lora_single", "lora_mixed", "moa", "moe_lora", "moe_lora_naive
 # values with the best of the earlier stages. Every LoRA method trains at the lr chosen for lora_mixed.
 SWEEPS: dict[str, list[tuple[str, list[float]]]] = {
     "lora_mixed": [("train.lr", [5e-4, 2e-3])],
-    "moa": [("train.router_lr", [1e-2, 1e-1]), ("mixture.eta", [0.1, 1.0])],
+    # stage 2 starts from stage-1 LoRAs that early stopping left at their validation optimum: at the LoRA rate
+    # they overfit within an epoch (the first full run: every stage-2 trial's best was its start), so the
+    # experts' rate in stage 2 is swept too
+    "moa": [("train.lr", [5e-5, 3e-4]), ("train.router_lr", [1e-2, 1e-1]), ("mixture.eta", [0.1, 1.0])],
+    "moe_lora": [("train.lr", [5e-5, 3e-4])],
     "prompt_tuning": [("train.lr", [3e-2, 1e-1])],
     "mop": [("train.lr", [1.0, 3.0]), ("train.router_lr", [1e-3, 1e-2])],
 }
 LORA_LR_FROM = "lora_mixed"
-USES_LORA_LR = {"lora_single", "moa", "moe_lora", "moe_lora_naive"}
+USES_LORA_LR = {"lora_single", "moe_lora_naive"}
 # the headline comparisons: (a, b), reported as (PPL_a - PPL_b) / PPL_b with a paired bootstrap interval
 PAIRS = [("moa", "lora_mixed"), ("moa", "lora_single"), ("lora_mixed", "lora_single"), ("moe_lora", "moa"),
          ("mop", "prompt_tuning")]
@@ -325,8 +329,9 @@ def render(a: argparse.Namespace, results: dict, chosen: dict, sweeps: dict, fig
     if sweeps:
         lora = chosen.get(LORA_LR_FROM, {}).get("train.lr")
         out += P.sweep_table(sweeps, f" on the first seed; the chosen values are used for every seed" + (
-            f"; every LoRA method (lora_single, moa, moe_lora, moe_lora_naive) trains at lr {lora:g}, the rate "
-            f"chosen for {LORA_LR_FROM}" if lora is not None else ""))
+            f"; lora_single (MoA's stage 1) and moe_lora_naive train at lr {lora:g}, the rate chosen for "
+            f"{LORA_LR_FROM}; the stage 2 of moa and moe_lora, which continues from those stage-1 LoRAs, has "
+            "its own" if lora is not None else ""))
     for title, key, nd in (("Test perplexity (lower is better)", "perplexity", 3), ("BLEU", "bleu", 2),
                            ("ROUGE-L", "rougeL", 2)):
         out += [f"**{title}**", "", "| category | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
