@@ -60,8 +60,11 @@ def test_full_protocol_on_a_small_grid(tmp_path, monkeypatch, one_thread):
     for method, tried in out["sweeps"].items():
         scores = {t["params"]["train.lr"]: t["validation_ppl"] for t in tried}
         assert out["chosen"][method]["train.lr"] == min(scores, key=scores.get)
-        for t in tried:  # sweep runs are read on validation only
-            assert not (Path(t["dir"]) / "eval.json").exists()
+        for t in tried:  # only the chosen run (the first seed's) is ever evaluated on the test split
+            chosen = t["params"]["train.lr"] == out["chosen"][method]["train.lr"]
+            assert (Path(t["dir"]) / "eval.json").exists() == chosen
+        assert out["results"][0][method]["dir"] == next(t["dir"] for t in tried if t["params"]["train.lr"]
+                                                        == out["chosen"][method]["train.lr"])
     for seed in (0, 1):
         r = out["results"][seed]["lora_mixed"]
         assert r["params"]["train.lr"] == out["chosen"]["lora_mixed"]["train.lr"]

@@ -1,6 +1,92 @@
-"""The demo end to end on the tiny model (the real-model demo is `make demo`)."""
+"""The demo: its summary (hand-made results, both outcomes) and the whole demo on the tiny model (the real-model
+demo is `make demo`)."""
 
 from __future__ import annotations
+
+import json
+
+from mixroute.demo import summary_lines
+
+BUDGET = {"tasks": 2, "stage1_steps": 10, "stage2_steps": 6, "moa_steps": 26, "mixed_steps": 26, "batch_size": 8,
+          "lr": 0.002, "stage2_lr": 0.0005, "per_task": 80}
+
+
+def _result(method: str, per_category: dict[str, float], router: float | None = None,
+            classifier: float | None = None) -> dict:
+    values = list(per_category.values())
+    return {"method": method, "split": "test",
+            "perplexity": {"overall": None, "per_category": per_category, "average": sum(values) / len(values)},
+            "router_accuracy": None if router is None else {"overall": router},
+            "classifier_accuracy": None if classifier is None else {"overall": classifier}}
+
+
+def test_summary_when_moa_wins():
+    results = {"moa": _result("moa", {"a": 4.0, "b": 10.0, "c": 7.0}, router=1.0, classifier=0.9875),  # avg 7
+               "lora_mixed": _result("lora_mixed", {"a": 5.0, "b": 9.0, "c": 10.0})}                      # avg 8
+    lines = summary_lines(results, BUDGET)
+    text = "\n".join(lines)
+    assert lines[0].startswith("Result: MoA wins") and "7.00 against 8.00" in lines[0]
+    assert "1.00 lower (12.5% below lora_mixed)" in lines[0] and "lower on 2 of 3 tasks" in lines[0]
+    assert "largest MoA gain c (7.00 vs 10.00 for lora_mixed)" in text
+    assert "largest MoA loss b (10.00 vs 9.00 for lora_mixed)" in text
+    assert "100.0% of the test prompts" in text and "98.8%" in text and "(the router is 1.2 points above it)" in text
+    assert "Budget (equal data): MoA 2 tasks x 10 stage-1 steps + 6 stage-2 steps at lr 0.0005 = 26 steps, 208 " \
+        in text
+    assert "lora_mixed 26 steps, 208 sequences (batch 8, lr 0.002 for stage 1 and lora_mixed, 80 synthetic" in text
+    assert "Meaning: with the same training data" in text and "What would change it" not in text
+    assert "single mixed LoRA wins" not in text
+
+
+def test_summary_when_moa_loses():
+    results = {"moa": _result("moa", {"a": 12.0, "b": 11.2}, router=1.0, classifier=1.0),   # average 11.6
+               "lora_mixed": _result("lora_mixed", {"a": 10.0, "b": 10.44})}                # average 10.22
+    lines = summary_lines(results, BUDGET)
+    text = "\n".join(lines)
+    assert lines[0].startswith("Result: the single mixed LoRA wins") and "10.22 against 11.60 for MoA" in lines[0]
+    assert "1.38 lower (MoA is 13.5% above lora_mixed)" in lines[0] and "lower on 0 of 2 tasks" in lines[0]
+    assert "largest MoA gain" not in text and "largest MoA loss a (12.00 vs 10.00 for lora_mixed)" in text
+    assert "classifier on the same hidden states: 100.0% (the same)" in text
+    assert "What would change it: the router is not the problem (100.0% routed right)" in text
+    assert "--stage1-steps 20: lora_mixed then gets 46 steps" in text and "do not reach at this budget" in text
+    assert "MoA wins" not in text and "Meaning:" not in text
+
+
+def test_summary_with_the_label_routed_experts():
+    """lora_single (the experts picked by the label) says whether the experts or MoA's stage 2 lost."""
+    mixed = _result("lora_mixed", {"a": 10.0, "b": 10.44})                                 # average 10.22
+    behind = {"moa": _result("moa", {"a": 12.0, "b": 11.2}, router=1.0, classifier=1.0),   # average 11.6
+              "lora_mixed": mixed, "lora_single": _result("lora_single", {"a": 11.0, "b": 11.0})}
+    text = "\n".join(summary_lines(behind, BUDGET))
+    assert "lora_single) reach 11.00, above lora_mixed's 10.22; MoA's learned routing and stage 2 move that to " \
+           "11.60 (+0.60)" in text
+    assert "the router is not the problem" in text
+
+    stage2 = {**behind, "lora_single": _result("lora_single", {"a": 9.0, "b": 10.0})}   # 9.5: the experts win
+    text = "\n".join(summary_lines(stage2, BUDGET))
+    assert "reach 9.50, below lora_mixed's 10.22" in text and "(+2.10)" in text
+    assert "the experts alone beat the shared LoRA" in text and "the router is not the problem" not in text
+
+
+def test_summary_names_a_poor_router_a_tie_and_unequal_data():
+    results = {"moa": _result("moa", {"a": 9.0}, router=0.5, classifier=0.75),
+               "lora_mixed": _result("lora_mixed", {"a": 9.05})}
+    lines = summary_lines(results, {**BUDGET, "mixed_steps": 30})
+    text = "\n".join(lines)
+    assert lines[0].startswith("Result: a tie") and "(-0.05, -0.6%)" in lines[0]
+    assert "(the router is 25.0 points below it)" in text
+    assert "sends 50% of the prompts to another task's expert" in text
+    assert "--steps 12" in text and "UNEQUAL data" in text and "not like for like" in text
+
+    results["moa"]["router_accuracy"]["overall"] = 1.0
+    text = "\n".join(summary_lines(results, BUDGET))
+    assert "the router is not the problem" in text and "at this budget the two are level" in text
+    assert "Budget (equal data)" in text and "not like for like" not in text
+
+
+def test_summary_without_router_accuracy():
+    results = {"moa": _result("moa", {"a": 3.0}), "lora_mixed": _result("lora_mixed", {"a": 4.0})}
+    text = "\n".join(summary_lines(results, BUDGET))
+    assert "MoA wins" in text and "Router accuracy: none" in text
 
 
 def test_demo_runs_on_the_tiny_model(tmp_path, capsys):
@@ -9,6 +95,24 @@ def test_demo_runs_on_the_tiny_model(tmp_path, capsys):
     results = main(["--model", "tiny", "--out", str(tmp_path), "--steps", "2", "--stage1-steps", "1",
                     "--per-task", "4", "--max-generate", "1", "--max-new-tokens", "2", "--quiet"])
     out = capsys.readouterr().out
-    assert {"lora_mixed", "moa"} <= set(results)
-    assert "perplexity" in out and "router accuracy" in out and "| **average** |" in out
-    assert (tmp_path / "moa" / "eval.json").is_file() and (tmp_path / "demo_summary.json").is_file()
+    assert {"lora_mixed", "lora_single", "moa"} <= set(results)
+    assert "perplexity" in out and "| **average** |" in out and "Router accuracy" in out
+    assert results["summary"][0].startswith("Result: ")
+    assert results["moa"]["classifier_accuracy"] is not None and results["lora_single"]["classifier_accuracy"] is None
+    # equal data: lora_mixed takes 8 tasks x 1 stage-1 step + 2 stage-2 steps
+    mixed = [json.loads(line) for line in (tmp_path / "lora_mixed" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in mixed if "loss" in r) == 8 * 1 + 2
+    saved = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert saved["summary"] == results["summary"] and saved["budget"]["mixed_steps"] == 10
+    assert (tmp_path / "moa" / "eval.json").is_file()
+
+
+def test_demo_shows_evaluation_progress(tmp_path, capsys):
+    from mixroute.demo import main
+
+    main(["--model", "tiny", "--out", str(tmp_path), "--steps", "1", "--stage1-steps", "1", "--per-task", "4",
+          "--max-generate", "1", "--max-new-tokens", "1"])
+    out = capsys.readouterr().out
+    for phase in ("eval moa: perplexity (test)", "eval moa: generation", "eval moa: classifier (train split)",
+                  "eval lora_mixed: perplexity (test)"):
+        assert phase in out, phase

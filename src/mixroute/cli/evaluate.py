@@ -42,6 +42,8 @@ def eval_cmd(
                                          "reads (runs the train split through the model once more)."),
     device: str = device_option(),
     precision: str = precision_option(),
+    progress: bool = typer.Option(True, "--progress/--no-progress",
+                                  help="Show a progress bar per phase (perplexity, generation, classifier)."),
 ) -> None:
     """Perplexity, BLEU, ROUGE-L, router accuracy and the classifier baseline -> RUN_DIR/eval.json."""
     from mixroute.evaluate import evaluate_run
@@ -49,7 +51,7 @@ def eval_cmd(
     if split not in (None, "validation", "test"):
         fail(f"--split {split!r}: expected validation or test")
     result = evaluate_run(run_dir, max_new_tokens=max_new_tokens, max_generate=max_generate, split=split,
-                          classifier=classifier, device=device, precision=precision)
+                          classifier=classifier, device=device, precision=precision, progress=progress)
     from mixroute.report.compare import comparison_table, to_markdown
     from mixroute.rundir import EVAL
 
