@@ -80,3 +80,10 @@ def test_a_bare_no_is_the_word_for_a_choice_named_no():
     assert load_config(None, ["model.precision=no"]).model.precision == "no"
     with pytest.raises(ConfigError, match="model.precision"):
         load_config(None, ["model.precision=yes"])
+
+
+def test_exponent_floats_without_a_dot():
+    # YAML 1.1 reads 5e-5 as the string '5e-05'
+    assert load_config(None, ["train.lr=5e-5"]).train.lr == 5e-5
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, ["train.lr=fast"])

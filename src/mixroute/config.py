@@ -278,6 +278,12 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
         list: lambda v: isinstance(v, list),
         dict: lambda v: isinstance(v, dict),
     }.get(tp)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads 5e-5 (no dot, unsigned exponent) as a string; it is the number a user means
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if ok is not None and not ok(value):
         raise ConfigError(f"{key}: {value!r} ({type(value).__name__}) is not valid; expected {_describe(tp)}")
     if tp is float:
