@@ -400,3 +400,11 @@ def finish_args(a: Any, argv: Optional[list[str]], out_name: str) -> Any:
     a.out = str(Path(a.out or root / "runs" / out_name).resolve())  # run configs compare absolute paths
     a.img_dir = a.img_dir or (str(Path(a.out) / "img") if a.no_write else str(root / "docs" / "img"))
     return a
+
+
+def command(script: str, argv: list[str]) -> str:
+    """The command that produces a table: ``argv`` without the flags that only render it."""
+    import shlex
+
+    kept = [x for x in argv if x not in ("--only-finished", "--no-write")]
+    return f"python {script}" + (" " + shlex.join(kept) if kept else "")

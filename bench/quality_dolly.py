@@ -293,7 +293,7 @@ def render(a: argparse.Namespace, results: dict, chosen: dict, sweeps: dict, fig
     seconds = sum((r.get("train_seconds") or 0) + (r.get("eval_seconds") or 0)
                   for rs in results.values() for r in rs.values())
     sweep_seconds = sum(_timing(Path(t["dir"])) for tried in sweeps.values() for t in tried)
-    command = "python bench/quality_dolly.py" + (" " + shlex.join(a.argv) if a.argv else "")
+    command = P.command(f"bench/quality_dolly.py", a.argv)
     model = "SmolLM2-135M-Instruct (embedded, float32)" if a.model is None else f"`{a.model}`"
     n_train, n_cat = split_sizes(a, a.seeds[0])
     sched = P.schedule(b, n_train, n_cat, a.batch_size)
