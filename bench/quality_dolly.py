@@ -513,6 +513,13 @@ def discussion(a: argparse.Namespace, results: dict, methods: list[str]) -> list
                    + (" Both are near 100%: the categories are separable from the prompt." if min(ra, ca) >= 0.95
                       else " Neither is near 100%: the categories are not fully separable from the prompt's "
                            "pooled hidden states." if max(ra, ca) < 0.9 else ""))
+    at_start = [seed for seed, rs in results.items()
+                if any(st["best_step"] == 0 for st in (rs.get("moa") or {}).get("stopping") or [])]
+    if at_start:
+        n = sum(1 for rs in results.values() if "moa" in rs)
+        out.append(f"- In {len(at_start)} of {n} seed(s) MoA's stage 2 never beat its own start on validation, so "
+                   "early stopping returned the stage-1 LoRAs with the router as initialised: that moa row is a "
+                   "near-uniform mixture of the category LoRAs, and its router accuracy is an untrained router's.")
     if "mop" in ppl and "prompt_tuning" in ppl:
         got = ci("mop", "prompt_tuning")
         if got:

@@ -114,7 +114,11 @@ def test_discussion_follows_the_numbers():
     reversed_ = {0: {"moa": _result(6.0, 0.5, 0.7), "lora_mixed": _result(4.0), "lora_single": _result(5.0)}}
     text = "\n".join(bench.discussion(a, reversed_, ["lora_single", "lora_mixed", "moa"]))
     assert "(not the paper's order)" in text and "Neither is near 100%" in text
-    assert "less accurate than the classifier" in text
+    assert "less accurate than the classifier" in text and "never beat its own start" not in text
+    moa = {**reversed_[0]["moa"], "stopping": [{"best_step": 0, "stopped_step": 29}]}
+    at_start = {0: {**reversed_[0], "moa": moa}}
+    text = "\n".join(bench.discussion(a, at_start, ["lora_single", "lora_mixed", "moa"]))
+    assert "In 1 of 1 seed(s) MoA's stage 2 never beat its own start" in text
 
 
 def test_heading_names_the_data(tmp_path):
