@@ -8,8 +8,8 @@ moe_lora_naive, prompt_tuning, mop. ``moa`` and ``moe_lora`` start from the same
 ``--budget full`` (bench/protocol.py) trains every method in epochs of its own data until validation perplexity
 stops improving (early stopping, best weights kept, capped), first sweeps learning rates on the validation split
 of the first seed (lora_single and moe_lora_naive use the rate chosen for lora_mixed; MoA's stage-2 lr,
-router_lr and eta, MoE-LoRA's stage-2 lr, prompt tuning's lr and MoP's prompt and gate lr have their own), then repeats the chosen configuration over three seeds
-and reports mean +/- std, paired bootstrap intervals for the headline comparisons and the validation curves.
+router_lr and eta, MoE-LoRA's stage-2 lr, prompt tuning's lr and MoP's prompt and gate lr have their own),
+then repeats the chosen configuration over three seeds and reports mean +/- std, paired bootstrap intervals for the headline comparisons and the validation curves.
 ``--budget smoke`` is a few fixed steps (the test suite runs it on the tiny model).
 
 ``--data`` takes a Dolly-schema JSONL file (default: Dolly-15k), ``synthetic`` (the built-in suite of well
