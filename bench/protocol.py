@@ -325,13 +325,16 @@ def config_value(cfg: Any, key: str) -> Any:
     return getattr(getattr(cfg, section), name)
 
 
-def sweep_table(sweeps: dict[str, list[dict]], note: str = "") -> list[str]:
-    """Markdown rows of every sweep: method, setting, best validation perplexity (bold = chosen)."""
+def sweep_table(sweeps: dict[str, list[dict]], note: str = "",
+                chosen: Optional[dict[str, dict[str, Any]]] = None) -> list[str]:
+    """Markdown rows of every sweep: method, setting, best validation perplexity (bold = the chosen setting;
+    a sweep that has not finished says so)."""
     out = ["**Learning-rate sweeps** (validation split only; the lowest validation perplexity each run reached; "
            f"**bold** = chosen){note}", "", "| method | setting | validation PPL |", "|---|---|---:|"]
+    chosen = chosen or {}
     for m, tried in sweeps.items():
-        best = min((t["validation_ppl"] for t in tried if t["validation_ppl"] is not None), default=None)
         seen = set()
+        pick = chosen.get(m)
         for t in tried:
             key = json.dumps(t["params"], sort_keys=True, default=str)
             if key in seen:
@@ -339,7 +342,10 @@ def sweep_table(sweeps: dict[str, list[dict]], note: str = "") -> list[str]:
             seen.add(key)
             setting = ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in t["params"].items())
             v = "-" if t["validation_ppl"] is None else f"{t['validation_ppl']:.3f}"
-            out.append(f"| {m} | {setting} | {f'**{v}**' if t['validation_ppl'] == best else v} |")
+            is_pick = pick is not None and all(t["params"].get(k) == val for k, val in pick.items())
+            out.append(f"| {m} | {setting} | {f'**{v}**' if is_pick else v} |")
+        if pick is None:
+            out.append(f"| {m} | (sweep not finished) | - |")
     return out + [""]
 
 

@@ -331,7 +331,7 @@ def render(a: argparse.Namespace, results: dict, chosen: dict, sweeps: dict, fig
         out += P.sweep_table(sweeps, f" on the first seed; the chosen values are used for every seed" + (
             f"; lora_single (MoA's stage 1) and moe_lora_naive train at lr {lora:g}, the rate chosen for "
             f"{LORA_LR_FROM}; the stage 2 of moa and moe_lora, which continues from those stage-1 LoRAs, has "
-            "its own" if lora is not None else ""))
+            "its own" if lora is not None else ""), {m: chosen[m] for m in sweeps if chosen.get(m)})
     for title, key, nd in (("Test perplexity (lower is better)", "perplexity", 3), ("BLEU", "bleu", 2),
                            ("ROUGE-L", "rougeL", 2)):
         out += [f"**{title}**", "", "| category | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]

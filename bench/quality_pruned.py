@@ -401,7 +401,7 @@ def render(a: argparse.Namespace, results: dict[str, dict], chosen: dict, sweeps
     if sweeps:
         swept_on = sweep_on(a.settings) or "dense"
         out += P.sweep_table(sweeps, f" on {setting_label(swept_on)}, first seed; the chosen values are used for "
-                                     "every setting and seed")
+                                     "every setting and seed", chosen)
     shown = [m for m in METHOD_ORDER if any(m in rs for e in results.values() for rs in e["runs"].values())]
     out += ["**Average test perplexity per setting** (lower is better; MoP vs PT = (MoP - PT) / PT pooled over the "
             "seeds' test examples, negative = MoP better, with its paired bootstrap 95% interval)", "",
