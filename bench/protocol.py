@@ -10,6 +10,7 @@ lowest validation perplexity a run reached; the test split is read only by the c
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -58,6 +59,32 @@ def schedule(budget: Budget, n_train: int, n_per_category: int, batch_size: int)
     epoch, epoch1 = -(-n_train // batch_size), -(-n_per_category // batch_size)
     return {"max_steps": budget.max_epochs * epoch, "stage1_steps": budget.max_epochs * epoch1,
             "eval_every": epoch, "stage1_eval_every": epoch1, "patience": budget.patience}
+
+
+@functools.lru_cache(maxsize=None)
+def split_sizes(overrides: tuple[str, ...]) -> tuple[int, int]:
+    """(train examples in all, most train examples of one category) of the split that the base preset with
+    ``overrides`` makes (cached: every run of a seed asks, and loading the records parses the whole file)."""
+    from mixroute.config import load_config
+    from mixroute.data.bundle import load_config_records
+    from mixroute.data.split import split_records
+
+    root = Path(__file__).resolve().parents[1]
+    data = load_config(root / "configs" / "base_dolly.yaml", list(overrides)).data
+    train = split_records(load_config_records(data).records, data.val_fraction, data.test_fraction,
+                          data.seed)["train"]
+    per: dict[str, int] = {}
+    for r in train:
+        per[r.category] = per.get(r.category, 0) + 1
+    return len(train), max(per.values())
+
+
+def missing_note(missing: list[str]) -> list[str]:
+    """The paragraph that lists the runs a table rendered with ``--only-finished`` still lacks."""
+    if not missing:
+        return []
+    return [f"**Not finished yet** ({len(missing)} of the table's runs; rendered with `--only-finished` while the "
+            "experiment runs, so the tables below hold only the finished seeds): " + ", ".join(missing) + ".", ""]
 
 
 def schedule_overrides(s: dict[str, int]) -> list[str]:

@@ -9,7 +9,8 @@ moe_lora_naive, prompt_tuning, mop. ``moa`` and ``moe_lora`` start from the same
 stops improving (early stopping, best weights kept, capped), first sweeps learning rates on the validation split
 of the first seed (lora_single and moe_lora_naive use the rate chosen for lora_mixed; MoA's stage-2 lr,
 router_lr and eta, MoE-LoRA's stage-2 lr, prompt tuning's lr and MoP's prompt and gate lr have their own),
-then repeats the chosen configuration over three seeds and reports mean +/- std, paired bootstrap intervals for the headline comparisons and the validation curves.
+then repeats the chosen configuration over three seeds and reports mean +/- std, paired bootstrap intervals
+for the headline comparisons and the validation curves.
 ``--budget smoke`` is a few fixed steps (the test suite runs it on the tiny model).
 
 ``--data`` takes a Dolly-schema JSONL file (default: Dolly-15k), ``synthetic`` (the built-in suite of well
@@ -129,21 +130,6 @@ def base_overrides(a: argparse.Namespace, seed: int) -> list[str]:
             f"eval.max_new_tokens={b.max_new_tokens}", "eval.batch_size=8"]
 
 
-def split_sizes(a: argparse.Namespace, seed: int) -> tuple[int, int]:
-    """(train examples in all, most train examples of one category) of a seed's split."""
-    from mixroute.config import load_config
-    from mixroute.data.bundle import load_config_records
-    from mixroute.data.split import split_records
-
-    cfg = load_config(preset("base"), base_overrides(a, seed))
-    rs = load_config_records(cfg.data)
-    train = split_records(rs.records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)["train"]
-    per: dict[str, int] = {}
-    for r in train:
-        per[r.category] = per.get(r.category, 0) + 1
-    return len(train), max(per.values())
-
-
 # ------------------------------------------------------------------ one run
 class Runner:
     """Trains (or reuses) runs and evaluates the chosen ones on the test split, once."""
@@ -156,7 +142,7 @@ class Runner:
                stage1: Optional[list[str]] = None) -> tuple[Any, str]:
         from mixroute.config import load_config
 
-        n_train, n_cat = split_sizes(self.a, seed)
+        n_train, n_cat = P.split_sizes(tuple(base_overrides(self.a, seed)))
         sched = P.schedule(P.BUDGETS[self.a.budget], n_train, n_cat, self.a.batch_size)
         ov = base_overrides(self.a, seed) + P.schedule_overrides(sched) + [f"{k}={v}" for k, v in params.items()]
         if stage1:
@@ -295,7 +281,7 @@ def render(a: argparse.Namespace, results: dict, chosen: dict, sweeps: dict, fig
     sweep_seconds = sum(_timing(Path(t["dir"])) for tried in sweeps.values() for t in tried)
     command = P.command(f"bench/quality_dolly.py", a.argv)
     model = "SmolLM2-135M-Instruct (embedded, float32)" if a.model is None else f"`{a.model}`"
-    n_train, n_cat = split_sizes(a, a.seeds[0])
+    n_train, n_cat = P.split_sizes(tuple(base_overrides(a, a.seeds[0])))
     sched = P.schedule(b, n_train, n_cat, a.batch_size)
     out = [heading(a), "",
            f"Data: {data_label(a)}. Model: {model}. Machine: {os.cpu_count()}-core {platform.machine()} CPU "
@@ -322,10 +308,7 @@ def render(a: argparse.Namespace, results: dict, chosen: dict, sweeps: dict, fig
             f"2 warm-up steps and cosine decay over the cap; LoRA r=8 alpha=16 on all linear projections; {how} "
             f"Seeds {', '.join(map(str, a.seeds))} (each: data sample, split, initialisation and data order). "
             "Tables: mean ± standard deviation over the seeds.", ""]
-    if missing:
-        out += [f"**Not finished yet** ({len(missing)} of the table's runs; rendered with `--only-finished` while "
-                "the experiment runs, so the tables below hold only the finished seeds): " + ", ".join(missing)
-                + ".", ""]
+    out += P.missing_note(missing or [])
     if sweeps:
         lora = chosen.get(LORA_LR_FROM, {}).get("train.lr")
         out += P.sweep_table(sweeps, f" on the first seed; the chosen values are used for every seed" + (

@@ -126,23 +126,9 @@ def base_overrides(a: argparse.Namespace, seed: int) -> list[str]:
             "eval.max_generate=1", "eval.max_new_tokens=1", "eval.batch_size=8"]
 
 
-def split_sizes(a: argparse.Namespace, seed: int) -> tuple[int, int]:
-    from mixroute.config import load_config
-    from mixroute.data.bundle import load_config_records
-    from mixroute.data.split import split_records
-
-    cfg = load_config(preset("base"), base_overrides(a, seed))
-    train = split_records(load_config_records(cfg.data).records, cfg.data.val_fraction, cfg.data.test_fraction,
-                          cfg.data.seed)["train"]
-    per: dict[str, int] = {}
-    for r in train:
-        per[r.category] = per.get(r.category, 0) + 1
-    return len(train), max(per.values())
-
-
 def overrides(a: argparse.Namespace, method: str, seed: int, model: Optional[str], params: dict[str, Any],
               run_dir: Path) -> list[str]:
-    sched = P.schedule(P.BUDGETS[a.budget], *split_sizes(a, seed), a.batch_size)
+    sched = P.schedule(P.BUDGETS[a.budget], *P.split_sizes(tuple(base_overrides(a, seed))), a.batch_size)
     return [f"model.name={model if model is not None else 'null'}", *base_overrides(a, seed),
             *P.schedule_overrides(sched), *[f"{k}={v}" for k, v in params.items()],
             *(a.mop_set if method == "mop" else []), f"output_dir={run_dir}"]
@@ -370,7 +356,7 @@ def render(a: argparse.Namespace, results: dict[str, dict], chosen: dict, sweeps
     model = "SmolLM2-135M-Instruct (embedded, float32)" if a.model is None else f"`{a.model}`"
     data = "Dolly-15k (8 categories)" if a.data == DOLLY else (
         "the built-in synthetic suite" if a.data == "synthetic" else f"`{a.data}`")
-    n_train, n_cat = split_sizes(a, a.seeds[0])
+    n_train, n_cat = P.split_sizes(tuple(base_overrides(a, a.seeds[0])))
     sched = P.schedule(b, n_train, n_cat, a.batch_size)
     how = (f"each method trains in epochs of the {n_train} train examples ({sched['eval_every']} steps an epoch), "
            f"is validated once per epoch (category-average validation perplexity) and stops after {b.patience} "
@@ -394,10 +380,7 @@ def render(a: argparse.Namespace, results: dict[str, dict], chosen: dict, sweeps
            "Prompt tuning: 10 virtual tokens at the input; MoP: 8 experts x 8 tokens at the middle layer, its gate "
            "pre-trained 50 steps on labels, then trained jointly at train.router_lr. Metric: token-weighted test "
            "perplexity of the responses; `average` = mean of the per-category PPLs; mean ± std over seeds.", ""]
-    if missing:
-        out += [f"**Not finished yet** ({len(missing)} of the table's runs; rendered with `--only-finished` while "
-                "the experiment runs, so the tables below hold only the finished seeds): " + ", ".join(missing)
-                + ".", ""]
+    out += P.missing_note(missing or [])
     if sweeps:
         swept_on = sweep_on(a.settings) or "dense"
         out += P.sweep_table(sweeps, f" on {setting_label(swept_on)}, first seed; the chosen values are used for "
