@@ -262,10 +262,109 @@ class NotFinished(Exception):
     """A run the table needs has not finished (``--only-finished`` renders what has)."""
 
 
-def train_once(cfg: Any, label: str = "", only_finished: bool = False) -> Path:
-    """Train ``cfg`` unless its run directory already holds a finished training of exactly this config;
-    returns the run directory (training time in bench_timing.json). ``only_finished``: raise NotFinished
-    instead of training."""
+# A finished run's small files (config, validation curve, test evaluation, timing) are committed under
+# bench/results/, keyed by the run's path under runs/: the full tables take longer than one session on a
+# 2-core CPU and a fresh checkout starts without runs/, so a rerun restores them instead of training again.
+# Adapter weights are not kept (hundreds of MB); a run that needs another run's weights retrains that one.
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs"
+ARCHIVE = Path(__file__).resolve().parent / "results"
+ARCHIVED = ("config.yaml", "metrics.jsonl", "eval.json", "bench_timing.json", "data_report.json", "gates.json",
+            "prune_report.json")
+
+
+def archive_path(run_dir: Path) -> Optional[Path]:
+    """Where ``run_dir``'s record lives in the archive (None for run directories outside runs/)."""
+    try:
+        return ARCHIVE / Path(run_dir).resolve().relative_to(RUNS)
+    except ValueError:
+        return None
+
+
+def _portable(cfg_dict: dict[str, Any]) -> str:
+    """A config as text with this checkout's absolute paths replaced, so records compare across checkouts."""
+    text = json.dumps(cfg_dict, sort_keys=True, default=str)
+    return text.replace(str(ROOT), "$ROOT").replace(str(ROOT.parent), "$ROOT/..")
+
+
+def archive_run(run_dir: Path) -> None:
+    """Copy the run's small files into the archive (atomically, file by file)."""
+    from mixroute.fileio import atomic_write_text
+
+    dest = archive_path(run_dir)
+    if dest is None:
+        return
+    for name in ARCHIVED:
+        src = Path(run_dir) / name
+        if src.is_file():
+            atomic_write_text(dest / name, src.read_text())
+
+
+def _archived_config(run_dir: Path) -> Optional[dict[str, Any]]:
+    from mixroute.config import ConfigError, to_dict
+    from mixroute.rundir import read_config
+
+    src = archive_path(run_dir)
+    if src is None or not (src / "config.yaml").is_file():
+        return None
+    try:
+        return to_dict(read_config(src))
+    except (ConfigError, FileNotFoundError):
+        return None
+
+
+def restore_run(run_dir: Path, cfg: Any) -> bool:
+    """Restore ``run_dir``'s archived record when it was made by exactly ``cfg``; True when restored."""
+    from mixroute.config import to_dict
+
+    src = archive_path(run_dir)
+    archived = _archived_config(run_dir)
+    if src is None or archived is None or _portable(archived) != _portable(to_dict(cfg)):
+        return False
+    if not ((src / "metrics.jsonl").is_file() and (src / "bench_timing.json").is_file()):
+        return False
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ARCHIVED:
+        if (src / name).is_file() and not (run_dir / name).is_file():
+            (run_dir / name).write_text((src / name).read_text())
+    # the config written by this checkout, so a later comparison sees this checkout's paths
+    from mixroute.rundir import write_config
+
+    write_config(run_dir, cfg)
+    return True
+
+
+def has_weights(run_dir: Path) -> bool:
+    from mixroute import rundir
+
+    return rundir.final_dir(run_dir).is_dir()
+
+
+def ensure_weights(run_dir: Path, label: str = "") -> None:
+    """Retrain a restored run (same config) whose adapters another run needs; its test evaluation stays."""
+    import sys
+
+    from mixroute import rundir
+    from mixroute.train import train
+
+    if has_weights(run_dir):
+        return
+    cfg = rundir.read_config(run_dir)
+    kept = {n: (Path(run_dir) / n).read_text() for n in ("eval.json", "bench_timing.json")
+            if (Path(run_dir) / n).is_file()}
+    print(f"retrain {label or run_dir} (its weights are needed; the archive keeps none)", flush=True)
+    train(cfg, overwrite=True, progress=sys.stdout.isatty())
+    for n, text in kept.items():
+        write_json(Path(run_dir) / n, json.loads(text))
+
+
+def train_once(cfg: Any, label: str = "", only_finished: bool = False,
+               before_train: Optional[Callable[[], Any]] = None) -> Path:
+    """Train ``cfg`` unless its run directory already holds a finished training of exactly this config (or the
+    archive holds its record, which is restored); returns the run directory (training time in
+    bench_timing.json). ``only_finished``: raise NotFinished instead of training. ``before_train`` runs only
+    when training does (e.g. pruning the base model the run needs)."""
     import sys
     import time
 
@@ -277,21 +376,29 @@ def train_once(cfg: Any, label: str = "", only_finished: bool = False) -> Path:
     done = rundir.final_dir(run_dir).is_dir() or (cfg.train.method == "base" and (run_dir / "metrics.jsonl").is_file())
     try:
         if done and to_dict(rundir.read_config(run_dir)) == to_dict(cfg):
+            archive_run(run_dir)  # runs trained before the archive existed
             return run_dir
     except (ConfigError, FileNotFoundError):
         pass
+    if restore_run(run_dir, cfg):
+        return run_dir
     if only_finished:
         raise NotFinished(label or str(run_dir))
+    if before_train is not None:
+        before_train()
     print(f"train {label or run_dir}", flush=True)
     t0 = time.time()
     train(cfg, overwrite=True, progress=sys.stdout.isatty())
     write_json(run_dir / "bench_timing.json", {"train_seconds": round(time.time() - t0)})
+    archive_run(run_dir)
     return run_dir
 
 
-def test_once(run_dir: Path, label: str = "", only_finished: bool = False, **eval_kwargs: Any) -> dict[str, Any]:
+def test_once(run_dir: Path, label: str = "", only_finished: bool = False,
+              before_eval: Optional[Callable[[], Any]] = None, **eval_kwargs: Any) -> dict[str, Any]:
     """The run's test evaluation (eval.json), computed once: reused when the bench already evaluated it
-    (``only_finished``: raise NotFinished instead of evaluating)."""
+    (``only_finished``: raise NotFinished instead of evaluating). A run restored from the archive before its
+    evaluation is retrained first (its weights are not archived); ``before_eval`` runs when evaluation does."""
     import sys
     import time
 
@@ -302,13 +409,19 @@ def test_once(run_dir: Path, label: str = "", only_finished: bool = False, **eva
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     if (run_dir / rundir.EVAL).is_file() and "eval_seconds" in timing:
         res = rundir.read_eval(run_dir)
+        archive_run(run_dir)
     elif only_finished:
         raise NotFinished(label or str(run_dir))
     else:
+        if before_eval is not None:
+            before_eval()
+        if rundir.read_config(run_dir).train.method != "base":
+            ensure_weights(run_dir, label)
         t0 = time.time()
         res = evaluate_run(run_dir, progress=sys.stdout.isatty(), **eval_kwargs)
         timing["eval_seconds"] = round(time.time() - t0)
         write_json(timing_path, timing)
+        archive_run(run_dir)
         print(f"test {label or run_dir}: PPL {res['perplexity']['average']:.3f}", flush=True)
     res.update(timing)
     return res

@@ -151,8 +151,13 @@ class Runner:
         return load_config(preset(method), ov), (f"mixroute train configs/{preset(method).name} "
                                                  + " ".join(shlex.quote(o) for o in ov))
 
-    def train(self, cfg: Any) -> Path:
-        return P.train_once(cfg, str(Path(cfg.output_dir).relative_to(self.a.out)), self.a.only_finished)
+    def train(self, cfg: Any, weights_of: Optional[Path] = None) -> Path:
+        """Train (or reuse) ``cfg``; ``weights_of``: the run whose adapters it starts from (retrained first
+        when only its archived record is here)."""
+        label = str(Path(cfg.output_dir).relative_to(self.a.out))
+        before = None if weights_of is None else (
+            lambda: P.ensure_weights(weights_of, str(weights_of.relative_to(self.a.out))))
+        return P.train_once(cfg, label, self.a.only_finished, before_train=before)
 
     def test(self, run_dir: Path, method: str) -> dict[str, Any]:
         return P.test_once(run_dir, str(run_dir.relative_to(self.a.out)), self.a.only_finished,
@@ -219,6 +224,7 @@ def one_run(a: argparse.Namespace, runner: Runner, method: str, seed: int, si: i
                   "--methods)", flush=True)
             return
         stage1 = [str(rundir.stage1_dir(Path(single["dir"]), c)) for c in single["categories"]]
+    weights_of = Path(results[seed]["lora_single"]["dir"]) if stage1 else None
     if si == 0 and a.sweep and method in SWEEPS:
         from mixroute.config import load_config
 
@@ -227,13 +233,13 @@ def one_run(a: argparse.Namespace, runner: Runner, method: str, seed: int, si: i
 
         def train_with(trial: dict, method: str = method, stage1: Optional[list] = stage1) -> Path:
             cfg, _ = runner.config(method, seed, trial, sdir / "sweep" / P.run_name(method, trial), stage1)
-            return runner.train(cfg)
+            return runner.train(cfg, weights_of)
         params, sweeps[method] = P.sweep(SWEEPS[method], start, train_with, method)
         chosen[method] = {k: v for k, v in params.items() if k != "train.lr" or method not in USES_LORA_LR}
         sdir = sdir / "sweep"  # the chosen configuration's run is the first seed's run: not trained twice
     cfg, command = runner.config(method, seed, params, sdir / P.run_name(method, params), stage1)
     runner.commands.setdefault(method, command)
-    run_dir = runner.train(cfg)
+    run_dir = runner.train(cfg, weights_of)
     res = runner.test(run_dir, method)
     res["dir"], res["params"] = str(run_dir), params
     res["curve"], res["stage1_curves"] = P.validation_curve(run_dir), P.stage1_curves(run_dir)

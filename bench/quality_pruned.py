@@ -143,9 +143,11 @@ def prune_request(a: argparse.Namespace, setting: str, seed: int) -> dict[str, A
             "seed": seed, "split": [P.BUDGETS[a.budget].val_fraction, P.BUDGETS[a.budget].test_fraction]}
 
 
-def prune_setting(a: argparse.Namespace, setting: str, seed: int, model_dir: Path) -> tuple[dict[str, Any], bool]:
+def prune_setting(a: argparse.Namespace, setting: str, seed: int, model_dir: Path,
+                  lazy: bool = False) -> tuple[dict[str, Any], bool]:
     """Prune (or reuse) the model of ``setting`` calibrated on ``seed``'s train split (never on its test
-    examples); returns (prune_report dict, whether it was (re)pruned)."""
+    examples); returns (prune_report dict, whether it was (re)pruned). ``lazy``: an archived report of the same
+    request is enough (the model is pruned when a run that is not archived needs it)."""
     from mixroute import rundir
     from mixroute.config import load_config
     from mixroute.data import RunData
@@ -154,15 +156,28 @@ def prune_setting(a: argparse.Namespace, setting: str, seed: int, model_dir: Pat
 
     want = prune_request(a, setting, seed)
     report_path = model_dir / rundir.PRUNE_REPORT
-    if report_path.is_file() and not a.force:
-        report = json.loads(report_path.read_text())
-        if report.get("calibration", {}).get("request") == want:
-            return report, False
+    archived = P.archive_path(model_dir)
+    archived = archived / rundir.PRUNE_REPORT if archived is not None else None
+
+    def request(path: Optional[Path]) -> Optional[dict[str, Any]]:
+        if path is None or not path.is_file():
+            return None
+        return json.loads(path.read_text()).get("calibration", {}).get("request")
+
+    if request(report_path) == want and not a.force:
+        P.archive_run(model_dir)
+        return json.loads(report_path.read_text()), False
+    if lazy and request(archived) == want and not a.force:
+        return json.loads(archived.read_text()), False
     if a.only_finished:
         raise P.NotFinished(f"{setting} seed {seed}: pruned model")
     model_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in [d for d in model_dir.parent.iterdir() if d.is_dir() and d != model_dir]:
-        shutil.rmtree(stale)  # runs on an older pruned model must not be reused after a crash
+    if report_path.is_file() or a.force:
+        # runs on an older pruned model must not be reused after a crash or a changed request
+        for stale in [d for d in model_dir.parent.iterdir() if d.is_dir() and d != model_dir]:
+            shutil.rmtree(stale)
+    if archived is not None and request(archived) not in (None, want):
+        shutil.rmtree(archived.parent.parent)  # likewise their archived records
     method, sparsity, pattern = setting_target(setting)
     model, tok = load_base_model(a.model)
     # the calibration windows come from the train split the runs train on (same data config)
@@ -176,6 +191,7 @@ def prune_setting(a: argparse.Namespace, setting: str, seed: int, model_dir: Pat
                                "seq_len": a.calib_seq_len, "seed": seed, "request": want})
     report.model = getattr(model, "mixroute_source", a.model or "embedded")
     save_pruned(model, tok, model_dir, report, force=True)
+    P.archive_run(model_dir)
     return report.to_dict(), True
 
 
@@ -236,7 +252,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             if setting != "dense":
                 t0 = time.time()
                 try:
-                    report, fresh = prune_setting(a, setting, seed, sdir / "model")
+                    report, fresh = prune_setting(a, setting, seed, sdir / "model", lazy=True)
                 except P.NotFinished:
                     missing += [f"{setting} seed {seed} {m}" for m in methods]
                     continue
@@ -245,6 +261,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 print(f"{setting} seed {seed}: {'pruned' if fresh else 'reused'} {sdir / 'model'} (sparsity "
                       f"{report['overall_sparsity']:.3f}, {time.time() - t0:.0f} s)", flush=True)
                 model_name = str(sdir / "model")
+
+            def ensure_model(setting: str = setting, seed: int = seed, sdir: Path = sdir) -> None:
+                if setting != "dense":
+                    prune_setting(a, setting, seed, sdir / "model")
             runs: dict[str, Any] = {}
             entry["runs"][seed] = runs
             for method in methods:
@@ -259,7 +279,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
                         def train_with(trial: dict[str, Any], make=make, sdir=sdir) -> Path:
                             return P.train_once(make(trial, sdir / "sweep")[0], f"{setting} seed {seed} sweep",
-                                                a.only_finished)
+                                                a.only_finished, before_train=ensure_model)
                         params, sweeps[method] = P.sweep(SWEEPS[method], start, train_with, method)
                         chosen[method] = params
                     # the chosen configuration's sweep run is this seed's run: not trained twice
@@ -267,9 +287,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                     cfg, ov = make(params, sdir / "sweep" if swept else sdir)
                     if si == 0:
                         commands.append(f"mixroute train configs/{preset(method).name} " + shlex.join(ov))
-                    run_dir = P.train_once(cfg, f"{setting} seed {seed} {method}", a.only_finished)
-                    res = P.test_once(run_dir, f"{setting} seed {seed} {method}", a.only_finished, max_generate=0,
-                                      classifier=False, precision=a.precision)
+                    run_dir = P.train_once(cfg, f"{setting} seed {seed} {method}", a.only_finished,
+                                           before_train=ensure_model)
+                    res = P.test_once(run_dir, f"{setting} seed {seed} {method}", a.only_finished,
+                                      before_eval=ensure_model, max_generate=0, classifier=False,
+                                      precision=a.precision)
                     res["curve"], res["stopping"] = P.validation_curve(run_dir), P.stopping(run_dir)
                     runs[method] = res
                     if method == "mop" and si == 0:

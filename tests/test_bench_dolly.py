@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,8 +27,11 @@ def _protocol():
     return importlib.import_module("protocol")
 
 
-def test_smoke_every_method_and_rerun_reuses(tmp_path, capsys, one_thread):
+def test_smoke_every_method_and_rerun_reuses(tmp_path, capsys, monkeypatch, one_thread):
     bench = _bench()
+    P = _protocol()
+    monkeypatch.setattr(P, "RUNS", tmp_path)
+    monkeypatch.setattr(P, "ARCHIVE", tmp_path / "archive")
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\n## Quality\n\nDolly table kept\n")
     argv = ["--budget", "smoke", "--model", "tiny", "--data", "synthetic", "--threads", "1", "--out",
@@ -44,6 +48,23 @@ def test_smoke_every_method_and_rerun_reuses(tmp_path, capsys, one_thread):
     bench.main(argv)
     printed = capsys.readouterr().out
     assert not [ln for ln in printed.splitlines() if ln.startswith(("train ", "test "))]  # nothing redone
+
+    # a fresh checkout: runs/ is gone, the archive of finished runs is kept (and moa's record dropped, so moa
+    # trains again from lora_single's stage-1 LoRAs, whose weights the archive does not keep)
+    archived = tmp_path / "archive" / "runs" / "seed0"
+    assert {"config.yaml", "metrics.jsonl", "eval.json", "bench_timing.json"} <= {
+        f.name for f in (archived / "lora_mixed").iterdir()}
+    assert not list((tmp_path / "archive").rglob("*.safetensors"))
+    shutil.rmtree(tmp_path / "runs")
+    shutil.rmtree(archived / "moa")
+    again = bench.main(argv)
+    printed = capsys.readouterr().out.splitlines()
+    assert [ln for ln in printed if ln.startswith(("train ", "test ", "retrain "))] == [
+        "retrain seed0/lora_single (its weights are needed; the archive keeps none)", "train seed0/moa",
+        f"test seed0/moa: PPL {again['results'][0]['moa']['perplexity']['average']:.3f}"]
+    for m in bench.ORDER:  # restored as they were; the retrained moa reproduces its numbers
+        assert again["results"][0][m]["perplexity"]["average"] == pytest.approx(
+            out["results"][0][m]["perplexity"]["average"], rel=1e-4), m
 
 
 def test_full_protocol_on_a_small_grid(tmp_path, monkeypatch, one_thread):

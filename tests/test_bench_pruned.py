@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,8 +33,11 @@ def test_parse_setting():
             bench.parse_setting(bad)
 
 
-def test_quality_pruned_smoke_tiny(tmp_path, capsys, one_thread):
+def test_quality_pruned_smoke_tiny(tmp_path, capsys, monkeypatch, one_thread):
     bench = _bench()
+    P = bench.P
+    monkeypatch.setattr(P, "RUNS", tmp_path)
+    monkeypatch.setattr(P, "ARCHIVE", tmp_path / "archive")
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\n## Quality\n\nkept\n")
     argv = ["--budget", "smoke", "--model", "tiny", "--data", "synthetic", "--settings", "wanda-50", "--methods",
@@ -69,3 +73,21 @@ def test_quality_pruned_smoke_tiny(tmp_path, capsys, one_thread):
     assert (tmp_path / "runs" / "wanda-50" / "seed0" / "mop" / "eval.json").stat().st_mtime_ns == mtime
     assert again["results"]["wanda-50"]["runs"][0]["mop"]["perplexity"] == runs[0]["mop"]["perplexity"]
     assert docs.read_text().count(bench.HEADING) == 1
+
+    # a fresh checkout: the archive restores every run without pruning; a run missing from it prunes its
+    # seed's model first, then trains
+    shutil.rmtree(tmp_path / "runs")
+    restored = bench.main(argv)
+    printed = capsys.readouterr().out
+    assert printed.count(": reused") == 2 and not [ln for ln in printed.splitlines() if ln.startswith(("train ", "test "))]
+    assert restored["results"]["wanda-50"]["runs"][1]["mop"]["perplexity"] == runs[1]["mop"]["perplexity"]
+    assert not (tmp_path / "runs" / "wanda-50" / "seed1" / "model" / "prune_report.json").exists()
+    shutil.rmtree(tmp_path / "archive" / "runs" / "wanda-50" / "seed1" / "prompt_tuning")
+    third = bench.main(argv)
+    printed = capsys.readouterr().out
+    assert [ln for ln in printed.splitlines() if ln.startswith(("train ", "test "))] == [
+        "train wanda-50 seed 1 prompt_tuning",
+        f"test wanda-50 seed 1 prompt_tuning: PPL {third['results']['wanda-50']['runs'][1]['prompt_tuning']['perplexity']['average']:.3f}"]
+    assert (tmp_path / "runs" / "wanda-50" / "seed1" / "model" / "prune_report.json").is_file()
+    assert third["results"]["wanda-50"]["runs"][1]["prompt_tuning"]["perplexity"]["average"] == pytest.approx(
+        runs[1]["prompt_tuning"]["perplexity"]["average"], rel=1e-4)
