@@ -335,6 +335,15 @@ def restore_run(run_dir: Path, cfg: Any) -> bool:
     return True
 
 
+def archive_note(out: Path) -> str:
+    """The sentence that says where a table's runs are kept (empty for an --out outside runs/)."""
+    where = archive_path(Path(out))
+    if where is None:
+        return ""
+    return (f" Every run's config, validation curve and test evaluation: `{where.relative_to(ROOT)}/` (a rerun "
+            "of the command restores them instead of training again).")
+
+
 def has_weights(run_dir: Path) -> bool:
     from mixroute import rundir
 

@@ -294,7 +294,7 @@ def render(a: argparse.Namespace, results: dict, chosen: dict, sweeps: dict, fig
            f"({platform.processor() or 'unknown'}), torch {torch.__version__}, {a.threads} threads, load "
            f"average {load:.2f} at the start. Command: `{command}` ({time.strftime('%Y-%m-%d')}, commit "
            f"{P.commit()}); training + test evaluation {seconds / 60:.0f} min summed over the reported runs, plus "
-           f"{sweep_seconds / 60:.0f} min of sweep runs.", ""]
+           f"{sweep_seconds / 60:.0f} min of sweep runs." + P.archive_note(Path(a.out)), ""]
     if b.steps is None:
         how = (f"every method trains in epochs of its own data (one single LoRA: its category's ~{n_cat} train "
                f"examples, {sched['stage1_eval_every']} steps an epoch; the others: the union of {n_train}, "

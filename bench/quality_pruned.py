@@ -390,7 +390,8 @@ def render(a: argparse.Namespace, results: dict[str, dict], chosen: dict, sweeps
            f"frozen pruned base (`model.name=<pruned dir>`). Machine: {os.cpu_count()}-core {platform.machine()} "
            f"CPU, torch {torch.__version__}, {a.threads} threads, load average {load:.2f} at the start. Command: "
            f"`{command}` ({time.strftime('%Y-%m-%d')}, commit {P.commit()}); pruning {prune_seconds / 60:.1f} min + "
-           f"training/evaluation {run_seconds / 60:.1f} min summed over the reported runs.", "",
+           f"training/evaluation {run_seconds / 60:.1f} min summed over the reported runs."
+           + P.archive_note(Path(a.out)), "",
            f"Budget `{a.budget}`: {a.per_category} records per category sampled with each seed, stratified "
            f"{100 * (1 - b.val_fraction - b.test_fraction):.0f}/{100 * b.val_fraction:.0f}/"
            f"{100 * b.test_fraction:.0f} % train/validation/test ({n_test} test examples per seed, "
