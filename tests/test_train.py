@@ -276,3 +276,13 @@ def test_resume_with_early_stopping_reaches_the_same_weights(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [r for r in _rows(part) if r.get("stage") == "early_stopping"] == [stopped]
+
+
+def test_stage1_lr_sets_the_category_loras_peak_and_train_lr_stage_two(tmp_path):
+    run = train(tiny_cfg("moa", tmp_path / "lr", "train.stage1_steps=2", "train.max_steps=2", "train.lr=0.001",
+                         "train.stage1_lr=0.02", "train.router_lr=0.5"), progress=False)
+    rows = [r for r in _rows(run) if "loss" in r]
+    stage1 = [r["lr"] for r in rows if r.get("stage") == "stage1"]
+    stage2 = [r["lr"] for r in rows if r.get("stage") is None]
+    assert stage1 and stage2
+    assert max(stage1) == pytest.approx(0.02) and max(stage2) == pytest.approx(0.001)

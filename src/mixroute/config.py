@@ -156,6 +156,9 @@ class TrainConfig:
                                                "(null = eval_every; 0 = none).", ge=0)
     save_every: int = f(50, "Checkpoint every N steps (0 = only at the end).", ge=0)
     stage1_steps: int = f(50, "MoA stage 1: steps per category LoRA.", ge=0)
+    stage1_lr: Optional[float] = f(None, "MoA stage 1: peak learning rate of the category LoRAs (null = "
+                                         "train.lr). Stage 2 starts from LoRAs that early stopping left at their "
+                                         "validation optimum and needs a smaller step than stage 1.", gt=0.0)
     stage1_adapters: Optional[list] = f(None, "MoA stage 2 from given PEFT adapter directories (skips stage 1).")
     length_grouped: bool = f(False, "Group similar lengths into batches (less padding).")
     seed: int = f(0, "Seed of data order, dropout and initialisation.")

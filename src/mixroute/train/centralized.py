@@ -86,9 +86,9 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: RunConfig, steps: int,
-                    router_params: Optional[list[nn.Parameter]] = None) -> tuple[Any, Any]:
-    """AdamW + linear warm-up and cosine decay over ``steps`` optimizer steps. ``router_params`` (a subset of
-    ``params``) get ``train.router_lr`` when it is set."""
+                    router_params: Optional[list[nn.Parameter]] = None, lr: Optional[float] = None) -> tuple[Any, Any]:
+    """AdamW + linear warm-up and cosine decay over ``steps`` optimizer steps, peak ``lr`` (default
+    ``train.lr``). ``router_params`` (a subset of ``params``) get ``train.router_lr`` when it is set."""
     from transformers import get_cosine_schedule_with_warmup
 
     groups: list[dict[str, Any]] = [{"params": list(params)}]
@@ -97,7 +97,7 @@ def build_optimizer(params: list[nn.Parameter], cfg: RunConfig, steps: int,
         groups = [{"params": [p for p in params if id(p) not in ids]},
                   {"params": [p for p in params if id(p) in ids], "lr": cfg.train.router_lr}]
         groups = [g for g in groups if g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.train.lr if lr is None else lr, weight_decay=cfg.train.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, min(cfg.train.warmup_steps, max(steps, 1)), max(steps, 1))
     return opt, sched
 
@@ -275,7 +275,8 @@ def fit(ctx: _Ctx, mix: nn.Module, steps: int, offset: int, resume: bool = False
     put back."""
     cfg, acc = ctx.cfg, ctx.accelerator
     every = cfg.train.eval_every if eval_every is None else eval_every
-    optimizer, scheduler = build_optimizer(mix.adapter_parameters(), cfg, steps, list(mix.routers.parameters()))
+    lr = cfg.train.stage1_lr if category is not None else None
+    optimizer, scheduler = build_optimizer(mix.adapter_parameters(), cfg, steps, list(mix.routers.parameters()), lr)
     stop = EarlyStopping(cfg.train.patience if every else 0)
     start = 0
     if resume and checkpoints and (ckpt := latest_checkpoint(ctx.run_dir)) is not None:
