@@ -340,7 +340,8 @@ def archive_note(out: Path) -> str:
     where = archive_path(Path(out))
     if where is None:
         return ""
-    return (f" Every run's config, validation curve and test evaluation: `{where.relative_to(ROOT)}/` (a rerun "
+    shown = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
+    return (f" Every run's config, validation curve and test evaluation: `{shown}/` (a rerun "
             "of the command restores them instead of training again).")
 
 
@@ -436,10 +437,17 @@ def test_once(run_dir: Path, label: str = "", only_finished: bool = False,
     return res
 
 
+def sweep_start(stages: list[tuple[str, list[float]]]) -> dict[str, float]:
+    """Every swept key at its first listed value: what the first stage's trials hold the later keys at. Not the
+    preset's values, so writing the chosen values into the presets changes no trial (finished runs stay
+    reusable)."""
+    return {k: values[0] for k, values in stages}
+
+
 def sweep(stages: list[tuple[str, list[float]]], start: dict[str, Any],
           train_with: Callable[[dict[str, Any]], Path], label: str = "") -> tuple[dict[str, Any], list[dict]]:
     """Coordinate-wise learning-rate sweep on the validation split: each stage tries its values with the best of
-    the earlier stages (``start`` holds the preset's values); the lowest validation perplexity a run reached
+    the earlier stages (``start``: see ``sweep_start``); the lowest validation perplexity a run reached
     wins. ``train_with(params)`` trains (or reuses) one run and returns its directory. Returns the chosen
     parameters and every run tried; none of them is evaluated on the test split here."""
     best = dict(start)
@@ -467,11 +475,6 @@ def sweep(stages: list[tuple[str, list[float]]], start: dict[str, Any],
 def run_name(method: str, params: dict[str, Any]) -> str:
     """A run directory name that tells the swept values apart."""
     return method + "".join(f"_{k.split('.')[-1]}={v:g}" for k, v in sorted(params.items()))
-
-
-def config_value(cfg: Any, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
 
 
 def sweep_table(sweeps: dict[str, list[dict]], note: str = "",

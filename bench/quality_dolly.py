@@ -145,8 +145,8 @@ class Runner:
         n_train, n_cat = P.split_sizes(tuple(base_overrides(self.a, seed)))
         sched = P.schedule(P.BUDGETS[self.a.budget], n_train, n_cat, self.a.batch_size)
         ov = base_overrides(self.a, seed) + P.schedule_overrides(sched) + [f"{k}={v}" for k, v in params.items()]
-        if stage1:
-            ov.append("train.stage1_adapters=[" + ", ".join(stage1) + "]")
+        if stage1:  # stage 1 is lora_single's run, so the preset's stage-1 rate does not apply
+            ov += ["train.stage1_lr=null", "train.stage1_adapters=[" + ", ".join(stage1) + "]"]
         ov.append(f"output_dir={run_dir}")
         return load_config(preset(method), ov), (f"mixroute train configs/{preset(method).name} "
                                                  + " ".join(shlex.quote(o) for o in ov))
@@ -226,10 +226,7 @@ def one_run(a: argparse.Namespace, runner: Runner, method: str, seed: int, si: i
         stage1 = [str(rundir.stage1_dir(Path(single["dir"]), c)) for c in single["categories"]]
     weights_of = Path(results[seed]["lora_single"]["dir"]) if stage1 else None
     if si == 0 and a.sweep and method in SWEEPS:
-        from mixroute.config import load_config
-
-        preset_cfg = load_config(preset(method), [])
-        start = {**{k: P.config_value(preset_cfg, k) for k, _ in SWEEPS[method]}, **params}
+        start = {**P.sweep_start(SWEEPS[method]), **params}
 
         def train_with(trial: dict, method: str = method, stage1: Optional[list] = stage1) -> Path:
             cfg, _ = runner.config(method, seed, trial, sdir / "sweep" / P.run_name(method, trial), stage1)

@@ -275,7 +275,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
                     params = dict(chosen.get(method, {}))
                     if a.sweep and method in SWEEPS and setting == sweep_setting and si == 0:
-                        start = {k: P.config_value(load_config(preset(method), []), k) for k, _ in SWEEPS[method]}
+                        start = P.sweep_start(SWEEPS[method])
 
                         def train_with(trial: dict[str, Any], make=make, sdir=sdir) -> Path:
                             return P.train_once(make(trial, sdir / "sweep")[0], f"{setting} seed {seed} sweep",
