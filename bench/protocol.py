@@ -323,10 +323,14 @@ def restore_run(run_dir: Path, cfg: Any) -> bool:
         return False
     if not ((src / "metrics.jsonl").is_file() and (src / "bench_timing.json").is_file()):
         return False
+    import shutil
+
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an unfinished or other-config run: nothing in it belongs to the record
+    run_dir.mkdir(parents=True)
     for name in ARCHIVED:
-        if (src / name).is_file() and not (run_dir / name).is_file():
+        if (src / name).is_file():
             (run_dir / name).write_text((src / name).read_text())
     # the config written by this checkout, so a later comparison sees this checkout's paths
     from mixroute.rundir import write_config
