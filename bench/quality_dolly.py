@@ -329,7 +329,8 @@ def render(a: argparse.Namespace, results: dict, chosen: dict, sweeps: dict, fig
     out += paired_table(results)
     out += router_table(results)
     out += ["**Trainable parameters, steps and time** (steps: where early stopping kept the weights / where it "
-            "stopped, per seed; single LoRAs: the range over categories)", "",
+            "stopped, per seed; single LoRAs: the range over categories; train s / eval s: wall-clock seconds of one "
+            "run, which include any slowdown from other jobs on the machine at the time)", "",
             "| method | trainable parameters | best / stopped step | train s | eval s |", "|---|---:|---|---:|---:|"]
     for m in methods:
         r0 = next(rs[m] for rs in results.values() if m in rs)
