@@ -57,7 +57,7 @@ LORA_LR_FROM = "lora_mixed"
 USES_LORA_LR = {"lora_single", "moe_lora_naive"}
 # the headline comparisons: (a, b), reported as (PPL_a - PPL_b) / PPL_b with a paired bootstrap interval
 PAIRS = [("moa", "lora_mixed"), ("moa", "lora_single"), ("lora_mixed", "lora_single"), ("moe_lora", "moa"),
-         ("mop", "prompt_tuning")]
+         ("moe_lora", "lora_mixed"), ("mop", "prompt_tuning")]
 GROUPS = {"open_qa": "questions", "general_qa": "questions", "closed_qa": "passage tasks",
           "information_extraction": "passage tasks", "summarization": "passage tasks",
           "classification": "classification", "brainstorming": "open-ended writing",
@@ -477,7 +477,10 @@ def discussion(a: argparse.Namespace, results: dict, methods: list[str]) -> list
                        f"{m} {ppl[m]:.3f} ("
                        + ("between moa and lora_mixed" if lo_ <= ppl[m] <= hi_ else
                           "below both moa and lora_mixed" if ppl[m] < lo_ else "above both moa and lora_mixed")
-                       + ")" for m in moe) + ".")
+                       + ")" for m in moe) + "."
+                   + "".join(f" {m} vs lora_mixed: {got[0]:+.1f}% [{got[1]:+.1f}, {got[2]:+.1f}], "
+                             f"{P.verdict(got[1], got[2], m, 'lora_mixed')}." for m in moe
+                             if (got := ci(m, "lora_mixed"))))
     seeds_acc = []
     for rs in results.values():
         r = rs.get("moa") or {}
