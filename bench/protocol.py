@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import random
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,6 +317,7 @@ def _archived_config(run_dir: Path) -> Optional[dict[str, Any]]:
 def restore_run(run_dir: Path, cfg: Any) -> bool:
     """Restore ``run_dir``'s archived record when it was made by exactly ``cfg``; True when restored."""
     from mixroute.config import to_dict
+    from mixroute.rundir import write_config
 
     src = archive_path(run_dir)
     archived = _archived_config(run_dir)
@@ -323,8 +325,6 @@ def restore_run(run_dir: Path, cfg: Any) -> bool:
         return False
     if not ((src / "metrics.jsonl").is_file() and (src / "bench_timing.json").is_file()):
         return False
-    import shutil
-
     run_dir = Path(run_dir)
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished or other-config run: nothing in it belongs to the record
@@ -332,10 +332,7 @@ def restore_run(run_dir: Path, cfg: Any) -> bool:
     for name in ARCHIVED:
         if (src / name).is_file():
             (run_dir / name).write_text((src / name).read_text())
-    # the config written by this checkout, so a later comparison sees this checkout's paths
-    from mixroute.rundir import write_config
-
-    write_config(run_dir, cfg)
+    write_config(run_dir, cfg)  # with this checkout's paths, so a later comparison sees them
     return True
 
 
