@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import random
 import shutil
 import statistics
@@ -346,6 +347,18 @@ def archive_note(out: Path) -> str:
             "of the command restores them instead of training again).")
 
 
+def load_note(results: Sequence[dict[str, Any]], rendered: float) -> str:
+    """What the header says about machine load. The load when a section is rendered says nothing about its runs
+    (they may have trained in earlier sessions), so each run records the 1-minute load average at the end of its
+    training: about the run's own thread count when nothing else ran, more when something did."""
+    loads = [r["train_load"] for r in results if r.get("train_load") is not None]
+    known = (f"1-minute load average at the end of each run's training {min(loads):.2f} to {max(loads):.2f}"
+             + (f" ({len(loads)} of {len(results)} runs; the others trained before it was recorded)"
+                if len(loads) < len(results) else "")
+             if loads else "runs' load not recorded (trained before it was)")
+    return f"{known}; {rendered:.2f} when this section was rendered"
+
+
 def has_weights(run_dir: Path) -> bool:
     from mixroute import rundir
 
@@ -400,7 +413,8 @@ def train_once(cfg: Any, label: str = "", only_finished: bool = False,
     print(f"train {label or run_dir}", flush=True)
     t0 = time.time()
     train(cfg, overwrite=True, progress=sys.stdout.isatty())
-    write_json(run_dir / "bench_timing.json", {"train_seconds": round(time.time() - t0)})
+    write_json(run_dir / "bench_timing.json", {"train_seconds": round(time.time() - t0),
+                                                "train_load": round(os.getloadavg()[0], 2)})
     archive_run(run_dir)
     return run_dir
 

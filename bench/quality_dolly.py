@@ -177,7 +177,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    load = os.getloadavg()[0]
     runner = Runner(a)
     chosen: dict[str, dict[str, float]] = {m: {} for m in ORDER}
     sweeps: dict[str, list[dict[str, Any]]] = {}
@@ -198,7 +197,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 P.write_json(out / "results.json", {"args": vars(a), "chosen": chosen, "sweeps": sweeps,
                                                     "results": slim(results)})
     figures = curve_figures(a, results)
-    text = render(a, results, chosen, sweeps, figures, runner.commands, time.time() - started, load, missing)
+    text = render(a, results, chosen, sweeps, figures, runner.commands, time.time() - started,
+                  os.getloadavg()[0], missing)
     print(text)
     if not a.no_write:
         write_section(Path(a.docs), heading(a), text)
@@ -288,8 +288,9 @@ def render(a: argparse.Namespace, results: dict, chosen: dict, sweeps: dict, fig
     sched = P.schedule(b, n_train, n_cat, a.batch_size)
     out = [heading(a), "",
            f"Data: {data_label(a)}. Model: {model}. Machine: {os.cpu_count()}-core {platform.machine()} CPU "
-           f"({platform.processor() or 'unknown'}), torch {torch.__version__}, {a.threads} threads, load "
-           f"average {load:.2f} at the start. Command: `{command}` ({time.strftime('%Y-%m-%d')}, commit "
+           f"({platform.processor() or 'unknown'}), torch {torch.__version__}, {a.threads} threads, "
+           f"{P.load_note([r for rs in results.values() for r in rs.values()], load)}. Command: `{command}` "
+           f"({time.strftime('%Y-%m-%d')}, commit "
            f"{P.commit()}); training + test evaluation {seconds / 60:.0f} min summed over the reported runs, plus "
            f"{sweep_seconds / 60:.0f} min of sweep runs." + P.archive_note(Path(a.out)), ""]
     if b.steps is None:

@@ -234,7 +234,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     torch.set_num_threads(max(1, a.threads))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    started, load = time.time(), os.getloadavg()[0]
+    started = time.time()
     results: dict[str, dict[str, Any]] = {}  # setting -> {"prune": {seed: ...}, "runs": {seed: {method: eval}}}
     chosen: dict[str, dict[str, Any]] = {}
     sweeps: dict[str, list[dict]] = {}
@@ -309,7 +309,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             P.write_json(out / "results.json", {"args": vars(a), "chosen": chosen, "sweeps": sweeps,
                                                 "results": _slim(results)})
     results = {s: results[s] for s in a.settings}
-    text = render(a, results, chosen, sweeps, commands, time.time() - started, load, missing)
+    text = render(a, results, chosen, sweeps, commands, time.time() - started, os.getloadavg()[0],
+                  missing)
     print(text)
     if not a.no_write:
         write_section(Path(a.docs), HEADING, text)
@@ -388,8 +389,9 @@ def render(a: argparse.Namespace, results: dict[str, dict], chosen: dict, sweeps
     out = [HEADING, "",
            f"MoP's central experiment: {data}, {model} pruned with `mixroute.prune`, then each method trained on the "
            f"frozen pruned base (`model.name=<pruned dir>`). Machine: {os.cpu_count()}-core {platform.machine()} "
-           f"CPU, torch {torch.__version__}, {a.threads} threads, load average {load:.2f} at the start. Command: "
-           f"`{command}` ({time.strftime('%Y-%m-%d')}, commit {P.commit()}); pruning {prune_seconds / 60:.1f} min + "
+           f"CPU, torch {torch.__version__}, {a.threads} threads, "
+           f"{P.load_note([r for e in results.values() for rs in e['runs'].values() for r in rs.values()], load)}."
+           f" Command: `{command}` ({time.strftime('%Y-%m-%d')}, commit {P.commit()}); pruning {prune_seconds / 60:.1f} min + "
            f"training/evaluation {run_seconds / 60:.1f} min summed over the reported runs."
            + P.archive_note(Path(a.out)), "",
            f"Budget `{a.budget}`: {a.per_category} records per category sampled with each seed, stratified "
@@ -457,6 +459,35 @@ def render(a: argparse.Namespace, results: dict[str, dict], chosen: dict, sweeps
     return "\n".join(out)
 
 
+def gate_sentences(results: dict[str, dict], diffs: dict[str, Any]) -> list[str]:
+    """Where MoP does not beat prompt tuning, what its gate and size measured (first seed): the evidence for why,
+    not a proof."""
+    out = []
+    for s, d in diffs.items():
+        if d[2] < 0:
+            continue
+        rs = next(iter(results[s]["runs"].values()))
+        mop, pt = rs.get("mop"), rs.get("prompt_tuning")
+        acc = (mop or {}).get("router_accuracy") or {}
+        if not acc.get("confusion") or not pt:
+            continue
+        labels, merged = acc["labels"], []
+        for i, row in enumerate(acc["confusion"]):
+            j = max(range(len(row)), key=row.__getitem__)
+            if j != i and sum(row) and row[j] / sum(row) >= 0.5:
+                merged.append(f"{labels[i]} -> {labels[j]}'s expert {100 * row[j] / sum(row):.0f}%")
+        params = mop.get("parameters") or {}
+        out.append(f"- What the runs show about why ({setting_label(s)}, first seed): MoP's gate, pre-trained to "
+                   f"send category i to expert i, sends {100 * acc['overall']:.1f}% of test examples to their "
+                   "category's expert after training"
+                   + (f" and sends most of some categories to another category's expert ({'; '.join(merged)}), so "
+                      "fewer experts specialise than there are categories" if merged else "")
+                   + f"; MoP trains {mop['trainable_parameters']:,} parameters"
+                   + (f" ({params['routers']:,} in its gate)" if params.get("routers") else "")
+                   + f" against prompt tuning's {pt['trainable_parameters']:,} on the same train examples.")
+    return out
+
+
 def discussion(a: argparse.Namespace, results: dict[str, dict]) -> list[str]:
     """Sentences read off the results: each one follows from the numbers in the tables above."""
     out = []
@@ -482,6 +513,7 @@ def discussion(a: argparse.Namespace, results: dict[str, dict]) -> list[str]:
                        + (": MoP's relative advantage grows with sparsity, the paper's trend." if grows else
                           ": not monotone in MoP's favour, so the paper's 'more at higher pruning' does not hold "
                           "here."))
+    out += gate_sentences(results, diffs)
     for s in results:
         base = _mean(results, s, "base")
         row = {m: _mean(results, s, m) for m in METHOD_ORDER if m != "base"}

@@ -44,6 +44,10 @@ def test_smoke_every_method_and_rerun_reuses(tmp_path, capsys, monkeypatch, one_
     section = text.split("## Quality: synthetic suite", 1)[1]
     assert "Dolly" not in section and "the built-in synthetic suite" in section
     assert "| moa vs lora_mixed |" in section and "Budget `smoke`" in section
+    # the load each run trained under, not the load when the section was rendered
+    loads = [json.loads(p.read_text())["train_load"] for p in (tmp_path / "runs").rglob("bench_timing.json")]
+    assert len(loads) >= len(bench.ORDER) and all(x >= 0 for x in loads)
+    assert f"1-minute load average at the end of each run's training {min(loads):.2f} to" in section
     capsys.readouterr()
     bench.main(argv)
     printed = capsys.readouterr().out
@@ -97,6 +101,14 @@ def test_full_protocol_on_a_small_grid(tmp_path, monkeypatch, one_thread):
     text = out["text"]
     assert "mean ± standard deviation over the seeds" in text and "**Learning-rate sweeps**" in text
     assert " ± " in text.split("**Test perplexity", 1)[1].split("**BLEU", 1)[0]
+
+
+def test_load_note_says_which_runs_recorded_their_load():
+    P = _protocol()
+    assert P.load_note([{"train_load": 2.4}, {"train_load": 2.01}], 0.5) == (
+        "1-minute load average at the end of each run's training 2.01 to 2.40; 0.50 when this section was rendered")
+    assert "(1 of 2 runs; the others trained before it was recorded)" in P.load_note([{"train_load": 2.0}, {}], 1)
+    assert P.load_note([{}], 1.0).startswith("runs' load not recorded")
 
 
 def test_paired_bootstrap_and_intervals():

@@ -33,6 +33,22 @@ def test_parse_setting():
             bench.parse_setting(bad)
 
 
+def test_gate_sentences_follow_the_confusion_matrix():
+    bench = _bench()
+    labels = ["a", "b", "c"]
+    mop = {"trainable_parameters": 1500, "parameters": {"routers": 1200},
+           "router_accuracy": {"overall": 0.6, "labels": labels,
+                               "confusion": [[10, 0, 0], [1, 3, 6], [0, 0, 10]]}}
+    results = {"sparsegpt-75": {"runs": {0: {"mop": mop, "prompt_tuning": {"trainable_parameters": 80}}}}}
+    (line,) = bench.gate_sentences(results, {"sparsegpt-75": (1.0, -1.0, 3.0, [1.0])})
+    assert "sends 60.0% of test examples" in line and "(b -> c's expert 60%)" in line
+    assert "MoP trains 1,500 parameters (1,200 in its gate) against prompt tuning's 80" in line
+    assert bench.gate_sentences(results, {"sparsegpt-75": (-5.0, -8.0, -2.0, [-5.0])}) == []  # MoP won: no why
+    mop["router_accuracy"]["confusion"] = [[10, 0, 0], [0, 10, 0], [0, 0, 10]]
+    (line,) = bench.gate_sentences(results, {"sparsegpt-75": (1.0, -1.0, 3.0, [1.0])})
+    assert "another category's expert" not in line
+
+
 def test_quality_pruned_smoke_tiny(tmp_path, capsys, monkeypatch, one_thread):
     bench = _bench()
     P = bench.P
