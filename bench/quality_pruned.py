@@ -391,8 +391,8 @@ def render(a: argparse.Namespace, results: dict[str, dict], chosen: dict, sweeps
            f"frozen pruned base (`model.name=<pruned dir>`). Machine: {os.cpu_count()}-core {platform.machine()} "
            f"CPU, torch {torch.__version__}, {a.threads} threads, "
            f"{P.load_note([r for e in results.values() for rs in e['runs'].values() for r in rs.values()], load)}."
-           f" Command: `{command}` ({time.strftime('%Y-%m-%d')}, commit {P.commit()}); pruning {prune_seconds / 60:.1f} min + "
-           f"training/evaluation {run_seconds / 60:.1f} min summed over the reported runs."
+           f" Command: `{command}` ({time.strftime('%Y-%m-%d')}, commit {P.commit()}); pruning "
+           f"{prune_seconds / 60:.1f} min + training/evaluation {run_seconds / 60:.1f} min summed over the reported runs."
            + P.archive_note(Path(a.out)), "",
            f"Budget `{a.budget}`: {a.per_category} records per category sampled with each seed, stratified "
            f"{100 * (1 - b.val_fraction - b.test_fraction):.0f}/{100 * b.val_fraction:.0f}/"
@@ -466,7 +466,7 @@ def gate_sentences(results: dict[str, dict], diffs: dict[str, Any]) -> list[str]
     for s, d in diffs.items():
         if d[2] < 0:
             continue
-        rs = next(iter(results[s]["runs"].values()))
+        rs = next(iter(results[s]["runs"].values()), {})
         mop, pt = rs.get("mop"), rs.get("prompt_tuning")
         acc = (mop or {}).get("router_accuracy") or {}
         if not acc.get("confusion") or not pt:
@@ -510,7 +510,10 @@ def discussion(a: argparse.Namespace, results: dict[str, dict]) -> list[str]:
             grows = all(later < earlier for (_, earlier), (_, later) in zip(ladder, ladder[1:]))
             out.append("- Against sparsity (unstructured): MoP vs PT goes "
                        + " -> ".join(f"{d:+.1f}% at {sp * 100:g}%" for sp, d in ladder)
-                       + (": MoP's relative advantage grows with sparsity, the paper's trend." if grows else
+                       + ((": MoP's relative advantage grows with sparsity, the paper's trend." if all(
+                           d < 0 for _, d in ladder) else ": the difference moves in MoP's favour as sparsity grows "
+                           "(the paper's trend), but by the means MoP is below prompt tuning at "
+                           f"{sum(d < 0 for _, d in ladder)} of these {len(ladder)} sparsities.") if grows else
                           ": not monotone in MoP's favour, so the paper's 'more at higher pruning' does not hold "
                           "here."))
     out += gate_sentences(results, diffs)

@@ -49,6 +49,24 @@ def test_gate_sentences_follow_the_confusion_matrix():
     assert "another category's expert" not in line
 
 
+@pytest.mark.parametrize("diffs, says", [
+    ({"sparsegpt-50": -2.0, "sparsegpt-75": -9.0}, "MoP's relative advantage grows with sparsity"),
+    ({"sparsegpt-50": 5.0, "sparsegpt-75": 0.5}, "MoP is below prompt tuning at 0 of these 2 sparsities"),
+    ({"sparsegpt-50": -5.0, "sparsegpt-75": -1.0}, "does not hold here"),
+])
+def test_sparsity_trend_sentence_follows_the_numbers(monkeypatch, diffs, says):
+    import argparse
+
+    bench = _bench()
+    results = {s: {"runs": {}} for s in diffs}
+    monkeypatch.setattr(bench, "mop_vs_pt", lambda r, s: (diffs[s], diffs[s] - 1, diffs[s] + 1, [diffs[s]]))
+    text = "\n".join(bench.discussion(argparse.Namespace(budget="full"), results))
+    assert f"{diffs['sparsegpt-50']:+.1f}% at 50% -> {diffs['sparsegpt-75']:+.1f}% at 75%" in text
+    others = {"MoP's relative advantage grows with sparsity", "MoP is below prompt tuning at 0 of these 2 sparsities",
+              "does not hold here"} - {says}
+    assert says in text and not any(o in text for o in others)
+
+
 def test_quality_pruned_smoke_tiny(tmp_path, capsys, monkeypatch, one_thread):
     bench = _bench()
     P = bench.P
