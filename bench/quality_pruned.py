@@ -516,6 +516,13 @@ def discussion(a: argparse.Namespace, results: dict[str, dict]) -> list[str]:
                            f"{sum(d < 0 for _, d in ladder)} of these {len(ladder)} sparsities.") if grows else
                           ": not monotone in MoP's favour, so the paper's 'more at higher pruning' does not hold "
                           "here."))
+    swept = sweep_on(list(results)) or "dense"
+    others = [s for s in diffs if s != swept]
+    if P.BUDGETS[a.budget].steps is None and others:
+        out.append(f"- The learning rates were chosen on {setting_label(swept)}'s validation split and reused for "
+                   + ", ".join(setting_label(s) for s in others)
+                   + ": there both methods run at rates tuned for another base, so those comparisons may favour "
+                   "whichever method's best rate moves less with sparsity.")
     out += gate_sentences(results, diffs)
     for s in results:
         base = _mean(results, s, "base")

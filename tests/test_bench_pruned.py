@@ -65,6 +65,7 @@ def test_sparsity_trend_sentence_follows_the_numbers(monkeypatch, diffs, says):
     others = {"MoP's relative advantage grows with sparsity", "MoP is below prompt tuning at 0 of these 2 sparsities",
               "does not hold here"} - {says}
     assert says in text and not any(o in text for o in others)
+    assert "chosen on sparsegpt 75%'s validation split and reused for sparsegpt 50%:" in text
 
 
 def test_quality_pruned_smoke_tiny(tmp_path, capsys, monkeypatch, one_thread):
