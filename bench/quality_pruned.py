@@ -7,8 +7,9 @@ pruned base itself, prompt tuning, MoP and, on request, one LoRA on the mixed da
 
 ``--budget full`` (bench/protocol.py) trains each method in epochs of the train split until validation perplexity
 stops improving (best weights kept, capped), after sweeping prompt tuning's lr and MoP's prompt and gate lr on
-the validation split of the first pruned setting's first seed; the chosen rates are used for every setting and
-seed (three). It reports mean +/- std over seeds and, per setting, a paired bootstrap 95% interval of MoP vs
+the validation split of SparseGPT-75%'s (else the first pruned setting's) first seed; the chosen rates are used
+for every setting and seed (three). ``--sweep-each`` sweeps every pruned setting on its own first seed instead,
+so each setting's comparison runs at rates tuned for its own base. It reports mean +/- std over seeds and, per setting, a paired bootstrap 95% interval of MoP vs
 prompt tuning on the same test examples, the validation curves and MoP's gate figure. ``--budget smoke`` is a
 few fixed steps (the test suite runs it on the tiny model).
 
@@ -18,6 +19,7 @@ Finished runs (same config) and pruned models (same pruning request) are reused,
 redoes what is missing; ``--force`` redoes everything.
 
     python bench/quality_pruned.py --budget full                                  # dense + SparseGPT 50/75 %
+    python bench/quality_pruned.py --budget full --sweep-each                     # each setting tuned on its own
     python bench/quality_pruned.py --budget full --settings sparsegpt-2:4 wanda-75
     python bench/quality_pruned.py --budget smoke --settings sparsegpt-50 --no-write   # minutes
 """
@@ -65,6 +67,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="Methods run on the 'dense' setting (default: base only, the unpruned reference row).")
     p.add_argument("--mop-set", action="append", default=[], metavar="KEY=VALUE",
                    help="Extra config override for the mop runs, repeatable (e.g. mixture.inject_layer=0).")
+    p.add_argument("--sweep-each", action="store_true",
+                   help="Sweep the learning rates on every pruned setting's own first seed (default: on SparseGPT-75% "
+                        "only, reused for the other settings).")
     p.add_argument("--calib-samples", type=int, default=32, help="Calibration windows (Wanda / SparseGPT).")
     p.add_argument("--calib-seq-len", type=int, default=128, help="Tokens per calibration window.")
     p.add_argument("--force", action="store_true", help="Re-prune and re-train even when finished outputs exist.")
@@ -236,13 +241,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results: dict[str, dict[str, Any]] = {}  # setting -> {"prune": {seed: ...}, "runs": {seed: {method: eval}}}
-    chosen: dict[str, dict[str, Any]] = {}
-    sweeps: dict[str, list[dict]] = {}
+    chosen: dict[str, dict[str, dict[str, Any]]] = {}  # swept setting -> method -> chosen rates
+    sweeps: dict[str, dict[str, list[dict]]] = {}       # swept setting -> method -> trials
     commands: list[str] = []
     missing: list[str] = []
-    sweep_setting = sweep_on(a.settings)
-    # the sweep's setting first: the others reuse what it chose
-    for setting in sorted(a.settings, key=lambda s: s != sweep_setting):
+    primary = sweep_on(a.settings)
+    # the primary sweep's setting first: the settings without a sweep of their own reuse what it chose
+    for setting in sorted(a.settings, key=lambda s: s != primary):
         entry: dict[str, Any] = {"prune": {}, "runs": {}, "figure": {}, "curves": {}}
         results[setting] = entry
         methods = [m for m in METHOD_ORDER if m in (a.dense_methods if setting == "dense" else a.methods)]
@@ -273,17 +278,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                         ov = overrides(a, method, seed, model_name, params, where / P.run_name(method, params))
                         return load_config(preset(method), ov), ov
 
-                    params = dict(chosen.get(method, {}))
-                    if a.sweep and method in SWEEPS and setting == sweep_setting and si == 0:
+                    swept = a.sweep and method in SWEEPS and rates_from(a, setting) == setting and si == 0
+                    params = dict(chosen.get(rates_from(a, setting), {}).get(method, {}))
+                    if swept:
                         start = P.sweep_start(SWEEPS[method])
 
                         def train_with(trial: dict[str, Any], make=make, sdir=sdir) -> Path:
                             return P.train_once(make(trial, sdir / "sweep")[0], f"{setting} seed {seed} sweep",
                                                 a.only_finished, before_train=ensure_model)
-                        params, sweeps[method] = P.sweep(SWEEPS[method], start, train_with, method)
-                        chosen[method] = params
+                        params, sweeps.setdefault(setting, {})[method] = P.sweep(SWEEPS[method], start,
+                                                                                   train_with, method)
+                        chosen.setdefault(setting, {})[method] = params
                     # the chosen configuration's sweep run is this seed's run: not trained twice
-                    swept = a.sweep and method in SWEEPS and setting == sweep_setting and si == 0
                     cfg, ov = make(params, sdir / "sweep" if swept else sdir)
                     if si == 0:
                         commands.append(f"mixroute train configs/{preset(method).name} " + shlex.join(ov))
@@ -299,7 +305,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 except P.NotFinished as e:
                     missing.append(f"{setting} seed {seed} {method}")
                     if getattr(e, "tried", None) is not None:
-                        sweeps[method] = e.tried
+                        sweeps.setdefault(setting, {})[method] = e.tried
             curves = {NAMES[m]: r["curve"] for m, r in runs.items() if m != "base" and len(r["curve"]) > 1}
             if si == 0 and curves:
                 name = setting_dirname(setting).replace(".", "_")
@@ -322,6 +328,14 @@ def sweep_on(settings: list[str]) -> Optional[str]:
     headline regime) when it is run, else the first pruned setting."""
     pruned = [s for s in settings if s != "dense"]
     return "sparsegpt-75" if "sparsegpt-75" in pruned else next(iter(pruned), None)
+
+
+def rates_from(a: argparse.Namespace, setting: str) -> Optional[str]:
+    """The setting whose sweep chooses this setting's learning rates: its own with ``--sweep-each`` (pruned
+    settings), else the primary one (``sweep_on``)."""
+    if getattr(a, "sweep_each", False) and setting != "dense":
+        return setting
+    return sweep_on(a.settings)
 
 
 def _slim(results: dict[str, Any]) -> dict[str, Any]:
@@ -406,10 +420,12 @@ def render(a: argparse.Namespace, results: dict[str, dict], chosen: dict, sweeps
            "pre-trained 50 steps on labels, then trained jointly at train.router_lr. Metric: token-weighted test "
            "perplexity of the responses; `average` = mean of the per-category PPLs; mean ± std over seeds.", ""]
     out += P.missing_note(missing or [])
-    if sweeps:
-        swept_on = sweep_on(a.settings) or "dense"
-        out += P.sweep_table(sweeps, f" on {setting_label(swept_on)}, first seed; the chosen values are used for "
-                                     "every setting and seed", chosen)
+    for swept, tables in sweeps.items():
+        reusing = [setting_label(s) for s in a.settings if s != swept and rates_from(a, s) == swept
+                   and any(m in SWEEPS for m in (a.dense_methods if s == "dense" else a.methods))]
+        out += P.sweep_table(tables, f" on {setting_label(swept)}, first seed; the chosen values are used for "
+                                     f"every seed of {setting_label(swept)}"
+                                     + (f" and of {', '.join(reusing)}" if reusing else ""), chosen.get(swept))
     shown = [m for m in METHOD_ORDER if any(m in rs for e in results.values() for rs in e["runs"].values())]
     out += ["**Average test perplexity per setting** (lower is better; MoP vs PT = (MoP - PT) / PT pooled over the "
             "seeds' test examples, negative = MoP better, with its paired bootstrap 95% interval)", "",
@@ -516,11 +532,10 @@ def discussion(a: argparse.Namespace, results: dict[str, dict]) -> list[str]:
                            f"{sum(d < 0 for _, d in ladder)} of these {len(ladder)} sparsities.") if grows else
                           ": not monotone in MoP's favour, so the paper's 'more at higher pruning' does not hold "
                           "here."))
-    swept = sweep_on(list(results)) or "dense"
-    others = [s for s in diffs if s != swept]
+    others = [s for s in diffs if rates_from(a, s) != s]
     if P.BUDGETS[a.budget].steps is None and others:
-        out.append(f"- The learning rates were chosen on {setting_label(swept)}'s validation split and reused for "
-                   + ", ".join(setting_label(s) for s in others)
+        out.append(f"- The learning rates were chosen on {setting_label(sweep_on(a.settings))}'s validation split "
+                   "and reused for " + ", ".join(setting_label(s) for s in others)
                    + ": there both methods run at rates tuned for another base, so those comparisons may favour "
                    "whichever method's best rate moves less with sparsity.")
     out += gate_sentences(results, diffs)

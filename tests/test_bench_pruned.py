@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from mixroute import rundir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,12 +62,43 @@ def test_sparsity_trend_sentence_follows_the_numbers(monkeypatch, diffs, says):
     bench = _bench()
     results = {s: {"runs": {}} for s in diffs}
     monkeypatch.setattr(bench, "mop_vs_pt", lambda r, s: (diffs[s], diffs[s] - 1, diffs[s] + 1, [diffs[s]]))
-    text = "\n".join(bench.discussion(argparse.Namespace(budget="full"), results))
+    a = argparse.Namespace(budget="full", settings=list(diffs), sweep_each=False)
+    text = "\n".join(bench.discussion(a, results))
     assert f"{diffs['sparsegpt-50']:+.1f}% at 50% -> {diffs['sparsegpt-75']:+.1f}% at 75%" in text
     others = {"MoP's relative advantage grows with sparsity", "MoP is below prompt tuning at 0 of these 2 sparsities",
               "does not hold here"} - {says}
     assert says in text and not any(o in text for o in others)
     assert "chosen on sparsegpt 75%'s validation split and reused for sparsegpt 50%:" in text
+    a.sweep_each = True  # each setting tuned on its own validation split: nothing to warn about
+    assert "reused for" not in "\n".join(bench.discussion(a, results))
+    assert [bench.rates_from(a, s) for s in ("dense", "sparsegpt-50")] == ["sparsegpt-75", "sparsegpt-50"]
+
+
+def test_sweep_each_tunes_every_setting_on_its_own_validation(tmp_path, monkeypatch, one_thread):
+    bench = _bench()
+    P = bench.P
+    monkeypatch.setattr(P, "RUNS", tmp_path)
+    monkeypatch.setattr(P, "ARCHIVE", tmp_path / "archive")
+    monkeypatch.setitem(P.BUDGETS, "full", P.Budget("full", per_category=12, max_length=48, val_fraction=0.25,
+                                                    test_fraction=0.25, seeds=(0, 1), max_generate=1,
+                                                    max_new_tokens=2, max_epochs=2, patience=1, sweep=True))
+    monkeypatch.setattr(bench, "SWEEPS", {"prompt_tuning": [("train.lr", [1e-2, 3e-1])]})
+    argv = ["--budget", "full", "--model", "tiny", "--data", "synthetic", "--settings", "wanda-50", "wanda-75",
+            "--methods", "base", "prompt_tuning", "--calib-samples", "2", "--calib-seq-len", "16", "--threads", "1",
+            "--out", str(tmp_path / "runs"), "--img-dir", str(tmp_path / "img"), "--no-write", "--sweep-each"]
+    out = bench.main(argv)
+    assert set(out["sweeps"]) == set(out["chosen"]) == {"wanda-50", "wanda-75"}
+    for setting in ("wanda-50", "wanda-75"):
+        tried = out["sweeps"][setting]["prompt_tuning"]
+        scores = {t["params"]["train.lr"]: t["validation_ppl"] for t in tried}
+        pick = out["chosen"][setting]["prompt_tuning"]["train.lr"]
+        assert pick == min(scores, key=scores.get) and all(f"wanda-{setting[-2:]}" in t["dir"] for t in tried)
+        for seed in (0, 1):  # every seed of the setting runs at the rate chosen on that setting
+            run = out["results"][setting]["runs"][seed]["prompt_tuning"]["run"]
+            run_dir = (tmp_path / "runs" / setting / f"seed{seed}").joinpath(*([] if seed else ["sweep"]), run)
+            assert rundir.read_config(run_dir).train.lr == pick
+    assert "every seed of wanda 50%\n" in out["text"] and "every seed of wanda 75%\n" in out["text"]
+    assert "reused for" not in out["text"]
 
 
 def test_quality_pruned_smoke_tiny(tmp_path, capsys, monkeypatch, one_thread):
