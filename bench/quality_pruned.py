@@ -217,6 +217,7 @@ def gate_figure(a: argparse.Namespace, setting: str, sdir: Path, mop_dir: Path) 
             and png.stat().st_mtime >= evaluated.stat().st_mtime:  # drawn after this run finished
         return {"png": str(png), "html": str(html) if html.is_file() else None}
     dirs = [mop_dir] + ([sdir / "model"] if (sdir / "model" / rundir.PRUNE_REPORT).is_file() else [])
+    shutil.rmtree(sdir / "report", ignore_errors=True)  # an earlier MoP run's heatmap must not be picked below
     html = write_report(dirs, sdir / "report", warn=lambda m: None)
     found: dict[str, Optional[str]] = {"png": None, "html": str(html)}
     heat = sorted(p for p in html.parent.glob("gates_*.png") if "_layer" not in p.name)

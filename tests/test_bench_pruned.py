@@ -125,6 +125,12 @@ def test_quality_pruned_smoke_tiny(tmp_path, capsys, monkeypatch, one_thread):
     assert runs[0]["mop"]["router_accuracy"] is not None
     png = Path(out["results"]["wanda-50"]["figure"]["png"])
     assert png.is_file() and png.stat().st_size > 1000 and png.parent == tmp_path / "img"
+    # an earlier MoP run's heatmap left in the setting's report folder is not the one copied
+    sdir = tmp_path / "runs" / "wanda-50" / "seed0"
+    own = png.read_bytes()
+    (sdir / "report" / "gates_0_an_earlier_run.png").write_bytes(b"stale")
+    png.unlink()
+    assert Path(bench.gate_figure(bench.parse_args(argv), "wanda-50", sdir, sdir / "mop")["png"]).read_bytes() == own
 
     text = docs.read_text()
     assert "## Quality\n\nkept" in text and text.count(bench.HEADING) == 1
