@@ -9,9 +9,9 @@ pruned base itself, prompt tuning, MoP and, on request, one LoRA on the mixed da
 stops improving (best weights kept, capped), after sweeping prompt tuning's lr and MoP's prompt and gate lr on
 the validation split of SparseGPT-75%'s (else the first pruned setting's) first seed; the chosen rates are used
 for every setting and seed (three). ``--sweep-each`` sweeps every pruned setting on its own first seed instead,
-so each setting's comparison runs at rates tuned for its own base. It reports mean +/- std over seeds and, per setting, a paired bootstrap 95% interval of MoP vs
-prompt tuning on the same test examples, the validation curves and MoP's gate figure. ``--budget smoke`` is a
-few fixed steps (the test suite runs it on the tiny model).
+so each setting's comparison runs at rates tuned for its own base. It reports mean +/- std over seeds and, per
+setting, a paired bootstrap 95% interval of MoP vs prompt tuning on the same test examples, the validation
+curves and MoP's gate figure. ``--budget smoke`` is a few fixed steps (the test suite runs it on the tiny model).
 
 Settings are ``METHOD-PERCENT`` (unstructured, e.g. ``sparsegpt-75``), ``METHOD-N:M`` (keep N of every M,
 e.g. ``sparsegpt-2:4``) or ``dense`` (the unpruned model; its methods come from ``--dense-methods``).
@@ -252,6 +252,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         entry: dict[str, Any] = {"prune": {}, "runs": {}, "figure": {}, "curves": {}}
         results[setting] = entry
         methods = [m for m in METHOD_ORDER if m in (a.dense_methods if setting == "dense" else a.methods)]
+        source = rates_from(a, setting)
         for si, seed in enumerate(a.seeds):
             sdir = out / setting_dirname(setting) / f"seed{seed}"
             model_name = a.model
@@ -279,8 +280,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                         ov = overrides(a, method, seed, model_name, params, where / P.run_name(method, params))
                         return load_config(preset(method), ov), ov
 
-                    swept = a.sweep and method in SWEEPS and rates_from(a, setting) == setting and si == 0
-                    params = dict(chosen.get(rates_from(a, setting), {}).get(method, {}))
+                    swept = a.sweep and method in SWEEPS and source == setting and si == 0
+                    params = dict(chosen.get(source, {}).get(method, {}))
                     if swept:
                         start = P.sweep_start(SWEEPS[method])
 
@@ -334,7 +335,7 @@ def sweep_on(settings: list[str]) -> Optional[str]:
 def rates_from(a: argparse.Namespace, setting: str) -> Optional[str]:
     """The setting whose sweep chooses this setting's learning rates: its own with ``--sweep-each`` (pruned
     settings), else the primary one (``sweep_on``)."""
-    if getattr(a, "sweep_each", False) and setting != "dense":
+    if a.sweep_each and setting != "dense":
         return setting
     return sweep_on(a.settings)
 
@@ -407,7 +408,8 @@ def render(a: argparse.Namespace, results: dict[str, dict], chosen: dict, sweeps
            f"CPU, torch {torch.__version__}, {a.threads} threads, "
            f"{P.load_note([r for e in results.values() for rs in e['runs'].values() for r in rs.values()], load)}."
            f" Command: `{command}` ({time.strftime('%Y-%m-%d')}, commit {P.commit()}); pruning "
-           f"{prune_seconds / 60:.1f} min + training/evaluation {run_seconds / 60:.1f} min summed over the reported runs."
+           f"{prune_seconds / 60:.1f} min + training/evaluation {run_seconds / 60:.1f} min summed over the reported "
+           "runs."
            + P.archive_note(Path(a.out)), "",
            f"Budget `{a.budget}`: {a.per_category} records per category sampled with each seed, stratified "
            f"{100 * (1 - b.val_fraction - b.test_fraction):.0f}/{100 * b.val_fraction:.0f}/"
@@ -525,14 +527,16 @@ def discussion(a: argparse.Namespace, results: dict[str, dict]) -> list[str]:
                          if s != "dense" and setting_target(s)[1] is not None))
         if len(ladder) >= 2:
             grows = all(later < earlier for (_, earlier), (_, later) in zip(ladder, ladder[1:]))
+            ahead = sum(d < 0 for _, d in ladder)
+            if not grows:
+                trend = "not monotone in MoP's favour, so the paper's 'more at higher pruning' does not hold here."
+            elif ahead == len(ladder):
+                trend = "MoP's relative advantage grows with sparsity, the paper's trend."
+            else:
+                trend = ("the difference moves in MoP's favour as sparsity grows (the paper's trend), but by the "
+                         f"means MoP is below prompt tuning at {ahead} of these {len(ladder)} sparsities.")
             out.append("- Against sparsity (unstructured): MoP vs PT goes "
-                       + " -> ".join(f"{d:+.1f}% at {sp * 100:g}%" for sp, d in ladder)
-                       + ((": MoP's relative advantage grows with sparsity, the paper's trend." if all(
-                           d < 0 for _, d in ladder) else ": the difference moves in MoP's favour as sparsity grows "
-                           "(the paper's trend), but by the means MoP is below prompt tuning at "
-                           f"{sum(d < 0 for _, d in ladder)} of these {len(ladder)} sparsities.") if grows else
-                          ": not monotone in MoP's favour, so the paper's 'more at higher pruning' does not hold "
-                          "here."))
+                       + " -> ".join(f"{d:+.1f}% at {sp * 100:g}%" for sp, d in ladder) + ": " + trend)
     others = [s for s in diffs if rates_from(a, s) != s]
     if P.BUDGETS[a.budget].steps is None and others:
         out.append(f"- The learning rates were chosen on {setting_label(sweep_on(a.settings))}'s validation split "
