@@ -44,11 +44,14 @@ class Budget:
 BUDGETS = {
     "smoke": Budget("smoke", per_category=16, max_length=64, val_fraction=0.25, test_fraction=0.25, seeds=(0,),
                     max_generate=2, max_new_tokens=8, steps=4, stage1_steps=2),
-    # 90 records per category: 50 test (perplexity; 20 of them generate for BLEU / ROUGE-L), 11 validation,
-    # 29 train. One epoch = 4 steps of batch 8 for a single LoRA, 29 for the union. 96 tokens keep at least 24
-    # response tokens of every example (docs/data.md, truncation) at ~80 tokens per example on average.
-    "full": Budget("full", per_category=90, max_length=96, val_fraction=0.12, test_fraction=0.56,
-                   seeds=(0, 1, 2), max_generate=20, max_new_tokens=32, max_epochs=5, patience=1, sweep=True),
+    # 400 records per category: 80 test (perplexity; 20 of them generate for BLEU / ROUGE-L), 40 validation,
+    # 280 train: above the 250 a category the routed methods need at least, still 7-18x below the MoA paper's
+    # 2k-5k per domain. (Until 2026-12 this was 90 records, 29 train, on which four of eight stage-1 experts
+    # kept their 3-update weights.) One epoch = 35 steps of batch 8 for a single LoRA, 280 for Dolly-8's
+    # union. 96 tokens keep at least 24 response tokens of every example (docs/data.md, truncation) at ~80
+    # tokens per example on average.
+    "full": Budget("full", per_category=400, max_length=96, val_fraction=0.1, test_fraction=0.2,
+                   seeds=(0, 1, 2), max_generate=20, max_new_tokens=32, max_epochs=5, patience=2, sweep=True),
 }
 
 
@@ -479,7 +482,7 @@ def sweep(stages: list[tuple[str, list[float]]], start: dict[str, Any],
             scores[v] = best_validation(run_dir)
             tried.append({"params": trial, "validation_ppl": scores[v], "dir": str(run_dir),
                           "stopping": stopping(run_dir)})
-            print(f"sweep {label} {key}={v:g}: best validation PPL "
+            print(f"sweep {label} {key}={fmt_value(v)}: best validation PPL "
                   f"{'-' if scores[v] is None else f'{scores[v]:.3f}'}", flush=True)
         ok = [v for v in values if scores[v] is not None]
         if ok:
@@ -489,7 +492,12 @@ def sweep(stages: list[tuple[str, list[float]]], start: dict[str, Any],
 
 def run_name(method: str, params: dict[str, Any]) -> str:
     """A run directory name that tells the swept values apart."""
-    return method + "".join(f"_{k.split('.')[-1]}={v:g}" for k, v in sorted(params.items()))
+    return method + "".join(f"_{k.split('.')[-1]}={fmt_value(v)}" for k, v in sorted(params.items()))
+
+
+def fmt_value(v: Any) -> str:
+    """A swept value as it appears in run names and logs (numbers compactly, choices as they are)."""
+    return v if isinstance(v, str) else f"{v:g}"
 
 
 def sweep_table(sweeps: dict[str, list[dict]], note: str = "",
@@ -507,7 +515,7 @@ def sweep_table(sweeps: dict[str, list[dict]], note: str = "",
             if key in seen:
                 continue
             seen.add(key)
-            setting = ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in t["params"].items())
+            setting = ", ".join(f"{k.split('.')[-1]} {fmt_value(v)}" for k, v in t["params"].items())
             v = "-" if t["validation_ppl"] is None else f"{t['validation_ppl']:.3f}"
             is_pick = pick is not None and all(t["params"].get(k) == val for k, val in pick.items())
             out.append(f"| {m} | {setting} | {f'**{v}**' if is_pick else v} |")

@@ -48,7 +48,10 @@ SWEEPS: dict[str, list[tuple[str, list[float]]]] = {
     # stage 2 starts from stage-1 LoRAs that early stopping left at their validation optimum: at the LoRA rate
     # they overfit within an epoch (the first full run: every stage-2 trial's best was its start), so the
     # experts' rate in stage 2 is swept too
-    "moa": [("train.lr", [5e-5, 3e-4]), ("train.router_lr", [1e-2, 1e-1]), ("mixture.eta", [0.1, 1.0])],
+    # router_scope first: one decision per sequence from the frozen base (global) against the paper's one router
+    # per layer; the rest is tuned for the chosen layout
+    "moa": [("mixture.router_scope", ["global", "layer"]), ("train.lr", [5e-5, 3e-4]),
+            ("train.router_lr", [1e-2, 1e-1]), ("mixture.eta", [0.1, 1.0])],
     "moe_lora": [("train.lr", [5e-5, 3e-4])],
     "prompt_tuning": [("train.lr", [3e-2, 1e-1])],
     "mop": [("train.lr", [1.0, 3.0]), ("train.router_lr", [1e-3, 1e-2])],
@@ -366,7 +369,17 @@ def _steps(r: dict[str, Any]) -> str:
         last = [c[-1][0] for c in curves if c]
         return f"{min(best)}-{max(best)} / {min(last)}-{max(last)}" if best else "-"
     stops = [s for s in r.get("stopping") or [] if "category" not in s]
-    return f"{stops[-1]['best_step']} / {stops[-1]['stopped_step']}" if stops else "-"
+    if not stops:
+        return "-"
+    flag = " **not trained** (kept its start)" if kept_start(stops[-1]) else ""
+    return f"{stops[-1]['best_step']} / {stops[-1]['stopped_step']}{flag}"
+
+
+def kept_start(stop: dict[str, Any]) -> bool:
+    """Whether an early-stopping record kept the weights validated before the first step of its stage."""
+    if stop.get("trained") is not None:
+        return not stop["trained"]
+    return stop.get("best_step") == stop.get("start_step", 0)
 
 
 def paired(results: dict, a: str, b: str) -> Optional[tuple[P.Paired, list[float]]]:
@@ -505,12 +518,13 @@ def discussion(a: argparse.Namespace, results: dict, methods: list[str]) -> list
                       else " Neither is near 100%: the categories are not fully separable from the prompt's "
                            "pooled hidden states." if max(ra, ca) < 0.9 else ""))
     at_start = [seed for seed, rs in results.items()
-                if any(st["best_step"] == 0 for st in (rs.get("moa") or {}).get("stopping") or [])]
+                if any(kept_start(st) for st in (rs.get("moa") or {}).get("stopping") or []
+                       if "category" not in st)]
     if at_start:
         n = sum(1 for rs in results.values() if "moa" in rs)
         out.append(f"- In {len(at_start)} of {n} seed(s) MoA's stage 2 never beat its own start on validation, so "
-                   "early stopping returned the stage-1 LoRAs with the router as initialised: that moa row is a "
-                   "near-uniform mixture of the category LoRAs, and its router accuracy is an untrained router's.")
+                   "early stopping returned its start (the stage-1 LoRAs with the routers as pre-trained, or as "
+                   "initialised where pre-training was off): that moa row is not a result of stage 2.")
     if "mop" in ppl and "prompt_tuning" in ppl:
         got = ci("mop", "prompt_tuning")
         if got:

@@ -110,6 +110,10 @@ def mixroute_cases(model, batch: dict) -> list[Case]:
         ("mixroute single, train step with logits_for='all'", MixtureConfig(router="single", rank=8), False),
         ("mixroute task top-1, 8 experts, mixed batch", MixtureConfig(router="task", num_experts=8, rank=8,
                                                                        route_train="label"), True),
+        # one decision per sequence from the frozen base at the middle layer: the routing pre-pass costs
+        # router_layer / num_layers of a base forward per prefill (measured here in eval mode: top-1 by the router)
+        ("mixroute task global top-1 (pre-pass at the middle layer), 8 experts",
+         MixtureConfig(router="task", num_experts=8, rank=8, router_scope="global"), False),
         ("mixroute token_topk, 8 experts, k=2", MixtureConfig(router="token_topk", num_experts=8, rank=8,
                                                                top_k=2), False),
         ("mixroute rank (SMoRA), 64 ranks, k=8", MixtureConfig(router="rank", num_experts=8, rank=8,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mixroute.evaluate import (HeldOut, bleu_rouge, classifier_accuracy, evaluate_run, gate_matrix, held_out_pass,
-                               perplexity, router_accuracy, routed_expert)
+                               perplexity, router_accuracy, applied_router_accuracy)
 from mixroute.report.compare import comparison_table, format_metric, to_csv, to_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,10 +86,21 @@ def test_router_accuracy_and_confusion():
     assert acc["labels"] == ["a", "b", "c"]
 
 
-def test_routed_expert_votes_over_layers():
-    probs = {"layer_0": torch.tensor([[0.6, 0.4], [0.1, 0.9]]), "layer_1": torch.tensor([[0.3, 0.7], [0.2, 0.8]])}
-    held = HeldOut(nll=torch.zeros(2), tokens=torch.ones(2), task_ids=torch.tensor([0, 1]), router_probs=probs)
-    assert routed_expert(held).tolist() == [1, 1]   # mean of (0.6, 0.3) < mean of (0.4, 0.7)
+def test_router_accuracy_counts_every_applied_layer_decision():
+    """A vote over layers would call both examples right; what ran was 3 right decisions out of 4."""
+    routing = {"layer_0": torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "layer_1": torch.tensor([[0.0, 1.0], [0.0, 1.0]])}
+    probs = {"layer_0": torch.tensor([[0.6, 0.4], [0.1, 0.9]]), "layer_1": torch.tensor([[0.45, 0.55], [0.2, 0.8]])}
+    held = HeldOut(nll=torch.zeros(2), tokens=torch.ones(2), task_ids=torch.tensor([0, 1]), routing=routing,
+                   router_probs=probs)
+    acc = applied_router_accuracy(held, ["a", "b"], 2)
+    assert acc["overall"] == pytest.approx(3 / 4)
+    assert acc["per_router"] == {"layer_0": 1.0, "layer_1": 0.5}
+    assert acc["agreement"] == 0.5 and acc["routers"] == 2 and acc["n"] == 2
+    assert acc["confusion"] == [[1, 1], [0, 2]]
+    one = applied_router_accuracy(HeldOut(nll=torch.zeros(2), tokens=torch.ones(2), task_ids=torch.tensor([0, 1]),
+                                          routing={"global": routing["layer_1"]}), ["a", "b"], 2)
+    assert one["overall"] == 0.5 and "per_router" not in one
+    assert one["interval"][0] < 0.5 < one["interval"][1]
 
 
 def test_classifier_baseline_on_separable_features():
@@ -153,6 +164,8 @@ def test_evaluate_run_writes_the_eval_json_schema(tmp_path):
     acc = saved["router_accuracy"]
     assert len(acc["confusion"]) == len(cats) and sum(map(sum, acc["confusion"])) > 0
     assert 0 <= saved["classifier_accuracy"]["overall"] <= 1
+    lo, hi = saved["classifier_accuracy"]["interval"]
+    assert lo <= saved["classifier_accuracy"]["overall"] <= hi
     assert saved["generation"] ["max_new_tokens"] == 3
     assert result["trainable_parameters"] > 0
 

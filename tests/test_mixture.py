@@ -119,10 +119,11 @@ def test_parameter_counts_and_detach():
         base = model(input_ids=ids).logits
     mix = randomised(Mixture.attach(model, MixtureConfig(router="task", num_experts=4, num_tasks=4, rank=2,
                                                          mlp_only=True)))
-    # mlp: gate/up 64 -> 128, down 128 -> 64; per expert r * (in + out); 2 layers; router 64 * 4 + 4 per layer
+    # mlp: gate/up 64 -> 128, down 128 -> 64; per expert r * (in + out); 2 layers; router per layer: its
+    # LayerNorm (2 * 64) and its projection (64 * 4 + 4)
     parts = mix.num_parameters_by_part()
     assert parts["experts"] == 2 * 4 * 2 * 3 * (64 + 128)
-    assert parts["routers"] == 2 * (64 * 4 + 4)
+    assert parts["routers"] == 2 * (2 * 64 + 64 * 4 + 4)
     assert mix.trainable_parameters() == parts["experts"] + parts["routers"]
     assert parts["base"] == sum(p.numel() for p in model.parameters())
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch
 
 from mixroute.config import MixtureConfig
 from mixroute.mixture import Mixture
-from mixroute.train.gate import pretrain_gate
+from mixroute.train.gate import pretrain_router, router_inputs
 
 L = 4
 
@@ -171,22 +171,46 @@ def test_gate_reads_only_prompt_tokens(fresh_tiny):
     assert not torch.allclose(w1, w3)
 
 
-def test_pretrain_gate_learns_labels_and_touches_only_the_gate(fresh_tiny):
-    model, _ = fresh_tiny
-    mix = mop(model, gate_layer=1, inject_layer=1)
-    g = torch.Generator().manual_seed(1)
+def _labelled_batches(n: int, seed: int) -> list[dict]:
+    """Category t: tokens from its own vocabulary range (what a gate can learn from the prompt alone)."""
+    g = torch.Generator().manual_seed(seed)
     batches = []
-    for _ in range(2):                      # category t: tokens from its own vocabulary range
+    for _ in range(n):
         tids = torch.arange(6) % 3
         ids = torch.stack([torch.randint(200 + 500 * int(t), 400 + 500 * int(t), (8,), generator=g) for t in tids])
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "task_ids": tids})
+    return batches
+
+
+def test_pretrain_router_learns_labels_and_touches_only_the_gate(fresh_tiny):
+    model, _ = fresh_tiny
+    mix = mop(model, gate_layer=1, inject_layer=1)
+    batches = _labelled_batches(2, seed=1)
     prompts = mix.experts["prompt"].weight.detach().clone()
-    losses = pretrain_gate(mix, batches, steps=40, lr=1e-2)
-    assert len(losses) == 40 and losses[-1] < 0.5 * losses[0]
+    res = pretrain_router(mix, batches, steps=40, lr=1e-2, batch_size=6)
+    assert res.steps == 40 and res.losses[-1] < 0.5 * res.losses[0]
     assert torch.equal(prompts, mix.experts["prompt"].weight)
     with torch.no_grad():
         w = mix(batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"]).routing["gate"]
     assert (w.argmax(-1) == batches[0]["task_ids"]).all()
+
+
+def test_pretrain_router_reads_every_training_example_and_stops_on_validation(fresh_tiny):
+    """Every example of the train split is read (not the first batches only); validation picks the epoch kept,
+    and the first cross-entropy of a fresh gate is a uniform guess (ln E), not a confident wrong one."""
+    import math
+
+    model, _ = fresh_tiny
+    mix = mop(model, gate_layer=1, inject_layer=1)
+    train, val = _labelled_batches(7, seed=2), _labelled_batches(2, seed=3)
+    seen = router_inputs(mix, train, ["gate"])["gate"]
+    assert seen.shape[0] == 42
+    res = pretrain_router(mix, train, steps=1000, lr=1e-2, val_batches=val, batch_size=8, patience=2)
+    assert res.train_examples == 42
+    assert res.epochs * 6 >= res.steps > 6          # 42 / 8 -> 6 steps an epoch: several full epochs
+    assert res.steps < 1000 and 1 <= res.best_epoch < res.epochs   # stopped by validation, best kept
+    assert abs(res.first_ce - math.log(3)) < 0.1 * math.log(3)
+    assert res.val_accuracy > 0.5                     # chance is 1/3
 
 
 # ------------------------------------------------------------------------------------------- generation

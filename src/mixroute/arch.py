@@ -13,7 +13,7 @@ types and ``all-linear`` resolution, PEFT's per-architecture default targets, tr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -267,3 +267,33 @@ def prompt_support(model: nn.Module) -> str | None:
         return (f"cannot tell how {family(model)} encodes positions: its decoder has no shared rotary_emb "
                 "and no position embedding")
     return None
+
+
+class Reached(Exception):
+    """Raised by a forward pre-hook to stop a forward once the layer it needs has been reached: what a router
+    reads is below the layers that would follow."""
+
+
+@torch.no_grad()
+def layer_input(model: nn.Module, layer: int, args: tuple = (), kwargs: Optional[dict] = None) -> Tensor:
+    """The hidden states entering decoder layer ``layer`` for a call ``decoder(*args, **kwargs)``, computed
+    without a KV cache and without running the layers above it. Whatever is patched into the model runs as
+    it is (a mixture's experts read ``RoutingContext.in_prepass``)."""
+    kwargs = dict(kwargs or {})
+    kwargs["past_key_values"], kwargs["use_cache"] = None, False
+    got: list[Tensor] = []
+
+    def grab(module: nn.Module, a: tuple, kw: dict) -> None:
+        got.append(a[0] if a else kw["hidden_states"])
+        raise Reached
+
+    handle = decoder_layers(model)[layer].register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
+    try:
+        decoder(model)(*args, **kwargs)
+    except Reached:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise RuntimeError(f"decoder layer {layer} was not reached")
+    return got[0]

@@ -57,6 +57,11 @@ class DataConfig:
     max_per_category: Optional[int] = f(None, "Cap on records per category after loading (null = no cap); "
                                               "sampling is seeded.", ge=1)
     synthetic_per_task: int = f(200, "Records per task family of the built-in synthetic suite.", ge=1)
+    synthetic_suite: Literal["formats", "conventions"] = f(
+        "formats", "Built-in synthetic suite (path: null): 'formats', eight task families with different input "
+                   "and output formats; 'conventions', six tasks with the same inputs (dates) and conflicting "
+                   "output conventions that a marker in the instruction names (where one shared LoRA suffers "
+                   "interference; the demo's suite).")
     template: Literal["chat", "plain"] = f("chat", "Prompt template: the tokenizer's chat template or a plain "
                                                    "'### Instruction / ### Response' template.")
     max_length: int = f(256, "Maximum tokens per example; longer examples are truncated (counted and reported).",
@@ -95,8 +100,15 @@ class MixtureConfig:
     eta: float = f(0.1, "Weight of the routing cross-entropy against the category label (task, gate).", ge=0.0)
     route_train: Literal["label", "router"] = f("router", "task router in training: route by the label (teacher "
                                                          "forcing) or by the router's own top-1.")
-    router_scope: Literal["layer", "global"] = f("layer", "task router: one per layer (shared by attention and MLP) "
-                                                          "or one global router.")
+    router_scope: Literal["layer", "global"] = f("layer", "Sequence routers of LoRA experts: one per layer, reading "
+                                                          "that layer's input (shared by its attention and MLP "
+                                                          "LoRAs; the MoA paper's layout), or one global router "
+                                                          "whose single decision per sequence is applied at every "
+                                                          "layer (it reads router_layer of the frozen base).")
+    router_layer: Optional[int] = f(None, "router_scope='global': the decoder layer whose input the router reads, "
+                                          "computed from the frozen base (no experts) in a routing pre-pass that "
+                                          "stops at that layer; 0 reads the embeddings (no pre-pass); null = the "
+                                          "middle layer.", ge=0)
     load_balance: float = f(0.01, "Weight of the Switch load-balancing loss (token_topk).", ge=0.0)
     num_tasks: int = f(8, "Number of tasks with their own allocation (poly) or labels (oracle/task/gate).", ge=1)
     n_splits: int = f(1, "Poly: number of heads splitting the input dimension; > 1 is MHR.", ge=1)
@@ -117,9 +129,13 @@ class MixtureConfig:
     # MoP gate
     gate_top_k: Optional[int] = f(None, "MoP gate: keep the top-k experts per sequence and renormalise, in training "
                                         "and inference (null = all E, a soft gate).", ge=1)
-    gate_pretrain_steps: int = f(0, "MoP gate: steps of gate pre-training on category labels before prompt "
-                                    "training (0 = none; prompt experts only: train.gate.pretrain_gate).", ge=0)
-    gate_pretrain_lr: float = f(1e-3, "MoP gate: learning rate of gate pre-training.", gt=0.0)
+    gate_pretrain_steps: int = f(500, "Router pre-training (MoP's gate, MoA's task router): cap on optimizer steps "
+                                    "of training the label-aligned router alone on category labels, over cached "
+                                    "features of the whole train split (batches of 32, cycled by epoch) with the "
+                                    "experts frozen, stopping once validation cross-entropy has not improved for 3 "
+                                    "epochs (best kept); run before the experts train, or before MoA's stage 2 "
+                                    "(0 = none; train.gate.pretrain_router).", ge=0)
+    gate_pretrain_lr: float = f(1e-3, "Learning rate of router pre-training (gate_pretrain_steps).", gt=0.0)
     seed: int = f(0, "Seed of expert and router initialisation.")
     # expert library routers (docs/library.md)
     centroid_temperature: float = f(0.1, "centroid router: softmax temperature over the cosines between a prompt's "

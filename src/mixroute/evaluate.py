@@ -33,9 +33,8 @@ class HeldOut:
     nll: Tensor                                   # (N,) summed NLL of the response tokens
     tokens: Tensor                                # (N,) response tokens
     task_ids: Tensor                              # (N,)
-    routing: dict[str, Tensor] = field(default_factory=dict)       # key -> (N, E) weights per example
+    routing: dict[str, Tensor] = field(default_factory=dict)       # key -> (N, E) weights applied per example
     router_probs: dict[str, Tensor] = field(default_factory=dict)  # key -> (N, E) softmax of router logits
-    pooled: Optional[Tensor] = None               # (N, H) pooled hidden states read at ``capture_layer``
 
 
 def _per_example(weights: Tensor, token_level: bool, token_mask: Optional[Tensor]) -> Tensor:
@@ -52,30 +51,21 @@ def _per_example(weights: Tensor, token_level: bool, token_mask: Optional[Tensor
 
 @torch.no_grad()
 def held_out_pass(model: nn.Module, mix: Optional[nn.Module], batches: Iterable[dict[str, Tensor]],
-                  device: torch.device | str = "cpu", capture_layer: Optional[int] = None) -> HeldOut:
-    """Teacher-forced pass over held-out batches: response-token NLL per example, routing per example and,
-    with ``capture_layer``, the hidden states entering that decoder layer mean-pooled over the prompt tokens
-    (what a sequence-level router reads)."""
-    from mixroute.arch import decoder_layers, lm_head_logits
-    from mixroute.routers.base import masked_mean
+                  device: torch.device | str = "cpu") -> HeldOut:
+    """Teacher-forced pass over held-out batches: response-token NLL per example and the routing weights each
+    router applied to each example."""
+    from mixroute.arch import lm_head_logits
 
     decoder = model.get_decoder()
     runner = mix if mix is not None else model
     modes = {m: m.training for m in runner.modules()}  # restored after: a recipe calls this mid-training
     runner.eval()
-    nll, toks, tasks, pooled = [], [], [], []
+    nll, toks, tasks = [], [], []
     routing: dict[str, list[Tensor]] = {}
     probs: dict[str, list[Tensor]] = {}
-    captured: list[Tensor] = []
-    handle = None
-    if capture_layer is not None:
-        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured.append(args[0] if args else kwargs["hidden_states"])
-        handle = decoder_layers(model)[capture_layer].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for raw in batches:
             b = to_device(raw, device)
-            captured.clear()
             ctx = (mix.context.inputs(b.get("task_ids"), b.get("prompt_mask")) if mix is not None
                    else contextlib.nullcontext())
             with ctx:
@@ -89,11 +79,6 @@ def held_out_pass(model: nn.Module, mix: Optional[nn.Module], batches: Iterable[
             nll.append(torch.zeros(len(target), device=tok_nll.device).index_add_(0, row, tok_nll).cpu())
             toks.append(keep.sum(1).cpu())
             tasks.append(b["task_ids"].cpu())
-            if captured:
-                mask = b["attention_mask"].bool()
-                if "prompt_mask" in b:
-                    mask = mask & b["prompt_mask"].bool()
-                pooled.append(masked_mean(captured[0].float(), mask).cpu())
             if mix is not None:
                 for key, w in mix.context.routing.items():
                     per_token = mix.routers[key].level in ("token", "rank")
@@ -102,15 +87,12 @@ def held_out_pass(model: nn.Module, mix: Optional[nn.Module], batches: Iterable[
                 for key, lg in mix.context.router_logits.items():
                     probs.setdefault(key, []).append(lg.detach().float().softmax(-1).cpu())
     finally:
-        if handle is not None:
-            handle.remove()
         for m, training in modes.items():
             m.train(training)
     return HeldOut(
         nll=torch.cat(nll) if nll else torch.zeros(0), tokens=torch.cat(toks) if toks else torch.zeros(0),
         task_ids=torch.cat(tasks) if tasks else torch.zeros(0, dtype=torch.long),
         routing={k: torch.cat(v) for k, v in routing.items()}, router_probs={k: torch.cat(v) for k, v in probs.items()},
-        pooled=torch.cat(pooled) if pooled else None,
     )
 
 
@@ -155,9 +137,20 @@ def bleu_rouge(hypotheses: Sequence[str], references: Sequence[str], task_ids: S
 
 
 # ------------------------------------------------------------------ routing
+def proportion_interval(correct: int, total: int) -> Optional[list[float]]:
+    """95% Wilson score interval of a proportion (scipy)."""
+    from scipy.stats import binomtest
+
+    if total <= 0:
+        return None
+    ci = binomtest(correct, total).proportion_ci(confidence_level=0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
 def router_accuracy(predicted: Sequence[int], labels: Sequence[int], categories: Sequence[str],
                     num_experts: int) -> dict[str, Any]:
-    """Top-1 routing accuracy overall and per category, and the confusion matrix ``confusion[label][expert]``."""
+    """Top-1 routing accuracy overall (with its 95% Wilson interval) and per category, and the confusion matrix
+    ``confusion[label][expert]``."""
     confusion = [[0] * num_experts for _ in categories]
     for p, y in zip(predicted, labels):
         confusion[int(y)][int(p)] += 1
@@ -168,14 +161,56 @@ def router_accuracy(predicted: Sequence[int], labels: Sequence[int], categories:
             per[c] = confusion[i][i] / n if i < num_experts else 0.0
     total = len(labels)
     correct = sum(int(p) == int(y) for p, y in zip(predicted, labels))
-    return {"overall": correct / total if total else None, "per_category": per, "labels": list(categories),
-            "confusion": confusion}
+    return {"overall": correct / total if total else None, "interval": proportion_interval(correct, total),
+            "n": total, "per_category": per, "labels": list(categories), "confusion": confusion}
+
+
+def applied_experts(held: HeldOut, keys: Optional[Sequence[str]] = None) -> dict[str, Tensor]:
+    """Router key -> (N,) the top-1 expert each example was given by that router, as the forward pass applied
+    it (its weights, not its logits: a top-1 router applies exactly its argmax, a forced route its override)."""
+    keys = list(keys) if keys is not None else list(held.routing)
+    return {k: held.routing[k].argmax(-1) for k in keys}
+
+
+def applied_router_accuracy(held: HeldOut, categories: Sequence[str], num_experts: int,
+                            keys: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Router accuracy of the decisions the forward pass applied. One router (a global one, MoP's gate): its
+    decision per example. One router per layer: every (example, layer) decision counts, ``per_router`` gives
+    each layer's accuracy and ``agreement`` the share of examples whose layers all chose the same expert; the
+    overall interval is over examples (a bootstrap of the per-example share of correct layers), since one
+    example's layers are not independent."""
+    applied = applied_experts(held, keys)
+    if not applied:
+        return {}
+    labels = held.task_ids.long()
+    stacked = torch.stack(list(applied.values()), dim=1)               # (N, K)
+    result = router_accuracy(stacked.flatten().tolist(), labels.repeat_interleave(stacked.shape[1]).tolist(),
+                             categories, num_experts)
+    result["routers"] = len(applied)
+    if len(applied) > 1:
+        per = {k: float((v == labels).float().mean()) for k, v in applied.items()}
+        result["per_router"] = per
+        result["agreement"] = float((stacked == stacked[:, :1]).all(1).float().mean())
+        result["interval"] = _bootstrap_mean((stacked == labels[:, None]).float().mean(1))
+        result["n"] = len(labels)
+    return result
+
+
+def _bootstrap_mean(values: Tensor) -> Optional[list[float]]:
+    """95% percentile bootstrap interval of a mean (scipy, seeded)."""
+    from scipy.stats import bootstrap
+
+    if len(values) < 2 or bool((values == values[0]).all()):
+        return None if len(values) < 1 else [float(values[0]), float(values[0])]
+    res = bootstrap((values.numpy(),), lambda x, axis: x.mean(axis=axis), confidence_level=0.95,
+                    n_resamples=2000, method="percentile", random_state=0)
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
 
 
 def classifier_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
                         categories: Sequence[str], seed: int = 0) -> dict[str, Any]:
-    """The standalone baseline of MoA's table 3: logistic regression on the pooled hidden states the router
-    reads, fit on the train split, scored on the held-out split."""
+    """The standalone baseline of MoA's table 3: logistic regression on the features a router reads, fit to
+    convergence on the train split, scored on the held-out split (with a 95% Wilson interval)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -183,21 +218,33 @@ def classifier_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y
     if len(set(train_y.tolist())) < 2:
         pred = [int(train_y[0])] * len(test_y)
     else:
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed))
         clf.fit(train_x.numpy(), train_y.numpy())
         pred = clf.predict(test_x.numpy()).tolist()
     acc = router_accuracy(pred, test_y.tolist(), categories, len(categories))
-    return {"overall": acc["overall"], "per_category": acc["per_category"]}
+    return {"overall": acc["overall"], "interval": acc["interval"], "n": acc["n"],
+            "per_category": acc["per_category"]}
 
 
-def routed_expert(held: HeldOut, level_aligned_keys: Optional[Sequence[str]] = None) -> Optional[Tensor]:
-    """Top-1 expert per example: argmax of the router probabilities averaged over the label-aligned routers
-    (every layer's router votes with its softmax); routers without logits (oracle) by their weights."""
-    source = held.router_probs or held.routing
-    keys = list(level_aligned_keys or source.keys())
-    if not keys:
-        return None
-    return torch.stack([source[k] for k in keys]).mean(0).argmax(-1)
+@torch.no_grad()
+def frozen_features(mix: nn.Module, batches: Iterable[dict[str, Tensor]], layer: int,
+                    device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """((N, H) features, (N,) labels): what a sequence router at ``layer`` reads from the frozen base (no
+    expert applied): the hidden states entering that layer, pooled over the prompt without attention sinks.
+    The classifier baseline reads exactly these; a global router reads them too."""
+    from mixroute.routers.base import pool_prompt
+
+    feats, labels = [], []
+    for raw in batches:
+        b = to_device(raw, device)
+        mask = b["attention_mask"].bool()
+        if b.get("prompt_mask") is not None:
+            mask = mask & b["prompt_mask"].bool()
+        hidden = mix.frozen_layer_input(layer, kwargs={"input_ids": b["input_ids"],
+                                                       "attention_mask": b["attention_mask"]})
+        feats.append(pool_prompt(hidden.float(), mask).cpu())
+        labels.append(b["task_ids"].cpu())
+    return torch.cat(feats), torch.cat(labels)
 
 
 def gate_matrix(held: HeldOut, num_categories: int) -> tuple[list[list[float]], dict[str, list[list[float]]]]:
@@ -226,8 +273,8 @@ def gate_level(mix: Optional[nn.Module]) -> str:
 
 
 def router_read_layer(mix: nn.Module) -> int:
-    """The decoder layer whose input the label-aligned router reads (for the classifier baseline): its own
-    when there is one router (MoP's gate, a global task router), the middle layer when every layer has one."""
+    """The decoder layer whose frozen-base input the classifier baseline reads: the router's own when there
+    is one router (MoP's gate, a global task router), the middle layer when every layer has one."""
     aligned = [r for r in mix.routers.values() if r.label_aligned]
     if len(aligned) == 1:
         return aligned[0].read_layer
@@ -258,10 +305,11 @@ def validation_snapshot(model: nn.Module, mix: Optional[nn.Module], data: Any, b
 @torch.no_grad()
 def generate_texts(model: nn.Module, mix: Optional[nn.Module], tok: Any, prompts: Sequence[list[int]],
                    task_ids: Optional[Sequence[int]], max_new_tokens: int, batch_size: int,
-                   device: torch.device | str = "cpu") -> tuple[list[str], list[int]]:
+                   device: torch.device | str = "cpu", applied: bool = False) -> tuple[list[str], list]:
     """Greedy, batched, left-padded generation with the KV cache. ``task_ids`` (None: no labels, for routers
     that do not need them) are visible to the routers. Returns the decoded continuations and, for
-    sequence-level routers, the expert chosen at the prefill (-1 otherwise)."""
+    sequence-level routers, the expert chosen at the prefill (``Mixture.chosen_experts``; -1 otherwise) or,
+    with ``applied``, every router's applied expert per prompt (a list per prompt, empty otherwise)."""
     from mixroute.data import generation_batch
 
     texts, chosen = [], []
@@ -276,10 +324,14 @@ def generate_texts(model: nn.Module, mix: Optional[nn.Module], tok: Any, prompts
         if mix is not None:
             t = None if task_ids is None else torch.tensor(task_ids[start:start + batch_size], device=device)
             out = mix.generate(input_ids=input_ids, attention_mask=attn, task_ids=t, **kwargs)
-            chosen += mix.chosen_experts() or [-1] * len(ids)
+            if applied:
+                per_router = mix.applied_experts() or {}
+                chosen += [[v[i] for v in per_router.values()] for i in range(len(ids))]
+            else:
+                chosen += mix.chosen_experts() or [-1] * len(ids)
         else:
             out = model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
-            chosen += [-1] * len(ids)
+            chosen += [[] if applied else -1 for _ in ids]
         texts += [t.strip() for t in tok.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)]
     return texts, chosen
 
@@ -355,8 +407,7 @@ def _evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int], max_genera
     layer = router_read_layer(mix) if aligned else None
 
     batches = data.batches(split, cfg.eval.batch_size)
-    held = held_out_pass(model, mix, phases.track(batches, f"perplexity ({split})", "batches"), device=device,
-                         capture_layer=layer)
+    held = held_out_pass(model, mix, phases.track(batches, f"perplexity ({split})", "batches"), device=device)
     result: dict[str, Any] = {"run": Path(run_dir).name, "method": cfg.train.method, "split": split,
                               "categories": list(cats),
                               "perplexity": perplexity(held.nll, held.tokens, held.task_ids, cats),
@@ -365,31 +416,35 @@ def _evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int], max_genera
                                               "tokens": held.tokens.tolist(), "task_ids": held.task_ids.tolist()}}
 
     examples = data.generation_examples(split, max_generate) if max_generate > 0 else []
-    hyps, chosen = [], []
+    hyps, applied = [], []
     bs = cfg.eval.batch_size
     chunks = [examples[i:i + bs] for i in range(0, len(examples), bs)]  # generate_texts' own batches
     for chunk in phases.track(chunks, "generation", "prompts", [len(c) for c in chunks]):
         h, c = generate_texts(model, mix, tok, [e["prompt_ids"] for e in chunk], [e["task_id"] for e in chunk],
-                              max_new_tokens, bs, device)
+                              max_new_tokens, bs, device, applied=True)
         hyps += h
-        chosen += c
+        applied += c
     labels = [e["task_id"] for e in examples]
     result["bleu"], result["rougeL"] = bleu_rouge(hyps, [e["reference"] for e in examples], labels, cats)
 
     result["router_accuracy"] = result["classifier_accuracy"] = None
     if aligned:
-        pred = routed_expert(held)
         num_experts = mix.cfg.num_experts
-        result["router_accuracy"] = router_accuracy(pred.tolist(), held.task_ids.tolist(), cats, num_experts)
-        if any(c >= 0 for c in chosen):
-            result["router_accuracy"]["generation"] = router_accuracy(chosen, labels, cats, num_experts)["overall"]
+        result["router_accuracy"] = applied_router_accuracy(held, cats, num_experts)
+        decisions = [(e, y) for row, y in zip(applied, labels) for e in row]
+        if decisions:
+            result["router_accuracy"]["generation"] = router_accuracy(
+                [e for e, _ in decisions], [y for _, y in decisions], cats, num_experts)["overall"]
     if aligned and classifier:
-        train_batches = data.batches("train", cfg.eval.batch_size)
-        train_held = held_out_pass(model, mix, phases.track(train_batches, "classifier (train split)", "batches"),
-                                   device=device, capture_layer=layer)
-        result["classifier_accuracy"] = classifier_accuracy(train_held.pooled, train_held.task_ids, held.pooled,
-                                                            held.task_ids, cats, seed=cfg.train.seed)
+        every = len(data.examples["train"])   # the whole train split, as the router was fit on
+        train_batches = data.batches("train", cfg.eval.batch_size, max_per_category=every)
+        train_x, train_y = frozen_features(mix, phases.track(train_batches, "classifier (train split)", "batches"),
+                                           layer, device)
+        test_x, test_y = frozen_features(mix, batches, layer, device)
+        result["classifier_accuracy"] = classifier_accuracy(train_x, train_y, test_x, test_y, cats,
+                                                            seed=cfg.train.seed)
         result["classifier_accuracy"]["layer"] = layer
+    result["training"] = training_outcome(rundir.read_metrics(run_dir))
     result["trainable_parameters"] = mix.trainable_parameters() if mix is not None else 0
     if mix is not None:
         result["parameters"] = mix.num_parameters_by_part()
@@ -401,6 +456,23 @@ def _evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int], max_genera
     if write:
         rundir.write_eval(run_dir, result)
     return result
+
+
+def training_outcome(metrics: Sequence[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """Whether the (last stage of) training moved away from its start, from the run's early-stopping line:
+    ``trained`` is False when the kept weights are those validated before the first step (the run is then
+    not a result of the method, and reports flag it). None when the run did not early-stop (it ends on its
+    last step) or logged no such line."""
+    rows = [m for m in metrics if m.get("stage") == "early_stopping" and "category" not in m]
+    if not rows:
+        return None
+    r = rows[-1]
+    start = r.get("start_step")
+    trained = r.get("trained")
+    if trained is None and start is not None and r.get("best_step") is not None:
+        trained = r["best_step"] > start
+    return {"start_step": start, "best_step": r.get("best_step"), "stopped_step": r.get("stopped_step"),
+            "trained": trained}
 
 
 # ------------------------------------------------------------------ one prompt
@@ -429,7 +501,8 @@ def routed_generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, 
     ids = run.data.prompt_ids({"instruction": prompt, "context": context, "response": "",
                                "category": category or cats[0]})
     with autocast(dev, precision):
-        texts, chosen = generate_texts(run.model, run.mix, run.tok, [ids], task_ids, max_new_tokens, 1, dev)
+        texts, applied = generate_texts(run.model, run.mix, run.tok, [ids], task_ids, max_new_tokens, 1, dev,
+                                        applied=True)
     if run.mix is None:
         expert = "none (base model)"
     elif gate_level(run.mix) != "sequence":
@@ -439,7 +512,12 @@ def routed_generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 64, 
     elif router_class(run.mix.cfg.router).experts_for(run.mix.cfg) == 1:
         expert = "0 (single expert)"
     else:
-        e = chosen[0]
-        name = f" ({cats[e]})" if e < len(cats) and any(r.label_aligned for r in routers) else ""
-        expert = f"{e}{name}"
+        # what the forward applied: one expert, or (per-layer routers that disagree) each one with its layers
+        aligned = any(r.label_aligned for r in routers)
+        counts = torch.bincount(torch.tensor(applied[0])).tolist()
+        parts = [(n, e) for e, n in enumerate(counts) if n]
+        parts.sort(key=lambda p: (-p[0], p[1]))
+        named = [f"{e}" + (f" ({cats[e]})" if aligned and e < len(cats) else "") for _, e in parts]
+        expert = named[0] if len(parts) == 1 else "; ".join(
+            f"{name} at {n} of {len(applied[0])} layers" for (n, _), name in zip(parts, named))
     return {"expert": expert, "text": texts[0]}

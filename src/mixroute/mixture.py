@@ -9,6 +9,12 @@ is patched with a stacked bank, ``experts/lora.py``; prompts: a prompt bank inje
 * on each layer a router reads: runs that router once on the hidden states entering the layer and stores its
   ``RouteWeights`` under the router's key, where the experts read it.
 
+A global router of LoRA experts reading a layer above the embeddings (``router_scope='global'``,
+``router_layer``) decides in a *routing pre-pass* instead: at the prefill, the decoder pre-hook first runs the
+frozen base (no expert applied) up to that layer, routes once from its hidden states, and only then runs the
+real forward with that decision at every layer. The pre-pass costs ``router_layer / num_layers`` of a base
+forward per prefill and nothing per decode step.
+
 This is the one routing pipeline every router and expert kind goes through: it keeps sequence-level
 decisions from the prefill through generation (with or without a KV cache), widens them for beams, collects
 aux losses, logits and observable weights. The model's own ``forward`` signature is unchanged and
@@ -30,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixroute.arch import decoder_layers, in_out_features, layers_path, lm_head_logits, resolve_targets
+from mixroute.arch import decoder_layers, in_out_features, layer_input, layers_path, lm_head_logits, resolve_targets
 from mixroute.config import ConfigError, MixtureConfig
 from mixroute.experts.lora import LoraBank, patch_linear, unpatch_linear
 from mixroute.routers import Router, RouterDims, RouteWeights, build_router, router_class
@@ -57,6 +63,7 @@ class RoutingContext:
     router_logits: dict[str, Tensor] = field(default_factory=dict)  # label-aligned routers' logits
     aux_terms: dict[str, list] = field(default_factory=dict)     # aux loss name -> per-router terms
     kept: dict[str, RouteWeights] = field(default_factory=dict)  # sequence-level decisions kept from the prefill
+    in_prepass: bool = False                   # inside the routing pre-pass: no expert, no router runs
 
     def begin(self, attention_mask: Optional[Tensor], seq_len: int, past: int) -> None:
         """Start a forward: called by the decoder pre-hook. Inside ``generate`` only the first forward is a
@@ -154,6 +161,7 @@ class Mixture(nn.Module):
         self.module_names: dict[str, str] = {}      # expert key -> module name in the base model
         self.module_slots: dict[str, int] = {}      # expert key -> index among its layer's LoRA modules (Poly)
         self._routers_at: dict[int, list[str]] = {}  # decoder layer -> keys of the routers that read its input
+        self._prepass: list[str] = []                # routers deciding from the frozen base's routing pre-pass
         self._forced: dict[Optional[str], _Forced] = {}   # router key (None = all) -> fixed weights
         self._hooks: list = []
         self._patched: list[nn.Module] = []
@@ -189,11 +197,15 @@ class Mixture(nn.Module):
             mix.experts.requires_grad_(False)
         return mix
 
-    def _add_router(self, key: str, layer: int, dims: RouterDims) -> None:
-        """Build router ``key`` and run it on the hidden states entering decoder layer ``layer``."""
+    def _add_router(self, key: str, layer: int, dims: RouterDims, prepass: bool = False) -> None:
+        """Build router ``key`` and run it on the hidden states entering decoder layer ``layer``: those of the
+        forward itself, or (``prepass``) those of the frozen base in a routing pre-pass before it."""
         router = build_router(self.cfg, dims)
         router.read_layer = layer
         self.routers[key] = router
+        if prepass:
+            self._prepass.append(key)
+            return
         if layer not in self._routers_at:
             self._routers_at[layer] = []
             dec_layer = decoder_layers(self.model)[layer]
@@ -211,6 +223,12 @@ class Mixture(nn.Module):
                 raise ValueError(f"n_splits={cfg.n_splits} must divide {t.path}'s in/out features "
                                  f"({fan_in}, {fan_out})")
         hidden = self.model.config.hidden_size
+        if cfg.router_scope == "global":
+            # routers that read no hidden state (single, uniform, oracle, poly) decide at the first layer
+            reads = hasattr(router_class(cfg.router), "features")
+            layer = global_router_layer(cfg, len(found)) if reads else 0
+            self._add_router("global", layer, RouterDims(hidden, num_experts, cfg.rank, len(found[0])),
+                             prepass=layer > 0)
         for i, targets in enumerate(found):
             key = "global" if cfg.router_scope == "global" else f"layer_{i}"
             if key not in self.routers:
@@ -240,40 +258,64 @@ class Mixture(nn.Module):
     # ------------------------------------------------------------------ the routing pipeline
     def _route_getter(self, key: str):
         ctx = self.context
-        return lambda: ctx.routes.get(key)
+        return lambda: None if ctx.in_prepass else ctx.routes.get(key)
 
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.context.in_prepass:
+            return
         ids = kwargs.get("input_ids", args[0] if args else None)
         emb = kwargs.get("inputs_embeds")
-        seq_len = (ids if ids is not None else emb).shape[1]
+        x = ids if ids is not None else emb
         pkv = kwargs.get("past_key_values")
         past = pkv.get_seq_length() if pkv is not None and hasattr(pkv, "get_seq_length") else 0
-        self.context.begin(kwargs.get("attention_mask"), seq_len, past)
+        self.context.begin(kwargs.get("attention_mask"), x.shape[1], past)
+        for key in self._prepass:
+            hidden = None
+            if self.context.is_prefill and self._needs_router(key):
+                hidden = self.frozen_layer_input(self.routers[key].read_layer, args, kwargs)
+            self._route(key, hidden, x.shape[0], x.device)
+
+    def frozen_layer_input(self, layer: int, args: tuple = (), kwargs: Optional[dict] = None) -> Tensor:
+        """The frozen base's hidden states entering decoder layer ``layer`` for a decoder call (no expert
+        applied, no router run): the routing pre-pass, and the features of its router's pre-training."""
+        ctx = self.context
+        saved, ctx.in_prepass = ctx.in_prepass, True
+        try:
+            return layer_input(self.model, layer, args, kwargs)
+        finally:
+            ctx.in_prepass = saved
+
+    def _needs_router(self, key: str) -> bool:
+        """False when forced weights fix every row of router ``key`` (its features need not be computed)."""
+        forced = self._forced.get(key, self._forced.get(None))
+        return forced is None or forced.free is not None
 
     def _layer_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.context.in_prepass:
+                return
             hidden = args[0] if args else kwargs["hidden_states"]
             for key in self._routers_at[layer]:
-                self._route(key, hidden)
+                self._route(key, hidden, hidden.shape[0], hidden.device)
         return hook
 
-    def _route(self, key: str, hidden: Tensor) -> None:
-        """Run (or reuse) router ``key`` on ``hidden`` and publish its decision on the context."""
+    def _route(self, key: str, hidden: Optional[Tensor], bsz: int, device: torch.device) -> None:
+        """Run (or reuse) router ``key`` on ``hidden`` and publish its decision on the context (``hidden`` may
+        be None where the decision is kept or forced for every row)."""
         ctx, router = self.context, self.routers[key]
-        bsz = hidden.shape[0]
         kept_level = router.level in KEPT_LEVELS
         reuse = kept_level and not ctx.is_prefill and key in ctx.kept
         forced = self._forced.get(key, self._forced.get(None))
         if reuse:
             route = ctx.kept[key].for_batch(bsz)
         elif forced is not None and forced.free is None:
-            route = _forced_route(forced, None, bsz, hidden.device)
+            route = _forced_route(forced, None, bsz, device)
         else:
             token_level = router.level in ("token", "rank")
             route = router(hidden, ctx.token_mask() if token_level else ctx.read_mask(), ctx.task_ids_for(bsz))
             ctx.add_aux(route.aux)
             if forced is not None:  # some rows forced, the rest left to the router
-                route = _forced_route(forced, route, bsz, hidden.device)
+                route = _forced_route(forced, route, bsz, device)
         if reuse:
             ctx.kept[key] = route   # the same object every decode step: what banks derived from it is reused
         elif kept_level:
@@ -310,13 +352,24 @@ class Mixture(nn.Module):
                              f"num_experts={n}; got shape {tuple(weights.shape)}")
         self._forced[key] = _Forced(fixed / fixed.sum(-1, keepdim=True), free[..., 0] if bool(free.any()) else None)
 
-    def chosen_experts(self) -> Optional[list[int]]:
-        """Top-1 expert per sequence of the last prefill, averaged over the sequence-level routers (None when
-        routing is per token or per task)."""
-        ws = [r.weights.float() for r in self.context.kept.values() if r.level == "sequence"]
-        if not ws:
+    def applied_experts(self) -> Optional[dict[str, list[int]]]:
+        """Router key -> the top-1 expert each sequence of the last prefill was given by that router, as the
+        experts applied it (None when routing is per token or per task). With one router per layer the layers
+        may disagree: this is what ran, layer by layer."""
+        kept = {k: r for k, r in self.context.kept.items() if r.level == "sequence"}
+        if not kept:
             return None
-        return torch.stack(ws).mean(0).argmax(-1).tolist()
+        return {k: r.weights.float().argmax(-1).tolist() for k, r in kept.items()}
+
+    def chosen_experts(self) -> Optional[list[int]]:
+        """Per sequence of the last prefill, the expert most routers applied (ties: the lowest index): the
+        one decision with a single (global) router; ``applied_experts`` gives every router's (None when
+        routing is per token or per task)."""
+        applied = self.applied_experts()
+        if applied is None:
+            return None
+        per_seq = torch.tensor(list(applied.values())).T          # (B, routers)
+        return [int(torch.bincount(row).argmax()) for row in per_seq]
 
     # ------------------------------------------------------------------ forward / generate
     def forward(
@@ -498,6 +551,15 @@ class Mixture(nn.Module):
         targets = sorted(_find_minimal_target_modules(list(weights), [n for n in modules if n and n not in weights]))
         write_peft_adapter(weights, self.cfg, getattr(self.model.config, "name_or_path", None), out_dir,
                            targets=targets, fan_in_fan_out=isinstance(modules[next(iter(weights))], Conv1D))
+
+
+def global_router_layer(cfg: MixtureConfig, num_layers: int) -> int:
+    """The layer a global router of LoRA experts reads (``router_layer``, default the middle layer)."""
+    layer = num_layers // 2 if cfg.router_layer is None else cfg.router_layer
+    if not 0 <= layer < num_layers:
+        raise ConfigError(f"mixture.router_layer={cfg.router_layer} is out of range: the model has {num_layers} "
+                          f"decoder layers (valid: 0 to {num_layers - 1}, or null for the middle layer)")
+    return layer
 
 
 PROMPT_ROUTER_KEY = "gate"  # the one router of a prompt bank (the saved tensors' prefix: routers.gate.*)

@@ -60,6 +60,10 @@ class RunData:
             raise ValueError(f"no training examples in {name}; lower data.val_fraction/test_fraction or add data")
         return pool
 
+    def train_size(self, category: Optional[int] = None) -> int:
+        """Examples in the train split (of ``category`` only, when given)."""
+        return len(self._pool(category))
+
     def epoch_batches(self, seed: int, epoch: int, batch_size: int, category: Optional[int] = None) -> list[list[int]]:
         """Train-split indices of every batch of one epoch, in order."""
         key = (seed, epoch, batch_size, category)

@@ -34,13 +34,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from mixroute.arch import (attention_module, decoder, decoder_layers, position_style, positions_from_mask,
-                           prompt_support)
+from mixroute.arch import (attention_module, decoder, decoder_layers, layer_input, position_style,
+                           positions_from_mask, prompt_support)
 from mixroute.config import ConfigError, MixtureConfig
-
-
-class _Reached(Exception):
-    """Stops the initialising forward at the injection layer: nothing above it is needed."""
 
 
 class PromptBank(nn.Module):
@@ -120,23 +116,10 @@ class PromptInjector:
         block run by the model itself as one sequence at positions 0..L-1: at m=0 their embeddings as PEFT
         initialises them, plus whatever the family adds there (GPT-2 / OPT position embeddings, Gemma's
         embedding scale); for m>0 what layers 0..m-1 make of them."""
-        got: list[Tensor] = []
-
-        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            got.append(args[0] if args else kwargs["hidden_states"])
-            raise _Reached
-
         E, L = self.bank.num_experts, self.bank.num_tokens
-        handle = self.layers[self.m].register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
-        try:
-            with torch.no_grad():
-                self.dec(input_ids=token_ids.view(E, L), use_cache=False)
-        except _Reached:
-            pass
-        finally:
-            handle.remove()
+        hidden = layer_input(self.mix.model, self.m, kwargs={"input_ids": token_ids.view(E, L)})
         with torch.no_grad():
-            self.bank.weight.copy_(got[0].reshape(self.bank.weight.shape))
+            self.bank.weight.copy_(hidden.reshape(self.bank.weight.shape))
 
     # ---------------------------------------------------------------- hooks
     def before_decoder(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

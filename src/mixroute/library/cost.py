@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from mixroute.routers.base import Router, RouteWeights, masked_mean, one_hot_route
+from mixroute.routers.base import Router, RouteWeights, one_hot_route, pool_prompt
 
 
 class CostAware(Router):
@@ -46,7 +46,7 @@ class CostAware(Router):
             self.last = {}
             return route
         if self.quality is not None:
-            pooled = masked_mean(hidden, mask).to(self.quality.weight.dtype)
+            pooled = pool_prompt(hidden, mask).to(self.quality.weight.dtype)
             q = -self.quality(pooled).float()
         elif route.logits is not None:
             q = route.logits.float().softmax(-1)

@@ -1,8 +1,8 @@
 """Prompt features and prototypes: what the library's routers compare prompts and experts by.
 
 ``layer_features`` runs a mixture over batches with given routing and returns, for every decoder layer, the
-hidden states entering it mean-pooled over the prompt tokens (what a sequence-level router at that layer
-reads). ``arrow_prototypes`` derives Arrow's per-layer prototype of each expert from its LoRA weights alone.
+hidden states entering it pooled over the prompt tokens without attention sinks (what a sequence-level
+router at that layer reads). ``arrow_prototypes`` derives Arrow's per-layer prototype of each expert from its LoRA weights alone.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from mixroute.routers.base import masked_mean
+from mixroute.routers.base import pool_prompt
 
 ATTN_INPUTS = ("q_proj", "k_proj", "v_proj")      # read input_layernorm(x)
 MLP_INPUTS = ("gate_proj", "up_proj")             # read post_attention_layernorm(h)
@@ -46,7 +46,7 @@ def layer_features(mix: nn.Module, batches: Iterable[dict[str, Tensor]],
     def grab(i: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
-            got[i].append(masked_mean(hidden.float(), mask_now[0]).cpu())
+            got[i].append(pool_prompt(hidden.float(), mask_now[0]).cpu())
         return hook
 
     handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True, prepend=True)

@@ -112,6 +112,11 @@ def _runs_blocks(runs: list[RunInfo]) -> list:
         if r.missing:
             blocks.append(Note(f"{r.name}: " + "; ".join(r.missing) + ". The report shows what exists.",
                                warning=True))
+        outcome = (r.eval or {}).get("training") or {}
+        if outcome.get("trained") is False:
+            blocks.append(Note(f"{r.name}: not trained. Its best validation was the state before its first step "
+                               f"(step {outcome.get('start_step')}), so early stopping kept that start; its numbers "
+                               "are not a result of the method.", warning=True))
     if not any(r.rounds for r in runs):
         blocks.append(Note("Federated runs: none given (a run directory with rounds.jsonl adds per-round curves)."))
     return blocks

@@ -40,9 +40,16 @@ def comparison_table(evals: list[dict[str, Any]]) -> ComparisonTable:
     return ComparisonTable(_group_names(evals), [m for m, _ in METRICS], rows)
 
 
+NOT_TRAINED = " (not trained: kept its start)"
+
+
 def _group_names(evals: list[dict[str, Any]]) -> list[str]:
+    """Run names; a run whose training kept the weights it started from (eval.json ``training.trained`` is
+    false) is marked, so its numbers are never read as the method's result."""
     names = [e.get("run") or e.get("method") or f"run{i}" for i, e in enumerate(evals)]
-    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+    names = [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+    return [n + NOT_TRAINED if (e.get("training") or {}).get("trained") is False else n
+            for n, e in zip(names, evals)]
 
 
 def format_metric(v: Optional[float], metric: str) -> str:

@@ -168,6 +168,45 @@ def masked_mean(hidden: Tensor, mask: Optional[Tensor]) -> Tensor:
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
+# A position is an attention sink when its hidden-state norm is this many times the median of its sequence's
+# read positions. Measured on SmolLM2-135M-Instruct (80 Dolly prompts, chat template): the first token's norm
+# is 43-176x the median from layer 12 on, where no other token exceeds 1.6x; at layers 3-9 the first token is
+# 5-10x and a few other positions reach 6-11x (they behave as secondary sinks and are left out with it).
+# The first read position is always left out; 8 separates the rest with margin from layer 12 on.
+SINK_NORM_RATIO = 8.0
+
+
+def sink_free(hidden: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """(B, T) bool: the positions of ``mask`` (all when None) without attention sinks: the first read position
+    of every sequence (the sink of a causal decoder, whatever the layer) and any position whose hidden-state
+    norm exceeds ``SINK_NORM_RATIO`` times its sequence's median. A sequence with nothing left keeps ``mask``."""
+    bsz, seq = hidden.shape[:2]
+    read = torch.ones(bsz, seq, dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
+    first = (read.long().cumsum(1) == 1) & read
+    norms = hidden.detach().float().norm(dim=-1).masked_fill(~read, float("nan"))
+    median = norms.nanmedian(dim=1, keepdim=True).values
+    keep = read & ~first & ~(norms > SINK_NORM_RATIO * median)
+    empty = ~keep.any(dim=1, keepdim=True)
+    return torch.where(empty, read, keep)
+
+
+def pool_prompt(hidden: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """(B, H) what a sequence-level router reads: the mean of ``hidden`` (B, T, H) over the read positions
+    (``mask``: attended prompt tokens) with the attention sinks left out (``sink_free``). A plain mean is
+    dominated by the sink (on SmolLM2 the pooled norm is ~790 with it, ~120 without) and then encodes little
+    more than 1 / prompt length."""
+    return masked_mean(hidden, sink_free(hidden, mask))
+
+
+def small_init(linear: nn.Linear, std: float = 1e-3) -> nn.Linear:
+    """A router's output layer drawn near zero: its first softmax is close to uniform (cross-entropy ~ ln E)
+    yet the experts are not tied (argmax still varies with the input)."""
+    nn.init.normal_(linear.weight, std=std)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+    return linear
+
+
 def one_hot_route(index: Tensor, num_experts: int, aux: dict | None = None,
                   logits: Optional[Tensor] = None) -> RouteWeights:
     """A top-1-per-sequence decision: one-hot weights plus the index the LoRA bank gathers by."""

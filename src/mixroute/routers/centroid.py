@@ -1,6 +1,7 @@
 """``centroid`` router: each expert is represented by a prototype, the mean pooled hidden state of a few
 example prompts of its domain (the same features the ``task`` router reads: the hidden states entering the
-router's layer, mean-pooled over the prompt tokens). A prompt goes to the experts whose prototypes are closest
+router's layer, pooled over the prompt tokens without the attention sinks). Features and prototypes are
+layer-normalised before the cosine, so one large residual dimension does not decide it. A prompt goes to the experts whose prototypes are closest
 in cosine; weights are a softmax of the cosines over ``centroid_temperature`` (top-k kept, top-1 by default).
 
 The prototypes are buffers, not parameters: nothing is trained, so adding an expert to a library needs only
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mixroute.config import MixtureConfig
-from mixroute.routers.base import Router, RouterDims, RouteWeights, masked_mean, one_hot_route, top_k_weights
+from mixroute.routers.base import Router, RouterDims, RouteWeights, one_hot_route, pool_prompt, top_k_weights
 
 
 class CentroidRouter(Router):
@@ -32,13 +33,21 @@ class CentroidRouter(Router):
         self.temperature = cfg.centroid_temperature
         self.register_buffer("prototypes", torch.zeros(dims.num_experts, dims.hidden_size))
 
+    def features(self, hidden: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """(B, H) what the router (and a prototype) reads from the hidden states entering its layer."""
+        return pool_prompt(hidden, mask)
+
     def logits(self, pooled: Tensor) -> Tensor:
-        """(B, E) cosine / temperature between pooled (B, H) features and the prototypes."""
-        cos = F.normalize(pooled.float(), dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T
+        """(B, E) cosine / temperature between ``features`` (B, H) and the prototypes."""
+        h = pooled.shape[-1]
+        protos = self.prototypes.float()
+        # a prototype left at zero stays zero (cosine 0) instead of becoming layer_norm's constant vector
+        protos = torch.where(protos.abs().sum(-1, keepdim=True) > 0, F.layer_norm(protos, (h,)), protos)
+        cos = F.normalize(F.layer_norm(pooled.float(), (h,)), dim=-1) @ F.normalize(protos, dim=-1).T
         return cos / self.temperature
 
     def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> RouteWeights:
-        logits = self.logits(masked_mean(hidden, mask))
+        logits = self.logits(self.features(hidden, mask))
         if self.top_k == 1:
             return one_hot_route(logits.argmax(dim=-1), self.num_experts, logits=logits)
         w = top_k_weights(logits.softmax(-1), self.top_k)

@@ -6,7 +6,7 @@ the E experts (optionally only the top ``gate_top_k``, renormalised). With promp
 ``log(weight)`` to the attention logits of each expert's prompt columns (``experts/prompt.py``).
 
 Training adds ``eta * CE(logits, task_ids)`` (``gate_ce``) when the batch carries category labels; expert t is
-then aligned with category t. ``mixroute.train.gate.pretrain_gate`` trains the gate alone on those labels
+then aligned with category t. ``mixroute.train.gate.pretrain_router`` trains the gate alone on those labels
 before the experts.
 """
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixroute.config import MixtureConfig
-from mixroute.routers.base import Router, RouterDims, RouteWeights, masked_mean
+from mixroute.routers.base import Router, RouterDims, RouteWeights, pool_prompt, small_init
 
 
 class GateRouter(Router):
@@ -36,15 +36,19 @@ class GateRouter(Router):
         # the pooled residual stream of a mid layer has a large, layer-dependent scale: normalise it first
         self.norm = nn.LayerNorm(dims.hidden_size)
         self.mlp = nn.Sequential(nn.Linear(dims.hidden_size, cfg.gate_hidden), nn.GELU(),
-                                 nn.Linear(cfg.gate_hidden, dims.num_experts))
+                                 small_init(nn.Linear(cfg.gate_hidden, dims.num_experts)))
+
+    def features(self, hidden: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """(B, H) what the gate reads from the hidden states entering its layer."""
+        return pool_prompt(hidden, mask)
 
     def logits(self, pooled: Tensor) -> Tensor:
-        """(B, E) float32 gate logits from pooled (B, H) hidden states."""
+        """(B, E) float32 gate logits from ``features`` (B, H)."""
         w = self.mlp[0].weight
         return self.mlp(self.norm(pooled.to(device=w.device, dtype=w.dtype))).float()
 
     def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> RouteWeights:
-        logits = self.logits(masked_mean(hidden, mask))
+        logits = self.logits(self.features(hidden, mask))
         aux = {}
         if task_ids is not None and self.eta > 0:
             task_ids = task_ids.to(logits.device).long()

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mixroute.config import ConfigError, MixtureConfig
-from mixroute.routers.base import Router, RouterDims, RouteWeights
+from mixroute.routers.base import Router, RouterDims, RouteWeights, small_init
 
 
 class RankRouter(Router):
@@ -30,7 +30,9 @@ class RankRouter(Router):
         self.num_ranks = dims.num_experts * dims.rank
         self.top_k = cfg.rank_top_k
         self.rate = cfg.bias_update_rate
-        self.proj = nn.Linear(dims.hidden_size, self.num_ranks, bias=False)
+        # normalised input: raw residual-stream scales differ by 100x between sink and ordinary tokens
+        self.norm = nn.LayerNorm(dims.hidden_size)
+        self.proj = small_init(nn.Linear(dims.hidden_size, self.num_ranks, bias=False), std=0.02)
         self.register_buffer("balance_bias", torch.zeros(self.num_ranks))
         self.register_buffer("load", torch.zeros(self.num_ranks), persistent=False)
 
@@ -42,7 +44,7 @@ class RankRouter(Router):
                               f"(num_experts * rank = {cfg.num_experts} * {cfg.rank})")
 
     def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> RouteWeights:
-        scores = torch.sigmoid(self.proj(hidden.to(self.proj.weight.dtype)).float())    # (B, T, R)
+        scores = torch.sigmoid(self.proj(self.norm(hidden.to(self.proj.weight.dtype))).float())    # (B, T, R)
         idx = (scores + self.balance_bias).topk(self.top_k, dim=-1).indices
         vals = scores.gather(-1, idx)
         g = torch.zeros_like(scores).scatter(-1, idx, vals / vals.sum(-1, keepdim=True) * self.top_k)

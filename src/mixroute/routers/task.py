@@ -1,10 +1,15 @@
 """``task`` router (MoA, Feng et al. 2024): one sequence-level decision per input.
 
-A linear classifier reads the hidden states entering its decoder layer, mean-pooled over the prompt tokens,
-and scores the E experts. Training adds ``eta * CE(logits, task_ids)`` (``routing_ce``); the experts follow the
+A linear classifier reads the hidden states entering its decoder layer, pooled over the prompt tokens without
+the attention sinks (``pool_prompt``) and normalised (LayerNorm), and scores the E experts. Its projection
+starts near zero, so the first routing cross-entropy is ln E (a uniform guess) rather than the 8-16 nats a
+default init gives on raw features, whose gradient would swamp the experts' in the first steps. Training adds ``eta * CE(logits, task_ids)`` (``routing_ce``); the experts follow the
 label (``route_train='label'``, teacher forcing) or the router's own top-k. Inference keeps the top-k
 (top-1 by default: the cost of one expert). With LoRA experts one router per layer is shared by the layer's
-attention and MLP LoRAs (``router_scope='layer'``), or one router reads the first layer's input (``'global'``).
+attention and MLP LoRAs (``router_scope='layer'``, as the paper), or one router decides once per sequence for
+every layer (``'global'``): it reads the frozen base's hidden states entering ``router_layer`` in a routing
+pre-pass (``Mixture``), so its features do not depend on the experts and can be computed before them, which is
+also what an engine taking one adapter per request needs.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixroute.config import MixtureConfig
-from mixroute.routers.base import (Router, RouterDims, RouteWeights, check_experts_cover_labels, masked_mean,
-                                   need_labels, one_hot_route, top_k_weights)
+from mixroute.routers.base import (Router, RouterDims, RouteWeights, check_experts_cover_labels, need_labels,
+                                   one_hot_route, pool_prompt, small_init, top_k_weights)
 
 
 class TaskRouter(Router):
@@ -31,7 +36,8 @@ class TaskRouter(Router):
         self.num_experts = dims.num_experts
         self.top_k = min(cfg.top_k, dims.num_experts)
         self.eta, self.route_train = cfg.eta, cfg.route_train
-        self.proj = nn.Linear(dims.hidden_size, dims.num_experts)
+        self.norm = nn.LayerNorm(dims.hidden_size)
+        self.proj = small_init(nn.Linear(dims.hidden_size, dims.num_experts))
 
     @classmethod
     def validate(cls, cfg: MixtureConfig) -> None:
@@ -39,12 +45,16 @@ class TaskRouter(Router):
         if cfg.route_train == "label":
             check_experts_cover_labels(cls.name, cfg, "with route_train='label' sends label t to expert t")
 
+    def features(self, hidden: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """(B, H) what the router reads from the hidden states entering its layer."""
+        return pool_prompt(hidden, mask)
+
     def logits(self, pooled: Tensor) -> Tensor:
-        """(B, E) float32 logits from pooled (B, H) hidden states."""
-        return self.proj(pooled.to(self.proj.weight.dtype)).float()
+        """(B, E) float32 logits from ``features`` (B, H)."""
+        return self.proj(self.norm(pooled.to(self.proj.weight.dtype))).float()
 
     def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> RouteWeights:
-        logits = self.logits(masked_mean(hidden, mask))
+        logits = self.logits(self.features(hidden, mask))
         aux: dict[str, Tensor] = {}
         if task_ids is not None and self.eta > 0:
             task_ids = task_ids.to(logits.device).long()

@@ -1,7 +1,8 @@
 """``token_topk`` router (MoE-LoRA, LLaVA-MoLE, MixLoRA): every token picks its top-k experts.
 
-A linear router on the token's hidden state (the input of its decoder layer; one router per layer, shared by
-the layer's projections) gives a softmax over experts; the top-k are kept and renormalised. The Switch
+A linear router on the token's hidden state (the input of its decoder layer, normalised by a LayerNorm: raw
+residual-stream scales differ by 100x between sink and ordinary tokens; one router per layer, shared by the
+layer's projections) gives a softmax over experts; the top-k are kept and renormalised. The Switch
 Transformers load-balancing loss ``E * sum_e f_e p_e`` (f = fraction of routed token slots sent to e, p =
 mean router probability of e, over attended tokens) is returned as ``load_balance`` weighted by
 ``cfg.load_balance``.
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mixroute.config import ConfigError, MixtureConfig
-from mixroute.routers.base import Router, RouterDims, RouteWeights
+from mixroute.routers.base import Router, RouterDims, RouteWeights, small_init
 
 
 class TokenTopKRouter(Router):
@@ -29,7 +30,8 @@ class TokenTopKRouter(Router):
         self.num_experts = dims.num_experts
         self.top_k = min(cfg.top_k, dims.num_experts)
         self.lb_weight = cfg.load_balance
-        self.proj = nn.Linear(dims.hidden_size, dims.num_experts, bias=False)
+        self.norm = nn.LayerNorm(dims.hidden_size)
+        self.proj = small_init(nn.Linear(dims.hidden_size, dims.num_experts, bias=False), std=0.02)
 
     @classmethod
     def validate(cls, cfg: MixtureConfig) -> None:
@@ -38,7 +40,7 @@ class TokenTopKRouter(Router):
             raise ConfigError(f"mixture.top_k={cfg.top_k} exceeds mixture.num_experts={cfg.num_experts}")
 
     def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> RouteWeights:
-        probs = self.proj(hidden.to(self.proj.weight.dtype)).float().softmax(dim=-1)   # (B, T, E)
+        probs = self.proj(self.norm(hidden.to(self.proj.weight.dtype))).float().softmax(dim=-1)   # (B, T, E)
         vals, idx = probs.topk(self.top_k, dim=-1)
         w = torch.zeros_like(probs).scatter(-1, idx, vals / vals.sum(-1, keepdim=True))
         aux: dict[str, Tensor] = {}

@@ -85,21 +85,34 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
+def warmup_cosine(optimizer: Any, warmup: int, steps: int) -> Any:
+    """Linear warm-up then cosine decay to 0 at ``steps``, with step 1 at ``1 / (warmup + 1)`` of the peak:
+    transformers' schedule starts at 0, so the first optimizer step of every run (a tenth of a 10-step
+    stage-1 expert) changed nothing."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    def factor(done: int) -> float:
+        if done < warmup:
+            return (done + 1) / (warmup + 1)
+        progress = (done - warmup) / max(1, steps - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return LambdaLR(optimizer, factor)
+
+
 def build_optimizer(params: list[nn.Parameter], cfg: RunConfig, steps: int,
                     router_params: Optional[list[nn.Parameter]] = None, lr: Optional[float] = None) -> tuple[Any, Any]:
-    """AdamW + linear warm-up and cosine decay over ``steps`` optimizer steps, peak ``lr`` (default
-    ``train.lr``). ``router_params`` (a subset of ``params``) get ``train.router_lr`` when it is set."""
-    from transformers import get_cosine_schedule_with_warmup
-
-    groups: list[dict[str, Any]] = [{"params": list(params)}]
-    if router_params and cfg.train.router_lr is not None:
-        ids = {id(p) for p in router_params}
-        groups = [{"params": [p for p in params if id(p) not in ids]},
-                  {"params": [p for p in params if id(p) in ids], "lr": cfg.train.router_lr}]
-        groups = [g for g in groups if g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.train.lr if lr is None else lr, weight_decay=cfg.train.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, min(cfg.train.warmup_steps, max(steps, 1)), max(steps, 1))
-    return opt, sched
+    """AdamW + warm-up and cosine decay over ``steps`` optimizer steps (``warmup_cosine``), peak ``lr``
+    (default ``train.lr``). ``router_params`` (a subset of ``params``) form their own group, named
+    ``routers`` (the experts' is ``experts``): they get ``train.router_lr`` when it is set, and ``train_step``
+    clips each group's gradient norm on its own."""
+    peak = cfg.train.lr if lr is None else lr
+    ids = {id(p) for p in router_params or []}
+    groups = [{"name": "experts", "params": [p for p in params if id(p) not in ids]},
+              {"name": "routers", "params": [p for p in params if id(p) in ids],
+               "lr": cfg.train.router_lr if cfg.train.router_lr is not None else peak}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=peak, weight_decay=cfg.train.weight_decay)
+    return opt, warmup_cosine(opt, min(cfg.train.warmup_steps, max(steps, 1)), max(steps, 1))
 
 
 # =========================================================================== the recipe
@@ -141,14 +154,17 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop
         if ctx.stopped:
             return run_dir
 
-    # ---- the mixture (stage-1 LoRAs as experts, or fresh experts)
+    # ---- the mixture (stage-1 LoRAs as experts, or fresh experts), its routers pre-trained on the labels
     mix = build_mixture(model, mcfg, adapters, data, cfg)
+    # a resumed run with a checkpoint loads its routers from there; one killed earlier pre-trains them again
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    pretrained = pretrain_routers(ctx, mix, mcfg, offset) if ckpt is None else True
     if cfg.train.method == "lora_single":  # the stage-1 LoRAs with oracle routing are the result
         finish(ctx, mix, offset)
         return run_dir
 
     # ---- stage 2 (or the only stage): train the mixture (to the cap or until validation stops improving)
-    last = fit(ctx, mix, steps=cfg.train.max_steps, offset=offset, resume=resume)
+    last = fit(ctx, mix, steps=cfg.train.max_steps, offset=offset, resume=resume, start_trained=pretrained)
     if ctx.stopped:
         return run_dir
 
@@ -226,14 +242,36 @@ def build_mixture(model: nn.Module, mcfg: Any, adapters: Optional[list[str]], da
             raise ConfigError(f"train.stage1_adapters: {len(adapters)} adapters for {len(data.categories)} "
                               f"categories ({', '.join(data.categories)}); give one per category, in that order")
         return Mixture.from_peft(model, adapters, mcfg)
-    mix = Mixture.attach(model, mcfg)
-    if mcfg.expert == "prompt" and mcfg.gate_pretrain_steps > 0:
-        from mixroute.train.gate import pretrain_gate
+    return Mixture.attach(model, mcfg)
 
-        batches = [data.train_batch(k, cfg.train.batch_size, cfg.train.seed) for k in range(8)]
-        pretrain_gate(mix, [to_device(b, next(model.parameters()).device) for b in batches],
-                      mcfg.gate_pretrain_steps, mcfg.gate_pretrain_lr)
-    return mix
+
+def pretrain_routers(ctx: _Ctx, mix: nn.Module, mcfg: Any, step: int) -> bool:
+    """Fit the label-aligned routers alone on the whole train split, experts frozen, with validation early
+    stopping (``train.gate.pretrain_router``; ``mixture.gate_pretrain_steps`` caps it, 0 = off); logs a
+    ``router_pretrain`` line. Returns whether the mixture's routers start the next stage trained (or it has
+    none to train): only then may early stopping keep that start."""
+    from mixroute.train.gate import label_aligned_keys, pretrain_router
+
+    keys = label_aligned_keys(mix)
+    if not keys:
+        return True
+    if mcfg.gate_pretrain_steps <= 0:
+        return False
+    data, dev = ctx.data, ctx.accelerator.device
+    every = len(data.examples["train"])   # every train example, not eval.max_eval of each category
+    train = [to_device(b, dev) for b in data.batches("train", ctx.cfg.eval.batch_size, max_per_category=every)]
+    val = [to_device(b, dev) for b in data.batches("validation", ctx.cfg.eval.batch_size)]
+    t0 = time.perf_counter()
+    with ctx.accelerator.autocast():
+        res = pretrain_router(mix, train, mcfg.gate_pretrain_steps, mcfg.gate_pretrain_lr, val_batches=val,
+                              seed=ctx.cfg.train.seed)
+    ctx.log.eval({"step": step, "split": "validation", "stage": "router_pretrain", **res.row(),
+                  "seconds": round(time.perf_counter() - t0, 1)})
+    if ctx.progress:
+        acc = "-" if res.val_accuracy is None else f"{100 * res.val_accuracy:.1f}%"
+        print(f"router pre-training: {res.steps} steps, {res.epochs} epochs over {res.train_examples} examples, "
+              f"kept epoch {res.best_epoch}; validation routing accuracy {acc}")
+    return True
 
 
 # =========================================================================== the training loop
@@ -267,14 +305,20 @@ class EarlyStopping:
 
 
 def fit(ctx: _Ctx, mix: nn.Module, steps: int, offset: int, resume: bool = False, category: Optional[int] = None,
-        checkpoints: bool = True, eval_every: Optional[int] = None) -> int:
+        checkpoints: bool = True, eval_every: Optional[int] = None, start_trained: bool = True) -> int:
     """Train ``mix`` for up to ``steps`` optimizer steps (global step numbers ``offset + 1 ..``); returns the
     global step it stopped at. With ``category`` only that category's examples are used (stage 1), without
     checkpoints, validated on that category alone. With ``train.patience`` training stops once validation
     perplexity (the category average) has not improved for that many validations, and the best weights are
-    put back."""
+    put back. The start is a candidate for those weights only when ``start_trained`` (its routers were
+    pre-trained, or there are none): a stage 2 must not end on routers that never trained. Where an epoch is
+    short, validation runs at least twice per epoch."""
     cfg, acc = ctx.cfg, ctx.accelerator
     every = cfg.train.eval_every if eval_every is None else eval_every
+    if every:
+        pool = ctx.data.train_size(category)
+        epoch = -(-pool // (cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes))
+        every = min(every, max(1, epoch // 2))
     lr = cfg.train.stage1_lr if category is not None else None
     optimizer, scheduler = build_optimizer(mix.adapter_parameters(), cfg, steps, list(mix.routers.parameters()), lr)
     stop = EarlyStopping(cfg.train.patience if every else 0)
@@ -294,7 +338,9 @@ def fit(ctx: _Ctx, mix: nn.Module, steps: int, offset: int, resume: bool = False
     model_p, opt_p = acc.prepare(mix, optimizer)
     stage2 = category is None
     if start == 0 and (stage2 or stop.patience):
-        stop.update(evaluate_validation(ctx, mix, offset, stage="before", category=category), offset, mix)
+        ppl = evaluate_validation(ctx, mix, offset, stage="before", category=category)
+        if start_trained:
+            stop.update(ppl, offset, mix)
     train_mode(mix)
     accum, world, bs = cfg.train.grad_accum, acc.num_processes, cfg.train.batch_size
     seed = cfg.train.seed if stage2 else cfg.train.seed + 1000 * (category + 1)
@@ -317,6 +363,8 @@ def fit(ctx: _Ctx, mix: nn.Module, steps: int, offset: int, resume: bool = False
             row = {"step": step, "loss": stats.loss, "lm_loss": stats.lm_loss, "aux_loss": stats.aux_loss,
                    "lr": lr, "tokens_per_s": tps, "time": time.time(),
                    "grad_norm": stats.grad_norm}
+            if stats.router_grad_norm is not None:
+                row["router_grad_norm"] = stats.router_grad_norm
             if not stage2:
                 row.update(stage="stage1", category=ctx.data.categories[category])
             ctx.log.train(row)
@@ -345,6 +393,7 @@ def fit(ctx: _Ctx, mix: nn.Module, steps: int, offset: int, resume: bool = False
                 stop.restore(mix)
             ctx.log.eval({"step": step, "split": "validation", "stage": "early_stopping",
                           "best_step": stop.best_step, "best_ppl": stop.best, "stopped_step": step,
+                          "start_step": offset, "trained": stop.best_step > offset,
                           **({"category": ctx.data.categories[category]} if category is not None else {})})
         return step
     finally:

@@ -1,88 +1,196 @@
-"""Gate pre-training (MoP): train only a label-aligned sequence router on category labels, before the experts.
+"""Router pre-training: train only the label-aligned routers (MoP's gate, MoA's task routers) on category labels,
+with the experts frozen, before the experts train (MoP) or before MoA's stage 2.
 
-The frozen model runs only up to the layer the router reads, once per distinct batch: the pooled features do
-not depend on anything trained, so they are cached and every step is one small MLP update.
+What a router reads does not change while only routers train, so its features are computed once per example
+of the train and validation splits and every step is one small update on cached tensors:
+
+* a router reading the frozen base (MoP's gate below the prompts, a global router's routing pre-pass) reads
+  the base's hidden states at its layer;
+* a per-layer router (the MoA paper's layout) reads its layer's input as stage 2 will produce it once routing
+  is right: with every layer's experts forced to the example's label.
+
+Training cycles the whole train split in shuffled batches, validates after every epoch, stops once validation
+cross-entropy has not improved for ``patience`` epochs (or at the step cap) and keeps the best weights. Without
+this, stage 2 starts from routers whose random top-1 sends every input of a layer to one expert, and its
+first validation can only keep that start or lose to it.
 """
 
 from __future__ import annotations
 
-import itertools
-from typing import Iterable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixroute.routers import masked_mean
+from mixroute.arch import decoder_layers
 
 
-class _Reached(Exception):
-    """Stops a forward once the router's layer has been reached: nothing above it is needed."""
+@dataclass
+class PretrainResult:
+    """What ``pretrain_router`` did: steps and epochs run, the epoch kept, and its measures."""
+
+    steps: int = 0
+    epochs: int = 0
+    best_epoch: int = 0                       # 0 = the start (no epoch improved validation)
+    train_examples: int = 0
+    first_ce: Optional[float] = None          # training cross-entropy of the first batch, before any update
+    val_ce: Optional[float] = None            # of the kept weights, mean over routers
+    val_accuracy: Optional[float] = None      # of the kept weights, mean over routers
+    val_accuracy_per_router: dict[str, float] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        """The metrics.jsonl line (losses left out)."""
+        return {k: v for k, v in self.__dict__.items() if k != "losses"}
+
+
+def label_aligned_keys(mix: nn.Module) -> list[str]:
+    """Routers that pre-training fits: label-aligned, with ``features`` and ``logits`` and trainable weights."""
+    return [k for k, r in mix.routers.items() if r.label_aligned and hasattr(r, "logits") and hasattr(r, "features")
+            and any(p.requires_grad for p in r.parameters())]
 
 
 @torch.no_grad()
-def router_features(mix: nn.Module, key: str, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                    prompt_mask: Optional[Tensor] = None) -> Tensor:
-    """(B, H) what router ``key`` reads: the hidden states entering its layer, mean-pooled over the attended
-    prompt tokens."""
-    from mixroute.arch import decoder_layers
+def router_inputs(mix: nn.Module, batches: Sequence[dict], keys: Sequence[str]) -> dict[str, Tensor]:
+    """{key: (N, H)} what each router reads for every example of ``batches`` (collator dicts on the model's
+    device: input_ids, attention_mask, task_ids, optional prompt_mask), experts forced to the label where they
+    shape what a router reads; see the module docstring."""
+    layers = decoder_layers(mix.model)
+    prepass = [k for k in keys if k in getattr(mix, "_prepass", [])]
+    hooked = [k for k in keys if k not in prepass]
+    got: dict[str, list[Tensor]] = {k: [] for k in keys}
+    now: dict[str, Tensor] = {}
 
-    layer = decoder_layers(mix.model)[mix.routers[key].read_layer]
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    if prompt_mask is not None:
-        mask = mask & prompt_mask.bool()
-    got: list[Tensor] = []
+    def grab(layer_keys: list[str]):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            for k in layer_keys:
+                got[k].append(mix.routers[k].features(hidden.float(), now["mask"]).cpu())
+        return hook
 
-    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        got.append(masked_mean(args[0] if args else kwargs["hidden_states"], mask))
-        raise _Reached
-
-    # prepended: runs before the mixture's own router hook on that layer
-    handle = layer.register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
+    by_layer: dict[int, list[str]] = {}
+    for k in hooked:
+        by_layer.setdefault(mix.routers[k].read_layer, []).append(k)
+    handles = [layers[i].register_forward_pre_hook(grab(ks), with_kwargs=True, prepend=True)
+               for i, ks in by_layer.items()]
+    num_experts = next(iter(mix.routers.values())).num_experts if mix.routers else 1
     try:
-        mix.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _Reached:
-        pass
+        for b in batches:
+            mask = b["attention_mask"].bool()
+            if b.get("prompt_mask") is not None:
+                mask = mask & b["prompt_mask"].bool()
+            now["mask"] = mask
+            call = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+            for k in prepass:
+                hidden = mix.frozen_layer_input(mix.routers[k].read_layer, kwargs=call)
+                got[k].append(mix.routers[k].features(hidden.float(), mask).cpu())
+            if not hooked:
+                continue
+            labels = b["task_ids"].long().clamp_max(num_experts - 1)
+            mix.force(F.one_hot(labels, num_experts).float())
+            try:
+                with mix.context.inputs(b["task_ids"], b.get("prompt_mask")):
+                    mix.model.get_decoder()(**call, use_cache=False)
+            finally:
+                mix.force(None)
     finally:
-        handle.remove()
-    if not got:
-        raise RuntimeError(f"router_features: the layer router {key!r} reads was not reached")
-    return got[0]
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in got.items()}
 
 
-def pretrain_gate(mix: nn.Module, batches: Iterable[dict], steps: int, lr: float = 1e-3,
-                  key: str = "gate") -> list[float]:
-    """Train only router ``key`` (it needs a ``logits(pooled)`` method: the MoP gate, the task router) on
-    category labels (cross-entropy vs ``task_ids``). ``batches``: collator dicts with ``input_ids``,
-    ``attention_mask``, ``task_ids`` and optionally ``prompt_mask``, cycled until ``steps`` optimizer steps.
-    Returns the loss of every step."""
-    router = mix.routers[key] if key in mix.routers else None
-    if router is None or not router.label_aligned or not hasattr(router, "logits"):
-        raise ValueError(f"pretrain_gate needs a label-aligned router with logits at key {key!r} (router='gate' "
-                         "or 'task'); this mixture has "
-                         + ", ".join(f"{k}: {type(r).name}" for k, r in mix.routers.items()))
-    num_experts = router.num_experts
-    data: Sequence[dict] = batches if isinstance(batches, Sequence) else list(batches)
-    if steps <= 0 or not data:
-        return []
-    for i, b in enumerate(data):
+def _check_labels(batches: Sequence[dict], num_experts: int, split: str) -> None:
+    for i, b in enumerate(batches):
         if b.get("task_ids") is None:
-            raise ValueError(f"pretrain_gate: batch {i} has no task_ids (category labels are required)")
+            raise ValueError(f"router pre-training: {split} batch {i} has no task_ids (category labels are required)")
         if int(b["task_ids"].max()) >= num_experts:
-            raise ValueError(f"pretrain_gate: batch {i} holds task id {int(b['task_ids'].max())} but the router has "
-                             f"num_experts={num_experts}; labels must be in [0, {num_experts})")
-    feats: dict[int, Tensor] = {}
-    opt = torch.optim.AdamW([p for p in router.parameters() if p.requires_grad], lr=lr)
-    was_training, losses = router.training, []
-    router.train()
-    for _, i in zip(range(steps), itertools.cycle(range(len(data)))):
-        if i not in feats:
-            b = data[i]
-            feats[i] = router_features(mix, key, b["input_ids"], b.get("attention_mask"), b.get("prompt_mask"))
-        loss = F.cross_entropy(router.logits(feats[i]), data[i]["task_ids"].to(feats[i].device).long())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach().item())
-    router.train(was_training)
-    return losses
+            raise ValueError(f"router pre-training: {split} batch {i} holds task id {int(b['task_ids'].max())} but "
+                             f"the router has num_experts={num_experts}; labels must be in [0, {num_experts})")
+
+
+def _measure(mix: nn.Module, keys: Sequence[str], x: dict[str, Tensor], y: Tensor) -> tuple[float, dict[str, float]]:
+    """Mean cross-entropy over routers, and each router's accuracy, on cached features."""
+    with torch.no_grad():
+        ces, accs = [], {}
+        for k in keys:
+            router = mix.routers[k]
+            logits = router.logits(x[k].to(next(router.parameters()).device)).cpu()
+            ces.append(float(F.cross_entropy(logits, y)))
+            accs[k] = float((logits.argmax(-1) == y).float().mean())
+    return sum(ces) / len(ces), accs
+
+
+def pretrain_router(mix: nn.Module, train_batches: Sequence[dict], steps: int, lr: float = 1e-3,
+                    val_batches: Sequence[dict] = (), batch_size: int = 32, patience: int = 3,
+                    seed: int = 0, keys: Optional[Sequence[str]] = None) -> PretrainResult:
+    """Fit the label-aligned routers (``keys``, default all) of ``mix`` alone on the labels of ``train_batches``
+    for at most ``steps`` optimizer steps; see the module docstring. Only router weights change."""
+    keys = list(keys) if keys is not None else label_aligned_keys(mix)
+    if not keys:
+        raise ValueError("router pre-training needs a label-aligned router with logits (router='gate' or 'task'); "
+                         "this mixture has " + ", ".join(f"{k}: {type(r).name}" for k, r in mix.routers.items()))
+    num_experts = mix.routers[keys[0]].num_experts
+    _check_labels(train_batches, num_experts, "train")
+    _check_labels(val_batches, num_experts, "validation")
+    result = PretrainResult()
+    if steps <= 0 or not train_batches:
+        return result
+    x = router_inputs(mix, train_batches, keys)
+    y = torch.cat([b["task_ids"].long().cpu() for b in train_batches])
+    vx = router_inputs(mix, val_batches, keys) if val_batches else None
+    vy = torch.cat([b["task_ids"].long().cpu() for b in val_batches]) if val_batches else None
+    result.train_examples = len(y)
+    routers = [mix.routers[k] for k in keys]
+    params = [p for r in routers for p in r.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    device = params[0].device
+    modes = [r.training for r in routers]
+    gen = torch.Generator().manual_seed(seed)
+    best = (_measure(mix, keys, vx, vy)[0] if vx is not None else float("inf"))
+    best_state = {k: {n: t.detach().clone() for n, t in mix.routers[k].state_dict().items()} for k in keys}
+    bad = 0
+    for r in routers:
+        r.train()
+    try:
+        while result.steps < steps:
+            order = torch.randperm(len(y), generator=gen)
+            for i in range(0, len(y), batch_size):
+                idx = order[i:i + batch_size]
+                target = y[idx].to(device)
+                loss = torch.stack([F.cross_entropy(mix.routers[k].logits(x[k][idx].to(device)), target)
+                                    for k in keys]).mean()
+                if result.first_ce is None:
+                    result.first_ce = loss.item()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                result.losses.append(loss.item())
+                result.steps += 1
+                if result.steps >= steps:
+                    break
+            result.epochs += 1
+            if vx is None:
+                continue
+            ce, _ = _measure(mix, keys, vx, vy)
+            if ce < best:
+                best, bad, result.best_epoch = ce, 0, result.epochs
+                best_state = {k: {n: t.detach().clone() for n, t in mix.routers[k].state_dict().items()}
+                              for k in keys}
+            else:
+                bad += 1
+                if bad >= patience:
+                    break
+        if vx is not None:
+            for k in keys:
+                mix.routers[k].load_state_dict(best_state[k])
+            result.val_ce, accs = _measure(mix, keys, vx, vy)
+            result.val_accuracy_per_router = accs
+            result.val_accuracy = sum(accs.values()) / len(accs)
+        else:
+            result.best_epoch = result.epochs
+    finally:
+        for r, m in zip(routers, modes):
+            r.train(m)
+    return result

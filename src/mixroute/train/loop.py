@@ -2,14 +2,14 @@
 ``mixroute.evaluate.held_out_pass``).
 
 ``train_step`` runs the micro-batches of one optimizer step (gradient accumulation), with the LM head only at
-label positions (``logits_for="labels"``), clipping and a finite-loss check.
+label positions (``logits_for="labels"``), clipping per parameter group and a finite-loss check.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,8 @@ class StepStats:
     lm_loss: float
     aux_loss: float
     tokens: int
-    grad_norm: float
+    grad_norm: float                       # the experts' (before clipping)
+    router_grad_norm: Optional[float] = None   # the routers' (before clipping), when they train
 
 
 def train_step(mix: nn.Module, micro_batches: list[dict[str, Tensor]], optimizer: Any, scheduler: Any,
@@ -50,13 +51,20 @@ def train_step(mix: nn.Module, micro_batches: list[dict[str, Tensor]], optimizer
         lm_sum += out.lm_loss.item()
         aux_sum += sum(v.item() for v in out.aux_losses.values())
         tokens += int(batch["attention_mask"].sum())
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if clip_grad > 0:
-        norm = accelerator.clip_grad_norm_(params, clip_grad)
-    else:
-        norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-    grad_norm = float(norm)
-    if not math.isfinite(grad_norm):
+    # each parameter group (experts, routers) is clipped on its own: a router's cross-entropy gradient can be
+    # 100x the experts' early on, and one joint norm would then rescale every expert update by it
+    norms = {}
+    for g in optimizer.param_groups:
+        params = [p for p in g["params"] if p.grad is not None]
+        if not params:
+            continue
+        if clip_grad > 0:
+            norms[g.get("name", "params")] = float(accelerator.clip_grad_norm_(params, clip_grad))
+        else:
+            norms[g.get("name", "params")] = float(torch.norm(torch.stack([p.grad.norm() for p in params])))
+    grad_norm = norms.get("experts", next(iter(norms.values()), 0.0))
+    if not all(math.isfinite(v) for v in norms.values()):
+        grad_norm = next(v for v in norms.values() if not math.isfinite(v))
         optimizer.zero_grad(set_to_none=True)
         raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step}")
     optimizer.step()
@@ -65,7 +73,7 @@ def train_step(mix: nn.Module, micro_batches: list[dict[str, Tensor]], optimizer
     unwrapped = accelerator.unwrap_model(mix)
     if hasattr(unwrapped, "update_balancing"):
         unwrapped.update_balancing()
-    return StepStats(loss_sum / n, lm_sum / n, aux_sum / n, tokens, grad_norm)
+    return StepStats(loss_sum / n, lm_sum / n, aux_sum / n, tokens, grad_norm, norms.get("routers"))
 
 
 def train_mode(mix: nn.Module) -> None:
