@@ -44,6 +44,7 @@ def test_inspect_column_mapping_and_truncation_count():
     (["data", "inspect", str(FIXTURES / "mini.jsonl"), "--columns", "prompt"], "FIELD=COLUMN"),
     (["data", "inspect", str(FIXTURES / "mini.jsonl"), "--template", "fancy"], "'chat' or 'plain'"),
     (["data", "inspect", str(FIXTURES / "mini.jsonl"), "--tokenizer", "/no/such/tok"], "not found locally"),
+    (["data", "synthetic", "--out", "x.jsonl", "--suite", "poetry"], "--suite must be one of formats, conventions"),
     (["data", "synthetic", "--out", "x.txt"], "must be a .jsonl file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expected):
@@ -70,6 +71,9 @@ def test_synthetic_writes_the_suite(tmp_path):
     runner.invoke(app, ["data", "synthetic", "--per-task", "4", "--seed", "2", "--out", str(out)])
     assert out.read_text() == first
     assert set(json.loads(first.splitlines()[0])) == {"instruction", "context", "response", "category"}
+    res = runner.invoke(app, ["data", "synthetic", "--per-task", "3", "--suite", "conventions", "--out", str(out)])
+    assert res.exit_code == 0 and "wrote 18 records (6 task families x 3)" in res.output, res.output
+    assert load_records(out).records == synthetic_suite(per_task=3, suite="conventions")
 
 
 def test_inspect_dolly():

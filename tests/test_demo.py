@@ -1,11 +1,65 @@
-"""The demo: its summary (hand-made results, both outcomes) and the whole demo on the tiny model (the real-model
-demo is `make demo`)."""
+"""The demo: its data (the `conventions` suite), its summary (hand-made results, both outcomes) and the whole demo
+on the tiny model (the real-model demo is `make demo`)."""
 
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter
+from datetime import date
 
+import pytest
+
+from mixroute.config import DataConfig
+from mixroute.data import CONVENTIONS, DataError, load_config_records, synthetic_suite
+from mixroute.data.synthetic import OFFICES, render_convention
 from mixroute.demo import summary_lines
+
+def test_conventions_suite_is_deterministic_unique_and_short():
+    recs = synthetic_suite(per_task=60, seed=0, suite="conventions")
+    assert recs == synthetic_suite(per_task=60, seed=0, suite="conventions")
+    assert recs != synthetic_suite(per_task=60, seed=1, suite="conventions")
+    assert Counter(r.category for r in recs) == {t: 60 for t in OFFICES} and len(OFFICES) == 6
+    for task in OFFICES:
+        prompts = [r.instruction for r in recs if r.category == task]
+        assert len(set(prompts)) == 60  # unique inputs within a task: no duplicate across the splits
+    assert {len(r.response) for r in recs} == {10}
+    with pytest.raises(DataError, match="unknown synthetic suite"):
+        synthetic_suite(per_task=2, suite="poetry")
+
+
+def test_conventions_tasks_share_the_inputs_and_conflict_on_the_outputs():
+    """Every task draws its input the same way; the instruction differs only by the task's marker (the office);
+    the same input has a different answer under every task."""
+    # the same random state gives the same input under every task: one input distribution
+    assert len({gen(random.Random(7))[0].rsplit(" ", 1)[1] for gen in CONVENTIONS.values()}) == 1
+    recs = synthetic_suite(per_task=40, seed=3, suite="conventions")
+    templates, markers = set(), {}
+    for r in recs:
+        iso = r.instruction.rsplit(" ", 1)[1]
+        d = date.fromisoformat(iso)
+        assert date(1950, 1, 1) <= d <= date(2049, 12, 31) and r.context == ""
+        assert (r.instruction, r.context, r.response) == render_convention(r.category, d)
+        office = OFFICES[r.category][0]
+        assert office in r.instruction
+        templates.add(r.instruction.replace(office, "<office>").replace(iso, "<date>"))
+        markers.setdefault(r.category, set()).add(r.instruction.replace(iso, "<date>"))
+    assert templates == {"Date for the <office> office: <date>"}  # only the marker tells the tasks apart
+    assert all(len(v) == 1 for v in markers.values())
+    assert len({i for v in markers.values() for i in v}) == len(OFFICES)  # ... and it does
+    for d in (date(2023, 4, 7), date(1961, 12, 25), date(2049, 1, 31)):  # day != month: six different answers
+        answers = [render_convention(t, d)[2] for t in OFFICES]
+        assert len(set(answers)) == len(OFFICES), answers
+    assert render_convention("new_york", date(2023, 4, 7))[2] == "04/07/2023"
+    assert render_convention("london", date(2023, 4, 7))[2] == "07/04/2023"
+    assert render_convention("seoul", date(2023, 4, 7))[2] == "2023.04.07"
+
+
+def test_data_config_selects_the_suite():
+    rs = load_config_records(DataConfig(synthetic_suite="conventions", synthetic_per_task=3))
+    assert rs.categories == sorted(OFFICES) and len(rs.records) == 18 and "'conventions'" in rs.source
+    assert "arithmetic" in load_config_records(DataConfig(synthetic_per_task=3)).categories  # default: formats
+
 
 BUDGET = {"tasks": 2, "stage1_steps": 10, "stage2_steps": 6, "moa_steps": 26, "mixed_steps": 26, "batch_size": 8,
           "lr": 0.002, "stage2_lr": 0.0005, "per_task": 80}
@@ -47,7 +101,8 @@ def test_summary_when_moa_loses():
     assert "largest MoA gain" not in text and "largest MoA loss a (12.00 vs 10.00 for lora_mixed)" in text
     assert "classifier on the same hidden states: 100.0% (the same)" in text
     assert "What would change it: the router is not the problem (100.0% routed right)" in text
-    assert "--stage1-steps 20: lora_mixed then gets 46 steps" in text and "do not reach at this budget" in text
+    assert "--stage1-steps 20: lora_mixed then gets 46 steps" in text
+    assert "and at this budget one LoRA copes with these 2 tasks." in text
     assert "MoA wins" not in text and "Meaning:" not in text
 
 
@@ -59,10 +114,16 @@ def test_summary_with_the_label_routed_experts():
     text = "\n".join(summary_lines(behind, BUDGET))
     assert "lora_single) reach 11.00, above lora_mixed's 10.22; MoA's learned routing and stage 2 move that to " \
            "11.60 (+0.60)" in text
+    assert "Average test perplexity per method (lower is better, 2 tasks): lora_mixed 10.22, lora_single 11.00, " \
+           "moa 11.60." in text
     assert "the router is not the problem" in text
 
-    stage2 = {**behind, "lora_single": _result("lora_single", {"a": 9.0, "b": 10.0})}   # 9.5: the experts win
-    text = "\n".join(summary_lines(stage2, BUDGET))
+    stage2 = {**behind, "lora_single": _result("lora_single", {"a": 9.0, "b": 10.0}),   # 9.5: the experts win
+              "base": _result("base", {"a": 40.0, "b": 60.0})}
+    text = "\n".join(summary_lines(stage2, {**BUDGET, "suite": "conventions"}))
+    assert "per method (lower is better, 2 tasks): base 50.00, lora_mixed 10.22, lora_single 9.50, moa 11.60." \
+        in text
+    assert "80 synthetic records per task of the 'conventions' suite)." in text
     assert "reach 9.50, below lora_mixed's 10.22" in text and "(+2.10)" in text
     assert "the experts alone beat the shared LoRA" in text and "the router is not the problem" not in text
 
@@ -95,15 +156,19 @@ def test_demo_runs_on_the_tiny_model(tmp_path, capsys):
     results = main(["--model", "tiny", "--out", str(tmp_path), "--steps", "2", "--stage1-steps", "1",
                     "--per-task", "4", "--max-generate", "1", "--max-new-tokens", "2", "--quiet"])
     out = capsys.readouterr().out
-    assert {"lora_mixed", "lora_single", "moa"} <= set(results)
+    assert {"base", "lora_mixed", "lora_single", "moa"} <= set(results)
+    assert "suite 'conventions': 6 tasks (berlin, london, mumbai, new_york, seoul, tokyo)" in out
     assert "perplexity" in out and "| **average** |" in out and "Router accuracy" in out
     assert results["summary"][0].startswith("Result: ")
+    assert any(line.startswith("Average test perplexity per method") and "base " in line and "moa " in line
+               for line in results["summary"])
     assert results["moa"]["classifier_accuracy"] is not None and results["lora_single"]["classifier_accuracy"] is None
-    # equal data: lora_mixed takes 8 tasks x 1 stage-1 step + 2 stage-2 steps
+    assert results["moa"]["categories"] == sorted(OFFICES)
+    # equal data: lora_mixed takes 6 tasks x 1 stage-1 step + 2 stage-2 steps
     mixed = [json.loads(line) for line in (tmp_path / "lora_mixed" / "metrics.jsonl").read_text().splitlines()]
-    assert max(r["step"] for r in mixed if "loss" in r) == 8 * 1 + 2
+    assert max(r["step"] for r in mixed if "loss" in r) == 6 * 1 + 2
     saved = json.loads((tmp_path / "demo_summary.json").read_text())
-    assert saved["summary"] == results["summary"] and saved["budget"]["mixed_steps"] == 10
+    assert saved["summary"] == results["summary"] and saved["budget"]["mixed_steps"] == 8
     assert (tmp_path / "moa" / "eval.json").is_file()
 
 

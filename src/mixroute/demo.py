@@ -1,15 +1,22 @@
-"""``make demo``: train a routed mixture (MoA) and a single mixed LoRA on the built-in synthetic suite with the
-embedded SmolLM2-135M-Instruct, evaluate both, print the comparison table, the router accuracy and a summary
-of which method won, by how much, at what budget and what would change it, and write the HTML report.
+"""``make demo``: train a routed mixture (MoA) and a single mixed LoRA on the built-in ``conventions`` suite with
+the embedded SmolLM2-135M-Instruct, evaluate them, print the comparison table, the router accuracy and a
+summary of which method won, by how much, at what budget and what would change it, and write the HTML report.
 About 5 minutes on an idle 2-core CPU.
 
-Three runs: ``lora_mixed`` (one LoRA on all tasks), ``lora_single`` (MoA's stage 1: one LoRA per task, the task
-label picks the expert) and ``moa`` (stage 2 from those LoRAs: experts + a learned router; at a lower learning
-rate, since stage 2 at the stage-1 rate undoes the experts). lora_mixed takes as many steps of the same batch
-size as MoA's stage 1 and stage 2 together: both see the same number of training sequences.
+The suite (``mixroute.data.synthetic``) is the case a routed mixture exists for: six tasks with the same inputs
+(dates) and conflicting output conventions (New York's 04/07/2023 against London's 07/04/2023, ...), told apart
+only by the office the instruction names. One LoRA shared by the six must learn to read that marker; one LoRA
+per task learns a single fixed rewrite, and a router reading the prompt picks it.
+
+Four runs, evaluated alike on the test split: ``base`` (the frozen model), ``lora_mixed`` (one LoRA on all
+tasks), ``lora_single`` (MoA's stage 1: one LoRA per task, the task label picks the expert) and ``moa`` (stage 2
+from those LoRAs: experts + a learned router, with the MoA recipe's defaults; the experts at a lower learning
+rate, since stage 2 at the stage-1 rate undoes them). lora_mixed takes as many steps of the same batch size as
+MoA's stage 1 and stage 2 together: both see the same number of training sequences.
 
     python -m mixroute.demo                      # defaults
-    python -m mixroute.demo --stage1-steps 6 --steps 12 --per-task 40     # smaller / faster
+    python -m mixroute.demo --stage1-steps 8 --steps 12 --per-task 40     # smaller / faster
+    python -m mixroute.demo --suite formats      # the default suite of `mixroute train` instead
     MIXROUTE_DEMO_SCALE=0.5 python -m mixroute.demo                       # same, by environment
     python -m mixroute.demo --model tiny --out /tmp/demo                  # seconds; what the tests run
 """
@@ -27,8 +34,6 @@ from rich.console import Console
 
 console = Console()
 
-BATCH_SIZE = 8
-
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     scale = float(os.environ.get("MIXROUTE_DEMO_SCALE", "1"))
@@ -36,19 +41,24 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="Base model (default: the embedded SmolLM2-135M-Instruct; "
                                                  "'tiny' for a seconds-long smoke run).")
     p.add_argument("--out", default="runs/demo", help="Directory for the run directories and the report.")
-    p.add_argument("--stage1-steps", type=int, default=max(1, int(10 * scale)),
+    p.add_argument("--suite", default="conventions", choices=["conventions", "formats"],
+                   help="Built-in synthetic suite (data.synthetic_suite): conventions (same inputs, conflicting "
+                        "outputs) or formats (eight different input/output formats).")
+    p.add_argument("--stage1-steps", type=int, default=max(1, int(12 * scale)),
                    help="MoA stage 1: steps of each task's LoRA.")
-    p.add_argument("--steps", type=int, default=max(2, int(20 * scale)),
+    p.add_argument("--steps", type=int, default=max(2, int(16 * scale)),
                    help="MoA stage 2: steps of the experts and the router together.")
     p.add_argument("--mixed-steps", type=int, default=None,
                    help="lora_mixed steps (default: tasks x stage-1 steps + stage-2 steps, the same number of "
                         "training sequences as MoA).")
+    p.add_argument("--batch-size", type=int, default=4, help="Sequences per step, every method.")
     p.add_argument("--per-task", type=int, default=max(12, int(80 * scale)), help="Synthetic records per task.")
     p.add_argument("--lr", type=float, default=2e-3, help="Peak learning rate of the stage-1 LoRAs and lora_mixed.")
     p.add_argument("--stage2-lr", type=float, default=5e-4, help="Peak learning rate of the experts in MoA's "
-                                                                 "stage 2 (the router: 0.01).")
+                                                                 "stage 2 (the router's: the recipe's "
+                                                                 "train.router_lr).")
     p.add_argument("--max-generate", type=int, default=4, help="Test prompts per task for BLEU / ROUGE-L.")
-    p.add_argument("--max-new-tokens", type=int, default=20, help="Generated tokens per prompt.")
+    p.add_argument("--max-new-tokens", type=int, default=12, help="Generated tokens per prompt.")
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     return p.parse_args(argv)
 
@@ -59,10 +69,10 @@ def demo_overrides(args: argparse.Namespace, name: str, out: Path, steps: Option
     ``lr``: train.lr, default ``args.lr``)."""
     model = "null" if args.model is None else args.model
     steps = args.steps if steps is None else steps
-    return [f"output_dir={out / name}", f"model.name={model}", f"data.synthetic_per_task={args.per_task}",
-            "data.template=plain", "data.max_length=64", f"train.max_steps={steps}",
-            f"train.stage1_steps={args.stage1_steps}", f"train.batch_size={BATCH_SIZE}",
-            f"train.lr={args.lr if lr is None else lr}", "train.warmup_steps=2",
+    return [f"output_dir={out / name}", f"model.name={model}", f"data.synthetic_suite={args.suite}",
+            f"data.synthetic_per_task={args.per_task}", "data.template=plain", "data.max_length=64",
+            f"train.max_steps={steps}", f"train.stage1_steps={args.stage1_steps}",
+            f"train.batch_size={args.batch_size}", f"train.lr={args.lr if lr is None else lr}", "train.warmup_steps=2",
             f"train.eval_every={max(1, steps // 2)}", "train.save_every=0", "eval.max_eval=8",
             f"eval.max_generate={args.max_generate}", f"eval.max_new_tokens={args.max_new_tokens}"]
 
@@ -71,28 +81,16 @@ def demo_budget(args: argparse.Namespace, tasks: int) -> dict[str, Any]:
     """Steps of each method; lora_mixed defaults to MoA's total (stage 1 of every task + stage 2)."""
     moa = tasks * args.stage1_steps + args.steps
     return {"tasks": tasks, "stage1_steps": args.stage1_steps, "stage2_steps": args.steps, "moa_steps": moa,
-            "mixed_steps": args.mixed_steps or moa, "batch_size": BATCH_SIZE, "lr": args.lr,
-            "stage2_lr": args.stage2_lr, "per_task": args.per_task}
+            "mixed_steps": args.mixed_steps or moa, "batch_size": args.batch_size, "lr": args.lr,
+            "stage2_lr": args.stage2_lr, "per_task": args.per_task, "suite": args.suite}
 
 
-def base_perplexity(args: argparse.Namespace) -> list[str]:
-    """The first thing the demo shows: the frozen model's perplexity per synthetic task on one batch each.
-    Returns the task names (the categories, in the order the experts are numbered)."""
+def demo_tasks(args: argparse.Namespace) -> list[str]:
+    """The suite's task names (the categories, in the order the experts are numbered); no model needed."""
     from mixroute.config import load_config
-    from mixroute.data import RunData
-    from mixroute.evaluate import held_out_pass, perplexity
-    from mixroute.rundir import load_model
+    from mixroute.data import load_config_records
 
-    cfg = load_config(None, demo_overrides(args, "base", Path(args.out)))
-    model, tok = load_model(cfg.model)
-    data = RunData.build(cfg, tok)
-    held = held_out_pass(model, None, data.batches("validation", 8))
-    ppl = perplexity(held.nll, held.tokens, held.task_ids, data.categories)
-    console.print(f"[bold]base model[/bold] ({getattr(model, 'mixroute_source', '?')}), tasks: "
-                  f"{', '.join(data.categories)}")
-    for c, v in ppl["per_category"].items():
-        console.print(f"  perplexity {c:<16} {v:10.2f}")
-    return list(data.categories)
+    return load_config_records(load_config(None, demo_overrides(args, "base", Path(args.out))).data).categories
 
 
 def _pct(x: float) -> str:
@@ -101,9 +99,10 @@ def _pct(x: float) -> str:
 
 def summary_lines(results: dict[str, dict], budget: dict[str, Any]) -> list[str]:
     """The demo's verdict, every number and every either-or derived from ``results`` (eval.json dicts of
-    ``moa`` and ``lora_mixed``, optionally ``lora_single``: the same experts picked by the task label) and
-    ``budget`` (``demo_budget``): which method has the lower average perplexity and by how much, the router
-    against the classifier, the budget, and what the outcome means or what would change it."""
+    ``moa`` and ``lora_mixed``, optionally ``lora_single``: the same experts picked by the task label, and
+    ``base``: the frozen model) and ``budget`` (``demo_budget``): which method has the lower average perplexity
+    and by how much, every method's perplexity, the router against the classifier, the budget, and what the
+    outcome means or what would change it."""
     moa, mixed, oracle = results["moa"], results["lora_mixed"], results.get("lora_single")
     a, b = moa["perplexity"]["average"], mixed["perplexity"]["average"]
     diff, rel = a - b, (a - b) / b
@@ -133,6 +132,9 @@ def summary_lines(results: dict[str, dict], budget: dict[str, Any]) -> list[str]
                 for kind, c in (("gain", gains), ("loss", losses)) if c]
     if per_task:
         lines.append("Per task: " + ", ".join(per_task) + ".")
+    order = [m for m in ("base", "lora_mixed", "lora_single", "moa") if m in results]
+    lines.append(f"Average {split} perplexity per method (lower is better, {len(common)} tasks): "
+                 + ", ".join(f"{m} {results[m]['perplexity']['average']:.2f}" for m in order) + ".")
 
     # ---- the router
     acc = (moa.get("router_accuracy") or {}).get("overall")
@@ -159,11 +161,12 @@ def summary_lines(results: dict[str, dict], budget: dict[str, Any]) -> list[str]
     bs, s1, s2, tasks = budget["batch_size"], budget["stage1_steps"], budget["stage2_steps"], budget["tasks"]
     moa_n, mixed_n = budget["moa_steps"] * bs, budget["mixed_steps"] * bs
     lr2 = f" at lr {budget['stage2_lr']:g}" if budget.get("stage2_lr") is not None else ""
+    suite = f" of the {budget['suite']!r} suite" if budget.get("suite") else ""
     lines.append(f"Budget ({'equal data' if moa_n == mixed_n else 'UNEQUAL data'}): MoA {tasks} tasks x {s1} "
                  f"stage-1 steps + {s2} stage-2 steps{lr2} = {budget['moa_steps']} steps, {moa_n:,} training "
                  f"sequences; lora_mixed {budget['mixed_steps']} steps, {mixed_n:,} sequences (batch {bs}, lr "
                  f"{budget['lr']:g}{' for stage 1 and lora_mixed' if lr2 else ''}, {budget['per_task']} synthetic "
-                 "records per task).")
+                 f"records per task{suite}).")
 
     # ---- what it means / what would change it
     routed_well = acc is None or acc >= 0.9
@@ -187,9 +190,9 @@ def summary_lines(results: dict[str, dict], budget: dict[str, Any]) -> list[str]
                      f"experts are: each trained {s1} steps on its own task, while one LoRA shared by all {tasks} "
                      f"took {budget['mixed_steps']} steps and can carry what the tasks have in common from one to "
                      f"another. More steps per expert narrow the gap ({more}); a routed mixture pays off where "
-                     "tasks have little in common or one shared adapter runs out of capacity, "
+                     "one shared adapter suffers from conflicting tasks or runs out of capacity, "
                      + ("and at this budget the two are level." if outcome == "tie" else
-                        f"which these {tasks} tasks do not reach at this budget."))
+                        f"and at this budget one LoRA copes with these {tasks} tasks."))
     if moa_n != mixed_n:
         lines.append("Note: the two methods trained on different amounts of data (--mixed-steps): the comparison "
                      "is not like for like.")
@@ -210,28 +213,34 @@ def main(argv: Optional[list[str]] = None) -> dict:
     quiet_transformers()
     out = Path(args.out)
     t0 = time.time()
-    tasks = base_perplexity(args)
+    tasks = demo_tasks(args)
     budget = demo_budget(args, len(tasks))
+    console.print(f"suite {args.suite!r}: {len(tasks)} tasks ({', '.join(tasks)}), {args.per_task} records each",
+                  highlight=False)
     equal = "equal data" if budget["mixed_steps"] == budget["moa_steps"] else "UNEQUAL data"
     console.print(f"budget ({equal}): lora_mixed {budget['mixed_steps']} steps; MoA {len(tasks)} tasks x "
-                  f"{args.stage1_steps} stage-1 steps + {args.steps} stage-2 steps; batch {BATCH_SIZE}",
+                  f"{args.stage1_steps} stage-1 steps + {args.steps} stage-2 steps; batch {args.batch_size}",
                   highlight=False)
     experts = "[" + ",".join(str(stage1_dir(out / "lora_single", c)) for c in tasks) + "]"
     runs = {  # run name -> overrides; moa's stage 2 starts from lora_single's stage-1 LoRAs
+        "base": demo_overrides(args, "base", out),
         "lora_mixed": demo_overrides(args, "lora_mixed", out, budget["mixed_steps"]),
         "lora_single": demo_overrides(args, "lora_single", out),
-        "moa": demo_overrides(args, "moa", out, lr=args.stage2_lr)
-        + ["mixture.route_train=label", "train.router_lr=0.01", f"train.stage1_adapters={experts}"],
+        "moa": demo_overrides(args, "moa", out, lr=args.stage2_lr) + [f"train.stage1_adapters={experts}"],
     }
     results: dict[str, Any] = {}
-    titles = {"lora_mixed": f"one LoRA on all tasks, {budget['mixed_steps']} steps",
+    titles = {"base": "the frozen model, nothing trained",
+              "lora_mixed": f"one LoRA on all tasks, {budget['mixed_steps']} steps",
               "lora_single": f"MoA stage 1: one LoRA per task, {args.stage1_steps} steps each",
               "moa": f"MoA stage 2: those LoRAs + a learned router, {args.steps} steps"}
     for name, overrides in runs.items():
         console.rule(f"[bold]{name}[/bold]: {titles[name]}")
-        cfg = load_config(None, [f"train.method={name}", "mixture.eta=0.1"] + overrides)
+        cfg = load_config(None, [f"train.method={name}"] + overrides)
         run_dir = train(cfg, overwrite=True, progress=not args.quiet)
         results[name] = evaluate_run(run_dir, progress=not args.quiet, classifier=name == "moa")
+        ppl = results[name]["perplexity"]
+        per_task = ", ".join(f"{c} {v:.2f}" for c, v in ppl["per_category"].items())
+        console.print(f"{name}: test perplexity {per_task}; average {ppl['average']:.2f}", highlight=False)
     console.rule("[bold]comparison (test split)")
     print(to_markdown(comparison_table(list(results.values()))))
     acc = results["moa"]["router_accuracy"]
@@ -239,7 +248,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         console.print(f"confusion of MoA's router (rows = task, columns = expert): {acc['confusion']}")
     for m, r in results.items():
         console.print(f"{m}: trainable parameters {r['trainable_parameters']:,}")
-    report = write_report([out / m for m in results], out / "report")
+    report = write_report([out / m for m in results if m != "base"], out / "report")  # base: no gates to draw
     console.print(f"report: [bold]{report}[/bold]")
     console.rule("[bold]summary")
     lines = summary_lines(results, budget)

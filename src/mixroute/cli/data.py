@@ -90,16 +90,21 @@ def synthetic_cmd(
     out: str = typer.Option(..., "--out", help="Output JSONL file (written atomically)."),
     per_task: int = typer.Option(200, "--per-task", help="Records per task family."),
     seed: int = typer.Option(0, "--seed", help="Generation seed (same seed -> same file)."),
+    suite: str = typer.Option("formats", "--suite", help="formats (eight different input/output formats) or "
+                                                         "conventions (one input distribution, six conflicting "
+                                                         "output conventions; the demo's suite)."),
 ) -> None:
-    """Write the built-in synthetic multi-task suite as JSONL (Dolly schema, category = task family)."""
+    """Write a built-in synthetic multi-task suite as JSONL (Dolly schema, category = task family)."""
     from mixroute.fileio import atomic_write_text
-    from mixroute.data import FAMILIES, synthetic_suite
+    from mixroute.data import SUITES, synthetic_suite
 
     if not out.endswith(".jsonl"):
         fail(f"--out must be a .jsonl file, got {out!r}")
-    recs = synthetic_suite(per_task=per_task, seed=seed)
+    if suite not in SUITES:
+        fail(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
+    recs = synthetic_suite(per_task=per_task, seed=seed, suite=suite)
     atomic_write_text(out, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in recs))
-    typer.echo(f"wrote {len(recs):,} records ({len(FAMILIES)} task families x {per_task}) to {out}")
+    typer.echo(f"wrote {len(recs):,} records ({len(SUITES[suite])} task families x {per_task}) to {out}")
 
 
 @user_errors(ValueError)

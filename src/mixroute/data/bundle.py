@@ -58,11 +58,12 @@ def load_config_records(cfg: Any) -> RecordSet:
     """The records a DataConfig names: its file (with columns, filter, cap) or the synthetic suite."""
     source: Any = cfg.path
     if source is None:
-        source = synthetic_suite(per_task=cfg.synthetic_per_task, seed=cfg.seed)
+        source = synthetic_suite(per_task=cfg.synthetic_per_task, seed=cfg.seed, suite=cfg.synthetic_suite)
     rs = load_records(source, columns=cfg.columns if cfg.path is not None else None, categories=cfg.categories,
                       max_per_category=cfg.max_per_category, seed=cfg.seed)
     if cfg.path is None:
-        rs.source = f"built-in synthetic suite ({cfg.synthetic_per_task} per task, seed {cfg.seed})"
+        rs.source = (f"built-in synthetic suite {cfg.synthetic_suite!r} ({cfg.synthetic_per_task} per task, seed "
+                     f"{cfg.seed})")
     return rs
 
 

@@ -1,15 +1,28 @@
-"""The built-in synthetic multi-task suite: the embedded default data set (``DataConfig.path = None``).
+"""The built-in synthetic multi-task suites: the embedded default data sets (``DataConfig.path = None``,
+``DataConfig.synthetic_suite`` picks one).
 
-Eight task families with clearly different input and output formats, so a router has something to tell apart
-and a small model on CPU learns each within minutes (responses are a few tokens to one line). Generation is
-deterministic: each family draws from its own ``random.Random`` seeded with ``(seed, family)``, and records
-are unique within a family (no train/test leakage through duplicates).
+``formats`` (:data:`FAMILIES`, the default): eight task families with clearly different input and output
+formats, so a router has something to tell apart and a small model on CPU learns each within minutes
+(responses are a few tokens to one line).
+
+``conventions`` (:data:`CONVENTIONS`): the case a routed mixture exists for. Six tasks share one input
+distribution (a date between 1950 and 2049 in ISO form) and one instruction template, ``Date for the <office>
+office: 2023-04-07``; only the office, a short marker, says which of six conflicting output conventions applies
+(``04/07/2023`` for New York, ``07/04/2023`` for London, ``07.04.2023`` for Berlin, ...). The same input has a
+different answer under every task (New York and London agree only when day = month), so one shared adapter
+must learn to read the marker and otherwise hedges between conventions, while one adapter per task learns a
+single fixed rewrite; a router reading the prompt can tell the tasks apart by the marker. Responses are 10
+characters (10 tokens for SmolLM2), prompts about 28 tokens in the plain template.
+
+Generation is deterministic: each task draws from its own ``random.Random`` seeded with ``(seed, task)``, and
+records are unique within a task (no train/test leakage through duplicates).
 """
 
 from __future__ import annotations
 
 import random
 from datetime import date, timedelta
+from functools import partial
 from typing import Callable
 
 from mixroute.data.records import Record
@@ -100,18 +113,57 @@ FAMILIES: dict[str, Gen] = {
     "acronym": _acronym,
 }
 
+# ---- the "conventions" suite: one input distribution, conflicting output conventions per task
+OFFICES: dict[str, tuple[str, str]] = {  # task -> (the office the instruction names, that office's date format)
+    "new_york": ("New York", "{m}/{d}/{y}"),
+    "london": ("London", "{d}/{m}/{y}"),
+    "berlin": ("Berlin", "{d}.{m}.{y}"),
+    "mumbai": ("Mumbai", "{d}-{m}-{y}"),
+    "tokyo": ("Tokyo", "{y}/{m}/{d}"),
+    "seoul": ("Seoul", "{y}.{m}.{d}"),
+}
 
-def synthetic_suite(per_task: int = 200, seed: int = 0, families: list[str] | None = None) -> list[Record]:
-    """``per_task`` unique records for each family (all of :data:`FAMILIES` by default), category = family name.
 
-    Deterministic in (per_task, seed, families): the same arguments give the same records in the same order.
+def random_date(rng: random.Random) -> date:
+    """The input of every conventions task: a uniform day between 1950-01-01 and 2049-12-31."""
+    return date(1950, 1, 1) + timedelta(days=rng.randint(0, (date(2049, 12, 31) - date(1950, 1, 1)).days))
+
+
+def render_convention(task: str, d: date) -> tuple[str, str, str]:
+    """(instruction, context, response) of conventions task ``task`` for input date ``d``: the instruction
+    names the task's office (the marker) and gives the date in ISO form, the context is empty, the response is
+    the date in the office's format."""
+    office, style = OFFICES[task]
+    return (f"Date for the {office} office: {d.isoformat()}", "",
+            style.format(y=f"{d.year:04d}", m=f"{d.month:02d}", d=f"{d.day:02d}"))
+
+
+def _convention(task: str, rng: random.Random) -> tuple[str, str, str]:
+    return render_convention(task, random_date(rng))
+
+
+CONVENTIONS: dict[str, Gen] = {task: partial(_convention, task) for task in OFFICES}
+SUITES: dict[str, dict[str, Gen]] = {"formats": FAMILIES, "conventions": CONVENTIONS}
+
+
+def synthetic_suite(per_task: int = 200, seed: int = 0, families: list[str] | None = None,
+                    suite: str = "formats") -> list[Record]:
+    """``per_task`` unique records for each family of ``suite`` (a key of :data:`SUITES`; all its families by
+    default), category = family name.
+
+    Deterministic in (per_task, seed, families, suite): the same arguments give the same records in the same
+    order.
     """
     from mixroute.data.records import DataError
 
-    names = list(FAMILIES) if families is None else list(families)
-    unknown = [n for n in names if n not in FAMILIES]
+    if suite not in SUITES:
+        raise DataError(f"unknown synthetic suite {suite!r}; available: {', '.join(SUITES)}")
+    gens = SUITES[suite]
+    names = list(gens) if families is None else list(families)
+    unknown = [n for n in names if n not in gens]
     if unknown:
-        raise DataError(f"unknown synthetic task families {unknown}; available: {', '.join(FAMILIES)}")
+        raise DataError(f"unknown synthetic task families {unknown} (suite {suite!r}); available: "
+                        f"{', '.join(gens)}")
     if per_task < 1:
         raise DataError(f"per_task must be >= 1, got {per_task}")
     out: list[Record] = []
@@ -121,7 +173,7 @@ def synthetic_suite(per_task: int = 200, seed: int = 0, families: list[str] | No
         for _ in range(per_task * 50):  # spaces are large; the bound only guards against an endless loop
             if len(seen) == per_task:
                 break
-            instruction, context, response = FAMILIES[name](rng)
+            instruction, context, response = gens[name](rng)
             if (instruction, context) in seen:
                 continue
             seen.add((instruction, context))
