@@ -420,18 +420,24 @@ def router_table(results: dict) -> list[str]:
             continue
         n = len(r["per_example"]["task_ids"])
         cells = []
-        for acc in (ra.get("overall"), ca.get("overall")):
+        for block in (ra, ca):
+            acc = block.get("overall")
             if acc is None:
                 cells.append("-")
                 continue
-            lo, hi = P.accuracy_interval(round(acc * n), n)
+            # eval.json's own interval where it has one: per-layer routers' is over examples, not decisions
+            lo, hi = block.get("interval") or P.accuracy_interval(round(acc * n), n)
             cells.append(f"{100 * acc:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]")
-        rows.append(f"| {seed} | {n} | " + " | ".join(cells) + " |")
+        layers = (f"{ra['routers']} routers, all agree on {100 * ra['agreement']:.1f}%" if ra.get("agreement")
+                  is not None else "1 decision per example")
+        rows.append(f"| {seed} | {n} | " + " | ".join(cells) + f" | {layers} |")
     if not rows:
         return []
-    return ["**MoA's router vs a standalone classifier** (top-1 choice vs the category label on the test split, "
-            "Wilson 95% interval; classifier = logistic regression on the pooled hidden states the router reads, "
-            "fit on the train split)", "", "| seed | test examples | router | classifier |", "|---|---:|---|---|",
+    return ["**MoA's router vs a standalone classifier** (the expert each example was given by the decisions the "
+            "forward pass applied vs the category label on the test split: with one router per layer every "
+            "(example, layer) decision counts, interval a bootstrap over examples; with one router a Wilson 95% "
+            "interval. Classifier = logistic regression on the same features from the frozen base, fit on the whole "
+            "train split)", "", "| seed | test examples | router | classifier | routers |", "|---|---:|---|---|---|",
             *rows, ""]
 
 

@@ -161,7 +161,7 @@ class Mixture(nn.Module):
         self.module_names: dict[str, str] = {}      # expert key -> module name in the base model
         self.module_slots: dict[str, int] = {}      # expert key -> index among its layer's LoRA modules (Poly)
         self._routers_at: dict[int, list[str]] = {}  # decoder layer -> keys of the routers that read its input
-        self._prepass: list[str] = []                # routers deciding from the frozen base's routing pre-pass
+        self.prepass_routers: list[str] = []       # keys of the routers that decide from the routing pre-pass
         self._forced: dict[Optional[str], _Forced] = {}   # router key (None = all) -> fixed weights
         self._hooks: list = []
         self._patched: list[nn.Module] = []
@@ -204,7 +204,7 @@ class Mixture(nn.Module):
         router.read_layer = layer
         self.routers[key] = router
         if prepass:
-            self._prepass.append(key)
+            self.prepass_routers.append(key)
             return
         if layer not in self._routers_at:
             self._routers_at[layer] = []
@@ -269,7 +269,7 @@ class Mixture(nn.Module):
         pkv = kwargs.get("past_key_values")
         past = pkv.get_seq_length() if pkv is not None and hasattr(pkv, "get_seq_length") else 0
         self.context.begin(kwargs.get("attention_mask"), x.shape[1], past)
-        for key in self._prepass:
+        for key in self.prepass_routers:
             hidden = None
             if self.context.is_prefill and self._needs_router(key):
                 hidden = self.frozen_layer_input(self.routers[key].read_layer, args, kwargs)

@@ -10,7 +10,9 @@ of the train and validation splits and every step is one small update on cached 
   is right: with every layer's experts forced to the example's label.
 
 Training cycles the whole train split in shuffled batches, validates after every epoch, stops once validation
-cross-entropy has not improved for ``patience`` epochs (or at the step cap) and keeps the best weights. Without
+cross-entropy has not improved by ``min_delta`` (relative) for ``patience`` epochs (or at the step cap) and
+keeps the best weights: once every validation example is routed right, the cross-entropy keeps falling a little
+each epoch as the logits sharpen, which buys no routing and cost minutes per run without the threshold. Without
 this, stage 2 starts from routers whose random top-1 sends every input of a layer to one expert, and its
 first validation can only keep that start or lose to it.
 """
@@ -58,7 +60,7 @@ def router_inputs(mix: nn.Module, batches: Sequence[dict], keys: Sequence[str]) 
     device: input_ids, attention_mask, task_ids, optional prompt_mask), experts forced to the label where they
     shape what a router reads; see the module docstring."""
     layers = decoder_layers(mix.model)
-    prepass = [k for k in keys if k in getattr(mix, "_prepass", [])]
+    prepass = [k for k in keys if k in mix.prepass_routers]
     hooked = [k for k in keys if k not in prepass]
     got: dict[str, list[Tensor]] = {k: [] for k in keys}
     now: dict[str, Tensor] = {}
@@ -124,7 +126,7 @@ def _measure(mix: nn.Module, keys: Sequence[str], x: dict[str, Tensor], y: Tenso
 
 def pretrain_router(mix: nn.Module, train_batches: Sequence[dict], steps: int, lr: float = 1e-3,
                     val_batches: Sequence[dict] = (), batch_size: int = 32, patience: int = 3,
-                    seed: int = 0, keys: Optional[Sequence[str]] = None) -> PretrainResult:
+                    min_delta: float = 0.01, seed: int = 0, keys: Optional[Sequence[str]] = None) -> PretrainResult:
     """Fit the label-aligned routers (``keys``, default all) of ``mix`` alone on the labels of ``train_batches``
     for at most ``steps`` optimizer steps; see the module docstring. Only router weights change."""
     keys = list(keys) if keys is not None else label_aligned_keys(mix)
@@ -175,13 +177,17 @@ def pretrain_router(mix: nn.Module, train_batches: Sequence[dict], steps: int, l
                 continue
             ce, _ = _measure(mix, keys, vx, vy)
             if ce < best:
-                best, bad, result.best_epoch = ce, 0, result.epochs
+                if ce < best * (1 - min_delta):
+                    bad = 0
+                else:
+                    bad += 1
+                best, result.best_epoch = ce, result.epochs
                 best_state = {k: {n: t.detach().clone() for n, t in mix.routers[k].state_dict().items()}
                               for k in keys}
             else:
                 bad += 1
-                if bad >= patience:
-                    break
+            if bad >= patience:
+                break
         if vx is not None:
             for k in keys:
                 mix.routers[k].load_state_dict(best_state[k])
