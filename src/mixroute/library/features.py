@@ -2,7 +2,8 @@
 
 ``layer_features`` runs a mixture over batches with given routing and returns, for every decoder layer, the
 hidden states entering it pooled over the prompt tokens without attention sinks (what a sequence-level
-router at that layer reads). ``arrow_prototypes`` derives Arrow's per-layer prototype of each expert from its LoRA weights alone.
+router at that layer reads). ``arrow_prototypes`` derives Arrow's per-layer prototype of each expert from its
+LoRA weights alone.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """``centroid`` router: each expert is represented by a prototype, the mean pooled hidden state of a few
 example prompts of its domain (the same features the ``task`` router reads: the hidden states entering the
 router's layer, pooled over the prompt tokens without the attention sinks). Features and prototypes are
-layer-normalised before the cosine, so one large residual dimension does not decide it. A prompt goes to the experts whose prototypes are closest
-in cosine; weights are a softmax of the cosines over ``centroid_temperature`` (top-k kept, top-1 by default).
+layer-normalised before the cosine, so one large residual dimension does not decide it. A prompt goes to the
+experts whose prototypes are closest in cosine; weights are a softmax of the cosines over
+``centroid_temperature`` (top-k kept, top-1 by default).
 
 The prototypes are buffers, not parameters: nothing is trained, so adding an expert to a library needs only
 its examples (``mixroute.library`` computes and sets them). A prototype left at zero scores cosine 0.

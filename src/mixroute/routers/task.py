@@ -2,9 +2,10 @@
 
 A linear classifier reads the hidden states entering its decoder layer, pooled over the prompt tokens without
 the attention sinks (``pool_prompt``) and normalised (LayerNorm), and scores the E experts. Its projection
-starts near zero, so the first routing cross-entropy is ln E (a uniform guess) rather than the 8-16 nats a
-default init gives on raw features, whose gradient would swamp the experts' in the first steps. Training adds ``eta * CE(logits, task_ids)`` (``routing_ce``); the experts follow the
-label (``route_train='label'``, teacher forcing) or the router's own top-k. Inference keeps the top-k
+starts near zero, so the first routing cross-entropy is ln E (a uniform guess) rather than the 12-24 nats a
+default init gave on raw features from the middle layers on (bench/router_features.py), whose gradient swamped
+the experts' in the first steps. Training adds ``eta * CE(logits, task_ids)`` (``routing_ce``); the experts
+follow the label (``route_train='label'``, teacher forcing) or the router's own top-k. Inference keeps the top-k
 (top-1 by default: the cost of one expert). With LoRA experts one router per layer is shared by the layer's
 attention and MLP LoRAs (``router_scope='layer'``, as the paper), or one router decides once per sequence for
 every layer (``'global'``): it reads the frozen base's hidden states entering ``router_layer`` in a routing
