@@ -240,7 +240,8 @@ class Library:
         st = self.man.router_state[kind]
         tensors = load_file(str(self.path / mf.ROUTER / st["file"]))
         order = [st["experts"].index(n) for n in self.man.names()]
-        return {k: v[order].contiguous() for k, v in tensors.items()}
+        # rows are per expert, except a router's LayerNorm ("<key>.norm.*"), which is per feature
+        return {k: v if ".norm." in k else v[order].contiguous() for k, v in tensors.items()}
 
     # ------------------------------------------------------------------ routing
     def _attach(self, router: str, cost_weight: float, use_calibration: bool = False):

@@ -119,8 +119,12 @@ def install_router(mix: Mixture, lib: Path, man: Manifest, router: str, state: d
             raise LibraryError("the task router is not fitted for this library's experts; run `mixroute library "
                                "fit-router LIB --data FILE` (it trains the router only, the experts stay frozen)")
         for key, r in mix.routers.items():
-            r.proj.weight.copy_(fitted[f"{key}.weight"])
-            r.proj.bias.copy_(fitted[f"{key}.bias"])
+            own = {name: fitted.get(f"{key}.{name}") for name in r.state_dict()}
+            if any(t is None for t in own.values()):
+                raise LibraryError("this library's task router was fitted for the routers before 2026-12 (no "
+                                   "LayerNorm on their features); run `mixroute library fit-router LIB --data FILE` "
+                                   "again")
+            r.load_state_dict(own)
     if router == "arrow":
         return
     costs = torch.tensor([e.cost for e in man.experts])

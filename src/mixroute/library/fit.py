@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mixroute.config import MixtureConfig
 from mixroute.library.data import labelled_batches, progress
 from mixroute.library.features import layer_features
+from mixroute.routers import RouterDims
+from mixroute.routers.task import TaskRouter
 
 
 def _key_features(mix, feats: dict[int, Tensor]) -> dict[str, Tensor]:
@@ -35,21 +38,16 @@ def fit_task_router(lib, data: str | Path, steps: int = 300, lr: float = 1e-2, b
     keys = _key_features(mix, feats)
     with progress("fit task router", len(keys), lib.progress) as advance:
         for key, x in keys.items():
-            # LLM hidden states have a few huge channels: train on standardised features, then fold the
-            # standardisation into the weights so the router reads raw features like MoA's
-            mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
-            z = (x - mu) / sd
-            lin = torch.nn.Linear(x.shape[1], n)
-            opt = torch.optim.AdamW(lin.parameters(), lr=lr)
+            # the router itself (LayerNorm + linear, as MoA's stage 2 uses it), trained on its cached features
+            router = TaskRouter(MixtureConfig(num_experts=n, num_tasks=n), RouterDims(x.shape[1], n))
+            opt = torch.optim.AdamW(router.parameters(), lr=lr)
             for _ in range(steps):
                 opt.zero_grad()
-                F.cross_entropy(lin(z), labels).backward()
+                F.cross_entropy(router.logits(x), labels).backward()
                 opt.step()
             with torch.no_grad():
-                weight = lin.weight / sd
-                bias = lin.bias - weight @ mu
-                acc[key] = float(((x @ weight.T + bias).argmax(-1) == labels).float().mean())
-            state[f"{key}.weight"], state[f"{key}.bias"] = weight, bias
+                acc[key] = float((router.logits(x).argmax(-1) == labels).float().mean())
+            state.update({f"{key}.{name}": t.detach().float() for name, t in router.state_dict().items()})
             advance()
     mean_acc = sum(acc.values()) / len(acc)
     lib._write_state("task", state, names, {"examples": int(len(labels)), "train_accuracy": round(mean_acc, 4)})

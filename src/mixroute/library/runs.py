@@ -54,8 +54,6 @@ def safe_name(name: str) -> str:
 
 
 def _task_state(mix) -> dict[str, Tensor]:
-    out = {}
-    for key, r in mix.routers.items():
-        out[f"{key}.weight"] = r.proj.weight.detach().float().cpu()
-        out[f"{key}.bias"] = r.proj.bias.detach().float().cpu()
-    return out
+    """Every trained task router's tensors (its LayerNorm and projection), keyed ``<router key>.<name>``."""
+    return {f"{key}.{name}": t.detach().float().cpu() for key, r in mix.routers.items()
+            for name, t in r.state_dict().items()}
