@@ -132,8 +132,8 @@ class MixtureConfig:
     gate_pretrain_steps: int = f(500, "Router pre-training (MoP's gate, MoA's task router): cap on optimizer steps "
                                     "of training the label-aligned router alone on category labels, over cached "
                                     "features of the whole train split (batches of 32, cycled by epoch) with the "
-                                    "experts frozen, stopping once validation cross-entropy has not improved for 3 "
-                                    "epochs (best kept); run before the experts train, or before MoA's stage 2 "
+                                    "experts frozen, stopping once validation cross-entropy has not improved by 1% "
+                                    "for 3 epochs (best kept); run before the experts train, or before MoA's stage 2 "
                                     "(0 = none; train.gate.pretrain_router).", ge=0)
     gate_pretrain_lr: float = f(1e-3, "Learning rate of router pre-training (gate_pretrain_steps).", gt=0.0)
     seed: int = f(0, "Seed of expert and router initialisation.")
