@@ -44,7 +44,8 @@ def test_inspect_column_mapping_and_truncation_count():
     (["data", "inspect", str(FIXTURES / "mini.jsonl"), "--columns", "prompt"], "FIELD=COLUMN"),
     (["data", "inspect", str(FIXTURES / "mini.jsonl"), "--template", "fancy"], "'chat' or 'plain'"),
     (["data", "inspect", str(FIXTURES / "mini.jsonl"), "--tokenizer", "/no/such/tok"], "not found locally"),
-    (["data", "synthetic", "--out", "x.jsonl", "--suite", "poetry"], "--suite must be one of formats, conventions"),
+    (["data", "synthetic", "--out", "x.jsonl", "--suite", "poetry"],
+     "--suite must be one of formats, conventions, ciphers"),
     (["data", "synthetic", "--out", "x.txt"], "must be a .jsonl file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expected):
@@ -74,6 +75,9 @@ def test_synthetic_writes_the_suite(tmp_path):
     res = runner.invoke(app, ["data", "synthetic", "--per-task", "3", "--suite", "conventions", "--out", str(out)])
     assert res.exit_code == 0 and "wrote 18 records (6 task families x 3)" in res.output, res.output
     assert load_records(out).records == synthetic_suite(per_task=3, suite="conventions")
+    res = runner.invoke(app, ["data", "synthetic", "--per-task", "3", "--suite", "ciphers", "--out", str(out)])
+    assert res.exit_code == 0 and "wrote 12 records (4 task families x 3)" in res.output, res.output
+    assert load_records(out).records == synthetic_suite(per_task=3, suite="ciphers")
 
 
 def test_inspect_dolly():

@@ -1,5 +1,5 @@
-"""The demo: its data (the `conventions` suite), its summary (hand-made results, both outcomes) and the whole demo
-on the tiny model (the real-model demo is `make demo`)."""
+"""The demo: its data (the `ciphers` suite, and `conventions`), its summary (hand-made results, both outcomes)
+and the whole demo on the tiny model (the real-model demo is `make demo`)."""
 
 from __future__ import annotations
 
@@ -11,21 +11,54 @@ from datetime import date
 import pytest
 
 from mixroute.config import DataConfig
-from mixroute.data import CONVENTIONS, DataError, load_config_records, synthetic_suite
-from mixroute.data.synthetic import OFFICES, render_convention
+from mixroute.data import CIPHERS, CONVENTIONS, DataError, load_config_records, synthetic_suite
+from mixroute.data.synthetic import CIPHER_DIGITS, CIPHER_SYMBOLS, KEYS, OFFICES, render_cipher, render_convention
 from mixroute.demo import summary_lines
 
-def test_conventions_suite_is_deterministic_unique_and_short():
-    recs = synthetic_suite(per_task=60, seed=0, suite="conventions")
-    assert recs == synthetic_suite(per_task=60, seed=0, suite="conventions")
-    assert recs != synthetic_suite(per_task=60, seed=1, suite="conventions")
-    assert Counter(r.category for r in recs) == {t: 60 for t in OFFICES} and len(OFFICES) == 6
-    for task in OFFICES:
+
+@pytest.mark.parametrize("suite, tasks, length", [("ciphers", KEYS, CIPHER_DIGITS), ("conventions", OFFICES, 10)])
+def test_suite_is_deterministic_unique_and_short(suite, tasks, length):
+    recs = synthetic_suite(per_task=60, seed=0, suite=suite)
+    assert recs == synthetic_suite(per_task=60, seed=0, suite=suite)
+    assert recs != synthetic_suite(per_task=60, seed=1, suite=suite)
+    assert Counter(r.category for r in recs) == {t: 60 for t in tasks}
+    for task in tasks:
         prompts = [r.instruction for r in recs if r.category == task]
         assert len(set(prompts)) == 60  # unique inputs within a task: no duplicate across the splits
-    assert {len(r.response) for r in recs} == {10}
+    assert {len(r.response) for r in recs} == {length}
     with pytest.raises(DataError, match="unknown synthetic suite"):
         synthetic_suite(per_task=2, suite="poetry")
+
+
+def test_ciphers_tasks_share_the_inputs_and_conflict_at_every_output_digit():
+    """Every task draws its input the same way; the instruction differs only by the task's marker (the key's
+    name); each key is a permutation of the symbols that moves every symbol, and the keys disagree with each
+    other on every symbol, so the same input has a different answer under every task at every position."""
+    assert len({gen(random.Random(7))[0].rsplit(" ", 1)[1] for gen in CIPHERS.values()}) == 1
+    assert len(KEYS) == 4
+    n = len(CIPHER_SYMBOLS)
+    for key in KEYS.values():
+        assert sorted(key) == sorted(CIPHER_SYMBOLS) and all(key[i] != CIPHER_SYMBOLS[i] for i in range(n))
+    for i in range(n):  # every symbol goes to a different symbol under each key: all n - 1 others
+        assert {key[i] for key in KEYS.values()} == set(CIPHER_SYMBOLS) - {CIPHER_SYMBOLS[i]}
+    recs = synthetic_suite(per_task=40, seed=3, suite="ciphers")
+    templates, markers = set(), {}
+    for r in recs:
+        inp = r.instruction.rsplit(" ", 1)[1]
+        assert len(inp) == CIPHER_DIGITS and set(inp) <= set(CIPHER_SYMBOLS) and r.context == ""
+        assert set(r.response) <= set(CIPHER_SYMBOLS)
+        assert (r.instruction, r.context, r.response) == render_cipher(r.category, inp)
+        templates.add(r.instruction.replace(f" {r.category} ", " <key> ").replace(inp, "<digits>"))
+        markers.setdefault(r.category, set()).add(r.instruction.replace(inp, "<digits>"))
+    assert templates == {"Encode with the <key> key: <digits>"}  # only the marker tells the tasks apart
+    assert all(len(v) == 1 for v in markers.values())
+    assert len({i for v in markers.values() for i in v}) == len(KEYS)  # ... and it does
+    for inp in ("12345123", "33333333", "54321543"):
+        answers = [render_cipher(t, inp)[2] for t in KEYS]
+        for pos in range(CIPHER_DIGITS):  # a different digit under every task at every position, none the input's
+            assert len({a[pos] for a in answers}) == len(KEYS) and inp[pos] not in {a[pos] for a in answers}
+    assert render_cipher("amber", "12345123")[2] == "21534215"
+    assert render_cipher("delta", "12345123")[2] == "35412354"
 
 
 def test_conventions_tasks_share_the_inputs_and_conflict_on_the_outputs():
@@ -33,6 +66,7 @@ def test_conventions_tasks_share_the_inputs_and_conflict_on_the_outputs():
     the same input has a different answer under every task."""
     # the same random state gives the same input under every task: one input distribution
     assert len({gen(random.Random(7))[0].rsplit(" ", 1)[1] for gen in CONVENTIONS.values()}) == 1
+    assert len(OFFICES) == 6
     recs = synthetic_suite(per_task=40, seed=3, suite="conventions")
     templates, markers = set(), {}
     for r in recs:
@@ -58,6 +92,8 @@ def test_conventions_tasks_share_the_inputs_and_conflict_on_the_outputs():
 def test_data_config_selects_the_suite():
     rs = load_config_records(DataConfig(synthetic_suite="conventions", synthetic_per_task=3))
     assert rs.categories == sorted(OFFICES) and len(rs.records) == 18 and "'conventions'" in rs.source
+    rs = load_config_records(DataConfig(synthetic_suite="ciphers", synthetic_per_task=3))
+    assert rs.categories == sorted(KEYS) and len(rs.records) == 12 and "'ciphers'" in rs.source
     assert "arithmetic" in load_config_records(DataConfig(synthetic_per_task=3)).categories  # default: formats
 
 
@@ -157,18 +193,18 @@ def test_demo_runs_on_the_tiny_model(tmp_path, capsys):
                     "--per-task", "4", "--max-generate", "1", "--max-new-tokens", "2", "--quiet"])
     out = capsys.readouterr().out
     assert {"base", "lora_mixed", "lora_single", "moa"} <= set(results)
-    assert "suite 'conventions': 6 tasks (berlin, london, mumbai, new_york, seoul, tokyo)" in out
+    assert "suite 'ciphers': 4 tasks (amber, birch, cedar, delta)" in out
     assert "perplexity" in out and "| **average** |" in out and "Router accuracy" in out
     assert results["summary"][0].startswith("Result: ")
     assert any(line.startswith("Average test perplexity per method") and "base " in line and "moa " in line
                for line in results["summary"])
     assert results["moa"]["classifier_accuracy"] is not None and results["lora_single"]["classifier_accuracy"] is None
-    assert results["moa"]["categories"] == sorted(OFFICES)
-    # equal data: lora_mixed takes 6 tasks x 1 stage-1 step + 2 stage-2 steps
+    assert results["moa"]["categories"] == sorted(KEYS)
+    # equal data: lora_mixed takes 4 tasks x 1 stage-1 step + 2 stage-2 steps
     mixed = [json.loads(line) for line in (tmp_path / "lora_mixed" / "metrics.jsonl").read_text().splitlines()]
-    assert max(r["step"] for r in mixed if "loss" in r) == 6 * 1 + 2
+    assert max(r["step"] for r in mixed if "loss" in r) == 4 * 1 + 2
     saved = json.loads((tmp_path / "demo_summary.json").read_text())
-    assert saved["summary"] == results["summary"] and saved["budget"]["mixed_steps"] == 8
+    assert saved["summary"] == results["summary"] and saved["budget"]["mixed_steps"] == 6
     assert (tmp_path / "moa" / "eval.json").is_file()
 
 

@@ -57,11 +57,12 @@ class DataConfig:
     max_per_category: Optional[int] = f(None, "Cap on records per category after loading (null = no cap); "
                                               "sampling is seeded.", ge=1)
     synthetic_per_task: int = f(200, "Records per task family of the built-in synthetic suite.", ge=1)
-    synthetic_suite: Literal["formats", "conventions"] = f(
+    synthetic_suite: Literal["formats", "conventions", "ciphers"] = f(
         "formats", "Built-in synthetic suite (path: null): 'formats', eight task families with different input "
                    "and output formats; 'conventions', six tasks with the same inputs (dates) and conflicting "
-                   "output conventions that a marker in the instruction names (where one shared LoRA suffers "
-                   "interference; the demo's suite).")
+                   "output conventions that a marker in the instruction names; 'ciphers', four tasks with the "
+                   "same inputs (8 digits) and conflicting digit substitutions that a marker names (the demo's "
+                   "suite, built as the case where one shared LoRA would suffer interference).")
     template: Literal["chat", "plain"] = f("chat", "Prompt template: the tokenizer's chat template or a plain "
                                                    "'### Instruction / ### Response' template.")
     max_length: int = f(256, "Maximum tokens per example; longer examples are truncated (counted and reported).",

@@ -1,23 +1,27 @@
-"""``make demo``: train a routed mixture (MoA) and a single mixed LoRA on the built-in ``conventions`` suite with
-the embedded SmolLM2-135M-Instruct, evaluate them, print the comparison table, the router accuracy and a
-summary of which method won, by how much, at what budget and what would change it, and write the HTML report.
-About 5 minutes on an idle 2-core CPU.
+"""``make demo``: train a routed mixture (MoA) and a single mixed LoRA on the built-in ``ciphers`` suite with the
+embedded SmolLM2-135M-Instruct, evaluate them, print the comparison table, the router accuracy and a summary of
+which method won, by how much, at what budget and what would change it, and write the HTML report. About 5 to 6
+minutes on an idle 2-core CPU (estimated; 11.5 min measured with one thread on a loaded 2-core CPU).
 
-The suite (``mixroute.data.synthetic``) is the case a routed mixture exists for: six tasks with the same inputs
-(dates) and conflicting output conventions (New York's 04/07/2023 against London's 07/04/2023, ...), told apart
-only by the office the instruction names. One LoRA shared by the six must learn to read that marker; one LoRA
-per task learns a single fixed rewrite, and a router reading the prompt picks it.
+The suite (``mixroute.data.synthetic``) is built as the case a routed mixture exists for: four tasks with the
+same inputs (8 digits from 1-5) and conflicting outputs, a different substitution of the digits per task, told
+apart only by the key the instruction names (``Encode with the amber key: 33531122``). Under the four keys
+every input digit becomes each of the four other digits once, so the same input has a different answer under
+every task at every output token. One LoRA shared by the four must learn all four tables and read the key; one
+LoRA per task learns a single table, and a router reading the prompt picks it. Measured at these defaults, the
+shared LoRA still won (docs/training.md, "The demo"); the summary says whichever way it comes out.
 
 Four runs, evaluated alike on the test split: ``base`` (the frozen model), ``lora_mixed`` (one LoRA on all
 tasks), ``lora_single`` (MoA's stage 1: one LoRA per task, the task label picks the expert) and ``moa`` (stage 2
-from those LoRAs: experts + a learned router, with the MoA recipe's defaults; the experts at a lower learning
-rate, since stage 2 at the stage-1 rate undoes them). lora_mixed takes as many steps of the same batch size as
-MoA's stage 1 and stage 2 together: both see the same number of training sequences.
+from those LoRAs: experts + a learned router, with the MoA recipe's defaults, router pre-training included; the
+experts at a lower learning rate, since stage 2 at the stage-1 rate undoes them). lora_mixed takes as many steps
+of the same batch size as MoA's stage 1 and stage 2 together: both see the same number of training sequences.
 
-    python -m mixroute.demo                      # defaults
-    python -m mixroute.demo --stage1-steps 8 --steps 12 --per-task 40     # smaller / faster
+    python -m mixroute.demo                      # defaults: 4 tasks x 12 stage-1 steps + 6 stage-2 steps
+    python -m mixroute.demo --stage1-steps 24 --steps 12    # about twice the training time
+    python -m mixroute.demo --suite conventions  # six date conventions (one shared LoRA learns them all)
     python -m mixroute.demo --suite formats      # the default suite of `mixroute train` instead
-    MIXROUTE_DEMO_SCALE=0.5 python -m mixroute.demo                       # same, by environment
+    MIXROUTE_DEMO_SCALE=0.5 python -m mixroute.demo                       # smaller / faster, by environment
     python -m mixroute.demo --model tiny --out /tmp/demo                  # seconds; what the tests run
 """
 
@@ -41,24 +45,25 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="Base model (default: the embedded SmolLM2-135M-Instruct; "
                                                  "'tiny' for a seconds-long smoke run).")
     p.add_argument("--out", default="runs/demo", help="Directory for the run directories and the report.")
-    p.add_argument("--suite", default="conventions", choices=["conventions", "formats"],
-                   help="Built-in synthetic suite (data.synthetic_suite): conventions (same inputs, conflicting "
-                        "outputs) or formats (eight different input/output formats).")
+    p.add_argument("--suite", default="ciphers", choices=["ciphers", "conventions", "formats"],
+                   help="Built-in synthetic suite (data.synthetic_suite): ciphers (same inputs, four conflicting "
+                        "digit substitutions), conventions (same inputs, six conflicting date formats) or formats "
+                        "(eight different input/output formats).")
     p.add_argument("--stage1-steps", type=int, default=max(1, int(12 * scale)),
                    help="MoA stage 1: steps of each task's LoRA.")
-    p.add_argument("--steps", type=int, default=max(2, int(16 * scale)),
+    p.add_argument("--steps", type=int, default=max(2, int(6 * scale)),
                    help="MoA stage 2: steps of the experts and the router together.")
     p.add_argument("--mixed-steps", type=int, default=None,
                    help="lora_mixed steps (default: tasks x stage-1 steps + stage-2 steps, the same number of "
                         "training sequences as MoA).")
     p.add_argument("--batch-size", type=int, default=4, help="Sequences per step, every method.")
-    p.add_argument("--per-task", type=int, default=max(12, int(80 * scale)), help="Synthetic records per task.")
-    p.add_argument("--lr", type=float, default=2e-3, help="Peak learning rate of the stage-1 LoRAs and lora_mixed.")
+    p.add_argument("--per-task", type=int, default=max(12, int(40 * scale)), help="Synthetic records per task.")
+    p.add_argument("--lr", type=float, default=4e-3, help="Peak learning rate of the stage-1 LoRAs and lora_mixed.")
     p.add_argument("--stage2-lr", type=float, default=5e-4, help="Peak learning rate of the experts in MoA's "
                                                                  "stage 2 (the router's: the recipe's "
                                                                  "train.router_lr).")
     p.add_argument("--max-generate", type=int, default=4, help="Test prompts per task for BLEU / ROUGE-L.")
-    p.add_argument("--max-new-tokens", type=int, default=12, help="Generated tokens per prompt.")
+    p.add_argument("--max-new-tokens", type=int, default=10, help="Generated tokens per prompt.")
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     return p.parse_args(argv)
 

@@ -90,9 +90,11 @@ def synthetic_cmd(
     out: str = typer.Option(..., "--out", help="Output JSONL file (written atomically)."),
     per_task: int = typer.Option(200, "--per-task", help="Records per task family."),
     seed: int = typer.Option(0, "--seed", help="Generation seed (same seed -> same file)."),
-    suite: str = typer.Option("formats", "--suite", help="formats (eight different input/output formats) or "
+    suite: str = typer.Option("formats", "--suite", help="formats (eight different input/output formats), "
                                                          "conventions (one input distribution, six conflicting "
-                                                         "output conventions; the demo's suite)."),
+                                                         "output conventions) or ciphers (one input distribution, "
+                                                         "four conflicting digit substitutions; the demo's "
+                                                         "suite)."),
 ) -> None:
     """Write a built-in synthetic multi-task suite as JSONL (Dolly schema, category = task family)."""
     from mixroute.fileio import atomic_write_text

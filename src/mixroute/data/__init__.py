@@ -13,10 +13,10 @@ from mixroute.data.partition import Partition, format_table, partition, partitio
 from mixroute.data.records import FIELDS, DataError, Record, RecordSet, load_records
 from mixroute.data.rundata import RunData, epoch_seed
 from mixroute.data.split import SPLITS, split_records
-from mixroute.data.synthetic import CONVENTIONS, FAMILIES, SUITES, synthetic_suite
+from mixroute.data.synthetic import CIPHERS, CONVENTIONS, FAMILIES, SUITES, synthetic_suite
 
 __all__ = [
-    "BATCH_KEYS", "CONVENTIONS", "Collator", "DataBundle", "DataError", "DataReport", "Example", "FAMILIES", "FIELDS", "Record",
+    "BATCH_KEYS", "CIPHERS", "CONVENTIONS", "Collator", "DataBundle", "DataError", "DataReport", "Example", "FAMILIES", "FIELDS", "Record",
     "Partition", "RecordSet", "RunData", "SPLITS", "SUITES", "TokenizedRecords", "batch_indices", "build_datasets", "epoch_seed",
     "fit_prompt", "format_example", "format_table", "generation_batch", "load_config_records", "load_records", "make_batches",
     "pad_id", "partition", "partition_train", "prompt_ids", "split_records", "synthetic_suite", "to_device", "tokenize_records", "user_message",

@@ -1,18 +1,33 @@
 """The built-in synthetic multi-task suites: the embedded default data sets (``DataConfig.path = None``,
 ``DataConfig.synthetic_suite`` picks one).
 
-``formats`` (:data:`FAMILIES`, the default): eight task families with clearly different input and output
-formats, so a router has something to tell apart and a small model on CPU learns each within minutes
-(responses are a few tokens to one line).
+``formats`` (:data:`FAMILIES`, the default of ``mixroute train``): eight task families with clearly different
+input and output formats, so a router has something to tell apart and a small model on CPU learns each within
+minutes (responses are a few tokens to one line).
 
-``conventions`` (:data:`CONVENTIONS`): the case a routed mixture exists for. Six tasks share one input
+``conventions`` (:data:`CONVENTIONS`): built as the case a routed mixture exists for. Six tasks share one input
 distribution (a date between 1950 and 2049 in ISO form) and one instruction template, ``Date for the <office>
 office: 2023-04-07``; only the office, a short marker, says which of six conflicting output conventions applies
 (``04/07/2023`` for New York, ``07/04/2023`` for London, ``07.04.2023`` for Berlin, ...). The same input has a
 different answer under every task (New York and London agree only when day = month), so one shared adapter
 must learn to read the marker and otherwise hedges between conventions, while one adapter per task learns a
 single fixed rewrite; a router reading the prompt can tell the tasks apart by the marker. Responses are 10
-characters (10 tokens for SmolLM2), prompts about 28 tokens in the plain template.
+characters (10 tokens for SmolLM2), prompts about 28 tokens in the plain template. Measured on it (the demo of
+2026-12-05), one shared LoRA learned all six without measurable interference: the digit copying they share
+carries from one task to another.
+
+``ciphers`` (:data:`CIPHERS`, the demo's suite): the same input under conflicting mappings that share no output.
+Four tasks draw the same input (:data:`CIPHER_DIGITS` = 8 digits from the alphabet ``12345``) into one
+instruction template, ``Encode with the amber key: 33531122``; the key named in it (the marker) is a fixed
+substitution of the five digits (:data:`KEYS`). Every key moves every digit and no two keys map a digit to the
+same digit, so each digit goes to each of the four others under one key: the same input has a different answer
+under every task at every output token (``12345123`` becomes ``21534215`` with amber, ``43251432`` with birch,
+``54123541`` with cedar, ``35412354`` with delta), and an adapter that ignores the marker can do no better than
+a uniform guess among four digits. An adapter per task learns one 5-entry table; one adapter shared by the four
+must learn all four and tell them apart by the marker. Responses are 8 digits (8 tokens for SmolLM2, one per
+digit), prompts 26 tokens in the plain template. Measured at the demo's budgets (docs/training.md, "The demo"),
+the shared LoRA still kept ahead of the four separate ones: it learns what the tasks share once and reads the
+key.
 
 Generation is deterministic: each task draws from its own ``random.Random`` seeded with ``(seed, task)``, and
 records are unique within a task (no train/test leakage through duplicates).
@@ -143,7 +158,37 @@ def _convention(task: str, rng: random.Random) -> tuple[str, str, str]:
 
 
 CONVENTIONS: dict[str, Gen] = {task: partial(_convention, task) for task in OFFICES}
-SUITES: dict[str, dict[str, Gen]] = {"formats": FAMILIES, "conventions": CONVENTIONS}
+
+# ---- the "ciphers" suite: one input distribution, a different substitution of the same symbols per task
+CIPHER_SYMBOLS = "12345"
+KEYS: dict[str, str] = {  # task (= the key the instruction names) -> its table: CIPHER_SYMBOLS[i] becomes key[i]
+    "amber": "21534",
+    "birch": "43251",
+    "cedar": "54123",
+    "delta": "35412",
+}
+CIPHER_DIGITS = 8
+
+
+def random_digits(rng: random.Random) -> str:
+    """The input of every ciphers task: :data:`CIPHER_DIGITS` symbols drawn uniformly from :data:`CIPHER_SYMBOLS`."""
+    return "".join(rng.choice(CIPHER_SYMBOLS) for _ in range(CIPHER_DIGITS))
+
+
+def render_cipher(task: str, digits: str) -> tuple[str, str, str]:
+    """(instruction, context, response) of ciphers task ``task`` for input ``digits``: the instruction names the
+    task's key (the marker) and gives the digits, the context is empty, the response is every digit substituted
+    by the key."""
+    key = KEYS[task]
+    return f"Encode with the {task} key: {digits}", "", "".join(key[CIPHER_SYMBOLS.index(c)] for c in digits)
+
+
+def _cipher(task: str, rng: random.Random) -> tuple[str, str, str]:
+    return render_cipher(task, random_digits(rng))
+
+
+CIPHERS: dict[str, Gen] = {task: partial(_cipher, task) for task in KEYS}
+SUITES: dict[str, dict[str, Gen]] = {"formats": FAMILIES, "conventions": CONVENTIONS, "ciphers": CIPHERS}
 
 
 def synthetic_suite(per_task: int = 200, seed: int = 0, families: list[str] | None = None,
