@@ -238,13 +238,11 @@ def paired_bootstrap(p: Paired, resamples: int = 2000, seed: int = 0) -> tuple[f
 
 
 def accuracy_interval(correct: int, n: int) -> tuple[Optional[float], Optional[float]]:
-    """Wilson 95% interval of an accuracy (in [0, 1])."""
-    if n == 0:
-        return None, None
-    z, ph = 1.96, correct / n
-    centre = (ph + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(ph * (1 - ph) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    """Wilson 95% interval of an accuracy (in [0, 1]): ``evaluate.proportion_interval``, the one owner."""
+    from mixroute.evaluate import proportion_interval
+
+    ci = proportion_interval(correct, n)
+    return (None, None) if ci is None else (ci[0], ci[1])
 
 
 def verdict(lo: float, hi: float, a: str, b: str) -> str:
@@ -518,10 +516,21 @@ def sweep_table(sweeps: dict[str, list[dict]], note: str = "",
             setting = ", ".join(f"{k.split('.')[-1]} {fmt_value(v)}" for k, v in t["params"].items())
             v = "-" if t["validation_ppl"] is None else f"{t['validation_ppl']:.3f}"
             is_pick = pick is not None and all(t["params"].get(k) == val for k, val in pick.items())
-            out.append(f"| {m} | {setting} | {f'**{v}**' if is_pick else v} |")
+            stops = [st for st in t.get("stopping") or [] if "category" not in st]
+            # a run that ended on the weights it was validated with before its first step is no setting's result
+            flag = " (kept its start: not trained)" if stops and kept_start(stops[-1]) else ""
+            out.append(f"| {m} | {setting}{flag} | {f'**{v}**' if is_pick else v} |")
         if pick is None:
             out.append(f"| {m} | (sweep not finished) | - |")
     return out + [""]
+
+
+def kept_start(stop: dict[str, Any]) -> bool:
+    """Whether an early-stopping record kept the weights validated before the first step of its stage (records
+    written before ``trained`` existed: best step = start step, 0 when the stage had no offset)."""
+    if stop.get("trained") is not None:
+        return not stop["trained"]
+    return stop.get("best_step") == stop.get("start_step", 0)
 
 
 def commit() -> str:

@@ -371,15 +371,9 @@ def _steps(r: dict[str, Any]) -> str:
     stops = [s for s in r.get("stopping") or [] if "category" not in s]
     if not stops:
         return "-"
-    flag = " **not trained** (kept its start)" if kept_start(stops[-1]) else ""
+    flag = " **not trained** (kept its start)" if P.kept_start(stops[-1]) else ""
     return f"{stops[-1]['best_step']} / {stops[-1]['stopped_step']}{flag}"
 
-
-def kept_start(stop: dict[str, Any]) -> bool:
-    """Whether an early-stopping record kept the weights validated before the first step of its stage."""
-    if stop.get("trained") is not None:
-        return not stop["trained"]
-    return stop.get("best_step") == stop.get("start_step", 0)
 
 
 def paired(results: dict, a: str, b: str) -> Optional[tuple[P.Paired, list[float]]]:
@@ -524,7 +518,7 @@ def discussion(a: argparse.Namespace, results: dict, methods: list[str]) -> list
                       else " Neither is near 100%: the categories are not fully separable from the prompt's "
                            "pooled hidden states." if max(ra, ca) < 0.9 else ""))
     at_start = [seed for seed, rs in results.items()
-                if any(kept_start(st) for st in (rs.get("moa") or {}).get("stopping") or []
+                if any(P.kept_start(st) for st in (rs.get("moa") or {}).get("stopping") or []
                        if "category" not in st)]
     if at_start:
         n = sum(1 for rs in results.values() if "moa" in rs)

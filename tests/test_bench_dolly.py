@@ -163,3 +163,20 @@ def test_heading_names_the_data(tmp_path):
     groups = bench.parse_args(["--data", "dolly-groups", "--no-write"])
     assert "4 groups" in bench.data_label(groups) and set(bench.GROUPS.values()) == {
         "questions", "passage tasks", "classification", "open-ended writing"}
+
+
+def test_sweep_table_flags_a_setting_that_kept_its_start():
+    """Identical numbers for different settings were runs that never left their start: the table says so."""
+    protocol = _protocol()
+
+    def trial(lr, stop):
+        return {"params": {"train.lr": lr}, "validation_ppl": 12.625, "dir": "x", "stopping": [stop]}
+
+    old = {"step": 29, "stage": "early_stopping", "best_step": 0, "stopped_step": 29}       # before `trained`
+    moved = {"step": 60, "stage": "early_stopping", "best_step": 45, "stopped_step": 60, "start_step": 30,
+             "trained": True}
+    stage1 = {"step": 4, "stage": "early_stopping", "best_step": 4, "category": "a"}
+    rows = protocol.sweep_table({"moa": [trial(5e-5, old), trial(3e-4, moved), trial(1e-3, stage1)]},
+                                chosen={"moa": {"train.lr": 5e-5}})
+    assert "| moa | lr 5e-05 (kept its start: not trained) | **12.625** |" in rows
+    assert "| moa | lr 0.0003 | 12.625 |" in rows and "| moa | lr 0.001 | 12.625 |" in rows
