@@ -12,8 +12,9 @@ types and ``all-linear`` resolution, PEFT's per-architecture default targets, tr
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +88,27 @@ def attention_module(layer: nn.Module) -> nn.Module:
     raise ArchitectureError(f"cannot find the attention module of {type(layer).__name__}: no child named "
                             f"{', '.join(_ATTENTION_NAMES)} or of a class ending in 'Attention'; its children: "
                             f"{children}")
+
+
+# the projections that read a normalised copy of the residual stream, per part of a decoder layer, and the norm
+# that feeds them (Llama-family names: Arrow's prototypes live in those projections' input space)
+Part = Literal["attention", "mlp"]
+_NORMALISED_INPUTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "attention": (("q_proj", "k_proj", "v_proj"), "input_layernorm"),
+    "mlp": (("gate_proj", "up_proj"), "post_attention_layernorm"),
+}
+
+
+def input_part(module_name: str) -> Optional[Part]:
+    """``attention`` / ``mlp`` when the projection ``module_name`` (``model.layers.3.self_attn.q_proj``) reads the
+    normalised input of its layer's attention / MLP, else None."""
+    last = module_name.rsplit(".", 1)[-1]
+    return next((part for part, (names, _) in _NORMALISED_INPUTS.items() if last in names), None)
+
+
+def input_norm(layer: nn.Module, part: Part) -> Optional[nn.Module]:
+    """The norm whose output the ``part`` projections of decoder layer ``layer`` read; None where it has none."""
+    return getattr(layer, _NORMALISED_INPUTS[part][1], None)
 
 
 def linear_types() -> tuple[type, ...]:
@@ -270,8 +292,36 @@ def prompt_support(model: nn.Module) -> str | None:
 
 
 class Reached(Exception):
-    """Raised by a forward pre-hook to stop a forward once the layer it needs has been reached: what a router
-    reads is below the layers that would follow."""
+    """Raised by a forward pre-hook to stop a forward once what it needs has been reached: what a router reads
+    is below the layers that would follow."""
+
+
+LayerRead = Callable[[int, tuple, dict], None]
+
+
+@contextmanager
+def reading_layer_inputs(model: nn.Module, read: LayerRead, layers: Optional[Iterable[int]] = None) -> Iterator[None]:
+    """Inside the block, every forward through decoder layer ``i`` (of ``layers``; default all) first calls
+    ``read(i, args, kwargs)`` with what the layer is called with: ``args[0]`` the hidden states entering it
+    (moved there when the model passes them as ``hidden_states=``), ``kwargs`` the rest (attention mask,
+    position embeddings, ...). ``read`` may raise ``Reached`` to stop the forward; the caller catches it."""
+    blocks = decoder_layers(model)
+
+    def hook_for(i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            kwargs = dict(kwargs)
+            hidden = kwargs.pop("hidden_states", None)
+            read(i, args if hidden is None else (hidden, *args), kwargs)
+        return hook
+
+    # first in line: the layer's other pre-hooks (a mixture's router hooks) have not run yet when it stops
+    handles = [blocks[i].register_forward_pre_hook(hook_for(i), with_kwargs=True, prepend=True)
+               for i in (range(len(blocks)) if layers is None else layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @torch.no_grad()
@@ -283,17 +333,15 @@ def layer_input(model: nn.Module, layer: int, args: tuple = (), kwargs: Optional
     kwargs["past_key_values"], kwargs["use_cache"] = None, False
     got: list[Tensor] = []
 
-    def grab(module: nn.Module, a: tuple, kw: dict) -> None:
-        got.append(a[0] if a else kw["hidden_states"])
+    def grab(i: int, a: tuple, kw: dict) -> None:
+        got.append(a[0])
         raise Reached
 
-    handle = decoder_layers(model)[layer].register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
-    try:
-        decoder(model)(*args, **kwargs)
-    except Reached:
-        pass
-    finally:
-        handle.remove()
+    with reading_layer_inputs(model, grab, [layer]):
+        try:
+            decoder(model)(*args, **kwargs)
+        except Reached:
+            pass
     if not got:
         raise RuntimeError(f"decoder layer {layer} was not reached")
     return got[0]

@@ -13,10 +13,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from mixroute.arch import decoder, decoder_layers, input_norm, input_part, reading_layer_inputs
 from mixroute.routers.base import pool_prompt
-
-ATTN_INPUTS = ("q_proj", "k_proj", "v_proj")      # read input_layernorm(x)
-MLP_INPUTS = ("gate_proj", "up_proj")             # read post_attention_layernorm(h)
 
 
 def prompt_batches(prompts: Sequence[list[int]], pad: int, batch_size: int = 8) -> list[dict[str, Tensor]]:
@@ -39,20 +37,14 @@ def layer_features(mix: nn.Module, batches: Iterable[dict[str, Tensor]],
                    weights: Optional[Sequence[Tensor]] = None) -> dict[int, Tensor]:
     """{layer: (N, H)} pooled prompt features entering each decoder layer. ``weights[i]`` ((B, E) per batch)
     fixes the routing of batch i (``Mixture.force``): the experts below a layer shape what it reads."""
-    layers = mix.model.get_decoder().layers
     device = next(mix.model.parameters()).device
-    got: dict[int, list[Tensor]] = {i: [] for i in range(len(layers))}
+    got: dict[int, list[Tensor]] = {i: [] for i in range(len(decoder_layers(mix.model)))}
     mask_now: list[Tensor] = []
 
-    def grab(i: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            got[i].append(pool_prompt(hidden.float(), mask_now[0]).cpu())
-        return hook
+    def grab(i: int, args: tuple, kwargs: dict) -> None:
+        got[i].append(pool_prompt(args[0].float(), mask_now[0]).cpu())
 
-    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True, prepend=True)
-               for i, layer in enumerate(layers)]
-    try:
+    with reading_layer_inputs(mix.model, grab):
         for k, b in enumerate(batches):
             ids, attn = b["input_ids"].to(device), b["attention_mask"].to(device)
             mask = attn.bool() if b.get("prompt_mask") is None else attn.bool() & b["prompt_mask"].to(device).bool()
@@ -61,13 +53,10 @@ def layer_features(mix: nn.Module, batches: Iterable[dict[str, Tensor]],
                 mix.force(weights[k])
             try:
                 with mix.context.inputs(None, mask):
-                    mix.model.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False)
+                    decoder(mix.model)(input_ids=ids, attention_mask=attn, use_cache=False)
             finally:
                 if weights is not None:
                     mix.force(None)
-    finally:
-        for h in handles:
-            h.remove()
     return {i: torch.cat(v) for i, v in got.items() if v}
 
 
@@ -88,12 +77,11 @@ def arrow_prototypes(mix: nn.Module, key: str) -> tuple[Tensor, Tensor]:
     vector of its updates in the projections reading the router's layer's normalised input."""
     layer_idx = mix.routers[key].read_layer
     prefix = f"layers_{layer_idx}_"
-    banks = [(k, b) for k, b in mix.experts.items() if k.startswith(prefix)
-             and mix.module_names[k].rsplit(".", 1)[-1] in ATTN_INPUTS + MLP_INPUTS]
-    attn = [kb for kb in banks if mix.module_names[kb[0]].rsplit(".", 1)[-1] in ATTN_INPUTS]
+    part = {k: input_part(mix.module_names[k]) for k in mix.experts if k.startswith(prefix)}
+    banks = [(k, b) for k, b in mix.experts.items() if part.get(k)]
+    attn = [kb for kb in banks if part[kb[0]] == "attention"]
     use = attn or banks     # one gain per router: the attention input's when it has LoRA, else the MLP's
-    layer = mix.model.get_decoder().layers[layer_idx]
-    norm = getattr(layer, "input_layernorm" if attn else "post_attention_layernorm", None)
+    norm = input_norm(decoder_layers(mix.model)[layer_idx], "attention" if attn else "mlp")
     hidden = mix.model.config.hidden_size
     gain = norm.weight.detach().float().cpu() if norm is not None and hasattr(norm, "weight") else torch.ones(hidden)
     n = next(iter(mix.experts.values())).num_experts

@@ -15,14 +15,11 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from mixroute.arch import Reached, reading_layer_inputs
 from mixroute.prune.masks import PruneError
 from mixroute.prune.sparsegpt import HessianAccumulator
 
 Batch = Union[Tensor, dict]
-
-
-class _StopForward(Exception):
-    """Raised by a hook once it has what it needs, to skip the rest of the forward."""
 
 
 @dataclass
@@ -79,30 +76,21 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Itera
     captured: list[LayerInput] = []
     current: dict[str, Any] = {}
 
-    def make_hook(index: int):
-        def hook(_module, args, kwargs):
-            kwargs = dict(kwargs)
-            hidden = kwargs.pop("hidden_states", None)
-            if index == 0:
-                args = (hidden, *args) if hidden is not None else args
-                captured.append(LayerInput(args, kwargs, current["mask"], {}))
-            captured[-1].per_layer_kwargs[index] = kwargs
-            if index == len(layers) - 1:
-                raise _StopForward  # nothing after the last layer is needed
-        return hook
+    def read(index: int, args: tuple, kwargs: dict) -> None:
+        if index == 0:
+            captured.append(LayerInput(args, kwargs, current["mask"], {}))
+        captured[-1].per_layer_kwargs[index] = kwargs
+        if index == len(layers) - 1:
+            raise Reached  # nothing after the last layer is needed
 
-    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
+    with reading_layer_inputs(model, read):
         _run_until_hooks(model, batches, current)
-    finally:
-        for handle in handles:
-            handle.remove()
     return captured
 
 
 def _run_until_hooks(model: nn.Module, batches: Iterable[Any], current: dict) -> None:
     """Feed every non-empty batch to ``model`` (its token mask in ``current["mask"]`` for the hooks); a hook
-    raising ``_StopForward`` ends that batch's forward early."""
+    raising ``Reached`` ends that batch's forward early."""
     device = next(model.parameters()).device
     for batch in batches:
         ids, mask = as_batch(batch)
@@ -112,7 +100,7 @@ def _run_until_hooks(model: nn.Module, batches: Iterable[Any], current: dict) ->
         try:
             model(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device),
                   use_cache=False)
-        except _StopForward:
+        except Reached:
             pass
 
 
@@ -168,7 +156,7 @@ def final_inputs_stats(model: nn.Module, head: nn.Linear, batches: Iterable[Batc
         x = args[0]
         mask = current["mask"]
         stats.add(x[mask] if mask is not None and mask.shape == x.shape[:-1] else x)
-        raise _StopForward
+        raise Reached
 
     handle = head.register_forward_pre_hook(hook)
     try:

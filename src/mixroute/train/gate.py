@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixroute.arch import decoder_layers
+from mixroute.arch import decoder, reading_layer_inputs
 
 
 @dataclass
@@ -59,26 +59,20 @@ def router_inputs(mix: nn.Module, batches: Sequence[dict], keys: Sequence[str]) 
     """{key: (N, H)} what each router reads for every example of ``batches`` (collator dicts on the model's
     device: input_ids, attention_mask, task_ids, optional prompt_mask), experts forced to the label where they
     shape what a router reads; see the module docstring."""
-    layers = decoder_layers(mix.model)
     prepass = [k for k in keys if k in mix.prepass_routers]
     hooked = [k for k in keys if k not in prepass]
     got: dict[str, list[Tensor]] = {k: [] for k in keys}
     now: dict[str, Tensor] = {}
-
-    def grab(layer_keys: list[str]):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            for k in layer_keys:
-                got[k].append(mix.routers[k].features(hidden.float(), now["mask"]).cpu())
-        return hook
-
     by_layer: dict[int, list[str]] = {}
     for k in hooked:
         by_layer.setdefault(mix.routers[k].read_layer, []).append(k)
-    handles = [layers[i].register_forward_pre_hook(grab(ks), with_kwargs=True, prepend=True)
-               for i, ks in by_layer.items()]
+
+    def grab(layer: int, args: tuple, kwargs: dict) -> None:
+        for k in by_layer[layer]:
+            got[k].append(mix.routers[k].features(args[0].float(), now["mask"]).cpu())
+
     num_experts = next(iter(mix.routers.values())).num_experts if mix.routers else 1
-    try:
+    with reading_layer_inputs(mix.model, grab, by_layer):
         for b in batches:
             mask = b["attention_mask"].bool()
             if b.get("prompt_mask") is not None:
@@ -94,12 +88,9 @@ def router_inputs(mix: nn.Module, batches: Sequence[dict], keys: Sequence[str]) 
             mix.force(F.one_hot(labels, num_experts).float())
             try:
                 with mix.context.inputs(b["task_ids"], b.get("prompt_mask")):
-                    mix.model.get_decoder()(**call, use_cache=False)
+                    decoder(mix.model)(**call, use_cache=False)
             finally:
                 mix.force(None)
-    finally:
-        for h in handles:
-            h.remove()
     return {k: torch.cat(v) for k, v in got.items()}
 
 
