@@ -18,10 +18,11 @@ from torch import Tensor, nn
 
 from mixroute.fileio import atomic_dir
 from mixroute.library import manifest as mf
-from mixroute.library.build import ROUTER_KINDS, materialise, read_adapter
+from mixroute.library.build import library_routers, materialise, read_adapter
 from mixroute.library.data import Examples, progress as progress_bar, read_prompts
 from mixroute.library.features import layer_features, prompt_batches
 from mixroute.library.manifest import Expert, LibraryError, Manifest
+from mixroute.routers import router_class
 
 
 class Library:
@@ -248,13 +249,15 @@ class Library:
         if self.mix is not None:
             self.mix.detach()
             self.mix = None
-        state = {"task": self._state("task") if router == "task" else None,
+        fitted = router_class(router).library_state == "fitted"
+        state = {router: self._state(router) if fitted else None,
                  "calibration": self._state("calibration") if use_calibration else None}
         state = {k: v for k, v in state.items() if v is not None}
-        if router == "task" and "task" not in state:
-            why = self.stale("task")
-            raise LibraryError(f"the task router is {why}; run `mixroute library fit-router {self.path} --data FILE` "
-                               "(it trains the router only, the experts stay frozen), or use --router centroid/arrow")
+        if fitted and router not in state:
+            why = self.stale(router)
+            raise LibraryError(f"the {router} router is {why}; run `mixroute library fit-router {self.path} --data "
+                               "FILE` (it trains the router only, the experts stay frozen), or use --router "
+                               "centroid/arrow")
         self.mix = materialise(self.model, self.path, self.man, router, self.adapters(),
                                {"route_cost_weight": cost_weight}, state)
         return self.mix
@@ -267,12 +270,14 @@ class Library:
         lam = float(cost_weight or 0.0)
         if lam < 0:
             raise LibraryError(f"route_cost_weight must be >= 0, got {lam}")
-        if lam > 0 and router == "arrow":
-            raise LibraryError("route_cost_weight applies to sequence-level routers (centroid, task); arrow routes "
-                               "per token, mixing experts")
+        level = router_class(router).level
+        if lam > 0 and level != "sequence":
+            raise LibraryError(f"route_cost_weight applies to sequence-level routers "
+                               f"({', '.join(library_routers('sequence'))}); {router} routes per {level}, mixing "
+                               "experts")
         key = (router, lam, tuple(self.man.names()))
         if self.mix is None or self._built != key:
-            self._attach(router, lam, use_calibration=router != "arrow")
+            self._attach(router, lam, use_calibration=level == "sequence")
             self._built = key
         return self.mix
 
@@ -284,10 +289,11 @@ class Library:
 
     def notes(self) -> list[str]:
         out = []
-        for kind in ("task", "calibration"):
+        fitted = [name for name in library_routers() if router_class(name).library_state == "fitted"]
+        for kind in (*fitted, "calibration"):
             why = self.stale(kind)
             if why is not None and why != "not fitted":
-                cmd = "fit-router" if kind == "task" else "calibrate"
+                cmd = "calibrate" if kind == "calibration" else "fit-router"
                 out.append(f"{kind} {why}: run `mixroute library {cmd} {self.path} --data FILE`")
         missing = [e.name for e in self.man.experts if e.examples == 0]
         if missing:
@@ -312,5 +318,6 @@ class Library:
 
 
 def check_router(router: str) -> None:
-    if router not in ROUTER_KINDS:
-        raise LibraryError(f"router {router!r} cannot route a library; valid: {', '.join(ROUTER_KINDS)}")
+    valid = library_routers()
+    if router not in valid:
+        raise LibraryError(f"router {router!r} cannot route a library; valid: {', '.join(valid)}")

@@ -21,8 +21,17 @@ from mixroute.library.cost import CostAware
 from mixroute.library.features import arrow_prototypes
 from mixroute.library.manifest import CENTROID, LibraryError, Manifest, peft_settings
 from mixroute.mixture import Mixture
+from mixroute.routers import ROUTERS, router_class
 
-ROUTER_KINDS = ("centroid", "arrow", "task")
+# the sources of router state a library has (``Router.library_state``), in the order its routers are offered
+STATE_SOURCES = ("examples", "lora", "fitted")
+
+
+def library_routers(level: Optional[str] = None) -> list[str]:
+    """The routers that can route a library (of ``level`` when given): those that declare where their state
+    comes from."""
+    return [cls.name for source in STATE_SOURCES for cls in ROUTERS.values()
+            if cls.library_state == source and level in (None, cls.level)]
 
 
 def read_adapter(adapter_dir: str | Path, name: str, model: nn.Module,
@@ -73,7 +82,8 @@ def materialise(model: nn.Module, lib: Path, man: Manifest, router: str,
                 adapters: list[dict[str, tuple[Tensor, Tensor]]], cfg_overrides: Optional[dict] = None,
                 state: Optional[dict] = None) -> Mixture:
     """A mixture over the manifest's experts (``adapters`` in manifest order) with ``router`` installed.
-    ``state``: {"task": {key: tensors}, "calibration": {key: tensors}} already reordered to the experts."""
+    ``state``: {router name: {key: tensors} (a fitted router), "calibration": {key: tensors}}, already reordered
+    to the experts."""
     if not man.experts:
         raise LibraryError(f"{lib}: the library has no experts; add one with `mixroute library add`")
     # targets relative to their decoder layer ("self_attn.q_proj", "mlp.c_proj"): a bare last name would also
@@ -100,32 +110,35 @@ def materialise(model: nn.Module, lib: Path, man: Manifest, router: str,
 def install_router(mix: Mixture, lib: Path, man: Manifest, router: str, state: dict) -> None:
     """Fill the routers' state (prototypes, fitted weights) and wrap sequence-level ones for cost-aware
     selection."""
-    if router == "centroid":
+    cls = router_class(router)
+    if cls.library_state == "examples":
         missing = [e.name for e in man.experts if e.examples == 0]
         if missing:
-            raise LibraryError(f"the centroid router needs example prompts for every expert; none for "
+            raise LibraryError(f"the {router} router needs example prompts for every expert; none for "
                                f"{', '.join(missing)} (add them again with --examples FILE, or route with arrow)")
         feats = [load_file(str(lib / e.path / CENTROID)) for e in man.experts]
         for key, r in mix.routers.items():
             r.prototypes.copy_(torch.stack([f[f"layer_{r.read_layer}"] for f in feats]))
-    elif router == "arrow":
+    elif cls.library_state == "lora":
         for key, r in mix.routers.items():
             protos, gain = arrow_prototypes(mix, key)
             r.prototypes.copy_(protos)
             r.gain.copy_(gain)
-    elif router == "task":
-        fitted = state.get("task")
+    elif cls.library_state == "fitted":
+        fitted = state.get(router)
         if fitted is None:
-            raise LibraryError("the task router is not fitted for this library's experts; run `mixroute library "
-                               "fit-router LIB --data FILE` (it trains the router only, the experts stay frozen)")
+            raise LibraryError(f"the {router} router is not fitted for this library's experts; run `mixroute "
+                               "library fit-router LIB --data FILE` (it trains the router only, the experts stay "
+                               "frozen)")
         for key, r in mix.routers.items():
             own = {name: fitted.get(f"{key}.{name}") for name in r.state_dict()}
             if any(t is None for t in own.values()):
-                raise LibraryError("this library's task router was fitted for the routers before 2026-12 (no "
+                raise LibraryError(f"this library's {router} router was fitted for the routers before 2026-12 (no "
                                    "LayerNorm on their features); run `mixroute library fit-router LIB --data FILE` "
                                    "again")
             r.load_state_dict(own)
-    if router == "arrow":
+    # cost-aware selection picks one expert per sequence: a router mixing experts per token is left as it is
+    if cls.level != "sequence":
         return
     costs = torch.tensor([e.cost for e in man.experts])
     calib = state.get("calibration")

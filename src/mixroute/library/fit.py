@@ -50,7 +50,8 @@ def fit_task_router(lib, data: str | Path, steps: int = 300, lr: float = 1e-2, b
             state.update({f"{key}.{name}": t.detach().float() for name, t in router.state_dict().items()})
             advance()
     mean_acc = sum(acc.values()) / len(acc)
-    lib._write_state("task", state, names, {"examples": int(len(labels)), "train_accuracy": round(mean_acc, 4)})
+    lib._write_state(TaskRouter.name, state, names,
+                     {"examples": int(len(labels)), "train_accuracy": round(mean_acc, 4)})
     return {"examples": int(len(labels)), "train_accuracy": mean_acc}
 
 

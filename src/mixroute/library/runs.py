@@ -9,6 +9,7 @@ from typing import Optional
 from torch import Tensor
 
 from mixroute.library.manifest import LibraryError
+from mixroute.routers import router_class
 
 
 def from_run(cls: type, path: str | Path, run_dir: str | Path, max_rank: int = 64, router: str = "centroid",
@@ -30,7 +31,9 @@ def from_run(cls: type, path: str | Path, run_dir: str | Path, max_rank: int = 6
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(n):
             mix.export_peft(i, f"{tmp}/{i}")
-        task = _task_state(mix) if mix.cfg.router == "task" and mix.cfg.router_scope == "layer" else None
+        # a library routes per layer: a run's fitted routers carry over only when it routed per layer too
+        carried = router_class(mix.cfg.router).library_state == "fitted" and mix.cfg.router_scope == "layer"
+        fitted = _fitted_state(mix) if carried else None
         mix.detach()
         lib = cls.create(path, run.cfg.model.name, run.cfg.model.dtype, run.cfg.data.template,
                          run.cfg.data.max_length, max_rank, router, run.model, run.tok, progress)
@@ -43,8 +46,8 @@ def from_run(cls: type, path: str | Path, run_dir: str | Path, max_rank: int = 6
                     examples[i].append(rec)
         lib.add_many([(names[i], f"{tmp}/{i}", examples[i], None, f"from {Path(run_dir).name}")
                       for i in range(n)])
-    if task is not None:
-        lib._write_state("task", task, names, {"source": str(run_dir)})
+    if fitted is not None:
+        lib._write_state(mix.cfg.router, fitted, names, {"source": str(run_dir)})
     return lib
 
 
@@ -53,7 +56,7 @@ def safe_name(name: str) -> str:
     return out if out and out[0].isalnum() else f"x{out}"[:64]
 
 
-def _task_state(mix) -> dict[str, Tensor]:
-    """Every trained task router's tensors (its LayerNorm and projection), keyed ``<router key>.<name>``."""
+def _fitted_state(mix) -> dict[str, Tensor]:
+    """Every trained router's tensors (the task router's LayerNorm and projection), keyed ``<router key>.<name>``."""
     return {f"{key}.{name}": t.detach().float().cpu() for key, r in mix.routers.items()
             for name, t in r.state_dict().items()}

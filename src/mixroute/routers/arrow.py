@@ -10,7 +10,7 @@ hence the absolute value.
 mixroute routers read the hidden states entering the decoder layer; the projections read them after RMSNorm,
 whose per-channel gain ``gain`` is applied here so the cosine is taken in the projections' own input space
 (RMSNorm's 1/rms factor does not change a cosine). The prototypes and gain are buffers computed from weights
-(``mixroute.library.prototypes.arrow_prototypes``), recomputed whenever experts change; at zero they give
+(``mixroute.library.features.arrow_prototypes``), recomputed whenever experts change; at zero they give
 every expert the same score.
 """
 
@@ -30,6 +30,7 @@ class ArrowRouter(Router):
 
     name = "arrow"
     level = "token"
+    library_state = "lora"
 
     def __init__(self, cfg: MixtureConfig, dims: RouterDims) -> None:
         super().__init__()

@@ -8,8 +8,9 @@ biases), so one router serves every expert kind it makes sense for, and adding a
 Each router class also declares what the rest of the library used to guess from its name: ``name``, ``level``
 (see ``Level``), ``label_aligned`` (expert t stands for category t: router accuracy, the classifier baseline,
 category names in ``mixroute generate``), ``needs_task_ids`` (labels are needed at inference too),
-``supports_global`` (one router for the whole model is meaningful) and ``validate(cfg)`` (config errors that
-name the field and what would be valid).
+``supports_global`` (one router for the whole model is meaningful), ``library_state`` (whether and from what an
+expert library fills it: ``LibrarySource``) and ``validate(cfg)`` (config errors that name the field and what
+would be valid).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ from mixroute.config import ConfigError, MixtureConfig
 # task:     a function of the task label only, mixing parameters per task (Poly/MHR); kept like sequence
 Level = Literal["sequence", "token", "rank", "task"]
 KEPT_LEVELS = ("sequence", "task")
+# where an expert library (mixroute.library) takes a router's state from:
+# examples: a ``prototypes`` buffer (E, H), each expert's mean prompt features at the router's layer
+# lora:     ``prototypes`` (E, H) and ``gain`` (H,) derived from the experts' LoRA weights alone (Arrow)
+# fitted:   the router's whole state, fitted on labelled prompts (``library fit-router``) or taken from a run
+LibrarySource = Literal["examples", "lora", "fitted"]
 
 
 @dataclass
@@ -122,6 +128,7 @@ class Router(nn.Module):
     needs_task_ids: bool = False          # an instance may change it (Poly's 'mu' mode needs no label)
     supports_global: ClassVar[bool] = False
     trains_experts: bool = True           # False: the experts stay frozen (MHR-z trains only the allocation)
+    library_state: ClassVar[Optional[LibrarySource]] = None   # None: it cannot route an expert library
     read_layer: int = 0                   # decoder layer whose input it reads (set by Mixture.attach)
 
     @classmethod

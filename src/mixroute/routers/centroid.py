@@ -26,6 +26,7 @@ class CentroidRouter(Router):
 
     name = "centroid"
     supports_global = True
+    library_state = "examples"
 
     def __init__(self, cfg: MixtureConfig, dims: RouterDims) -> None:
         super().__init__()

@@ -31,6 +31,7 @@ class TaskRouter(Router):
     name = "task"
     label_aligned = True
     supports_global = True
+    library_state = "fitted"
 
     def __init__(self, cfg: MixtureConfig, dims: RouterDims) -> None:
         super().__init__()
