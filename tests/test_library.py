@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from mixroute.library import Library, LibraryError
+from mixroute.library.manifest import MANIFEST
 from mixroute.models import TinyModelSpec, tiny_model
 
 PROMPTS = {  # two clearly different prompt families (domains)
@@ -86,7 +87,7 @@ def test_manifest_round_trips_and_lists_what_each_router_needs(lib):
     rows = {r["name"]: r for r in again.rows()}
     assert rows["math"]["rank"] == 4 and rows["code"]["cost"] == 5.0 and rows["math"]["examples"] == 4
     assert rows["math"]["checksum"].startswith("sha256:")
-    doc = json.loads((lib.path / "manifest.json").read_text())
+    doc = json.loads((lib.path / MANIFEST).read_text())
     assert doc["format"] == "mixroute.library" and doc["version"] == 1
     assert doc["base"]["fingerprint"]["hidden_size"] == 64
     assert (lib.path / "experts" / "math" / "adapter_model.safetensors").is_file()
@@ -266,9 +267,9 @@ def test_cli_create_list_route_export_remove(tiny_run, tmp_path):
 
 
 def test_a_failed_add_leaves_the_library_as_it_was(lib, adapters, tmp_path):
-    before = (lib.path / "manifest.json").read_text()
+    before = (lib.path / MANIFEST).read_text()
     with pytest.raises(LibraryError, match="examples file .* does not exist"):
         lib.add("late", adapters["math"], tmp_path / "missing.txt")
-    assert (lib.path / "manifest.json").read_text() == before
+    assert (lib.path / MANIFEST).read_text() == before
     assert not (lib.path / "experts" / "late").exists()
     assert Library(lib.path, *tiny_model()).man.names() == ["math", "code"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mixroute import rundir
+from mixroute.library.manifest import MANIFEST as LIBRARY_MANIFEST
 
 # file -> (what the report loses without it, how to get it)
 RUN_FILES = {
@@ -22,7 +23,7 @@ RUN_FILES = {
     rundir.GATES: ("gate heatmaps", "written by `mixroute train` at each validation"),
     rundir.EVAL: ("comparison table, router accuracy, confusion matrix", "run `mixroute eval {run}`"),
 }
-LIBRARY_MANIFEST, COST_CURVE = "manifest.json", "cost_curve.json"   # an expert library (docs/library.md)
+COST_CURVE = "cost_curve.json"   # an expert library's quality-vs-cost curve (docs/library.md)
 # files whose change means the report is stale (``--watch``)
 WATCHED = (*RUN_FILES, rundir.ROUNDS, rundir.PRUNE_REPORT, LIBRARY_MANIFEST, COST_CURVE)
 
