@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import random
 import shutil
@@ -210,15 +209,20 @@ class Paired:
 
 def relative_ppl_diff(p: Paired, idx: Sequence[int]) -> float:
     """(PPL_a - PPL_b) / PPL_b in percent, PPL = the category average of token-weighted perplexities over the
-    examples ``idx`` (the tables' ``average``)."""
+    examples ``idx`` (the tables' ``average``, as ``mixroute.evaluate.perplexity`` computes it)."""
+    import torch
+
+    from mixroute.evaluate import perplexity
+
+    pick = torch.as_tensor(list(idx), dtype=torch.long)
+    groups, task_ids = torch.unique(torch.tensor(p.task_ids, dtype=torch.long), return_inverse=True)
+    tokens = torch.tensor(p.tokens, dtype=torch.long)[pick]
+
     def avg(nll: list[float]) -> float:
-        sums: dict[int, list[float]] = {}
-        for i in idx:
-            s = sums.setdefault(p.task_ids[i], [0.0, 0.0])
-            s[0] += nll[i]
-            s[1] += p.tokens[i]
-        return statistics.fmean(math.exp(a / b) for a, b in sums.values() if b > 0)
-    return 100.0 * (avg(p.nll_a) - avg(p.nll_b)) / avg(p.nll_b)
+        picked = torch.tensor(nll, dtype=torch.float64)[pick]
+        return perplexity(picked, tokens, task_ids[pick], groups.tolist())["average"]
+    ref = avg(p.nll_b)
+    return 100.0 * (avg(p.nll_a) - ref) / ref
 
 
 def paired_bootstrap(p: Paired, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:

@@ -3,7 +3,6 @@ the routed perplexity and the mean cost paid (per layer decision, averaged) on h
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -15,7 +14,7 @@ from mixroute.library.data import labelled_batches, progress
 def cost_curve(lib, data: str | Path, lambdas: Sequence[float], router: Optional[str] = None, batch_size: int = 8,
                max_examples: Optional[int] = None) -> list[dict]:
     """One row per lambda: {"lambda", "ppl", "mean_cost", "share": {expert: fraction of decisions}}."""
-    from mixroute.evaluate import held_out_pass
+    from mixroute.evaluate import held_out_pass, perplexity
 
     batches, _ = labelled_batches(data, lib.man, lib.tok, batch_size, need_labels=False, max_examples=max_examples)
     costs = torch.tensor([e.cost for e in lib.man.experts])
@@ -25,7 +24,8 @@ def cost_curve(lib, data: str | Path, lambdas: Sequence[float], router: Optional
             mix = lib.mixture(router, lam)
             held = held_out_pass(mix.model, mix, batches)
             share = torch.stack(list(held.routing.values())).mean(0).mean(0)      # (E,) over layers, examples
-            rows.append({"lambda": float(lam), "ppl": math.exp(float(held.nll.sum() / held.tokens.sum())),
+            ppl = perplexity(held.nll, held.tokens, held.task_ids, categories=())["overall"]
+            rows.append({"lambda": float(lam), "ppl": ppl,
                          "mean_cost": float(share @ costs),
                          "share": {e.name: round(float(s), 4) for e, s in zip(lib.man.experts, share)}})
             advance()
