@@ -1,5 +1,6 @@
-"""Routed serving under load: `mixroute serve` on a MoA run against one plain LoRA and a hand-written PEFT
-server that switches `set_adapter` per request.
+"""Routed serving under load: `mixroute serve` on a MoA run, on its own engine and on vLLM, against vLLM with
+the client naming the expert, one plain LoRA and a hand-written PEFT server that switches `set_adapter` per
+request.
 
 Each server is a real uvicorn process on 127.0.0.1. A load generator (asyncio + httpx) keeps C clients busy
 (C in --clients) with prompts from the run's held-out split whose categories are mixed uniformly or skewed
@@ -7,9 +8,15 @@ Each server is a real uvicorn process on 127.0.0.1. A load generator (asyncio + 
 to first token (streamed; the PEFT baseline does not stream, so its TTFT is its latency). Servers:
 
 * mixroute MoA: ``model`` = the run's name, the router picks the expert per request, mixed-expert batches;
+* mixroute MoA on vLLM (--engines vllm): the same, generation on a vLLM child process (``--engine vllm``);
+* vLLM, client names the expert (--engines vllm): vLLM alone with the run's experts as LoRA adapters, each
+  request naming its category's expert: the anchor, what routing must cost little on top of;
 * mixroute single LoRA (--lora-run): the same server on a one-expert run (the cost floor of routing);
 * PEFT: the run's experts exported as PEFT adapters, one request at a time, ``set_adapter`` to the expert of
   the request's category (the client names the adapter: what users write by hand today).
+
+--lengths natural,32 measures answers as the model ends them and answers forced to exactly --max-tokens
+tokens (``ignore_eos``), which compares decode speed at equal length.
 
 Prints a markdown table and, unless --no-write, rewrites the "## Serving" section of docs/benchmarks.md.
 
@@ -73,10 +80,42 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def mixroute_server(run: str, port: int, args: argparse.Namespace, max_batch: int) -> subprocess.Popen:
+def mixroute_server(run: str, port: int, args: argparse.Namespace, max_batch: int,
+                    engine: str = "local") -> subprocess.Popen:
+    extra = ["--engine", "vllm", "--vllm-dtype", args.vllm_dtype] if engine == "vllm" else []
     return start([sys.executable, "-m", "mixroute.cli", "serve", run, "--port", str(port), "--max-batch",
                   str(max_batch), "--max-wait-ms", str(args.max_wait_ms), "--device", args.device,
-                  "--max-tokens-limit", str(max(args.max_tokens, 1))], port)
+                  "--max-tokens-limit", str(max(args.max_tokens, 1)), *extra], port, timeout_s=1200)
+
+
+class VLLMAnchor:
+    """vLLM alone, started by mixroute's own launcher with the run's experts as LoRA adapters (rank as trained):
+    the client names the adapter."""
+
+    def __init__(self, run: str, args: argparse.Namespace) -> None:
+        from mixroute.serve import load_served
+        from mixroute.serve.vllm import VLLMProcess, VLLMSettings, find_vllm_python, lora_rank_for
+        from mixroute.models import resolve_model_path
+
+        served = load_served(run, device="cpu")
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
+        adapters = {}
+        for i, name in enumerate(served.expert_names):
+            served.mix.export_peft(i, str(self.tmp / name))
+            adapters[name] = str(self.tmp / name)
+        rank = next(iter(served.mix.experts.values())).rank
+        self.proc = VLLMProcess(find_vllm_python(), resolve_model_path(served.model_path)[0], lambda: adapters,
+                                lora_rank_for(rank), len(adapters), len(adapters),
+                                VLLMSettings(dtype=args.vllm_dtype), self.tmp / "vllm.log")
+        self.proc.start()
+        self.proc.wait_ready(1200)
+        self.port, self.headers = self.proc.port, {"Authorization": f"Bearer {self.proc.api_key}"}
+
+    def stop(self) -> None:
+        import shutil
+
+        self.proc.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def peft_server_main(run: str, port: int, device: str) -> None:
@@ -146,16 +185,19 @@ def prompts_for(run: str, n: int, skew: Optional[float], seed: int = 0) -> list[
     return out
 
 
-async def one(client: Any, url: str, model: str, prompt: str, max_tokens: int, stream: bool) -> dict:
+async def one(client: Any, url: str, model: str, prompt: str, max_tokens: int, stream: bool,
+              forced: bool = False) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    if forced:
+        body["ignore_eos"] = True
     t0 = time.perf_counter()
     if not stream:
         r = await client.post(url, json=body)
         r.raise_for_status()
         t = time.perf_counter() - t0
-        return {"latency": t, "ttft": t, "tokens": r.json()["usage"]["completion_tokens"]}
+        return {"latency": t, "ttft": t, "tokens": r.json()["usage"]["completion_tokens"], "router_ms": None}
     body.update(stream=True, stream_options={"include_usage": True})
-    ttft, tokens = None, 0
+    ttft, tokens, router_ms = None, 0, None
     async with client.stream("POST", url, json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -164,24 +206,27 @@ async def one(client: Any, url: str, model: str, prompt: str, max_tokens: int, s
             chunk = json.loads(line[6:])
             if chunk.get("choices") and chunk["choices"][0].get("text") and ttft is None:
                 ttft = time.perf_counter() - t0
+            if chunk.get("routing") and router_ms is None:
+                router_ms = chunk["routing"].get("router_latency_ms")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     t = time.perf_counter() - t0
-    return {"latency": t, "ttft": ttft if ttft is not None else t, "tokens": tokens}
+    return {"latency": t, "ttft": ttft if ttft is not None else t, "tokens": tokens, "router_ms": router_ms}
 
 
 async def load(port: int, work: list[tuple[str, str]], clients: int, max_tokens: int, stream: bool,
-               model_for: Any) -> dict:
+               model_for: Any, forced: bool = False, headers: Optional[dict] = None) -> dict:
     import httpx
 
     url = f"http://127.0.0.1:{port}/v1/completions"
     queue = list(work)
     results: list[dict] = []
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as client:
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4),
+                                 headers=headers or {}) as client:
         async def worker() -> None:
             while queue:
                 prompt, cat = queue.pop()
-                results.append(await one(client, url, model_for(cat), prompt, max_tokens, stream))
+                results.append(await one(client, url, model_for(cat), prompt, max_tokens, stream, forced))
 
         t0 = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(clients)])
@@ -189,8 +234,11 @@ async def load(port: int, work: list[tuple[str, str]], clients: int, max_tokens:
     lat = sorted(r["latency"] for r in results)
     ttft = sorted(r["ttft"] for r in results)
     q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
+    routed = [r for r in results if r["router_ms"] is not None]
+    share = (sum(r["router_ms"] / 1000 for r in routed) / sum(r["latency"] for r in routed)) if routed else None
     return {"tok_s": sum(r["tokens"] for r in results) / wall, "req_s": len(results) / wall,
-            "p50": q(lat, 0.5), "p95": q(lat, 0.95), "ttft50": q(ttft, 0.5)}
+            "p50": q(lat, 0.5), "p95": q(lat, 0.95), "ttft50": q(ttft, 0.5),
+            "tokens": sum(r["tokens"] for r in results) / len(results), "router_share": share}
 
 
 # ------------------------------------------------------------------ main
@@ -206,6 +254,11 @@ def main() -> None:
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--skew", type=float, default=0.7, help="share of the skewed mix sent to one category")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--engines", default="local", help="comma list: local (mixroute's engine), vllm (mixroute on "
+                                                         "vLLM + vLLM alone with the client naming the expert)")
+    p.add_argument("--lengths", default="natural", help="comma list: natural (answers end at EOS) and/or forced "
+                                                         "(every answer exactly --max-tokens tokens: ignore_eos)")
+    p.add_argument("--vllm-dtype", default="bfloat16", help="vLLM's --dtype for both vLLM servers")
     p.add_argument("--no-write", action="store_true", help="print only; do not touch docs/benchmarks.md")
     p.add_argument("--_peft-server", nargs=2, metavar=("RUN", "PORT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -216,9 +269,18 @@ def main() -> None:
     mixes = {"uniform": prompts_for(args.run, args.requests, None),
              "skewed": prompts_for(args.run, args.requests, args.skew)}
     run_name = Path(args.run).resolve().name
-    servers: list[tuple[str, Any, bool, Any]] = [
-        ("mixroute MoA (router decides)", lambda port: mixroute_server(args.run, port, args, args.max_batch), True,
-         lambda cat: run_name)]
+    engines = args.engines.split(",")
+    lengths = args.lengths.split(",")
+    servers: list[tuple[str, Any, bool, Any]] = []
+    if "local" in engines:
+        servers.append(("mixroute MoA (router decides)", lambda port: mixroute_server(args.run, port, args,
+                                                                                      args.max_batch), True,
+                        lambda cat: run_name))
+    if "vllm" in engines:
+        servers.append(("mixroute MoA on vLLM (router decides)", lambda port: mixroute_server(
+            args.run, port, args, args.max_batch, engine="vllm"), True, lambda cat: run_name))
+        servers.append(("vLLM, client names the expert", lambda port: VLLMAnchor(args.run, args), True,
+                        lambda cat: cat))
     if args.lora_run:
         lora_name = Path(args.lora_run).resolve().name
         servers.append(("mixroute single LoRA", lambda port: mixroute_server(args.lora_run, port, args,
@@ -232,17 +294,24 @@ def main() -> None:
     for label, launch, stream, model_for in servers:
         port = free_port()
         proc = launch(port)
+        headers = getattr(proc, "headers", None)
+        port = getattr(proc, "port", port)
         try:
             asyncio.run(load(port, mixes["uniform"][:max(levels)], max(levels), args.max_tokens, stream,
-                             model_for))  # warm-up
-            for mix_name, work in mixes.items():
-                for c in levels:
-                    r = asyncio.run(load(port, work, c, args.max_tokens, stream, model_for))
-                    rows.append({"server": label, "mix": mix_name, "clients": c, **r})
-                    print(f"{label:32s} {mix_name:8s} c={c:<3d} {r['tok_s']:8.1f} tok/s {r['req_s']:6.2f} req/s "
-                          f"p50 {r['p50']:.3f}s p95 {r['p95']:.3f}s ttft {r['ttft50']:.3f}s", flush=True)
+                             model_for, headers=headers))  # warm-up
+            for length in lengths:
+                if length == "forced" and label.startswith("PEFT"):
+                    continue   # the hand-written PEFT server has no ignore_eos
+                for mix_name, work in mixes.items():
+                    for c in levels:
+                        r = asyncio.run(load(port, work, c, args.max_tokens, stream, model_for,
+                                             forced=length == "forced", headers=headers))
+                        rows.append({"server": label, "mix": mix_name, "clients": c, "length": length, **r})
+                        print(f"{label:40s} {length:7s} {mix_name:8s} c={c:<3d} {r['tok_s']:8.1f} tok/s "
+                              f"{r['req_s']:6.2f} req/s p50 {r['p50']:.3f}s p95 {r['p95']:.3f}s "
+                              f"ttft {r['ttft50']:.3f}s {r['tokens']:.1f} tok/answer", flush=True)
         finally:
-            stop(proc)
+            proc.stop() if isinstance(proc, VLLMAnchor) else stop(proc)
     text = table(rows, args, levels)
     print(text)
     if not args.no_write:
@@ -252,26 +321,46 @@ def main() -> None:
 
 
 def table(rows: list[dict], args: argparse.Namespace, levels: list[int]) -> str:
-    def find(server: str, mix: str, c: int) -> Optional[dict]:
-        return next((r for r in rows if r["server"].startswith(server) and r["mix"] == mix and r["clients"] == c),
-                    None)
+    def find(server: str, mix: str, c: int, length: str = "natural") -> Optional[dict]:
+        return next((r for r in rows if r["server"].startswith(server) and r["mix"] == mix and r["clients"] == c
+                     and r["length"] == length), None)
 
     cmd = "python bench/serve.py " + " ".join(sys.argv[1:])
     out = ["## Serving", "", f"`{cmd.strip()}` on {platform.processor() or platform.machine()}, "
            f"{os.cpu_count()} CPUs, device {args.device}; {args.requests} requests per cell, max_tokens "
            f"{args.max_tokens}, greedy, --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms}; "
-           f"skewed = {args.skew:.0%} of requests from one category.", "",
-           "| server | mix | clients | output tok/s | req/s | p50 s | p95 s | TTFT p50 s | vs PEFT |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           f"skewed = {args.skew:.0%} of requests from one category; vLLM dtype {args.vllm_dtype}; forced = "
+           f"every answer {args.max_tokens} tokens (ignore_eos). Ratios: output tok/s against vLLM with the client "
+           "naming the expert (same mix, clients and length), and against the hand-written PEFT server.", "",
+           "| server | length | mix | clients | output tok/s | req/s | tokens/answer | p50 s | p95 s | TTFT p50 s | "
+           "routing share of latency | vs vLLM client-named | vs PEFT |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        peft = find("PEFT", r["mix"], r["clients"])
+        peft = find("PEFT", r["mix"], r["clients"], r["length"])
+        anchor = find("vLLM, client", r["mix"], r["clients"], r["length"])
         ratio = f"{r['tok_s'] / peft['tok_s']:.2f}x" if peft and peft["tok_s"] > 0 else "-"
-        out.append(f"| {r['server']} | {r['mix']} | {r['clients']} | {r['tok_s']:.1f} | {r['req_s']:.2f} | "
-                   f"{r['p50']:.3f} | {r['p95']:.3f} | {r['ttft50']:.3f} | {ratio} |")
+        vs = f"{r['tok_s'] / anchor['tok_s']:.2f}x" if anchor and anchor["tok_s"] > 0 else "-"
+        share = "-" if r.get("router_share") is None else f"{100 * r['router_share']:.1f}%"
+        out.append(f"| {r['server']} | {r['length']} | {r['mix']} | {r['clients']} | {r['tok_s']:.1f} | "
+                   f"{r['req_s']:.2f} | {r['tokens']:.1f} | {r['p50']:.3f} | {r['p95']:.3f} | {r['ttft50']:.3f} | "
+                   f"{share} | {vs} | {ratio} |")
     notes = []
+    hi = max(levels)
+    for length in ("natural", "forced"):
+        for mix in ("uniform", "skewed"):
+            routed, anchor = find("mixroute MoA on vLLM", mix, hi, length), find("vLLM, client", mix, hi, length)
+            local = find("mixroute MoA (router", mix, hi, length)
+            if routed and anchor:
+                notes.append(f"{length}, {mix}, {hi} clients: routed through vLLM "
+                             f"{routed['req_s'] / anchor['req_s']:.2f}x the requests/s and "
+                             f"{routed['tok_s'] / anchor['tok_s']:.2f}x the output tokens/s of vLLM with the client "
+                             f"naming the expert (target >= 0.9x)" + (
+                                 f"; {routed['tok_s'] / local['tok_s']:.2f}x mixroute's own engine" if local else "")
+                             + ".")
     hi, lo = max(levels), min(levels)
     for mix in ("uniform", "skewed"):
-        moa, lora, one = find("mixroute MoA", mix, hi), find("mixroute single", mix, hi), find("mixroute MoA", mix, lo)
+        moa, lora = find("mixroute MoA (router", mix, hi), find("mixroute single", mix, hi)
+        one = find("mixroute MoA (router", mix, lo)
         if moa and lora:
             notes.append(f"{mix}: routing costs {100 * (1 - moa['tok_s'] / lora['tok_s']):.1f}% throughput against "
                          f"one plain LoRA at {hi} clients (target <= 10%).")

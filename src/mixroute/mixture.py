@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixroute.arch import decoder_layers, in_out_features, layer_input, layers_path, lm_head_logits, resolve_targets
+from mixroute.arch import (Reached, decoder_layers, in_out_features, layer_input, layers_path, lm_head_logits,
+                           resolve_targets)
 from mixroute.config import ConfigError, MixtureConfig
 from mixroute.experts.lora import LoraBank, patch_linear, unpatch_linear
 from mixroute.routers import Router, RouterDims, RouteWeights, build_router, router_class
@@ -370,6 +371,40 @@ class Mixture(nn.Module):
             return None
         per_seq = torch.tensor(list(applied.values())).T          # (B, routers)
         return [int(torch.bincount(row).argmax()) for row in per_seq]
+
+    def decides_before_layers(self) -> bool:
+        """Whether every router decides before the first decoder layer runs (one global router, from the
+        routing pre-pass or from no hidden state at all): then ``route_prompts`` knows the whole routing of a
+        prefill without running the experts, and an engine that applies one LoRA per sequence can serve it."""
+        return bool(self.routers) and set(self._routers_at) <= {0} and all(
+            r.level == "sequence" for r in self.routers.values())
+
+    @torch.no_grad()
+    def route_prompts(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                      position_ids: Optional[Tensor] = None) -> dict[str, RouteWeights]:
+        """Router key -> the decision a prefill of these prompts makes, computed by that prefill's own code up
+        to the first decoder layer and stopped there: the frozen base's routing pre-pass, no expert applied.
+        Forced weights (``force``) and ``context.inputs`` apply as in a forward. Only for mixtures whose routers
+        all decide before the first layer (``decides_before_layers``): per-layer routers read the experts'
+        own outputs, so their decisions exist only inside a full forward."""
+        if not self.decides_before_layers():
+            raise ValueError("route_prompts needs routers that decide before the first decoder layer (one global "
+                             f"sequence router); this mixture has {', '.join(self.routers) or 'no routers'}")
+
+        def stop(*_: Any) -> None:
+            if not self.context.in_prepass:   # the pre-pass itself runs through layer 0 to the router's layer
+                raise Reached
+
+        # appended after the routers' own layer-0 hooks, so they have run when this one stops the forward
+        handle = decoder_layers(self.model)[0].register_forward_pre_hook(stop)
+        try:
+            self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     use_cache=False)
+        except Reached:
+            pass
+        finally:
+            handle.remove()
+        return {k: self.context.kept[k] for k in self.routers}
 
     # ------------------------------------------------------------------ forward / generate
     def forward(

@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,9 @@ class Request:
     forced_names: Optional[list[str]] = None  # the expert names ``forced`` is ordered by (a library may change)
     cost_weight: Optional[float] = None       # lambda of cost-aware routing for this request (None = default)
     task_id: Optional[int] = None             # for routers that route by label (oracle, poly)
+    ignore_eos: bool = False                  # vLLM's extension: go on past EOS (equal-length benchmarks)
+    min_tokens: int = 0                       # vLLM's extension: EOS cannot end the answer before this many
+    timeout: Optional[float] = None           # seconds from submit after which the request fails
     on_text: Optional[TokenCallback] = None   # streaming: called from the worker thread
     on_done: Optional[Callable[["Request"], None]] = None  # called from the worker thread when done or failed
     # filled by the engine
@@ -58,7 +61,73 @@ class Request:
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: Optional[float] = None
     batch_size: int = 0
+    completion_tokens: Optional[int] = None   # when not len(tokens): a generated EOS counts (as in vLLM)
+    cancelled: bool = False                   # set by ``cancel``: the client went away
     _sent: int = 0   # characters already handed to on_text
+    _decoder: Any = None   # incremental detokeniser state
+
+    def n_completion(self) -> int:
+        return self.completion_tokens if self.completion_tokens is not None else len(self.tokens)
+
+    def expired(self, now: float) -> bool:
+        return self.timeout is not None and now - self.t_submit > self.timeout
+
+
+class Overloaded(RuntimeError):
+    """The engine's queue is full: the request is refused at once (HTTP 429 with Retry-After)."""
+
+
+class Unavailable(RuntimeError):
+    """The engine cannot serve right now (shutting down, or its vLLM process died): HTTP 503."""
+
+
+class RequestTimeout(TimeoutError):
+    """A request ran past its ``timeout``."""
+
+
+class Admission:
+    """Counts the requests submitted and not yet taken by the engine; refuses one more than ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.waiting = max(1, limit), 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self._lock:
+            if self.waiting >= self.limit:
+                raise Overloaded(f"{self.waiting} requests are already waiting (max_queue={self.limit})")
+            self.waiting += 1
+
+    def leave(self, n: int) -> None:
+        with self._lock:
+            self.waiting -= n
+
+
+def left_padded(reqs: list[Request], pad: int, device: Any) -> tuple[Tensor, Tensor]:
+    """(ids, attention mask) of the requests' prompts, left-padded to one length: each row's positions are
+    its own (``attn.cumsum(-1) - 1``), so a row's output does not depend on the batch."""
+    width = max(len(r.prompt_ids) for r in reqs)
+    ids = torch.full((len(reqs), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(reqs), width), dtype=torch.long)
+    for i, r in enumerate(reqs):
+        ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+        attn[i, width - len(r.prompt_ids):] = 1
+    return ids.to(device), attn.to(device)
+
+
+class ServingEngine(Protocol):
+    """What the app needs from an engine: the local one (``Engine``) and the vLLM client (``serve.vllm``)."""
+
+    expert_names: list[str]
+
+    def start(self) -> "ServingEngine": ...
+    def stop(self, timeout: float = 30.0) -> None: ...
+    def submit(self, req: Request) -> Request: ...
+    def cancel(self, req: Request) -> None: ...
+    def between_batches(self, change: Callable[[], Any], timeout: Optional[float] = None) -> Any: ...
+    def swap(self, mix: Any, expert_names: list[str]) -> None: ...
+    def queued(self) -> int: ...
+    def describe(self) -> dict[str, Any]: ...
 
 
 class Engine:
@@ -66,7 +135,7 @@ class Engine:
 
     def __init__(self, model: Any, mix: Any, tok: Any, expert_names: list[str], max_batch: int = 16,
                  max_wait_ms: float = 10.0, on_batch: Optional[Callable[[list[Request]], None]] = None,
-                 precision: str = "no") -> None:
+                 precision: str = "no", max_queue: int = 256) -> None:
         self.model, self.mix, self.tok = model, mix, tok
         self.precision = check_precision(precision)   # autocast of every forward (devices.autocast)
         self.expert_names = expert_names
@@ -76,11 +145,12 @@ class Engine:
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos
         self.device = next(model.parameters()).device
         self._queue: "queue.Queue[Optional[Request]]" = queue.Queue()
+        self._admission = Admission(max_queue)   # requests waiting for a batch; more are refused (Overloaded)
         self._thread = threading.Thread(target=self._loop, name="mixroute-engine", daemon=True)
         self._stopping = False
         self._router_s = 0.0   # host time spent inside the routers during the current prefill
         self._hooks: list = []
-        self._control: Optional[_Control] = None   # a change waiting for the running batch to finish
+        self._control: Optional[Control] = None   # a change waiting for the running batch to finish
         self._watch_routers()
 
     def _watch_routers(self) -> None:
@@ -112,23 +182,30 @@ class Engine:
 
     def submit(self, req: Request) -> Request:
         if self._stopping:
-            raise RuntimeError("the server is shutting down")
+            raise Unavailable("the server is shutting down")
+        self._admission.enter()
         self._queue.put(req)
         return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop working on ``req`` (its client went away): it leaves the batch at the next step boundary."""
+        req.cancelled = True
+
+    def queued(self) -> int:
+        """Requests submitted and not yet in a batch."""
+        return self._admission.waiting
+
+    def describe(self) -> dict[str, Any]:
+        """What ``/health`` says about the engine."""
+        return {"kind": "local", "max_batch": self.max_batch, "queued": self._admission.waiting}
 
     def between_batches(self, change: Callable[[], Any], timeout: Optional[float] = None) -> Any:
         """Run ``change()`` on the worker once the running batch has finished, and return its result. Requests
         that arrive meanwhile wait in the queue, so every in-flight request ends on the mixture it started
         with; ``change`` may swap the mixture (``swap``)."""
-        ctl = _Control(change)
         if self._stopping:
-            raise RuntimeError("the server is shutting down")
-        self._queue.put(ctl)
-        if not ctl.done.wait(timeout):
-            raise TimeoutError("the change did not run in time")
-        if ctl.error is not None:
-            raise ctl.error
-        return ctl.result
+            raise Unavailable("the server is shutting down")
+        return Control.run_on(self._queue, change, timeout)
 
     def swap(self, mix: Any, expert_names: list[str]) -> None:
         """Serve ``mix`` from now on (call from ``between_batches``: the worker is idle then)."""
@@ -155,7 +232,7 @@ class Engine:
                 break
             if nxt is None:
                 return batch, True
-            if isinstance(nxt, _Control):   # later requests wait until the change has run
+            if isinstance(nxt, Control):   # later requests wait until the change has run
                 self._control = nxt
                 break
             batch.append(nxt)
@@ -174,7 +251,7 @@ class Engine:
                 first = self._queue.get()
                 if first is None:
                     return
-                if isinstance(first, _Control):
+                if isinstance(first, Control):
                     first.run()
                     continue
                 new, stopping = self._collect([first], self.max_batch, wait=True)
@@ -209,7 +286,12 @@ class Engine:
         """Re-order forced weights to the current experts (a library may have changed since the request was
         checked); a request whose forced experts are all gone fails alone with a LookupError."""
         ok = []
+        self._admission.leave(len(reqs))
+        now = time.perf_counter()
         for r in reqs:
+            if r.cancelled or r.expired(now):
+                _fail([r], _ended(r))
+                continue
             if r.forced is not None and r.forced_names is not None and r.forced_names != self.expert_names:
                 w = dict(zip(r.forced_names, r.forced))
                 r.forced = [float(w.get(n, 0.0)) for n in self.expert_names]
@@ -223,13 +305,8 @@ class Engine:
 
     def _prefill(self, reqs: list[Request]) -> "_Running":
         """One left-padded forward over new requests; samples their first token."""
-        n, width = len(reqs), max(len(r.prompt_ids) for r in reqs)
-        ids = torch.full((n, width), self.pad, dtype=torch.long)
-        attn = torch.zeros((n, width), dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            attn[i, width - len(r.prompt_ids):] = 1
-        ids, attn = ids.to(self.device), attn.to(self.device)
+        n = len(reqs)
+        ids, attn = left_padded(reqs, self.pad, self.device)
         self._router_s = 0.0
         with torch.no_grad(), autocast(self.device, self.precision), self._routing(reqs):
             out = self.model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp_min(0),
@@ -253,8 +330,14 @@ class Engine:
 
     def _sample(self, run: "_Running", logits: Tensor) -> None:
         nxt = torch.full((len(run.reqs),), self.pad, dtype=torch.long)
+        early = [i for i, r in enumerate(run.reqs) if len(r.tokens) < r.min_tokens]
+        if early and self.eos is not None:   # as vLLM: EOS cannot be sampled before min_tokens
+            logits[early, self.eos] = float("-inf")
         greedy = logits.argmax(-1).tolist()   # one device sync for every greedy row
+        now = time.perf_counter()
         for i, r in enumerate(run.reqs):
+            if run.live[i] and (r.cancelled or r.expired(now)):
+                r.error, run.live[i] = _ended(r), False
             if run.live[i]:
                 nxt[i] = greedy[i] if r.temperature <= 0 else _pick(logits[i], r.temperature, r.top_p, run.gens[i])
                 run.live[i] = self._advance(r, int(nxt[i]))
@@ -287,14 +370,15 @@ class Engine:
         """Add ``token`` to ``r``; returns whether it goes on."""
         if r.t_first is None:
             r.t_first = time.perf_counter()
-        if token == self.eos:
-            r.finish_reason = "stop"
+        if token == self.eos and not r.ignore_eos:
+            r.finish_reason, r.completion_tokens = "stop", len(r.tokens) + 1
             self._emit(r, final=True)
             return False
         r.tokens.append(token)
-        r.text = self.tok.decode(r.tokens, skip_special_tokens=True)
-        for s in r.stop:
-            if (at := r.text.find(s)) >= 0:
+        before = len(r.text)
+        r.text += self._detokenise(r, token)
+        for s in r.stop:   # only where the new text can complete a stop string
+            if (at := r.text.find(s, max(0, before - len(s) + 1))) >= 0:
                 r.text, r.finish_reason = r.text[:at], "stop"
                 self._emit(r, final=True)
                 return False
@@ -304,6 +388,19 @@ class Engine:
             return False
         self._emit(r, final=False)
         return True
+
+    def _detokenise(self, r: Request, token: int) -> str:
+        """The text ``token`` adds to ``r``: tokenizers' incremental decoder, so a long answer costs linear time
+        (it holds back a split multi-byte character until it is complete); re-decoding all tokens otherwise."""
+        fast = getattr(self.tok, "_tokenizer", None)
+        if fast is None:
+            text = self.tok.decode(r.tokens, skip_special_tokens=True)
+            return text[len(r.text):]
+        if r._decoder is None:
+            from tokenizers.decoders import DecodeStream
+
+            r._decoder = DecodeStream(skip_special_tokens=True)
+        return r._decoder.step(fast, token) or ""
 
     def _emit(self, r: Request, final: bool) -> None:
         """Hand new text to a streaming request; hold back what may still become a stop string or a split
@@ -321,53 +418,60 @@ class Engine:
             r.on_text(r, piece, r.finish_reason if final else None)
 
     # ------------------------------------------------------------------ routing
-    @contextlib.contextmanager
-    def _routing(self, batch: list[Request]) -> Iterator[None]:
-        """Force the rows whose request fixed its weights (NaN rows are left to the router) and show the
-        routers the task ids of label-routed requests, for one prefill."""
-        mix = self.mix
-        if mix is None:
-            yield
-            return
-        nan_row = [float("nan")] * len(self.expert_names)
-        any_forced = any(r.forced is not None for r in batch)
-        labels = [r.task_id for r in batch]
-        task_ids = None if all(t is None for t in labels) else torch.tensor([t or 0 for t in labels],
-                                                                           device=self.device)
-        if any_forced:
-            mix.force(torch.tensor([r.forced if r.forced is not None else nan_row for r in batch]))
-        lam = torch.tensor([float("nan") if r.cost_weight is None else r.cost_weight for r in batch])
-        cost_aware = [r for r in mix.routers.values() if hasattr(r, "row_cost_weight")]
-        for router in cost_aware:
-            router.row_cost_weight = lam
-        try:
-            with mix.context.inputs(task_ids, None):
-                yield
-        finally:
-            if any_forced:
-                mix.force(None)
-            for router in cost_aware:
-                router.row_cost_weight = None
+    def _routing(self, batch: list[Request]) -> Any:
+        return routing_inputs(self.mix, self.expert_names, batch, self.device)
 
     def _record_routing(self, batch: list[Request], seconds: float, attn: Tensor) -> None:
-        """Each request's routing as the prefill decided it (mean gate per expert for token-level routers)."""
-        if self.mix is None:
-            for r in batch:
-                r.routing = {"mode": "none", "experts": [], "probabilities": {}, "router_latency_ms": 0.0}
-            return
-        probs = _expert_probabilities(self.mix.context.routing, len(self.expert_names), attn)
-        ms = round(1000 * seconds, 3)   # the routers run once for the whole batch
-        for i, r in enumerate(batch):
-            p = probs[i] if probs is not None else None
-            pd = {} if p is None else {name: round(float(p[j]), 6) for j, name in enumerate(self.expert_names)}
-            if r.forced is not None:
-                chosen = [self.expert_names[j] for j, w in enumerate(r.forced) if w > 0]
-            elif p is not None:
-                chosen = [self.expert_names[int(p.argmax())]]
-            else:
-                chosen = []
-            r.routing = {"mode": "override" if r.forced is not None else "auto", "experts": chosen,
-                         "probabilities": pd, "router_latency_ms": ms}
+        record_routing(self.mix, self.expert_names, batch, seconds, attn)
+
+
+@contextlib.contextmanager
+def routing_inputs(mix: Any, expert_names: list[str], batch: list[Request], device: Any) -> Iterator[None]:
+    """For one prefill of ``batch``: force the rows whose request fixed its weights (NaN rows are left to the
+    router), give cost-aware routers each row's lambda and the routers the task ids of label-routed requests.
+    Every engine routes through this, so a prompt gets the same decision whichever engine serves it."""
+    if mix is None:
+        yield
+        return
+    nan_row = [float("nan")] * len(expert_names)
+    any_forced = any(r.forced is not None for r in batch)
+    labels = [r.task_id for r in batch]
+    task_ids = None if all(t is None for t in labels) else torch.tensor([t or 0 for t in labels], device=device)
+    if any_forced:
+        mix.force(torch.tensor([r.forced if r.forced is not None else nan_row for r in batch]))
+    lam = torch.tensor([float("nan") if r.cost_weight is None else r.cost_weight for r in batch])
+    cost_aware = [r for r in mix.routers.values() if hasattr(r, "row_cost_weight")]
+    for router in cost_aware:
+        router.row_cost_weight = lam
+    try:
+        with mix.context.inputs(task_ids, None):
+            yield
+    finally:
+        if any_forced:
+            mix.force(None)
+        for router in cost_aware:
+            router.row_cost_weight = None
+
+
+def record_routing(mix: Any, expert_names: list[str], batch: list[Request], seconds: float, attn: Tensor) -> None:
+    """Each request's ``routing`` as the prefill decided it (mean gate per expert for token-level routers)."""
+    if mix is None:
+        for r in batch:
+            r.routing = {"mode": "none", "experts": [], "probabilities": {}, "router_latency_ms": 0.0}
+        return
+    probs = _expert_probabilities(mix.context.routing, len(expert_names), attn)
+    ms = round(1000 * seconds, 3)   # the routers run once for the whole batch
+    for i, r in enumerate(batch):
+        p = probs[i] if probs is not None else None
+        pd = {} if p is None else {name: round(float(p[j]), 6) for j, name in enumerate(expert_names)}
+        if r.forced is not None:
+            chosen = [expert_names[j] for j, w in enumerate(r.forced) if w > 0]
+        elif p is not None:
+            chosen = [expert_names[int(p.argmax())]]
+        else:
+            chosen = []
+        r.routing = {"mode": "override" if r.forced is not None else "auto", "experts": chosen,
+                     "probabilities": pd, "router_latency_ms": ms}
 
 
 def _expert_probabilities(routing: dict[str, Tensor], num_experts: int, attn: Tensor) -> Optional[Tensor]:
@@ -432,12 +536,23 @@ def _merge(a: _Running, b: _Running) -> _Running:
                     a.cache, kept, a.live + b.live)
 
 
-class _Control:
+class Control:
     """A change to run on the worker between batches (``Engine.between_batches``)."""
 
     def __init__(self, change: Callable[[], Any]) -> None:
         self.change, self.result, self.error = change, None, None
         self.done = threading.Event()
+
+    @classmethod
+    def run_on(cls, q: "queue.Queue[Any]", change: Callable[[], Any], timeout: Optional[float]) -> Any:
+        """Queue ``change`` for a worker reading ``q``; wait for it and return its result (or raise its error)."""
+        ctl = cls(change)
+        q.put(ctl)
+        if not ctl.done.wait(timeout):
+            raise TimeoutError("the change did not run in time")
+        if ctl.error is not None:
+            raise ctl.error
+        return ctl.result
 
     def run(self) -> None:
         try:
@@ -445,6 +560,12 @@ class _Control:
         except Exception as e:  # handed to the caller; the worker keeps serving
             self.error = e
         self.done.set()
+
+
+def _ended(r: Request) -> BaseException:
+    if r.cancelled:
+        return Unavailable("the request was cancelled: its client disconnected")
+    return RequestTimeout(f"the request ran past its timeout of {r.timeout:g} s")
 
 
 def _fail(reqs: list[Request], error: BaseException) -> None:

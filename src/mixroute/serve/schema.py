@@ -49,6 +49,9 @@ class _Common(BaseModel):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     mixroute: Optional[MixrouteOptions] = None
+    # vLLM's request extensions, so answers of equal length can be compared across engines
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
 
 
 class ChatMessage(BaseModel):
