@@ -231,7 +231,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "base": demo_overrides(args, "base", out),
         "lora_mixed": demo_overrides(args, "lora_mixed", out, budget["mixed_steps"]),
         "lora_single": demo_overrides(args, "lora_single", out),
-        "moa": demo_overrides(args, "moa", out, lr=args.stage2_lr) + [f"train.stage1_adapters={experts}"],
+        # one router for the whole sequence, reading the frozen base's middle layer: one decision per prompt,
+        # the layout `mixroute serve --engine vllm` can serve (per-layer routers need the local engine)
+        "moa": demo_overrides(args, "moa", out, lr=args.stage2_lr) + [f"train.stage1_adapters={experts}",
+                                                                        "mixture.router_scope=global"],
     }
     results: dict[str, Any] = {}
     titles = {"base": "the frozen model, nothing trained",
