@@ -186,15 +186,20 @@ def test_summary_without_router_accuracy():
     assert "MoA wins" in text and "Router accuracy: none" in text
 
 
-def test_demo_runs_on_the_tiny_model(tmp_path, capsys):
+def test_demo_runs_on_the_tiny_model_and_shows_progress(tmp_path, capsys):
+    """One run of the whole demo (the slow part of this file): its results, its summary, equal data, and a
+    progress line for every evaluation phase."""
     from mixroute.demo import main
 
     results = main(["--model", "tiny", "--out", str(tmp_path), "--steps", "2", "--stage1-steps", "1",
-                    "--per-task", "4", "--max-generate", "1", "--max-new-tokens", "2", "--quiet"])
+                    "--per-task", "4", "--max-generate", "1", "--max-new-tokens", "2"])
     out = capsys.readouterr().out
     assert {"base", "lora_mixed", "lora_single", "moa"} <= set(results)
     assert "suite 'ciphers': 4 tasks (amber, birch, cedar, delta)" in out
     assert "perplexity" in out and "| **average** |" in out and "Router accuracy" in out
+    for phase in ("eval moa: perplexity (test)", "eval moa: generation", "eval moa: classifier (train split)",
+                  "eval lora_mixed: perplexity (test)"):
+        assert phase in out, phase
     assert results["summary"][0].startswith("Result: ")
     assert any(line.startswith("Average test perplexity per method") and "base " in line and "moa " in line
                for line in results["summary"])
@@ -206,14 +211,3 @@ def test_demo_runs_on_the_tiny_model(tmp_path, capsys):
     saved = json.loads((tmp_path / "demo_summary.json").read_text())
     assert saved["summary"] == results["summary"] and saved["budget"]["mixed_steps"] == 6
     assert (tmp_path / "moa" / "eval.json").is_file()
-
-
-def test_demo_shows_evaluation_progress(tmp_path, capsys):
-    from mixroute.demo import main
-
-    main(["--model", "tiny", "--out", str(tmp_path), "--steps", "1", "--stage1-steps", "1", "--per-task", "4",
-          "--max-generate", "1", "--max-new-tokens", "1"])
-    out = capsys.readouterr().out
-    for phase in ("eval moa: perplexity (test)", "eval moa: generation", "eval moa: classifier (train split)",
-                  "eval lora_mixed: perplexity (test)"):
-        assert phase in out, phase
