@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from mixroute import rundir
 from mixroute.data import to_device
 from mixroute.devices import autocast, resolve_device
+from mixroute.routers.base import per_example
 
 
 # ------------------------------------------------------------------ the held-out pass
@@ -35,18 +36,6 @@ class HeldOut:
     task_ids: Tensor                              # (N,)
     routing: dict[str, Tensor] = field(default_factory=dict)       # key -> (N, E) weights applied per example
     router_probs: dict[str, Tensor] = field(default_factory=dict)  # key -> (N, E) softmax of router logits
-
-
-def _per_example(weights: Tensor, token_level: bool, token_mask: Optional[Tensor]) -> Tensor:
-    """Reduce observable routing weights to one vector per example: (B, E) as is; (B, T, E) / (B, T, R) mean
-    over attended tokens; Poly (B, S, E) mean over splits."""
-    w = weights.detach().float()
-    if w.dim() == 2:
-        return w
-    if token_level and token_mask is not None and token_mask.shape[1] == w.shape[1]:
-        m = token_mask.to(w.dtype).unsqueeze(-1)
-        return (w * m).sum(1) / m.sum(1).clamp_min(1.0)
-    return w.mean(1)
 
 
 @torch.no_grad()
@@ -82,7 +71,7 @@ def held_out_pass(model: nn.Module, mix: Optional[nn.Module], batches: Iterable[
             if mix is not None:
                 for key, w in mix.context.routing.items():
                     per_token = mix.routers[key].level in ("token", "rank")
-                    vec = _per_example(w, per_token, b["attention_mask"].bool())
+                    vec = per_example(w, b["attention_mask"].bool() if per_token else None)
                     routing.setdefault(key, []).append(vec.cpu())
                 for key, lg in mix.context.router_logits.items():
                     probs.setdefault(key, []).append(lg.detach().float().softmax(-1).cpu())

@@ -93,21 +93,13 @@ class _Local(nn.Module):
 
     @torch.no_grad()
     def _record(self, routing: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
-        from mixroute.evaluate import _per_example
+        from mixroute.routers.base import expert_mass
 
-        E = self.mass.shape[1]
-        vecs = []
-        for key, w in routing.items():
-            level = self.mix.routers[key].level
-            vec = _per_example(w.detach().float(), level in ("token", "rank"), batch["attention_mask"].bool())
-            if vec.shape[-1] == E * self.rank and E * self.rank != E:  # rank-level: fold ranks into experts
-                vec = vec.reshape(len(vec), E, self.rank).sum(-1)
-            if vec.shape[-1] != E:
-                continue
-            vecs.append(vec / vec.sum(-1, keepdim=True).clamp_min(1e-12))
-        if not vecs:
+        per_token = {k for k in routing if self.mix.routers[k].level in ("token", "rank")}
+        mass = expert_mass(routing, self.mass.shape[1], batch["attention_mask"].bool(), per_token)
+        if mass is None:
             return
-        per_seq = torch.stack(vecs).mean(0).double().cpu()
+        per_seq = mass.double().cpu()
         tids = batch["task_ids"].cpu()
         self.mass.index_add_(0, tids, per_seq)
         self.rows.index_add_(0, tids, torch.ones(len(tids), dtype=torch.float64))

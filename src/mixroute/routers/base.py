@@ -167,6 +167,38 @@ def check_experts_cover_labels(name: str, cfg: MixtureConfig, why: str) -> None:
                           f"but num_experts={cfg.num_experts}; set mixture.num_experts >= {cfg.num_tasks}")
 
 
+def per_example(weights: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
+    """Observed routing weights reduced to one vector per example: (B, E) as is; per token (B, T, E) or
+    (B, T, E*r) the mean over the tokens ``token_mask`` (B, T) attends; Poly's (B, S, E) the mean over splits."""
+    w = weights.detach().float()
+    if w.dim() == 2:
+        return w
+    if token_mask is not None and token_mask.shape[1] == w.shape[1]:
+        m = token_mask.to(w.device, w.dtype).unsqueeze(-1)
+        return (w * m).sum(1) / m.sum(1).clamp_min(1.0)
+    while w.dim() > 2:
+        w = w.mean(1)
+    return w
+
+
+def expert_mass(routing: dict[str, Tensor], num_experts: int, token_mask: Optional[Tensor] = None,
+                per_token: Optional[set[str]] = None) -> Optional[Tensor]:
+    """(B, E): how much of each example went to each expert, averaged over the routers of ``routing`` (router
+    key -> observed weights) and normalised to sum 1; rank-level weights (E*r) are folded into their experts.
+    ``token_mask`` averages per-token weights over attended tokens, for the keys in ``per_token`` (default:
+    any key whose weights have the mask's length). What federated usage statistics and the server's
+    ``routing`` field report. None when no router's weights map to the experts."""
+    vecs = []
+    for key, w in routing.items():
+        vec = per_example(w, token_mask if per_token is None or key in per_token else None)
+        if vec.shape[-1] != num_experts and vec.shape[-1] % num_experts == 0:
+            vec = vec.reshape(len(vec), num_experts, -1).sum(-1)
+        if vec.shape[-1] != num_experts:
+            continue
+        vecs.append(vec / vec.sum(-1, keepdim=True).clamp_min(1e-12))
+    return torch.stack(vecs).mean(0) if vecs else None
+
+
 def masked_mean(hidden: Tensor, mask: Optional[Tensor]) -> Tensor:
     """Mean of ``hidden`` (B, T, H) over the positions where ``mask`` (B, T) is true; all positions if None."""
     if mask is None:

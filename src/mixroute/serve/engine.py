@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mixroute.devices import autocast, check_precision
-from mixroute.routers.base import RouteWeights
+from mixroute.routers.base import RouteWeights, expert_mass
 
 TokenCallback = Callable[["Request", str, Optional[str]], None]  # (request, new text, finish reason or None)
 
@@ -459,7 +459,7 @@ def record_routing(mix: Any, expert_names: list[str], batch: list[Request], seco
         for r in batch:
             r.routing = {"mode": "none", "experts": [], "probabilities": {}, "router_latency_ms": 0.0}
         return
-    probs = _expert_probabilities(mix.context.routing, len(expert_names), attn)
+    probs = expert_mass(mix.context.routing, len(expert_names), attn.bool())
     ms = round(1000 * seconds, 3)   # the routers run once for the whole batch
     for i, r in enumerate(batch):
         p = probs[i] if probs is not None else None
@@ -472,26 +472,6 @@ def record_routing(mix: Any, expert_names: list[str], batch: list[Request], seco
             chosen = []
         r.routing = {"mode": "override" if r.forced is not None else "auto", "experts": chosen,
                      "probabilities": pd, "router_latency_ms": ms}
-
-
-def _expert_probabilities(routing: dict[str, Tensor], num_experts: int, attn: Tensor) -> Optional[Tensor]:
-    """(B, E) mean weight per expert over routers (and over the attended prompt tokens for token- and
-    rank-level routers, over splits for Poly)."""
-    rows = []
-    for w in routing.values():
-        w = w.float()
-        if w.shape[-1] != num_experts:   # rank-level: weights per single rank, E*r of them
-            w = w.reshape(*w.shape[:-1], num_experts, -1).sum(-1)
-        if w.dim() == 3 and w.shape[1] == attn.shape[1]:   # per token: the mean gate over real tokens
-            m = attn.to(w.device, w.dtype)[..., None]
-            w = (w * m).sum(1) / m.sum(1).clamp_min(1.0)
-        while w.dim() > 2:
-            w = w.mean(1)
-        rows.append(w)
-    if not rows:
-        return None
-    p = torch.stack(rows).mean(0).cpu()
-    return p / p.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
 @dataclass
