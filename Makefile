@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean vllm
+.PHONY: install demo test test-fast clean vllm
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout=900 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# the edit loop: everything but the slow, real-model and browser tests (make test runs them all)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m "not slow and not integration and not browser" tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

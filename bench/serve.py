@@ -260,11 +260,13 @@ def main() -> None:
                                                          "(every answer exactly --max-tokens tokens: ignore_eos)")
     p.add_argument("--vllm-dtype", default="bfloat16", help="vLLM's --dtype for both vLLM servers")
     p.add_argument("--no-write", action="store_true", help="print only; do not touch docs/benchmarks.md")
+    p.add_argument("--section", default="## Serving", help="the docs/benchmarks.md section the table replaces")
     p.add_argument("--_peft-server", nargs=2, metavar=("RUN", "PORT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._peft_server:
         return peft_server_main(args._peft_server[0], int(args._peft_server[1]), args.device)
 
+    args.load_at_start = os.getloadavg()[0]   # reported: a busy machine makes every number here meaningless
     levels = [int(c) for c in args.clients.split(",")]
     mixes = {"uniform": prompts_for(args.run, args.requests, None),
              "skewed": prompts_for(args.run, args.requests, args.skew)}
@@ -317,7 +319,7 @@ def main() -> None:
     if not args.no_write:
         from common import write_section
 
-        write_section(ROOT / "docs" / "benchmarks.md", "## Serving", text)
+        write_section(ROOT / "docs" / "benchmarks.md", args.section, text)
 
 
 def table(rows: list[dict], args: argparse.Namespace, levels: list[int]) -> str:
@@ -326,8 +328,9 @@ def table(rows: list[dict], args: argparse.Namespace, levels: list[int]) -> str:
                      and r["length"] == length), None)
 
     cmd = "python bench/serve.py " + " ".join(sys.argv[1:])
-    out = ["## Serving", "", f"`{cmd.strip()}` on {platform.processor() or platform.machine()}, "
-           f"{os.cpu_count()} CPUs, device {args.device}; {args.requests} requests per cell, max_tokens "
+    out = [args.section, "", f"`{cmd.strip()}` on {platform.processor() or platform.machine()}, "
+           f"{os.cpu_count()} CPUs (1-minute load {args.load_at_start:.2f} when the run started), device {args.device}; "
+           f"{args.requests} requests per cell, max_tokens "
            f"{args.max_tokens}, greedy, --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms}; "
            f"skewed = {args.skew:.0%} of requests from one category; vLLM dtype {args.vllm_dtype}; forced = "
            f"every answer {args.max_tokens} tokens (ignore_eos). Ratios: output tok/s against vLLM with the client "

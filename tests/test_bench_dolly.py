@@ -14,6 +14,8 @@ import pytest
 
 from mixroute import rundir
 
+pytestmark = pytest.mark.slow   # minutes of real servers / training: not in make test-fast
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow   # minutes of real servers / training: not in make test-fast
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -186,6 +186,7 @@ def test_summary_without_router_accuracy():
     assert "MoA wins" in text and "Router accuracy: none" in text
 
 
+@pytest.mark.slow
 def test_demo_runs_on_the_tiny_model_and_shows_progress(tmp_path, capsys):
     """One run of the whole demo (the slow part of this file): its results, its summary, equal data, and a
     progress line for every evaluation phase."""

@@ -19,6 +19,8 @@ from mixroute.devices import DeviceError, autocast, check_precision, resolve_dev
 from mixroute.evaluate import evaluate_run
 from mixroute.train import train
 
+pytestmark = pytest.mark.slow   # minutes of real servers / training: not in make test-fast
+
 ROOT = Path(__file__).resolve().parents[1]
 NO_CUDA = not torch.cuda.is_available()
 SMALL = ["model.name=tiny", "data.synthetic_per_task=4", "data.max_length=48", "train.batch_size=8",

@@ -10,6 +10,8 @@ import torch
 from mixroute import rundir
 from mixroute.config import load_config
 
+pytestmark = pytest.mark.slow   # minutes of real servers / training: not in make test-fast
+
 OVERRIDES = ["model.name=tiny", "data.path=null", "data.synthetic_per_task=24", "data.max_length=64",
              "data.template=plain", "train.method=mop", "train.lr=0.01", "train.batch_size=4", "train.warmup_steps=0",
              "mixture.num_experts=4", "mixture.num_virtual_tokens=4", "eval.max_eval=2", "eval.batch_size=8",

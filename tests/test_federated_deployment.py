@@ -19,7 +19,7 @@ from mixroute import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CONFIG = """output_dir: {out}
 model: {{name: tiny}}

@@ -18,6 +18,8 @@ from mixroute.routers.base import pool_prompt, sink_free
 from mixroute.rundir import read_metrics
 from mixroute.train import train
 
+pytestmark = pytest.mark.slow   # minutes of real servers / training: not in make test-fast
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

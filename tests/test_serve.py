@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+pytestmark = pytest.mark.slow   # minutes of real servers / training: not in make test-fast
+
 openai = pytest.importorskip("openai")
 
 KEY = "test-key-123"
@@ -270,18 +272,26 @@ def test_graceful_shutdown_finishes_in_flight_requests(tiny_run):
     proc, base = start_server(tiny_run, key=None)
     body = {"model": "tiny_moa", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 32,
             "temperature": 0}
-    result: dict = {}
+    result: dict = {"lines": []}
+    streaming = threading.Event()
 
     def call():
-        result["r"] = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True,
+                                                                      "ignore_eos": True}, timeout=60) as r:
+            result["status"] = r.status_code
+            for line in r.iter_lines():
+                if line:
+                    result["lines"].append(line)
+                    streaming.set()
 
     t = threading.Thread(target=call)
     t.start()
-    time.sleep(0.3)
-    out = stop_server(proc)
+    assert streaming.wait(60), "the request never started"
+    out = stop_server(proc)   # while the request is being decoded
     t.join(60)
     assert proc.returncode == 0, out
-    assert "r" in result and result["r"].status_code == 200, out
+    assert result["status"] == 200 and result["lines"][-1] == "data: [DONE]", out
+    assert sum('"content"' in ln for ln in result["lines"]) >= 32, "the in-flight request was cut short"
     assert "engine stopped" in out
 
 

@@ -13,6 +13,8 @@ import pytest
 
 from test_serve import KEY, ask, start_server, stop_server
 
+pytestmark = pytest.mark.slow   # minutes of real servers / training: not in make test-fast
+
 openai = pytest.importorskip("openai")
 
 

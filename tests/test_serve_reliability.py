@@ -15,6 +15,8 @@ import pytest
 
 from mixroute.serve import Limits, create_app, load_served
 
+pytestmark = pytest.mark.slow   # minutes of real servers / training: not in make test-fast
+
 KEY = None
 
 

@@ -28,7 +28,7 @@ if not VLLM_PYTHON.is_file():
     pytest.skip(f"no vLLM virtualenv at {VLLM_PYTHON}: run `make vllm` to test --engine vllm",
                 allow_module_level=True)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PROMPTS = ["Convert 5 km to metres.", "Sort these numbers: 9 2 7 4", "What is 12 + 30?",
            "Reformat the date 2024-03-09 as DD/MM/YYYY.", "Count the words: the cat sat down",
