@@ -34,3 +34,22 @@ def test_adapters_import_export(tmp_path):
     assert res.exit_code != 0 and "out of range" in " ".join(res.output.split())
     res = runner.invoke(app, ["adapters", "import", str(tmp_path), "--out", str(tmp_path / "x"), "--model", "tiny"])
     assert res.exit_code != 0 and "not a PEFT" in " ".join(res.output.split())
+
+
+def test_adapters_export_takes_a_run_directory_on_its_own_base(tiny_run, tmp_path):
+    """A run directory works where a saved mixture is expected: its final mixture, on the run's base (tiny
+    here, with no --model); a run that did not finish names the folder that is missing."""
+    from mixroute.rundir import final_dir
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["adapters", "export", tiny_run, "--expert", "2", "--out", str(tmp_path / "e2")])
+    assert res.exit_code == 0, res.output
+    back = Mixture.from_peft(tiny_model()[0], [str(tmp_path / "e2")], MixtureConfig(router="single"))
+    saved = Mixture.load(tiny_model()[0], str(final_dir(tiny_run)))
+    for key, bank in back.experts.items():
+        torch.testing.assert_close(bank.B, saved.experts[key].expert(2)[1])
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text((final_dir(tiny_run).parent / "config.yaml").read_text())
+    res = runner.invoke(app, ["adapters", "export", str(unfinished), "--expert", "0", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "training did not finish" in " ".join(res.output.split())

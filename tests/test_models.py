@@ -75,9 +75,12 @@ def test_incomplete_cache_is_not_trusted(tmp_path, monkeypatch):
 
 
 @pytest.mark.integration
-def test_embedded_model_converts_once_then_loads_from_the_cache(tmp_path, monkeypatch, smollm):
+def test_embedded_model_converts_once_then_loads_from_the_cache(tmp_path, monkeypatch, smollm, capfd):
     monkeypatch.setenv("MIXROUTE_CACHE", str(tmp_path))
+    capfd.readouterr()
     first, tok = load_base_model()  # converts the GGUF into tmp_path
+    said = capfd.readouterr()
+    assert "converting the embedded" in said.err and "once" in said.err
     cached = tmp_path / models.EMBEDDED_NAME
     assert {"COMPLETE", "config.json", "model.safetensors", "tokenizer.json", "mixroute_source.json"} <= \
         {p.name for p in cached.iterdir()}
@@ -87,6 +90,8 @@ def test_embedded_model_converts_once_then_loads_from_the_cache(tmp_path, monkey
 
     monkeypatch.setattr(models, "_convert_embedded", no_conversion)
     second, _ = load_base_model()
+    quiet = capfd.readouterr()
+    assert "Loading weights" not in quiet.err + quiet.out and "converting" not in quiet.err, quiet.err[-300:]
     assert str(cached) in second.mixroute_source
     info = model_info(second)
     assert info["layers"] == 30 and info["hidden_size"] == 576 and info["parameters"] > 130e6

@@ -274,3 +274,14 @@ def test_package_import_is_light():
             "heavy = [m for m in ('matplotlib', 'torch', 'tensorboard') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_configuration_table_names_the_base_model():
+    """model.name null is the embedded SmolLM2, not "-" (nor "None")."""
+    from mixroute.report.tables import base_model_label
+
+    assert base_model_label({"model": {"name": None}}).startswith("SmolLM2-135M-Instruct (embedded")
+    assert base_model_label({"model": {}}).startswith("SmolLM2-135M-Instruct")
+    assert base_model_label({"model": {"name": "models/smol-w75"}}) == "models/smol-w75"
+    assert base_model_label({"model": {"name": "tiny"}}) == "tiny random Llama (tests)"
+    assert base_model_label(None) == "-"

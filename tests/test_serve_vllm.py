@@ -93,7 +93,8 @@ def _wait_health(base: str, proc: subprocess.Popen, timeout: float) -> dict:
 def server(vllm_run):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mixroute.cli", "serve", vllm_run, "--engine", "vllm",
-                             "--vllm-dtype", "float32", "--port", str(port), "--api-key", KEY,
+                             "--vllm-dtype", "float32", "--vllm-max-lora-rank", "32", "--port", str(port),
+                             "--api-key", KEY,
                              "--vllm-python", str(VLLM_PYTHON)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"

@@ -113,6 +113,11 @@ def resolve_model_path(name_or_path: str | None) -> tuple[str, str]:
     if name_or_path is None or name_or_path in ("embedded", EMBEDDED_NAME):
         target = cache_dir() / EMBEDDED_NAME
         if not _is_complete(target):
+            import sys
+
+            # the one load long enough to matter: said once, in our words (transformers' bars are off)
+            print(f"mixroute: converting the embedded {EMBEDDED_GGUF} to safetensors in {target} (once, about 20 s)",
+                  file=sys.stderr, flush=True)
             _convert_embedded(target)
         return str(target), f"embedded {EMBEDDED_GGUF} (cached at {target})"
     p = Path(name_or_path).expanduser()
@@ -148,6 +153,7 @@ def load_base_model(
     if name_or_path == TINY_NAME:
         model, tok = tiny_model(seed=0)
         return model.to(device=device, dtype=dtype), tok
+    quiet_transformers()   # its "Loading weights" bar for a load that takes about a second
     path, source = resolve_model_path(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -255,7 +261,8 @@ def model_info(model) -> dict:
 
 
 def quiet_transformers() -> None:
-    """No "Loading weights" bars from transformers between our own progress output (demo, benchmarks)."""
+    """No "Loading weights" bars from transformers: every load of a model here takes a second or two, and the
+    bar would sit between our own progress output (the one long load, the first GGUF conversion, says so)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from mixroute.cli.common import console, user_errors
+from mixroute.cli.common import console, fail, user_errors
 
 HELP = (
     "Import PEFT LoRA adapters as the experts of a mixture, or export one expert as a PEFT adapter.\n\n"
@@ -51,8 +51,8 @@ def import_cmd(
 
 @user_errors(ValueError)  # e.g. an expert index out of range
 def export_cmd(
-    mixture_dir: str = typer.Argument(..., help="A saved mixture (mixture.safetensors + mixture.json), e.g. "
-                                                "RUN_DIR/final."),
+    mixture_dir: str = typer.Argument(..., help="A run directory (its final mixture, on the run's base model) "
+                                                "or a saved mixture (mixture.safetensors + mixture.json)."),
     expert: int = typer.Option(..., "--expert", help="Index of the expert to export (0-based)."),
     out: str = typer.Option(..., "--out", help="Directory for the PEFT adapter (adapter_config.json + "
                                                "adapter_model.safetensors)."),
@@ -61,7 +61,16 @@ def export_cmd(
     """Write one LoRA expert of a mixture as a PEFT adapter: `PeftModel.from_pretrained(base, OUT)` loads it."""
     from mixroute.mixture import Mixture
     from mixroute.models import load_base_model
+    from mixroute.rundir import final_dir, is_run_dir, load_model, read_config
 
-    mix = Mixture.load(load_base_model(model)[0], mixture_dir)
+    if is_run_dir(mixture_dir):   # a run: its final mixture, on the base it was trained on unless --model says
+        final = final_dir(mixture_dir)
+        if not final.is_dir():
+            fail(f"{mixture_dir} has no final mixture ({final}): training did not finish (resume it with "
+                 f"`mixroute train --resume {mixture_dir}`)")
+        base = load_model(read_config(mixture_dir).model)[0] if model is None else load_base_model(model)[0]
+        mix = Mixture.load(base, str(final))
+    else:
+        mix = Mixture.load(load_base_model(model)[0], mixture_dir)
     mix.export_peft(expert, out)
     console.print(f"wrote PEFT adapter {out} (expert {expert} of {mixture_dir})")

@@ -65,7 +65,10 @@ def serve_cmd(
     vllm_python: Optional[str] = typer.Option(None, "--vllm-python", help="The python of the vLLM virtualenv "
                                                                           "(default: .venv-vllm, from `make "
                                                                           "vllm`)."),
-    vllm_dtype: str = typer.Option("auto", "--vllm-dtype", help="vLLM's --dtype (auto, bfloat16, float32)."),
+    vllm_dtype: Optional[str] = typer.Option(None, "--vllm-dtype", help="vLLM's --dtype (auto, bfloat16, "
+                                                                        "float32; default: the dtype the base "
+                                                                        "is loaded in here, float32 unless "
+                                                                        "model.dtype says otherwise)."),
     vllm_max_lora_rank: Optional[int] = typer.Option(None, "--vllm-max-lora-rank", help="vLLM's --max-lora-rank "
                                                                                         "(default: enough for a "
                                                                                         "mixture of every "
@@ -87,7 +90,7 @@ def serve_cmd(
     if engine not in ("local", "vllm"):
         fail(f"--engine {engine!r}; valid: local, vllm")
     if engine == "local" and any(v is not None for v in (vllm_url, vllm_api_key, vllm_python, vllm_max_lora_rank,
-                                                          vllm_adapter_dir)):
+                                                          vllm_adapter_dir, vllm_dtype)):
         fail("the --vllm-* options need --engine vllm")
     key = api_key if api_key is not None else os.environ.get("MIXROUTE_API_KEY") or None
     is_library = (Path(run_dir) / MANIFEST).is_file()

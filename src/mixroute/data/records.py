@@ -171,7 +171,12 @@ def _is_nan(v: Any) -> bool:
 
 def _read_path(path: Path) -> Iterator[tuple[str, Any]]:
     if not path.exists():
-        raise DataError(f"{path}: file not found")
+        hint = ""
+        if "dolly" in path.name.lower():
+            hint = (" (Dolly-15k: the Hugging Face dataset databricks/databricks-dolly-15k, whose file "
+                    "databricks-dolly-15k.jsonl data.path= takes as it is)")
+        raise DataError(f"{path}: file not found{hint}; point data.path= at your file, or data.path=null for "
+                        "the built-in synthetic suite")
     if path.suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; expected one of "
                         f"{', '.join(SUFFIXES)}")

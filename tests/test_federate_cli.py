@@ -1,0 +1,25 @@
+"""`mixroute federate` from a fresh clone: a Dolly preset without the file says what Dolly-15k is and how to
+point at it, and the failed start leaves nothing that would block its own retry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from mixroute.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_missing_dolly_file_is_explained_and_the_retry_is_not_blocked(tmp_path):
+    out = tmp_path / "fed"
+    args = ["federate", str(ROOT / "configs" / "fed_mop_skew.yaml"),
+            f"data.path={tmp_path / 'databricks-dolly-15k.jsonl'}", f"output_dir={out}"]
+    for attempt in range(2):   # the second attempt fails on the data again, not on "already holds a run"
+        res = CliRunner().invoke(app, args)
+        text = " ".join(res.output.split())
+        assert res.exit_code == 2, res.output
+        assert "file not found" in text and "databricks/databricks-dolly-15k" in text, text
+        assert "data.path=null" in text and "already holds a run" not in text, text
+        assert not out.exists() or not any(out.iterdir()), f"attempt {attempt} left {list(out.iterdir())}"
