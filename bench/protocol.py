@@ -521,9 +521,11 @@ def sweep_table(sweeps: dict[str, list[dict]], note: str = "",
             v = "-" if t["validation_ppl"] is None else f"{t['validation_ppl']:.3f}"
             is_pick = pick is not None and all(t["params"].get(k) == val for k, val in pick.items())
             stops = [st for st in t.get("stopping") or [] if "category" not in st]
-            # a run that ended on the weights it was validated with before its first step is no setting's result
-            flag = " (kept its start: not trained)" if stops and kept_start(stops[-1]) else ""
-            out.append(f"| {m} | {setting}{flag} | {f'**{v}**' if is_pick else v} |")
+            # a run that ended on the weights it was validated with before its first step is no setting's
+            # result: its number is the start's, the same for every setting, so none is shown
+            if stops and kept_start(stops[-1]):
+                setting, v = setting + " (kept its start)", "not trained"
+            out.append(f"| {m} | {setting} | {f'**{v}**' if is_pick else v} |")
         if pick is None:
             out.append(f"| {m} | (sweep not finished) | - |")
     return out + [""]

@@ -170,8 +170,6 @@ def test_a_soft_mixture_is_served_exactly_as_one_stacked_adapter(client, local, 
         assert out.choices[0].text == ref.text, p
     health = httpx.get(server[0] + "/health").json()
     assert health["engine"]["mixtures_loaded"] == 1, "the same mixture was built more than once"
-    one = _local_answer(local, PROMPTS[0], 12, forced=[1.0 if i == 1 else 0.0 for i in range(len(w))])
-    assert one.text != _local_answer(local, PROMPTS[0], 12, forced=w).text or True   # (informative only)
 
 
 def test_an_expert_named_as_model_and_streaming(client, local):

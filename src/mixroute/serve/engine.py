@@ -290,7 +290,7 @@ class Engine:
         now = time.perf_counter()
         for r in reqs:
             if r.cancelled or r.expired(now):
-                _fail([r], _ended(r))
+                finish(r, ended_error(r))
                 continue
             if r.forced is not None and r.forced_names is not None and r.forced_names != self.expert_names:
                 w = dict(zip(r.forced_names, r.forced))
@@ -337,7 +337,7 @@ class Engine:
         now = time.perf_counter()
         for i, r in enumerate(run.reqs):
             if run.live[i] and (r.cancelled or r.expired(now)):
-                r.error, run.live[i] = _ended(r), False
+                r.error, run.live[i] = ended_error(r), False
             if run.live[i]:
                 nxt[i] = greedy[i] if r.temperature <= 0 else _pick(logits[i], r.temperature, r.top_p, run.gens[i])
                 run.live[i] = self._advance(r, int(nxt[i]))
@@ -348,7 +348,7 @@ class Engine:
         """Finish the rows that stopped and drop them (and columns no row attends any more) from the batch."""
         for r, live in zip(run.reqs, run.live):
             if not live:
-                _finish(r)
+                finish(r)
         keep = [i for i, live in enumerate(run.live) if live]
         if not keep:
             return None
@@ -542,23 +542,27 @@ class Control:
         self.done.set()
 
 
-def _ended(r: Request) -> BaseException:
+def ended_error(r: Request) -> BaseException:
+    """Why a request the engine stopped early ended: its client went away, or its timeout passed."""
     if r.cancelled:
         return Unavailable("the request was cancelled: its client disconnected")
     return RequestTimeout(f"the request ran past its timeout of {r.timeout:g} s")
 
 
-def _fail(reqs: list[Request], error: BaseException) -> None:
-    for r in reqs:
-        if not r.done.is_set():
-            r.error = error
-            _finish(r)
-
-
-def _finish(r: Request) -> None:
+def finish(r: Request, error: Optional[BaseException] = None) -> None:
+    """End ``r`` once (with ``error`` unless it already has one) and tell its caller."""
+    if r.done.is_set():
+        return
+    if error is not None and r.error is None:
+        r.error = error
     r.done.set()
     if r.on_done is not None:
         r.on_done(r)
+
+
+def _fail(reqs: list[Request], error: BaseException) -> None:
+    for r in reqs:
+        finish(r, error)
 
 
 def _generator(seed: Optional[int]) -> torch.Generator:

@@ -46,8 +46,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from mixroute.devices import autocast, check_precision
-from mixroute.serve.engine import (Admission, Control, Request, RequestTimeout, Unavailable, left_padded,
-                                   record_routing, routing_inputs)
+from mixroute.serve.engine import (Admission, Control, Request, RequestTimeout, Unavailable, ended_error, finish,
+                                   left_padded, record_routing, routing_inputs)
 
 log = logging.getLogger("uvicorn.error")
 
@@ -536,7 +536,7 @@ class VLLMEngine:
                     self._route_and_send(batch)
                 except Exception as e:  # a failing batch fails alone; the router goes on
                     for r in batch:
-                        _done(r, e)
+                        finish(r, e)
             if end is None:
                 return   # stop()
             if isinstance(end, Control):   # a library change: once every request sent to vLLM has finished
@@ -549,8 +549,7 @@ class VLLMEngine:
         live = []
         for r in batch:
             if r.cancelled or r.expired(now):
-                _done(r, Unavailable("the request was cancelled: its client disconnected") if r.cancelled
-                      else RequestTimeout(f"the request ran past its timeout of {r.timeout:g} s"))
+                finish(r, ended_error(r))
             else:
                 live.append(r)
         if not live:
@@ -561,7 +560,7 @@ class VLLMEngine:
         for r, name in zip(live, names):
             r.batch_size = len(live)
             if isinstance(name, BaseException):
-                _done(r, name)
+                finish(r, name)
                 continue
             with self._lock:
                 self._users[name] += 1
@@ -599,11 +598,11 @@ class VLLMEngine:
         if fut.cancelled():
             err = r.error or (Unavailable("the request was cancelled: its client disconnected") if r.cancelled
                               else Unavailable("the vLLM engine stopped"))
-            _done(r, err)
+            finish(r, err)
         elif fut.exception() is not None:
-            _done(r, fut.exception())
+            finish(r, fut.exception())
         else:
-            _done(r, None)
+            finish(r, None)
 
     # ------------------------------------------------------------------ vLLM I/O
     async def _generate(self, r: Request, model: str) -> None:
@@ -663,16 +662,6 @@ class VLLMEngine:
 
 
 _NOTHING = object()
-
-
-def _done(r: Request, error: Optional[BaseException]) -> None:
-    if r.done.is_set():
-        return
-    if error is not None and r.error is None:
-        r.error = error
-    r.done.set()
-    if r.on_done is not None:
-        r.on_done(r)
 
 
 def _safe(name: str) -> str:
