@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import random
 import shutil
 import statistics
 from dataclasses import dataclass, field
@@ -227,18 +226,27 @@ def relative_ppl_diff(p: Paired, idx: Sequence[int]) -> float:
 
 def paired_bootstrap(p: Paired, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Point estimate and 95% percentile interval of the relative average-perplexity difference a vs b,
-    resampling test examples with replacement within each category (the same examples for both methods)."""
-    rng = random.Random(seed)
-    groups: dict[int, list[int]] = {}
-    for i, t in enumerate(p.task_ids):
-        groups.setdefault(t, []).append(i)
+    resampling test examples with replacement within each category (the same examples for both methods).
+    Written here because ``scipy.stats.bootstrap`` resamples pairs but has no strata: resampling across
+    categories would let a draw hold more of one category than the test split does. All draws at once
+    (numpy): one category's resamples are one index matrix."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    nll_a, nll_b = np.asarray(p.nll_a, dtype=np.float64), np.asarray(p.nll_b, dtype=np.float64)
+    tokens, task = np.asarray(p.tokens, dtype=np.float64), np.asarray(p.task_ids)
+    per_a, per_b = [], []   # (categories, resamples) perplexities; nan where a draw has no response token
+    for g in np.unique(task):
+        members = np.flatnonzero(task == g)
+        pick = members[rng.integers(0, len(members), size=(resamples, len(members)))]
+        n = tokens[pick].sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_a.append(np.where(n > 0, np.exp(nll_a[pick].sum(axis=1) / n), np.nan))
+            per_b.append(np.where(n > 0, np.exp(nll_b[pick].sum(axis=1) / n), np.nan))
+    avg_a, avg_b = np.nanmean(np.stack(per_a), axis=0), np.nanmean(np.stack(per_b), axis=0)
+    draws = np.sort(100.0 * (avg_a - avg_b) / avg_b)
     point = relative_ppl_diff(p, range(len(p.tokens)))
-    draws = []
-    for _ in range(resamples):
-        idx = [g[rng.randrange(len(g))] for g in groups.values() for _ in g]
-        draws.append(relative_ppl_diff(p, idx))
-    draws.sort()
-    return point, draws[int(0.025 * resamples)], draws[int(0.975 * resamples) - 1]
+    return point, float(draws[int(0.025 * resamples)]), float(draws[int(0.975 * resamples) - 1])
 
 
 def accuracy_interval(correct: int, n: int) -> tuple[Optional[float], Optional[float]]:
@@ -288,10 +296,22 @@ def archive_path(run_dir: Path) -> Optional[Path]:
         return None
 
 
-def _portable(cfg_dict: dict[str, Any]) -> str:
-    """A config as text with this checkout's absolute paths replaced, so records compare across checkouts."""
+def _portable(cfg_dict: dict[str, Any], root: Optional[Path] = None) -> str:
+    """A config as text with the absolute paths of the checkout it ran in (``root``, default this one)
+    replaced, so records compare across checkouts."""
+    root = ROOT if root is None else root
     text = json.dumps(cfg_dict, sort_keys=True, default=str)
-    return text.replace(str(ROOT), "$ROOT").replace(str(ROOT.parent), "$ROOT/..")
+    return text.replace(str(root), "$ROOT").replace(str(root.parent), "$ROOT/..")
+
+
+def _trained_in(cfg_dict: dict[str, Any], run_dir: Path) -> Path:
+    """The checkout an archived run was trained in: its ``output_dir`` less ``runs/<the run's key>`` (long runs
+    train in a snapshot of the code, elsewhere than the checkout that later restores them)."""
+    key = ("runs", *Path(run_dir).resolve().relative_to(RUNS).parts)
+    out = Path(str(cfg_dict.get("output_dir") or ""))
+    if len(out.parts) > len(key) and out.parts[-len(key):] == key:
+        return Path(*out.parts[:-len(key)])
+    return ROOT
 
 
 def archive_run(run_dir: Path) -> None:
@@ -327,7 +347,8 @@ def restore_run(run_dir: Path, cfg: Any) -> bool:
 
     src = archive_path(run_dir)
     archived = _archived_config(run_dir)
-    if src is None or archived is None or _portable(archived) != _portable(to_dict(cfg)):
+    if src is None or archived is None or _portable(archived, _trained_in(archived, run_dir)) != _portable(
+            to_dict(cfg)):
         return False
     if not ((src / "metrics.jsonl").is_file() and (src / "bench_timing.json").is_file()):
         return False

@@ -125,6 +125,20 @@ def test_paired_bootstrap_and_intervals():
     assert P.verdict(-1.0, 2.0, "a", "b").startswith("within noise")
     with pytest.raises(ValueError, match="same test examples"):
         P.Paired().add(a, {"per_example": {**b["per_example"], "tokens": [1, 1, 1, 1]}})
+    # the vectorised draws are the stratified bootstrap: the same interval as drawing each resample's indices
+    # one by one and averaging category perplexities through relative_ppl_diff
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    big = P.Paired(nll_a=list(rng.gamma(4.0, 2.0, 60)), nll_b=list(rng.gamma(4.0, 2.0, 60)),
+                   tokens=[int(t) for t in rng.integers(1, 9, 60)], task_ids=[i % 3 for i in range(60)])
+    point, lo, hi = P.paired_bootstrap(big, resamples=400, seed=7)
+    draw_rng = np.random.default_rng(7)
+    members = [np.flatnonzero(np.asarray(big.task_ids) == g) for g in range(3)]
+    picks = [m[draw_rng.integers(0, len(m), size=(400, len(m)))] for m in members]
+    slow = sorted(P.relative_ppl_diff(big, [int(i) for pk in picks for i in pk[r]]) for r in range(400))
+    assert point == pytest.approx(P.relative_ppl_diff(big, range(60)))
+    assert (lo, hi) == pytest.approx((slow[10], slow[389]), rel=1e-9)
     lo, hi = P.accuracy_interval(50, 50)
     assert hi == 1.0 and 0.9 < lo < 1.0
     assert P.fmt_ms([1.0, 3.0]) == "2.00 ± 1.41" and P.fmt_ms([2.0]) == "2.00" and P.fmt_ms([None]) == "-"
@@ -183,3 +197,29 @@ def test_sweep_table_flags_a_setting_that_kept_its_start():
     assert "| moa | lr 5e-05 (kept its start) | **not trained** |" in rows
     assert not any("5e-05" in r and "12.625" in r for r in rows), "a run that never trained reported its start"
     assert "| moa | lr 0.0003 | 12.625 |" in rows and "| moa | lr 0.001 | 12.625 |" in rows
+
+
+def test_a_run_trained_in_a_snapshot_of_the_code_is_restored_in_the_checkout(tmp_path, monkeypatch):
+    from mixroute.config import load_config
+    from mixroute.rundir import write_config
+
+    P = _protocol()
+    here, snapshot = tmp_path / "checkout", tmp_path / "snap"
+    monkeypatch.setattr(P, "ROOT", here)
+    monkeypatch.setattr(P, "RUNS", here / "runs")
+    monkeypatch.setattr(P, "ARCHIVE", tmp_path / "archive")
+    key = Path("quality_x_full") / "seed0" / "moa"
+
+    def cfg(root, *extra):
+        return load_config(None, ["model.name=tiny", f"output_dir={root / 'runs' / key}",
+                                  f"train.stage1_adapters=[{root / 'runs' / 'quality_x_full' / 'seed0' / 'a'}]",
+                                  *extra])
+    archived = tmp_path / "archive" / key
+    archived.mkdir(parents=True)
+    write_config(archived, cfg(snapshot))     # what archive_run copies from the snapshot's run directory
+    (archived / "metrics.jsonl").write_text("")
+    (archived / "bench_timing.json").write_text("{}")
+    run_dir = here / "runs" / key
+    assert not P.restore_run(run_dir, cfg(here, "train.lr=0.1"))   # another config is not restored
+    assert P.restore_run(run_dir, cfg(here))
+    assert (run_dir / "metrics.jsonl").is_file() and str(here) in (run_dir / "config.yaml").read_text()

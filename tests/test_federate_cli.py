@@ -23,3 +23,35 @@ def test_a_missing_dolly_file_is_explained_and_the_retry_is_not_blocked(tmp_path
         assert "file not found" in text and "databricks/databricks-dolly-15k" in text, text
         assert "data.path=null" in text and "already holds a run" not in text, text
         assert not out.exists() or not any(out.iterdir()), f"attempt {attempt} left {list(out.iterdir())}"
+
+
+def test_flowers_entry_point_notice_is_kept_out_and_other_warnings_are_not(monkeypatch):
+    import importlib
+    import logging
+
+    from flwr.supercore.logger import log
+
+    from mixroute.federated.runner import without_entry_point_notice
+
+    flwr_sim = importlib.import_module("flwr.simulation.run_simulation")   # the package re-exports the function
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    logging.getLogger("flwr").addHandler(handler)
+    monkeypatch.setattr(flwr_sim, "_run_simulation", lambda **kw: None)   # the notice, not the Ray runtime
+    monkeypatch.setattr(flwr_sim, "event", lambda *a, **kw: None)
+    try:
+        flwr_sim.run_simulation(server_app=None, client_app=None, num_supernodes=1)
+        assert any("run_simulation" in m and "DEPRECATED" in m for m in seen), seen   # Flower still says it
+        seen.clear()
+        with without_entry_point_notice():
+            flwr_sim.run_simulation(server_app=None, client_app=None, num_supernodes=1)
+            log(logging.WARNING, "DEPRECATED FEATURE: %s", "something else")
+            log(logging.WARNING, "a client timed out")
+        assert seen == ["DEPRECATED FEATURE: something else", "a client timed out"], seen
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)

@@ -27,8 +27,8 @@ FORBIDDEN = {
     **{low: ABOVE_RUNDIR | {"rundir"} for low in ("mixture", "experts", "routers", "methods")},
     **{low: ABOVE_RUNDIR | {"rundir", "mixture", "experts", "routers", "methods"}
        for low in ("data", "models", "config", "fileio", "arch")},
-    "devices": ABOVE_RUNDIR | {"rundir", "mixture", "experts", "routers", "methods", "data", "models", "config",
-                               "fileio"},
+    **{leaf: ABOVE_RUNDIR | {"rundir", "mixture", "experts", "routers", "methods", "data", "models", "config",
+                             "fileio"} for leaf in ("devices", "progress")},
 }
 
 

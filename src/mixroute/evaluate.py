@@ -335,12 +335,11 @@ class _Phases:
         self.run, self.progress = run, None
         if not enabled:
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import TextColumn
 
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), transient=False)
+        from mixroute.progress import bar
+
+        self.progress = bar(TextColumn("{task.fields[unit]}"))
         self.progress.start()
 
     def track(self, items: Sequence[Any], what: str, unit: str, sizes: Optional[Sequence[int]] = None) -> Iterable:

@@ -3,12 +3,12 @@ calibrate), tokenised with the library's own prompt template; and a small progre
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from mixroute.data import Collator, Record, load_records, prompt_ids, tokenize_records
 from mixroute.library.manifest import LibraryError, Manifest
+from mixroute.progress import steps
 
 Examples = Union[str, Path, Sequence[str], Sequence[Record]]
 
@@ -56,18 +56,9 @@ def labelled_batches(path: str | Path, man: Manifest, tok: Any, batch_size: int,
     return [collate(ex[i:i + batch_size]) for i in range(0, len(ex), batch_size)], cats
 
 
-@contextlib.contextmanager
-def progress(label: str, total: int, enabled: bool = True) -> Iterator[Any]:
-    """A rich progress bar (``advance()``), silent when disabled."""
-    if not enabled:
-        yield lambda n=1: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n=1: bar.advance(task, n)
+def progress(label: str, total: int, enabled: bool = True):
+    """The project's progress bar (``advance()``), gone once done: library steps are short and many."""
+    return steps(label, total, enabled, transient=True)
 
 
 def chunks(seq: Sequence, size: int) -> Iterable[Sequence]:

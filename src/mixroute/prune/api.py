@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Optional
+from typing import Iterable, Literal, Optional
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +16,7 @@ from mixroute.prune.calibrate import Batch, advance, as_batch, capture_layer_inp
 from mixroute.prune.masks import NM_CONVENTION, NMPattern, PatternLike, PruneError, check_nm_width, \
     magnitude_mask, prune_magnitude, prune_wanda, resolve_target
 from mixroute.prune.sparsegpt import HessianAccumulator, sparsegpt_prune_layer
+from mixroute.progress import steps
 
 Method = Literal["magnitude", "wanda", "sparsegpt"]
 METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
@@ -83,21 +83,6 @@ def _check_widths(targets: dict[str, nn.Module], pattern: Optional[NMPattern]) -
             check_nm_width(pattern, mod.weight.shape[1], name)
 
 
-@contextlib.contextmanager
-def _progress(total: int, description: str, enabled: bool) -> Iterator:
-    """A rich progress bar over layers (a no-op callable when disabled)."""
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), transient=False) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
-
-
 def _set_weight(mod: nn.Module, new: Tensor) -> None:
     mod.weight.data.copy_(new)
 
@@ -116,7 +101,7 @@ def _prune_sequential(model: nn.Module, batches: list[Batch], method: str, spars
     """Wanda / SparseGPT: calibrate and prune one decoder layer at a time on the pruned model's activations."""
     layers = decoder_layers(model)
     inputs = capture_layer_inputs(model, layers, batches)
-    with _progress(len(layers), f"{method} layers", progress) as tick:
+    with steps(f"{method} layers", len(layers), progress) as tick:
         for index, layer in enumerate(layers):
             use_layer(inputs, index)
             modules = linear_modules(layer)
@@ -130,7 +115,7 @@ def _prune_sequential(model: nn.Module, batches: list[Batch], method: str, spars
 def _prune_magnitude_layers(model: nn.Module, sparsity: Optional[float], pattern: Optional[NMPattern],
                             progress: bool) -> None:
     layers = decoder_layers(model)
-    with _progress(len(layers), "magnitude layers", progress) as tick:
+    with steps("magnitude layers", len(layers), progress) as tick:
         for layer in layers:
             for mod in linear_modules(layer).values():
                 _set_weight(mod, prune_magnitude(mod.weight.data, sparsity, pattern))

@@ -62,12 +62,11 @@ class ProgressBar:
         self.progress: Optional[Any] = None
         if not enabled or total <= 0:
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import TextColumn
 
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+        from mixroute.progress import bar
+
+        self.progress = bar(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"))
         self.progress.start()
         self.task = self.progress.add_task(label, total=total, completed=done, loss="-", tps="-")
 
