@@ -25,13 +25,14 @@ def test_a_missing_dolly_file_is_explained_and_the_retry_is_not_blocked(tmp_path
         assert not out.exists() or not any(out.iterdir()), f"attempt {attempt} left {list(out.iterdir())}"
 
 
-def test_flowers_entry_point_notice_is_kept_out_and_other_warnings_are_not(monkeypatch):
+def test_flower_and_ray_notices_are_kept_out_and_other_warnings_are_not(monkeypatch):
     import importlib
     import logging
+    import warnings
 
     from flwr.supercore.logger import log
 
-    from mixroute.federated.runner import without_entry_point_notice
+    from mixroute.federated.runner import without_runtime_notices
 
     flwr_sim = importlib.import_module("flwr.simulation.run_simulation")   # the package re-exports the function
     seen: list[str] = []
@@ -48,10 +49,18 @@ def test_flowers_entry_point_notice_is_kept_out_and_other_warnings_are_not(monke
         flwr_sim.run_simulation(server_app=None, client_app=None, num_supernodes=1)
         assert any("run_simulation" in m and "DEPRECATED" in m for m in seen), seen   # Flower still says it
         seen.clear()
-        with without_entry_point_notice():
+        with without_runtime_notices():
             flwr_sim.run_simulation(server_app=None, client_app=None, num_supernodes=1)
             log(logging.WARNING, "DEPRECATED FEATURE: %s", "something else")
             log(logging.WARNING, "a client timed out")
         assert seen == ["DEPRECATED FEATURE: something else", "a client timed out"], seen
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with without_runtime_notices():
+                warnings.warn("Tip: In future versions of Ray, Ray will no longer override accelerator visible "
+                              "devices "
+                              "env var if num_gpus=0", FutureWarning)
+                warnings.warn("something else", FutureWarning)
+        assert [str(w.message) for w in caught] == ["something else"]
     finally:
         logging.getLogger("flwr").removeHandler(handler)

@@ -14,14 +14,18 @@ from mixroute.config import ConfigError, RunConfig
 
 
 @contextmanager
-def without_entry_point_notice():
-    """While inside, Flower's notice that ``run_simulation`` is deprecated in favour of ``flwr run`` is dropped,
-    and nothing else.
+def without_runtime_notices():
+    """While inside, two notices addressed to Flower's and Ray's own users are dropped, and nothing else:
 
-    ``run_simulation`` runs the ServerApp in this process, so ``mixroute federate`` prints its own progress, raises
-    a client's configuration error as itself and stops after a given round for resume; ``flwr run`` would start the
-    app from Flower's CLI in another process with its config as strings (what deployment mode does). The notice
-    speaks to Flower users, not to ours: docs/federated.md says which entry point runs and why."""
+    - Flower's notice that ``run_simulation`` is deprecated in favour of ``flwr run``. ``run_simulation`` runs the
+      ServerApp in this process, so ``mixroute federate`` prints its own progress, raises a client's configuration
+      error as itself and stops after a given round for resume; ``flwr run`` would start the app from Flower's CLI
+      in another process with its config as strings (what deployment mode does). docs/federated.md says which
+      entry point runs and why.
+    - Ray's tip that a future Ray will stop hiding accelerators from tasks given ``num_gpus=0``: a future default,
+      no action for our users (clients are given CPUs only)."""
+    import warnings
+
     def keep(record) -> bool:
         return not (str(record.msg).startswith("DEPRECATED FEATURE")
                     and "run_simulation" in " ".join(str(a) for a in (record.args or ())))
@@ -29,7 +33,10 @@ def without_entry_point_notice():
     log = logging.getLogger("flwr")
     log.addFilter(keep)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Tip: In future versions of Ray, Ray will no longer "
+                                                      r"override accelerator visible devices", category=FutureWarning)
+            yield
     finally:
         log.removeFilter(keep)
 
@@ -57,7 +64,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
     errors: list = []
     server_app = make_app(cfg, run_dir, resume, progress, stop_after_round, errors)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    with without_entry_point_notice():
+    with without_runtime_notices():
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=fed.clients,
                        backend_config={"client_resources": {"num_cpus": fed.cpus_per_client, "num_gpus": 0.0},
                                        "init_args": {"logging_level": "ERROR", "log_to_driver": True}})

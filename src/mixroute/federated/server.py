@@ -122,7 +122,8 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False, progr
         raise RuntimeError(f"only {len(owners)} of {len(nodes)} nodes answered within federated.round_timeout="
                            f"{fed.round_timeout}s (each loads the base model first); federated.min_clients is "
                            f"{fed.min_clients}: raise round_timeout on a busy machine, or check the clients' logs")
-    console(f"{len(owners)} clients connected (partitions {sorted(owners)}); {fed.rounds} rounds, "
+    console(f"{len(owners)} clients connected (partitions {sorted(owners)}); {fed.rounds} "
+            f"round{'s' if fed.rounds != 1 else ''}, "
             f"aggregation {fed.aggregation}{', personal routers' if fed.personalize_router else ''}"
             + (f"; {silent} node(s) did not answer within federated.round_timeout={fed.round_timeout}s (loading "
                "the base model on a busy machine can take that long: raise it)" if silent else ""))
