@@ -60,8 +60,9 @@ def schedule(budget: Budget, n_train: int, n_per_category: int, batch_size: int)
         return {"max_steps": budget.steps, "stage1_steps": budget.stage1_steps or budget.steps,
                 "eval_every": 0, "stage1_eval_every": 0, "patience": 0}
     epoch, epoch1 = -(-n_train // batch_size), -(-n_per_category // batch_size)
+    # a checkpoint every epoch: a full run outlasts a session here, and a killed one resumes (train_once)
     return {"max_steps": budget.max_epochs * epoch, "stage1_steps": budget.max_epochs * epoch1,
-            "eval_every": epoch, "stage1_eval_every": epoch1, "patience": budget.patience}
+            "eval_every": epoch, "stage1_eval_every": epoch1, "patience": budget.patience, "save_every": epoch}
 
 
 @functools.lru_cache(maxsize=None)
@@ -300,6 +301,8 @@ def _portable(cfg_dict: dict[str, Any], root: Optional[Path] = None) -> str:
     """A config as text with the absolute paths of the checkout it ran in (``root``, default this one)
     replaced, so records compare across checkouts."""
     root = ROOT if root is None else root
+    # how often a run checkpoints changes no result (a resumed run is bit-identical to an uninterrupted one)
+    cfg_dict = {**cfg_dict, "train": {k: v for k, v in cfg_dict.get("train", {}).items() if k != "save_every"}}
     text = json.dumps(cfg_dict, sort_keys=True, default=str)
     return text.replace(str(root), "$ROOT").replace(str(root.parent), "$ROOT/..")
 
@@ -420,29 +423,45 @@ def train_once(cfg: Any, label: str = "", only_finished: bool = False,
 
     from mixroute import rundir
     from mixroute.config import ConfigError, to_dict
-    from mixroute.train import train
+    from mixroute.train import resume, train
+    from mixroute.train.state import latest_checkpoint
 
     run_dir = Path(cfg.output_dir)
     done = rundir.final_dir(run_dir).is_dir() or (cfg.train.method == "base" and (run_dir / "metrics.jsonl").is_file())
     try:
-        if done and to_dict(rundir.read_config(run_dir)) == to_dict(cfg):
-            archive_run(run_dir)  # runs trained before the archive existed
-            return run_dir
+        same = _portable(to_dict(rundir.read_config(run_dir))) == _portable(to_dict(cfg))
     except (ConfigError, FileNotFoundError):
-        pass
+        same = False
+    if done and same:
+        archive_run(run_dir)  # runs trained before the archive existed
+        return run_dir
     if restore_run(run_dir, cfg):
         return run_dir
     if only_finished:
         raise NotFinished(label or str(run_dir))
     if before_train is not None:
         before_train()
-    print(f"train {label or run_dir}", flush=True)
     t0 = time.time()
-    train(cfg, overwrite=True, progress=sys.stdout.isatty())
-    write_json(run_dir / "bench_timing.json", {"train_seconds": round(time.time() - t0),
+    earlier = 0.0
+    if same and latest_checkpoint(run_dir) is not None:   # killed after a checkpoint: go on from there
+        earlier = _seconds_spent(run_dir)
+        print(f"resume {label or run_dir} (a checkpoint of this config is there)", flush=True)
+        resume(run_dir, progress=sys.stdout.isatty())
+    else:
+        print(f"train {label or run_dir}", flush=True)
+        train(cfg, overwrite=True, progress=sys.stdout.isatty())
+    write_json(run_dir / "bench_timing.json", {"train_seconds": round(time.time() - t0 + earlier),
                                                 "train_load": round(os.getloadavg()[0], 2)})
     archive_run(run_dir)
     return run_dir
+
+
+def _seconds_spent(run_dir: Path) -> float:
+    """Training time an interrupted run already spent: from its config's writing to its last metrics line
+    (steps after its checkpoint included: they were computed, then lost)."""
+    times = [float(json.loads(ln)["time"]) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if ln.strip() and "time" in json.loads(ln)] if (run_dir / "metrics.jsonl").is_file() else []
+    return max(0.0, max(times) - (run_dir / "config.yaml").stat().st_mtime) if times else 0.0
 
 
 def test_once(run_dir: Path, label: str = "", only_finished: bool = False,

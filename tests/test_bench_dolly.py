@@ -223,3 +223,25 @@ def test_a_run_trained_in_a_snapshot_of_the_code_is_restored_in_the_checkout(tmp
     assert not P.restore_run(run_dir, cfg(here, "train.lr=0.1"))   # another config is not restored
     assert P.restore_run(run_dir, cfg(here))
     assert (run_dir / "metrics.jsonl").is_file() and str(here) in (run_dir / "config.yaml").read_text()
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_instead_of_starting_over(tmp_path, capsys, monkeypatch):
+    from mixroute.config import load_config
+    from mixroute.train import train
+
+    P = _protocol()
+    monkeypatch.setattr(P, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(P, "ARCHIVE", tmp_path / "archive")
+    ov = ["model.name=tiny", "data.synthetic_per_task=4", "data.max_length=48", "train.batch_size=8",
+          "train.method=lora_mixed", "train.max_steps=6", "train.eval_every=0", "train.warmup_steps=0",
+          "eval.max_eval=2", f"output_dir={tmp_path / 'runs' / 'q' / 'seed0' / 'lora_mixed'}"]
+    cfg = load_config(None, ov + ["train.save_every=3"])
+    run_dir = train(cfg, stop_at_step=3, progress=False)   # as if the session had ended after step 3
+    assert not rundir.final_dir(run_dir).is_dir()
+    capsys.readouterr()
+    P.train_once(load_config(None, ov + ["train.save_every=2"]), "q/seed0/lora_mixed")  # other save_every: same run
+    assert capsys.readouterr().out.startswith("resume q/seed0/lora_mixed")
+    steps = [json.loads(ln)["step"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(ln)]
+    assert steps == [1, 2, 3, 4, 5, 6] and rundir.final_dir(run_dir).is_dir()
+    assert json.loads((run_dir / "bench_timing.json").read_text())["train_seconds"] >= 0

@@ -140,3 +140,14 @@ def test_fedprox_adds_the_proximal_term_and_usage_is_a_distribution():
     assert float(b - a) == pytest.approx(0.5 * 2.0 * numel * 0.01, rel=1e-4)
     usage = plain.usage()
     assert len(usage) == 4 and sum(usage) == pytest.approx(1.0) and min(usage) >= 0
+
+
+def test_federated_set_up_checks_stage1_adapters_as_central_training_does(tmp_path):
+    from mixroute.config import ConfigError
+    from mixroute.federated.local import setup
+
+    cfg = load_config(None, [o for o in OVERRIDES if not o.startswith("train.method")]
+                      + ["train.method=moa", f"train.stage1_adapters=[{tmp_path / 'only_one'}]",
+                         f"output_dir={tmp_path / 'o'}"])
+    with pytest.raises(ConfigError, match="1 adapters for 8 categories"):
+        setup(cfg)

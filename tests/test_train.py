@@ -81,9 +81,9 @@ def test_resume_reaches_the_same_weights(preset, where, tmp_path):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import mixroute.train.centralized as C
+    import mixroute.rundir as R
 
-    real = C.load_model
+    real = R.load_model
 
     def poisoned(cfg, device="cpu"):
         model, tok = real(cfg, device)
@@ -98,7 +98,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
         model.get_output_embeddings().register_forward_hook(hook)
         return model, tok
 
-    monkeypatch.setattr(C, "load_model", poisoned)
+    monkeypatch.setattr(R, "load_model", poisoned)
     with pytest.raises(TrainingDiverged, match="step 3"):
         train(tiny_cfg("lora_mixed", tmp_path / "nan", "train.max_steps=6"), progress=False)
     ckpt = tmp_path / "nan" / "checkpoints" / "step-2"

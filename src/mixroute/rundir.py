@@ -253,20 +253,29 @@ def load_model(cfg: ModelConfig, device: Any = "cpu") -> tuple["nn.Module", Any]
     return load_base_model(cfg.name, dtype=getattr(torch, cfg.dtype), device=device)
 
 
+def open_run(cfg: RunConfig, device: Any = "cpu") -> tuple["nn.Module", Any, "RunData", Any]:
+    """What every use of a run config starts from (central training, federated clients and server, loading a
+    finished run): the frozen base model on ``device``, its tokenizer, the run's data, and the method's
+    ``MixtureConfig`` (None for ``base``). Raises ConfigError before anything is written."""
+    from mixroute.data import RunData
+    from mixroute.methods import mixture_config
+
+    model, tok = load_model(cfg.model, device)
+    data = RunData.build(cfg, tok)
+    return model, tok, data, mixture_config(cfg, len(data.categories))
+
+
 def load_run(run_dir: str | Path, device: Any = "auto") -> Run:
     """Load ``run_dir``'s config, base model, data and final mixture (for eval / generate) onto ``device``
     (``auto``: CUDA when available, else CPU; not the device the run was trained on)."""
-    from mixroute.data import RunData
     from mixroute.devices import resolve_device
-    from mixroute.methods import mixture_config
     from mixroute.mixture import Mixture
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
-    model, tok = load_model(cfg.model, resolve_device(device))
-    data = RunData.build(cfg, tok)
+    model, tok, data, mcfg = open_run(cfg, resolve_device(device))
     mix = None
-    if mixture_config(cfg, len(data.categories)) is not None:
+    if mcfg is not None:
         if not final_dir(run_dir).is_dir():
             raise ConfigError(f"{run_dir} has no {FINAL}/ mixture: training did not finish (resume it with "
                               f"`mixroute train --resume {run_dir}`)")

@@ -14,9 +14,8 @@ from torch import Tensor, nn
 from mixroute.config import RunConfig
 from mixroute.data import Partition, RunData, partition_train, to_device
 from mixroute.federated.payload import expert_axis
-from mixroute.methods import mixture_config
-from mixroute.rundir import load_model
-from mixroute.train.centralized import build_optimizer, make_accelerator, seed_everything
+from mixroute.rundir import open_run
+from mixroute.train.centralized import build_mixture, build_optimizer, make_accelerator, seed_everything
 from mixroute.train.loop import train_mode, train_step
 
 
@@ -50,21 +49,14 @@ class Local:
 
 def setup(cfg: RunConfig) -> Local:
     """Load everything a client or the server needs once (the base model stays loaded and frozen)."""
-    from mixroute.mixture import Mixture
-
     seed_everything(cfg.train.seed)
-    model, tok = load_model(cfg.model)
-    data = RunData.build(cfg, tok)
+    model, tok, data, mcfg = open_run(cfg)
     part = partition_train(cfg.federated, [e["task_id"] for e in data.examples["train"]], len(data.categories))
-    mcfg = mixture_config(cfg, len(data.categories))
     if mcfg is None:
         from mixroute.config import ConfigError
 
         raise ConfigError("train.method 'base' trains nothing and cannot be federated")
-    if cfg.train.stage1_adapters:
-        mix = Mixture.from_peft(model, list(cfg.train.stage1_adapters), mcfg)
-    else:
-        mix = Mixture.attach(model, mcfg)
+    mix = build_mixture(model, mcfg, list(cfg.train.stage1_adapters or []) or None, data)
     mix.eval()
     # clients train on the CPU: a simulation shares one machine, and Ray is given CPUs per client only
     return Local(cfg, model, tok, data, part, mix, make_accelerator(dataclasses.replace(cfg.model, device="cpu")))

@@ -30,8 +30,7 @@ from mixroute.data import RunData, to_device
 from mixroute.devices import DeviceError, resolve_device
 from mixroute.evaluate import validation_snapshot
 from mixroute.fileio import atomic_dir
-from mixroute.methods import mixture_config, needs_stage1, stage1_config
-from mixroute.rundir import load_model
+from mixroute.methods import needs_stage1, stage1_config
 from mixroute.train.loop import TrainingDiverged, train_mode, train_step
 from mixroute.train.state import latest_checkpoint, load_trainer_state, save_checkpoint
 from mixroute.train.tracking import MetricsLogger, ProgressBar
@@ -126,9 +125,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop
     # ---- setup (every config error is raised before the run directory is touched)
     seed_everything(cfg.train.seed)
     accelerator = make_accelerator(cfg.model)
-    model, tok = load_model(cfg.model, accelerator.device)
-    data = RunData.build(cfg, tok)
-    mcfg = mixture_config(cfg, len(data.categories))
+    model, tok, data, mcfg = rundir.open_run(cfg, accelerator.device)
     # under `accelerate launch` one process owns the run directory; the others wait until it is ready (each
     # would otherwise find the others' fresh directory and refuse it as an existing run)
     if accelerator.is_main_process:
@@ -155,7 +152,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop
             return run_dir
 
     # ---- the mixture (stage-1 LoRAs as experts, or fresh experts), its routers pre-trained on the labels
-    mix = build_mixture(model, mcfg, adapters, data, cfg)
+    mix = build_mixture(model, mcfg, adapters, data)
     # a resumed run with a checkpoint loads its routers from there; one killed earlier pre-trains them again
     ckpt = latest_checkpoint(run_dir) if resume else None
     pretrained = pretrain_routers(ctx, mix, mcfg, offset) if ckpt is None else True
@@ -232,8 +229,7 @@ def _seeded(mcfg: Any, seed: int) -> Any:
     return mcfg
 
 
-def build_mixture(model: nn.Module, mcfg: Any, adapters: Optional[list[str]], data: RunData,
-                  cfg: RunConfig) -> nn.Module:
+def build_mixture(model: nn.Module, mcfg: Any, adapters: Optional[list[str]], data: RunData) -> nn.Module:
     """Attach the method's mixture; stage-1 adapters become its experts (same weights, PEFT format)."""
     from mixroute.mixture import Mixture
 
