@@ -84,3 +84,14 @@ def test_servable_mixtures_pass_and_ranks_round_up_to_what_vllm_accepts():
                                                         router_scope="global", target_modules=TARGETS))
     assert unsupported(mix) is None and unsupported(None) is None
     assert [lora_rank_for(n) for n in (1, 4, 8, 9, 24, 33, 300, 600)] == [1, 8, 8, 16, 32, 64, 320, 512]
+
+
+def test_an_expert_library_is_refused_with_the_reason_before_vllm_starts(tiny_run, tmp_path):
+    from mixroute.library import Library
+    from mixroute.serve import load_served
+    from mixroute.serve.vllm import VLLMEngine
+
+    Library.from_run(tmp_path / "lib", tiny_run).mixture().detach()
+    served = load_served(str(tmp_path / "lib"))
+    with pytest.raises(ValueError, match="expert library.*--engine local"):
+        VLLMEngine(served)   # the constructor refuses: no vLLM process is started for it

@@ -73,7 +73,7 @@ def unsupported(mix: Any) -> Optional[str]:
                 "only")
     levels = {r.level for r in mix.routers.values()}
     if levels - {"sequence"}:
-        what = {"token": "a token-level router (MoE-LoRA)", "rank": "a rank-level router (SMoRA)",
+        what = {"token": "a token-level router (MoE-LoRA's top-k, Arrow)", "rank": "a rank-level router (SMoRA)",
                 "task": "Poly/MHR's per-task skill mixing"}
         why = ", ".join(what.get(lv, lv) for lv in sorted(levels - {"sequence"}))
         return f"it routes below the sequence level ({why}); vLLM applies one adapter per sequence"
@@ -265,6 +265,13 @@ class VLLMEngine:
     def __init__(self, served: Any, settings: Optional[VLLMSettings] = None, max_batch: int = 16,
                  max_wait_ms: float = 10.0, on_batch: Optional[Callable[[list[Request]], None]] = None,
                  precision: str = "no", max_queue: int = 256) -> None:
+        if served.library is not None:
+            # a library's routers (centroid and task: one per layer; arrow: per token) decide inside the forward,
+            # so neither the first serving nor a library update could hand vLLM one adapter per request
+            raise ValueError(f"--engine vllm cannot serve {served.name}: it is an expert library, whose routers "
+                             "decide at every layer (centroid, task) or token (arrow), and vLLM applies one "
+                             "adapter per request. Serve it with --engine local (mixroute's own engine serves "
+                             "libraries, library updates included).")
         check_servable(served.mix)
         self.served, self.settings = served, settings or VLLMSettings()
         self.model, self.mix, self.tok = served.model, served.mix, served.tok
@@ -419,18 +426,9 @@ class VLLMEngine:
         return Control.run_on(self._queue, change, timeout)
 
     def swap(self, mix: Any, expert_names: list[str]) -> None:
-        """Serve ``mix`` from now on: new experts are exported and loaded into vLLM, removed ones unloaded."""
-        check_servable(mix)
-        old = dict(self._experts)
-        self.mix, self.expert_names = mix, list(expert_names)
-        for name in [n for n in old if n not in expert_names]:
-            self._post("/v1/unload_lora_adapter", {"lora_name": name})
-            self._experts.pop(name, None)
-        for name in list(self._mixtures.values()):
-            self._post("/v1/unload_lora_adapter", {"lora_name": name})
-        self._mixtures.clear()
-        added = self._export_experts()
-        self._load_experts(added)
+        """Only a served library swaps its mixture, and libraries are refused at construction."""
+        raise ValueError("library updates are served by --engine local only (an expert library is not served "
+                         "on vLLM)")
 
     def describe(self) -> dict[str, Any]:
         """What ``/health`` says about the engine."""
