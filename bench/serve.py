@@ -35,6 +35,7 @@ import random
 import signal
 import socket
 import subprocess
+import shlex
 import sys
 import tempfile
 import time
@@ -329,7 +330,7 @@ def table(rows: list[dict], args: argparse.Namespace, levels: list[int]) -> str:
         return next((r for r in rows if r["server"].startswith(server) and r["mix"] == mix and r["clients"] == c
                      and r["length"] == length), None)
 
-    cmd = "python bench/serve.py " + " ".join(sys.argv[1:])
+    cmd = "python bench/serve.py " + shlex.join(sys.argv[1:])
     out = [args.section, "", f"`{cmd.strip()}` on {platform.processor() or platform.machine()}, "
            f"{os.cpu_count()} CPUs (1-minute load {args.load_at_start:.2f} when the run started), device {args.device}; "
            f"{args.requests} requests per cell, max_tokens "
