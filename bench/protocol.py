@@ -373,7 +373,8 @@ def archive_note(out: Path) -> str:
         return ""
     shown = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
     return (f" Every run's config, validation curve and test evaluation: `{shown}/` (a rerun "
-            "of the command restores them instead of training again).")
+            "of the command restores them instead of training again, and resumes a run stopped after one of "
+            "its per-epoch checkpoints).")
 
 
 def load_note(results: Sequence[dict[str, Any]], rendered: float) -> str:
