@@ -457,12 +457,14 @@ def train_once(cfg: Any, label: str = "", only_finished: bool = False,
     return run_dir
 
 
-def _seconds_spent(run_dir: Path) -> float:
-    """Training time an interrupted run already spent: from its config's writing to its last metrics line
-    (steps after its checkpoint included: they were computed, then lost)."""
-    times = [float(json.loads(ln)["time"]) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if ln.strip() and "time" in json.loads(ln)] if (run_dir / "metrics.jsonl").is_file() else []
-    return max(0.0, max(times) - (run_dir / "config.yaml").stat().st_mtime) if times else 0.0
+def _seconds_spent(run_dir: Path, longest_gap: float = 600.0) -> float:
+    """Training time an interrupted run already spent: the gaps between its config's writing and its metrics
+    lines (steps after its checkpoint included: computed, then lost), leaving out gaps over ``longest_gap``
+    seconds, which are a dead process between sessions rather than a step or a validation."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    times = [(run_dir / "config.yaml").stat().st_mtime, *sorted(float(r["time"]) for r in rows if "time" in r)]
+    return sum(d for d in (b - a for a, b in zip(times, times[1:])) if 0 < d <= longest_gap)
 
 
 def test_once(run_dir: Path, label: str = "", only_finished: bool = False,
