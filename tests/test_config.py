@@ -87,3 +87,16 @@ def test_exponent_floats_without_a_dot():
     assert load_config(None, ["train.lr=5e-5"]).train.lr == 5e-5
     with pytest.raises(ConfigError, match="train.lr"):
         load_config(None, ["train.lr=fast"])
+
+
+def test_a_retired_key_loads_with_a_warning_that_says_what_replaced_it(tmp_path):
+    from mixroute.config import RetiredKeyWarning
+
+    p = tmp_path / "old.yaml"   # a config.yaml an older mixroute wrote into a run directory
+    p.write_text("federated:\n  clients: 3\n  inject_failures: ['2:1']\n")
+    with pytest.warns(RetiredKeyWarning, match=r"federated.inject_failures is retired and ignored: failure "
+                                               r"injection is a test aid"):
+        cfg = load_config(str(p))
+    assert cfg.federated.clients == 3 and not hasattr(cfg.federated, "inject_failures")
+    with pytest.raises(ConfigError, match="unknown key federated.inject_failure;"):   # a typo is still an error
+        load_config(None, ["federated.inject_failure=[]"])

@@ -17,8 +17,31 @@ OVERRIDES = ["model.name=tiny", "data.path=null", "data.synthetic_per_task=24", 
              "mixture.num_experts=4", "mixture.num_virtual_tokens=4", "eval.max_eval=2", "eval.batch_size=8",
              "federated.clients=2", "federated.rounds=4", "federated.local_steps=1", "federated.aggregation=usage",
              "federated.personalize_router=true", "federated.partition=mop_skew", "federated.partition_total=null",
-             "federated.round_timeout=120",
-             "federated.inject_failures=['2:1', '3:0', '3:1']"]  # round 2: client 1 fails; round 3: both fail
+             "federated.round_timeout=120"]
+FAILURES = {(2, 1), (3, 0), (3, 1)}   # (round, partition): round 2: client 1 fails; round 3: both fail
+
+
+def failing_client(failures: set[tuple[int, int]]):
+    """mixroute's ClientApp whose train step raises for the given (round, partition) pairs (and for a training
+    message that carries the run config, which the server sends once). A nested function:
+    Ray pickles it by value into its workers, which cannot import this test module."""
+    from flwr.clientapp import ClientApp
+
+    from mixroute.federated import client
+
+    app = ClientApp()
+    app.query()(client.query)
+
+    @app.train()
+    def train(msg, context):
+        rnd, k = int(msg.content["config"]["round"]), client.partition_id(context)
+        if "cfg" in msg.content["config"]:   # the run config is sent once, in the QUERY, not every round
+            raise RuntimeError("a training message carried the run config")
+        if (rnd, k) in failures:
+            raise RuntimeError(f"injected failure of client {k} in round {rnd}")
+        return client.train(msg, context)
+
+    return app
 
 
 def cfg_for(out):
@@ -34,6 +57,12 @@ def runs(tmp_path_factory):
     from mixroute.cli import app
 
     base = tmp_path_factory.mktemp("fed")
+    with pytest.MonkeyPatch.context() as mp:   # the runner starts whatever mixroute.federated.client.app is
+        mp.setattr("mixroute.federated.client.app", failing_client(FAILURES))
+        return _runs(base, run, CliRunner, app)
+
+
+def _runs(base, run, CliRunner, app):
     full = run(cfg_for(base / "full"), progress=False)
     # the interrupted run goes through the CLI: mixroute federate ... --stop-after-round 2, then --resume
     part = base / "part"
@@ -97,6 +126,21 @@ def test_client_payload_has_no_base_model_tensor():
     assert keys == set(local.mix.adapter_state_dict())
     assert not keys & base_keys and all(k.startswith(("experts.", "routers.")) for k in keys)
     assert metrics["num-examples"] == len(local.part.clients[0])
+
+
+def test_the_server_s_proximal_flag_pulls_a_client_towards_the_global_state():
+    from mixroute.federated.local import setup, train_round
+
+    local = setup(load_config(None, OVERRIDES + ["output_dir=unused", "federated.local_steps=4",
+                                                 "federated.proximal_mu=1000"]))
+    start = {k: v.clone() for k, v in local.mix.adapter_state_dict().items()}
+
+    def moved(state):
+        return sum(float((state[k] - start[k]).pow(2).sum()) for k in start) ** 0.5
+
+    free, _ = train_round(local, 0, start, 1)
+    held, _ = train_round(local, 0, start, 1, proximal=True)
+    assert 0 < moved(held) < moved(free)
 
 
 def test_resume_after_round_2_of_4_is_identical(runs):

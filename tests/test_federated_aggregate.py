@@ -74,6 +74,32 @@ def test_payload_refuses_base_tensors_and_counts_bytes():
     assert num_bytes(S1) == 4 * (4 + 4 + 4 + 4)
 
 
-def test_bad_rule_is_named():
-    with pytest.raises(ValueError, match="fedavg, fedprox or usage"):
-        aggregate("median", PREV, [S1], [1])
+def test_a_new_rule_is_one_registered_function():
+    from mixroute.federated.aggregate import RULES, Survivors, register
+
+    @register("test-elementwise-max")
+    def _max(r: Survivors):
+        return {k: torch.stack([s[k] for s in r.states]).max(0).values for k in r.previous}
+
+    try:
+        out = aggregate("test-elementwise-max", PREV, [S1, S2], [1, 3])
+        assert torch.equal(out["experts.l0.A"], S2["experts.l0.A"])
+        with pytest.raises(ValueError, match="already registered"):
+            register("test-elementwise-max")(_max)
+    finally:
+        del RULES["test-elementwise-max"]
+
+
+def test_an_unknown_rule_names_the_registered_ones_before_a_federated_run_starts(tmp_path):
+    from mixroute.config import ConfigError, load_config
+    from mixroute.federated import run
+    from mixroute.federated.aggregate import rule_for
+
+    assert rule_for("fedprox").proximal and not rule_for("fedavg").proximal and not rule_for("usage").proximal
+    with pytest.raises(ConfigError, match="federated.aggregation: 'fedmedian' is not valid; expected one of "
+                                          "fedavg, fedprox, usage"):
+        aggregate("fedmedian", PREV, [S1], [1])
+    cfg = load_config(None, ["model.name=tiny", "federated.aggregation=fedmedian", f"output_dir={tmp_path / 'r'}"])
+    with pytest.raises(ConfigError, match="fedmedian"):
+        run(cfg, progress=False)
+    assert not (tmp_path / "r").exists()   # refused before a run directory was made

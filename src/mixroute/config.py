@@ -203,8 +203,9 @@ class FederatedConfig:
     local_steps: int = f(10, "Optimizer steps per client per round (AdamW restarted every round, cosine decay "
                              "over these steps, no warm-up: train.warmup_steps is not used).", ge=1)
     batch_size: Optional[int] = f(None, "Sequences per local micro-batch (null = train.batch_size).", ge=1)
-    aggregation: Literal["fedavg", "fedprox", "usage"] = f(
-        "fedavg", "fedavg: every tensor averaged with weights n_k (client examples); fedprox: the same average, "
+    aggregation: str = f(
+        "fedavg", "A rule registered in mixroute.federated.aggregate.RULES. Built in: fedavg: every tensor "
+                  "averaged with weights n_k (client examples); fedprox: the same average, "
                   "clients add (mu/2)||w - w_global||^2 to their loss; usage: each expert's tensors averaged with "
                   "weights n_k * u_ke (client k's routing mass on expert e), an expert no client used keeps its "
                   "previous value.")
@@ -225,8 +226,6 @@ class FederatedConfig:
                            ge=1.0)
     partition_seed: int = f(0, "Seed of the partition (and of client sampling per round).")
     cpus_per_client: float = f(1.0, "Simulation: CPU cores Ray gives each client.", gt=0.0)
-    inject_failures: list = f([], "Testing aid: 'ROUND:PARTITION' strings; that client raises in that round "
-                                  "(e.g. ['2:1']).")
 
 
 @dataclass
@@ -315,11 +314,31 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
     return value
 
 
+class RetiredKeyWarning(UserWarning):
+    """A config key an older mixroute wrote was read and ignored."""
+
+
+# Keys older versions wrote into config.yaml files. Archived run directories and users' files must still load,
+# so such a key is dropped with a warning that says what replaced it, instead of failing as unknown.
+RETIRED: dict[str, str] = {
+    "federated.inject_failures": "failure injection is a test aid, no longer a setting: tests wrap the ClientApp "
+                                 "(tests/test_federated.py)",
+}
+
+
 def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
-    """Build a config dataclass from a dict, checking every key and value."""
+    """Build a config dataclass from a dict, checking every key and value (retired keys: ``RETIRED``)."""
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    retired = [k for k in data if f"{prefix}{k}" in RETIRED]
+    if retired:
+        import warnings
+
+        data = {k: v for k, v in data.items() if k not in retired}
+        for k in retired:
+            warnings.warn(f"config key {prefix}{k} is retired and ignored: {RETIRED[prefix + k]}", RetiredKeyWarning,
+                          stacklevel=2)
     fields = {fl.name: fl for fl in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:

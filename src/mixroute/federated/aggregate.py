@@ -1,19 +1,31 @@
-"""Aggregation rules as pure functions over state dicts (hand-checked in tests/test_federated_aggregate.py).
+"""Aggregation rules: pure functions over state dicts, registered by name in ``RULES`` (hand-checked in
+tests/test_federated_aggregate.py). ``federated.aggregation`` names one.
 
-- ``fedavg`` (also FedProx's server side): every tensor = sum_k n_k w_k / sum_k n_k.
+- ``fedavg``: every tensor = sum_k n_k w_k / sum_k n_k.
+- ``fedprox``: the same average on the server; each client adds (mu/2)||w - w_global||^2 to its loss
+  (the rule is registered with ``proximal=True``).
 - ``usage``: the slice of expert e in every per-expert tensor = sum_k n_k u_ke w_ke / sum_k n_k u_ke, where u_ke is
   client k's measured routing mass on expert e; when no client used expert e (sum 0) it keeps its previous global
   value. Tensors shared by the experts and routers/gates are averaged by examples.
 - ``personalize_router``: router tensors are not averaged into the client's model; each client keeps its own
   (``personal_routers``), the global router is still the example-weighted average (for the global test split).
+
+A new rule is one function::
+
+    @register("median")
+    def median(r: Survivors) -> dict[str, Tensor]:
+        return {k: torch.stack([s[k] for s in r.states]).median(0).values for k in r.previous}
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from mixroute.config import ConfigError
 
 Axis = Callable[[str, tuple], Optional[tuple[int, int]]]
 
@@ -55,19 +67,69 @@ def usage_average(previous: dict[str, Tensor], states: Sequence[dict[str, Tensor
     return out
 
 
-def aggregate(rule: str, previous: dict[str, Tensor], states: Sequence[dict[str, Tensor]],
+@dataclass(frozen=True)
+class Survivors:
+    """What a rule aggregates: the previous global state and the replies of the clients that succeeded, in
+    partition order (``usage[k][e]``: client k's routing mass on expert e; ``axis(key, shape)``: where a tensor's
+    expert slices lie, None for tensors shared by the experts)."""
+
+    previous: dict[str, Tensor]
+    states: Sequence[dict[str, Tensor]]
+    examples: Sequence[int]
+    usage: Optional[Sequence[Sequence[float]]] = None
+    axis: Optional[Axis] = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    fn: Callable[[Survivors], dict[str, Tensor]]
+    proximal: bool = False   # clients add FedProx's proximal term to their loss
+
+
+RULES: dict[str, Rule] = {}
+
+
+def register(name: str, proximal: bool = False) -> Callable:
+    """Register ``fn(Survivors) -> state`` as ``federated.aggregation: name``."""
+    def deco(fn: Callable[[Survivors], dict[str, Tensor]]) -> Callable:
+        if name in RULES:
+            raise ValueError(f"aggregation rule {name!r} is already registered")
+        RULES[name] = Rule(fn, proximal)
+        return fn
+    return deco
+
+
+def rule_for(name: str) -> Rule:
+    if name not in RULES:
+        raise ConfigError(f"federated.aggregation: {name!r} is not valid; expected one of {', '.join(RULES)}")
+    return RULES[name]
+
+
+@register("fedavg")
+def _fedavg(r: Survivors) -> dict[str, Tensor]:
+    return fedavg(r.states, r.examples)
+
+
+@register("fedprox", proximal=True)
+def _fedprox(r: Survivors) -> dict[str, Tensor]:
+    return fedavg(r.states, r.examples)
+
+
+@register("usage")
+def _usage(r: Survivors) -> dict[str, Tensor]:
+    if r.usage is None or r.axis is None:
+        raise ValueError("usage aggregation needs per-client usage and the expert layout")
+    return usage_average(r.previous, r.states, r.examples, r.usage, r.axis)
+
+
+def aggregate(name: str, previous: dict[str, Tensor], states: Sequence[dict[str, Tensor]],
               examples: Sequence[int], usage: Optional[Sequence[Sequence[float]]] = None,
               axis: Optional[Axis] = None) -> dict[str, Tensor]:
-    """The new global state; an empty ``states`` (no survivors) keeps ``previous``."""
+    """The new global state by rule ``name``; an empty ``states`` (no survivors) keeps ``previous``."""
+    rule = rule_for(name)
     if not states:
         return {k: v.clone() for k, v in previous.items()}
-    if rule in ("fedavg", "fedprox"):
-        return fedavg(states, examples)
-    if rule == "usage":
-        if usage is None or axis is None:
-            raise ValueError("usage aggregation needs per-client usage and the expert layout")
-        return usage_average(previous, states, examples, usage, axis)
-    raise ValueError(f"aggregation {rule!r} is not valid; expected fedavg, fedprox or usage")
+    return rule.fn(Survivors(previous, states, examples, usage, axis))
 
 
 def split_routers(state: dict[str, Tensor], is_router: Callable[[str], bool]) -> tuple[dict, dict]:

@@ -1,10 +1,13 @@
 """The Flower ``ClientApp``: each SuperNode holds one partition (node config ``partition-id`` /
-``num-partitions``), loads the frozen base once per process and keeps it; per round it loads the global adapter
-state, trains ``federated.local_steps`` steps on its partition and replies with its adapter state only (an
-``ArrayRecord``) plus metrics (``num-examples``, ``train_loss``, per-expert ``usage``, per-category ``gates``)."""
+``num-partitions``). The server's QUERY at the start of a run carries the run's config: the node keeps it in its
+Flower context (``context.state``), so training messages carry only the round, the partition and the global
+adapter state. Per round a node loads the global adapter state, trains ``federated.local_steps`` steps on its
+partition and replies with its adapter state only (an ``ArrayRecord``) plus metrics (``num-examples``,
+``train_loss``, per-expert ``usage``, per-category ``gates``)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -13,19 +16,24 @@ from flwr.clientapp import ClientApp
 from mixroute.federated.payload import from_record, num_bytes, to_record
 
 app = ClientApp()
-_CACHE: dict[str, Any] = {}  # config text -> Local: the base model is loaded once per process
+CONFIG = "mixroute"   # context.state key of the run's config (a ConfigRecord holding its YAML)
 
 
+@functools.lru_cache(maxsize=1)   # the frozen base model is loaded once per process, not once per message
 def local_for(cfg_text: str) -> Any:
-    if cfg_text not in _CACHE:
-        import yaml
+    import yaml
 
-        from mixroute.config import RunConfig, from_dict
-        from mixroute.federated.local import setup
+    from mixroute.config import RunConfig, from_dict
+    from mixroute.federated.local import setup
 
-        _CACHE.clear()
-        _CACHE[cfg_text] = setup(from_dict(RunConfig, yaml.safe_load(cfg_text)))
-    return _CACHE[cfg_text]
+    return setup(from_dict(RunConfig, yaml.safe_load(cfg_text)))
+
+
+def run_config(context: Context) -> str:
+    if CONFIG not in context.state:
+        raise RuntimeError("this node has no run config: the server sends it once, in the QUERY that starts a run "
+                           "(a node that joined after the start, or lost its state, is left out of the run)")
+    return str(context.state[CONFIG]["cfg"])
 
 
 def partition_id(context: Context) -> int:
@@ -38,7 +46,9 @@ def partition_id(context: Context) -> int:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Which partition this node holds and how many examples it has (the server maps partitions to nodes)."""
-    local = local_for(str(msg.content["config"]["cfg"]))
+    cfg_text = str(msg.content["config"]["cfg"])
+    context.state[CONFIG] = ConfigRecord({"cfg": cfg_text})
+    local = local_for(cfg_text)
     k = partition_id(context)
     n = len(local.part.clients[k]) if k < len(local.part.clients) else 0
     return Message(RecordDict({"metrics": MetricRecord({"partition-id": k, "num-examples": n})}), reply_to=msg)
@@ -49,13 +59,12 @@ def train(msg: Message, context: Context) -> Message:
     from mixroute.federated.local import train_round
 
     conf = msg.content["config"]
-    local = local_for(str(conf["cfg"]))
+    local = local_for(run_config(context))
     rnd, k = int(conf["round"]), partition_id(context)
     if k >= len(local.part.clients):
         raise RuntimeError(f"partition-id {k} but federated.clients is {len(local.part.clients)}")
-    if f"{rnd}:{k}" in [str(x) for x in local.cfg.federated.inject_failures]:
-        raise RuntimeError(f"injected failure of client {k} in round {rnd} (federated.inject_failures)")
-    state, metrics = train_round(local, k, from_record(msg.content["arrays"]), rnd)
+    state, metrics = train_round(local, k, from_record(msg.content["arrays"]), rnd,
+                                 proximal=bool(conf.get("proximal", False)))
     gates = metrics.pop("gates")
     out = {"partition-id": k, "num-examples": int(metrics["num-examples"]), "train_loss": float(metrics["train_loss"]),
            "usage": [float(u) for u in metrics["usage"]], "steps": int(metrics["steps"]),

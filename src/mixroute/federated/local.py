@@ -111,9 +111,12 @@ class _Local(nn.Module):
         return (self.mass / self.rows.clamp_min(1).unsqueeze(1)).tolist()
 
 
-def train_round(local: Local, k: int, state: dict[str, Tensor], rnd: int) -> tuple[dict[str, Tensor], dict]:
+def train_round(local: Local, k: int, state: dict[str, Tensor], rnd: int,
+                proximal: bool = False) -> tuple[dict[str, Tensor], dict]:
     """Client k's local training in round ``rnd`` from ``state``: (new adapter state, metrics). A pure function
-    of (config, k, state, rnd): data order and RNG are seeded from them (resume gives identical results)."""
+    of (config, k, state, rnd): data order and RNG are seeded from them (resume gives identical results).
+    ``proximal``: add FedProx's (mu/2)||w - w_global||^2; the server says so (its rule may be registered only in
+    the server's process)."""
     cfg, fed, mix = local.cfg, local.cfg.federated, local.mix
     seed_everything(cfg.train.seed + 7919 * rnd + 104729 * k)
     mix.load_adapter_state_dict(state, source=f"round {rnd} global state")
@@ -123,7 +126,7 @@ def train_round(local: Local, k: int, state: dict[str, Tensor], rnd: int) -> tup
     if n == 0:
         return mix.adapter_state_dict(), {"num-examples": 0, "train_loss": float("nan"), "usage": wrapper.usage(),
                                           "gates": wrapper.gates(), "steps": 0}
-    if fed.aggregation == "fedprox":
+    if proximal:
         wrapper.anchor = {name: p.detach().clone() for name, p in wrapper.named}
         wrapper.mu = fed.proximal_mu
     steps, accum = fed.local_steps, cfg.train.grad_accum

@@ -47,6 +47,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
     that round as if killed (its checkpoint is written): ``resume`` continues it."""
     from flwr.simulation import run_simulation
 
+    from mixroute.federated.aggregate import rule_for
     from mixroute.federated.client import app as client_app
     from mixroute.federated.server import make_app, prepare
     from mixroute.train.centralized import prepare_run_dir
@@ -54,6 +55,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
     fed = cfg.federated
     if fed.min_clients > fed.clients:
         raise ConfigError(f"federated.min_clients ({fed.min_clients}) > federated.clients ({fed.clients})")
+    rule_for(fed.aggregation)   # a misspelt rule fails here, not after the clients loaded their models
     run_dir = prepare_run_dir(cfg, resume, overwrite)
     if not resume:
         try:

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from mixroute import rundir
 from mixroute.config import ConfigError, RunConfig, save_config
 from mixroute.evaluate import held_out_pass, perplexity, validation_snapshot
-from mixroute.federated.aggregate import aggregate, client_state, split_routers
+from mixroute.federated.aggregate import aggregate, client_state, rule_for, split_routers
 from mixroute.federated.payload import from_record, is_router, num_bytes, to_record
 from mixroute.fileio import atomic_dir, atomic_write_text
 
@@ -127,6 +127,7 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False, progr
             f"aggregation {fed.aggregation}{', personal routers' if fed.personalize_router else ''}"
             + (f"; {silent} node(s) did not answer within federated.round_timeout={fed.round_timeout}s (loading "
                "the base model on a busy machine can take that long: raise it)" if silent else ""))
+    proximal = rule_for(fed.aggregation).proximal
     for rnd in range(start + 1, fed.rounds + 1):
         t0 = time.perf_counter()
         sampled = sample(list(owners), rnd, fed)
@@ -135,7 +136,7 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False, progr
             st = client_state(global_state, personal.get(k)) if fed.personalize_router else global_state
             bytes_down += num_bytes(st)
             msgs.append(Message(RecordDict({"arrays": to_record(st),
-                                            "config": ConfigRecord({"round": rnd, "cfg": cfg_text, "partition": k})}),
+                                            "config": ConfigRecord({"round": rnd, "partition": k, "proximal": proximal})}),
                                 dst_node_id=owners[k], message_type=MessageType.TRAIN))
         replies = list(grid.send_and_receive(msgs, timeout=fed.round_timeout))
         by_node = {v: k for k, v in owners.items()}
@@ -306,6 +307,7 @@ def deployment_main(grid: Grid, context: Context) -> None:
     else:
         overrides = [s for s in str(rc.get("overrides", "")).split() if s]
         cfg = load_config(str(rc["config"]), overrides)
+        rule_for(cfg.federated.aggregation)
         if not str(run_dir):
             run_dir = Path(cfg.output_dir)
         cfg.output_dir = str(run_dir)
