@@ -98,6 +98,21 @@ def test_centroid_routes_held_out_prompts_to_their_domain(lib):
     assert lib.route("for x in y: pass  # explain", router="centroid")["chosen"] == "code"
 
 
+def test_a_dora_expert_joins_lora_experts_and_each_keeps_its_peft_logits(lib, tmp_path):
+    """With a DoRA adapter in the library the bank becomes a DoRA bank; the LoRA experts get the magnitudes
+    that make them act as their plain LoRA, so every expert still equals its own adapter in PEFT."""
+    from peft import PeftModel
+
+    dora = peft_adapter(tmp_path / "dora", r=4, alpha=8, targets=("q_proj", "down_proj"), seed=5, use_dora=True)
+    lib.add("dora", dora, ["Translate 'chat' into English."])
+    assert lib.mixture("centroid").cfg.expert == "dora"
+    ids = torch.randint(10, 3000, (2, 9), generator=torch.Generator().manual_seed(0))
+    for name, path in (("dora", dora), ("math", lib.path / "experts" / "math"), ("code", lib.path / "experts" / "code")):
+        with torch.no_grad():
+            theirs = PeftModel.from_pretrained(tiny_model()[0], str(path)).eval()(input_ids=ids).logits
+        torch.testing.assert_close(logits_forcing(lib, name, ids), theirs, atol=1e-5, rtol=1e-5)
+
+
 def test_adding_an_expert_leaves_the_others_unchanged(lib, adapters, tmp_path):
     ids = torch.randint(10, 3000, (1, 7), generator=torch.Generator().manual_seed(1))
     before = {n: logits_forcing(lib, n, ids) for n in ("math", "code")}

@@ -27,6 +27,12 @@ CASES = {
     "lora-rank": dict(router="rank", num_experts=3, rank_top_k=4),
     "lora-centroid": dict(router="centroid", num_experts=3),
     "lora-arrow": dict(router="arrow", num_experts=3, arrow_top_k=2),
+    "dora-single": dict(expert="dora", router="single"),
+    "dora-task_label_global": dict(expert="dora", router="task", num_experts=3, num_tasks=3, route_train="label",
+                                   router_scope="global"),
+    "dora-task": dict(expert="dora", router="task", num_experts=3, num_tasks=3),
+    "dora-token_topk": dict(expert="dora", router="token_topk", num_experts=3, top_k=2, mlp_only=True),
+    "dora-arrow": dict(expert="dora", router="arrow", num_experts=3, arrow_top_k=2),
     "prompt-single": dict(PROMPT, router="single"),
     "prompt-uniform": dict(PROMPT, router="uniform", num_experts=3),
     "prompt-oracle": dict(PROMPT, router="oracle", num_experts=3, num_tasks=3),
@@ -34,7 +40,7 @@ CASES = {
     "prompt-gate": dict(PROMPT, router="gate", num_experts=3, num_tasks=3),
     "prompt-centroid": dict(PROMPT, router="centroid", num_experts=3),
 }
-PER_TOKEN = {"lora-token_topk", "lora-rank", "lora-arrow"}
+PER_TOKEN = {"lora-token_topk", "lora-rank", "lora-arrow", "dora-token_topk", "dora-arrow"}
 
 
 def make(case: str) -> Mixture:
@@ -64,8 +70,13 @@ def randomise(mix: Mixture, std: float) -> Mixture:
     return mix
 
 
-def test_every_registered_router_is_in_the_matrix():
+def test_every_registered_router_and_expert_kind_is_in_the_matrix():
+    import typing
+
+    from mixroute.config import ExpertKind
+
     assert {c.split("-")[1].replace("_label_global", "") for c in CASES} == set(ROUTERS)
+    assert {c.split("-")[0] for c in CASES} == set(typing.get_args(ExpertKind))
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -1,5 +1,5 @@
-"""mixroute's LoRA bank and Poly router pinned to Hugging Face PEFT: same weights -> same logits (1e-5), on the
-tiny Llama and, for LoRA, on every family of tests/families.py."""
+"""mixroute's LoRA and DoRA banks and Poly router pinned to Hugging Face PEFT: same weights -> same logits (1e-5),
+on the tiny Llama and, for LoRA and DoRA, on every family of tests/families.py."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ def batch(bsz: int = 4, seq: int = 12):
     return ids, am
 
 
-def peft_adapters(tmp_path, n: int, r: int = 4, alpha: float = 8.0, targets=ALL_PROJECTIONS) -> list[str]:
-    """n random PEFT LoRA adapters (B != 0) saved to disk."""
+def peft_adapters(tmp_path, n: int, r: int = 4, alpha: float = 8.0, targets=ALL_PROJECTIONS,
+                  dora: bool = False) -> list[str]:
+    """n random PEFT LoRA adapters (B != 0) saved to disk; ``dora``: DoRA adapters whose magnitudes are moved
+    away from the weight norms they start at."""
     from peft import LoraConfig, get_peft_model
 
     dirs = []
@@ -31,7 +33,11 @@ def peft_adapters(tmp_path, n: int, r: int = 4, alpha: float = 8.0, targets=ALL_
         model, _ = tiny_model()
         torch.manual_seed(100 + i)
         pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
-                                              init_lora_weights=False))
+                                              init_lora_weights=False, use_dora=dora))
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.3 * torch.rand_like(p))
         d = tmp_path / f"adapter{i}"
         pm.save_pretrained(d)
         dirs.append(str(d))
@@ -48,21 +54,27 @@ def peft_model_with(dirs: list[str]):
     return pm.eval()
 
 
+KINDS = pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+
+
+@KINDS
 @torch.no_grad()
-def test_single_lora_equals_peft(tmp_path):
-    dirs = peft_adapters(tmp_path, 1)
+def test_single_lora_equals_peft(tmp_path, dora):
+    dirs = peft_adapters(tmp_path, 1, dora=dora)
     ids, am = batch()
     ref = peft_model_with(dirs)(input_ids=ids, attention_mask=am).logits
     mix = Mixture.from_peft(tiny_model()[0], dirs, MixtureConfig(router="single")).eval()
+    assert mix.cfg.expert == ("dora" if dora else "lora")
     out = mix(ids, attention_mask=am).logits
     base = tiny_model()[0](input_ids=ids, attention_mask=am).logits
     assert (ref - base).abs().max() > 1e-3  # the adapter really changes the output
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
+@KINDS
 @torch.no_grad()
-def test_top1_routed_equals_peft_active_adapter(tmp_path):
-    dirs = peft_adapters(tmp_path, 3)
+def test_top1_routed_equals_peft_active_adapter(tmp_path, dora):
+    dirs = peft_adapters(tmp_path, 3, dora=dora)
     ids, am = batch()
     pm = peft_model_with(dirs)
     mix = Mixture.from_peft(tiny_model()[0], dirs, MixtureConfig(router="task", num_tasks=3)).eval()
@@ -88,14 +100,19 @@ def test_mixed_batch_equals_peft_adapter_names(tmp_path):
     torch.testing.assert_close(mix(ids, attention_mask=am, task_ids=tids).logits, ref, atol=ATOL, rtol=0)
 
 
+@KINDS
 @torch.no_grad()
-def test_export_peft_round_trip(tmp_path):
+def test_export_peft_round_trip(tmp_path, dora):
     from peft import PeftModel
 
-    mix = Mixture.attach(tiny_model()[0], MixtureConfig(router="oracle", num_experts=3, num_tasks=3, rank=4,
+    mix = Mixture.attach(tiny_model()[0], MixtureConfig(expert="dora" if dora else "lora", router="oracle",
+                                                        num_experts=3, num_tasks=3, rank=4,
                                                         target_modules=["q_proj", "v_proj", "down_proj"])).eval()
-    for p in mix.experts.parameters():
-        torch.nn.init.normal_(p, std=0.05)
+    for name, p in mix.experts.named_parameters():
+        if name.endswith(".m"):   # DoRA magnitudes: away from the weight norms they start at
+            p.mul_(1 + 0.3 * torch.rand_like(p))
+        else:
+            torch.nn.init.normal_(p, std=0.05)
     mix.export_peft(1, str(tmp_path / "e1"))
     ids, am = batch()
     ref = PeftModel.from_pretrained(tiny_model()[0], str(tmp_path / "e1")).eval()(input_ids=ids, attention_mask=am)
@@ -151,19 +168,24 @@ def test_poly_equals_peft_poly(n_splits):
 
 
 # ------------------------------------------------------------------------------------ every architecture
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 @torch.no_grad()
-def test_lora_equals_peft_on_every_family(family, tmp_path, one_thread):
-    """PEFT all-linear LoRA adapters (Phi-3's fused qkv_proj, GPT-2's Conv1D, OPT's flattened MLP, ...): one
-    adapter alone, and a mixed batch with one adapter per sequence against each row under its PEFT adapter
-    (PEFT's own mixed batches, ``adapter_names``, fail on OPT, whose MLP sees (B*T, H) rows)."""
+def test_lora_equals_peft_on_every_family(family, dora, tmp_path, one_thread):
+    """PEFT all-linear LoRA (and DoRA) adapters (Phi-3's fused qkv_proj, GPT-2's Conv1D, OPT's flattened MLP,
+    ...): one adapter alone, and a mixed batch with one adapter per sequence against each row under its PEFT
+    adapter (PEFT's own mixed batches, ``adapter_names``, fail on OPT, whose MLP sees (B*T, H) rows, and refuse
+    DoRA)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     dirs = []
     for i in range(2):
         torch.manual_seed(100 + i)
         pm = get_peft_model(tiny_family(family)[0], LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                               init_lora_weights=False))
+                                                               init_lora_weights=False, use_dora=dora))
+        for name, p in pm.named_parameters():   # DoRA magnitudes away from the weight norms they start at
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.rand_like(p))
         pm.save_pretrained(tmp_path / f"a{i}")
         dirs.append(str(tmp_path / f"a{i}"))
     ids, am = batch()

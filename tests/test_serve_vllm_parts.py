@@ -71,6 +71,7 @@ def test_the_routing_prepass_decides_what_the_full_forward_decides():
     (dict(router="token_topk", num_experts=3), "token-level"),
     (dict(router="poly", num_experts=3, num_tasks=3), "Poly"),
     (dict(router="gate", expert="prompt", num_experts=3, num_tasks=3), "soft prompts"),
+    (dict(router="task", expert="dora", num_experts=3, num_tasks=3, router_scope="global"), "DoRA"),
 ])
 def test_what_vllm_cannot_serve_is_refused_with_the_reason(cfg, why):
     mix = Mixture.attach(tiny_model()[0], MixtureConfig(rank=4, target_modules=TARGETS, **cfg))

@@ -32,7 +32,7 @@ def f(default: Any, help: str, **checks: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
-ExpertKind = Literal["lora", "prompt"]
+ExpertKind = Literal["lora", "dora", "prompt"]
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -74,7 +74,9 @@ class DataConfig:
 
 @dataclass
 class MixtureConfig:
-    expert: ExpertKind = f("lora", "Expert kind: 'lora' (LoRA expert bank) or 'prompt' (soft-prompt experts, MoP).")
+    expert: ExpertKind = f("lora", "Expert kind: 'lora' (LoRA expert bank), 'dora' (DoRA experts: LoRA plus a "
+                                   "learned magnitude per output row, PEFT's use_dora; routed per sequence or per "
+                                   "token) or 'prompt' (soft-prompt experts, MoP).")
     router: str = f("task", "Router (registered in mixroute.routers.ROUTERS): single (E=1 plain LoRA / prompt), "
                             "uniform, oracle (route by label), task (MoA), token_topk (MoE-LoRA), poly (Poly/MHR), "
                             "rank (SMoRA), gate (MoP's MLP gate), centroid and arrow (expert library: extend without "

@@ -17,7 +17,9 @@ Each method is a ``MixtureConfig`` derived from the run's ``mixture`` section pl
 | ``mixture`` | the ``mixture`` section as written | - |
 
 Methods with one expert per category set ``num_experts`` to the number of categories; every method sets
-``num_tasks`` to it (labels are category ids).
+``num_tasks`` to it (labels are category ids). The LoRA methods train DoRA experts instead when the
+``mixture`` section says ``expert: dora`` (MoA's stage-1 experts too); a method whose router mixes inside an
+expert (``smora``, ``poly``, ``mhr``) then fails with the valid routers named.
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ def mixture_config(cfg: RunConfig, num_categories: int) -> Optional[MixtureConfi
     m.num_tasks = num_categories
     if method == "base":
         return None
+    weights = "dora" if m.expert == "dora" else "lora"   # the LoRA methods keep a DoRA choice
     if method in PER_CATEGORY_METHODS:
-        m.expert, m.num_experts = "lora", num_categories
+        m.expert, m.num_experts = weights, num_categories
     if method == "prompt_tuning":
         m.expert, m.router, m.num_experts, m.inject_layer, m.eta = "prompt", "single", 1, 0, 0.0
     elif method == "lora_mixed":
-        m.expert, m.router, m.num_experts = "lora", "single", 1
+        m.expert, m.router, m.num_experts = weights, "single", 1
     elif method == "lora_single":
         m.router = "oracle"
     elif method == "moa":
@@ -56,14 +59,14 @@ def mixture_config(cfg: RunConfig, num_categories: int) -> Optional[MixtureConfi
     elif method in ("moe_lora", "moe_lora_naive"):
         m.router = "token_topk"
     elif method == "poly":
-        m.expert, m.router, m.n_splits = "lora", "poly", 1
+        m.expert, m.router, m.n_splits = weights, "poly", 1
     elif method == "mhr":
-        m.expert, m.router = "lora", "poly"
+        m.expert, m.router = weights, "poly"
         if m.n_splits < 2:
             raise ConfigError("train.method 'mhr' needs mixture.n_splits > 1 (heads splitting the input "
                               f"dimension); got {m.n_splits}. Use method 'poly' for n_splits = 1")
     elif method == "smora":
-        m.expert, m.router = "lora", "rank"
+        m.expert, m.router = weights, "rank"
     elif method == "mop":
         m.expert, m.router = "prompt", "gate"
     check_mixture(m, num_categories, method)
@@ -82,9 +85,10 @@ def check_mixture(m: MixtureConfig, num_categories: int, method: str) -> None:
 
 
 def stage1_config(cfg: RunConfig) -> MixtureConfig:
-    """Stage 1 of MoA / lora_single / moe_lora: one plain LoRA (E=1) with the run's LoRA shape."""
+    """Stage 1 of MoA / lora_single / moe_lora: one LoRA (or DoRA) expert (E=1) with the run's LoRA shape."""
     m = copy.deepcopy(cfg.mixture)
-    m.expert, m.router, m.num_experts = "lora", "single", 1
+    m.expert = "dora" if m.expert == "dora" else "lora"
+    m.router, m.num_experts = "single", 1
     return m
 
 

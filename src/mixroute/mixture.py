@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from mixroute.arch import (Reached, decoder_layers, in_out_features, layer_input, layers_path, lm_head_logits,
                            resolve_targets)
 from mixroute.config import ConfigError, MixtureConfig
-from mixroute.experts.lora import LoraBank, patch_linear, unpatch_linear
+from mixroute.experts import BANKS, patch_linear, unpatch_linear
 from mixroute.routers import Router, RouterDims, RouteWeights, build_router, router_class
 from mixroute.routers.base import KEPT_LEVELS
 
@@ -236,7 +236,7 @@ class Mixture(nn.Module):
                 self._add_router(key, i, RouterDims(hidden, num_experts, cfg.rank, len(targets)))
             for slot, t in enumerate(targets):
                 ekey = f"layers_{i}_{t.name.replace('.', '_')}"
-                bank = LoraBank(*in_out_features(t.module), num_experts, cfg.rank, cfg.alpha, cfg.dropout)
+                bank = BANKS[cfg.expert].for_module(t.module, num_experts, cfg.rank, cfg.alpha, cfg.dropout)
                 self.experts[ekey] = bank
                 self.module_names[ekey] = t.path
                 self.module_slots[ekey] = slot
@@ -535,12 +535,14 @@ class Mixture(nn.Module):
 
     @classmethod
     def from_peft(cls, model: nn.Module, adapter_dirs: list[str], cfg: MixtureConfig | None = None) -> "Mixture":
-        """Import N PEFT LoRA adapters (same rank and targets) as the N experts of a new mixture."""
+        """Import N PEFT LoRA adapters (same rank and targets; all DoRA or none) as the N experts of a new
+        mixture (``expert`` becomes 'dora' for DoRA adapters, else 'lora')."""
         from mixroute.experts.lora import read_peft_adapters
 
         cfg = copy.deepcopy(cfg or MixtureConfig())
         experts, peft_cfg = read_peft_adapters(adapter_dirs)
-        cfg.expert, cfg.num_experts, cfg.rank = "lora", len(adapter_dirs), peft_cfg["r"]
+        cfg.expert = "dora" if peft_cfg["use_dora"] else "lora"
+        cfg.num_experts, cfg.rank = len(adapter_dirs), peft_cfg["r"]
         # the targets are the modules the adapters hold weights for, named relative to their decoder layer
         # ("self_attn.q_proj"): exactly PEFT's set, whatever form (names, regex, all-linear) its config used
         prefix = layers_path(model) + "."
@@ -564,22 +566,27 @@ class Mixture(nn.Module):
                 with torch.no_grad():
                     a.copy_(weights[name][0])
                     b.copy_(weights[name][1])
+                    if weights[name][2] is not None:
+                        bank.m[e].copy_(weights[name][2])
         return mix
 
     def export_peft(self, expert_index: int, out_dir: str) -> None:
-        """Write expert ``expert_index`` as a PEFT LoRA adapter directory (``PeftModel.from_pretrained``)."""
+        """Write expert ``expert_index`` as a PEFT LoRA (or DoRA) adapter directory
+        (``PeftModel.from_pretrained``)."""
         from peft.tuners.tuners_utils import _find_minimal_target_modules
         from transformers.pytorch_utils import Conv1D
 
         from mixroute.experts.lora import write_peft_adapter
 
-        if self.cfg.expert != "lora" or router_class(self.cfg.router).level == "task":
-            raise ValueError(f"export_peft needs plain LoRA experts; this mixture is expert={self.cfg.expert!r}, "
+        if self.cfg.expert not in ("lora", "dora") or router_class(self.cfg.router).level == "task":
+            raise ValueError(f"export_peft needs LoRA or DoRA experts; this mixture is expert={self.cfg.expert!r}, "
                              f"router={self.cfg.router!r} (Poly skills are only meaningful mixed)")
         n = next(iter(self.experts.values())).num_experts
         if not 0 <= expert_index < n:
             raise ValueError(f"expert index {expert_index} out of range: this mixture has {n} experts")
-        weights = {self.module_names[k]: bank.expert(expert_index) for k, bank in self.experts.items()}
+        weights = {self.module_names[k]: (*bank.expert(expert_index),
+                                          bank.m[expert_index] if self.cfg.expert == "dora" else None)
+                   for k, bank in self.experts.items()}
         modules = dict(self.model.named_modules())
         # PEFT's own shortest target names that select these modules and no other (GPT-2 has attn.c_proj and
         # mlp.c_proj: with mlp_only the target must be "mlp.c_proj")
@@ -614,6 +621,12 @@ def validate_mixture(cfg: MixtureConfig) -> None:
             ok = [n for n, c in ROUTERS.items() if c.level in PromptBank.levels]
             raise ConfigError(f"mixture.router={cfg.router!r} cannot route prompt experts (it routes per "
                               f"{cls.level}); valid with expert='prompt': {', '.join(ok)}")
+    elif cls.level not in BANKS[cfg.expert].levels:
+        from mixroute.routers import ROUTERS
+
+        ok = [n for n, c in ROUTERS.items() if c.level in BANKS[cfg.expert].levels]
+        raise ConfigError(f"mixture.router={cfg.router!r} cannot route {cfg.expert} experts (it routes per "
+                          f"{cls.level}); valid with expert={cfg.expert!r}: {', '.join(ok)}")
 
 
 class _Forced(NamedTuple):

@@ -1,4 +1,4 @@
-"""``mixroute adapters import/export``: move LoRA experts between PEFT adapter directories and mixtures."""
+"""``mixroute adapters import/export``: move LoRA (or DoRA) experts between PEFT adapter directories and mixtures."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 from mixroute.cli.common import console, fail, user_errors
 
 HELP = (
-    "Import PEFT LoRA adapters as the experts of a mixture, or export one expert as a PEFT adapter.\n\n"
+    "Import PEFT LoRA (or DoRA) adapters as the experts of a mixture, or export one expert as a PEFT adapter.\n\n"
     "Example (MoA stage 2 from per-task LoRAs):\n\n"
     "  mixroute adapters import runs/lora_qa runs/lora_sum runs/lora_code --out mixtures/moa --router task\n\n"
     "  mixroute adapters export mixtures/moa --expert 1 --out adapters/sum   # PeftModel.from_pretrained"
@@ -31,7 +31,8 @@ def import_cmd(
                                                         "token_topk, uniform, rank, single (one adapter)."),
     model: Optional[str] = typer.Option(None, "--model", help=_MODEL_HELP),
 ) -> None:
-    """Import N PEFT LoRA adapters (same rank, alpha and target modules) as the N experts of a new mixture.
+    """Import N PEFT LoRA adapters (same rank, alpha and target modules; all DoRA or none) as the N experts of a
+    new mixture.
 
     The router starts untrained; train it with `mixroute train` (method moa, stage1_adapters) or use
     --router oracle to route by task id right away.

@@ -32,6 +32,8 @@ from mixroute.routers.base import RouteWeights
 class LoraBank(nn.Module):
     """E stacked LoRA experts for one linear layer: ``A`` (E*r, in), ``B`` (out, E*r), scaling alpha / r."""
 
+    levels = ("sequence", "token", "rank", "task")   # the routing levels this bank can apply
+
     def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, alpha: float,
                  dropout: float = 0.0) -> None:
         super().__init__()
@@ -44,6 +46,14 @@ class LoraBank(nn.Module):
         # PEFT's LoRA init: kaiming-uniform(a=sqrt(5)) on each expert's (r, in) A (fan_in = in for the whole
         # stack too, so one call gives every expert the same distribution), B = 0 (the mixture starts as base).
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    @classmethod
+    def for_module(cls, module: nn.Module, num_experts: int, rank: int, alpha: float,
+                   dropout: float = 0.0) -> "LoraBank":
+        """A bank for the frozen linear ``module`` (``nn.Linear`` or ``Conv1D``)."""
+        from mixroute.arch import in_out_features
+
+        return cls(*in_out_features(module), num_experts, rank, alpha, dropout)
 
     def expert(self, e: int) -> tuple[Tensor, Tensor]:
         """Views (A_e (r, in), B_e (out, r)) of expert ``e``."""
@@ -112,10 +122,9 @@ def patch_linear(linear: nn.Module, bank: LoraBank, get_route: RouteGetter, slot
             return out
         bsz = route.weights.shape[0]
         if x.dim() == 2 and x.shape[0] % bsz == 0:
-            # OPT runs its MLP on (B*T, H) rows: routes are per sequence, so the batch dimension is restored (a
-            # view: the LoRA term still lands in ``out``)
-            bank.add_into(out.view(bsz, -1, out.shape[-1]), x.view(bsz, -1, x.shape[-1]), route, slot)
-            return out
+            # OPT runs its MLP on (B*T, H) rows: routes are per sequence, so the batch dimension is restored
+            return bank.add_into(out.view(bsz, -1, out.shape[-1]), x.view(bsz, -1, x.shape[-1]), route,
+                                 slot).view(out.shape)
         return bank.add_into(out, x, route, slot)
 
     linear.forward = types.MethodType(forward, linear)  # type: ignore[method-assign]
@@ -127,9 +136,13 @@ def unpatch_linear(linear: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- PEFT I/O
-def read_peft_adapters(adapter_dirs: list[str]) -> tuple[list[dict[str, tuple[Tensor, Tensor]]], dict]:
-    """Read PEFT LoRA adapter directories: per adapter {module name: (lora_A (r, in), lora_B (out, r))}, and
-    the shared settings {r, lora_alpha, targets}. Different ranks, alphas or targets are a clear error."""
+MAGNITUDE = ".lora_magnitude_vector"   # PEFT's key suffix of a DoRA magnitude (out,)
+
+
+def read_peft_adapters(adapter_dirs: list[str]) -> tuple[list[dict[str, tuple]], dict]:
+    """Read PEFT LoRA (or DoRA) adapter directories: per adapter {module name: (lora_A (r, in), lora_B (out, r),
+    DoRA magnitude (out,) or None)}, and the shared settings {r, lora_alpha, targets, use_dora}. Different
+    ranks, alphas, targets or kinds are a clear error."""
     import json
     from pathlib import Path
 
@@ -146,36 +159,40 @@ def read_peft_adapters(adapter_dirs: list[str]) -> tuple[list[dict[str, tuple[Te
         conf = json.loads((path / "adapter_config.json").read_text())
         if conf.get("peft_type") != "LORA":
             raise ValueError(f"{path}: peft_type {conf.get('peft_type')!r}; only LORA adapters can be imported")
-        for flag in ("use_dora", "use_rslora"):
-            if conf.get(flag):
-                raise ValueError(f"{path}: {flag}=true is not supported (plain LoRA only)")
+        if conf.get("use_rslora"):
+            raise ValueError(f"{path}: use_rslora=true is not supported (LoRA or DoRA only)")
         if conf.get("rank_pattern") or conf.get("alpha_pattern"):
             raise ValueError(f"{path}: per-module rank/alpha patterns are not supported")
         targets = conf.get("target_modules") or []
         targets = sorted([targets] if isinstance(targets, str) else targets)
-        settings = {"r": conf["r"], "lora_alpha": conf["lora_alpha"], "targets": targets}
+        settings = {"r": conf["r"], "lora_alpha": conf["lora_alpha"], "targets": targets,
+                    "use_dora": bool(conf.get("use_dora"))}
         if first is None:
             first, first_dir = settings, path
         elif settings != first:
             diff = [f"{k}: {first[k]} in {first_dir} vs {settings[k]} in {path}" for k in first
                     if first[k] != settings[k]]
-            raise ValueError("PEFT adapters must share rank, alpha and target modules to be experts of one "
-                             "bank; " + "; ".join(diff))
+            raise ValueError("PEFT adapters must share rank, alpha, target modules and use_dora to be experts "
+                             "of one bank; " + "; ".join(diff))
         tensors = load_file(str(path / "adapter_model.safetensors"))
-        weights: dict[str, tuple[Tensor, Tensor]] = {}
+        weights: dict[str, tuple] = {}
         for key, value in tensors.items():
             if key.endswith(".lora_A.weight"):
-                name = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
-                weights[name] = (value, tensors[key.replace(".lora_A.", ".lora_B.")])
+                stem = key[: -len(".lora_A.weight")]
+                weights[stem.removeprefix("base_model.model.")] = (
+                    value, tensors[key.replace(".lora_A.", ".lora_B.")], tensors.get(stem + MAGNITUDE))
+        if settings["use_dora"] and any(w[2] is None for w in weights.values()):
+            raise ValueError(f"{path}: use_dora=true but a module has no {MAGNITUDE.lstrip('.')}")
         experts.append(weights)
     assert first is not None
     return experts, first
 
 
-def write_peft_adapter(weights: dict[str, tuple[Tensor, Tensor]], cfg, base_name: Optional[str],
+def write_peft_adapter(weights: dict[str, tuple], cfg, base_name: Optional[str],
                        out_dir: str, targets: Optional[list[str]] = None, fan_in_fan_out: bool = False) -> None:
-    """Write {module name: (A (r, in), B (out, r))} as a PEFT LoRA adapter that PeftModel.from_pretrained
-    loads (the config is written by PEFT's own LoraConfig, so it stays in step with PEFT's format).
+    """Write {module name: (A (r, in), B (out, r)[, DoRA magnitude (out,)])} as a PEFT LoRA adapter that
+    PeftModel.from_pretrained loads (the config is written by PEFT's own LoraConfig, so it stays in step with
+    PEFT's format); with magnitudes it is a DoRA adapter (use_dora=true).
 
     ``targets``: PEFT target names that select exactly these modules (default: their last name part);
     ``fan_in_fan_out``: the modules are ``Conv1D`` (GPT-2), as PEFT records it for them."""
@@ -185,12 +202,16 @@ def write_peft_adapter(weights: dict[str, tuple[Tensor, Tensor]], cfg, base_name
     from safetensors.torch import save_file
 
     targets = targets or sorted({name.rsplit(".", 1)[-1] for name in weights})
+    dora = any(len(w) > 2 and w[2] is not None for w in weights.values())
     conf = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                      task_type="CAUSAL_LM", base_model_name_or_path=base_name, fan_in_fan_out=fan_in_fan_out)
+                      task_type="CAUSAL_LM", base_model_name_or_path=base_name, fan_in_fan_out=fan_in_fan_out,
+                      use_dora=dora)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     conf.save_pretrained(out_dir)
     tensors = {}
-    for name, (a, b) in weights.items():
+    for name, (a, b, *m) in weights.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().contiguous().cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().contiguous().cpu()
+        if dora:
+            tensors[f"base_model.model.{name}{MAGNITUDE}"] = m[0].detach().contiguous().cpu()
     save_file(tensors, str(Path(out_dir) / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -3,7 +3,9 @@
 Experts may differ in rank, alpha and target modules: the bank takes the largest rank and the union of the
 targets, with alpha = rank (scaling 1), and each expert's update B A * (alpha_e / r_e) is copied in exactly
 (the scaling folded into B, unused ranks and modules left at zero). Adding or removing an expert is therefore a
-rebuild with N +- 1 experts and a copy: nothing is retrained.
+rebuild with N +- 1 experts and a copy: nothing is retrained. When any expert is a DoRA adapter the bank is a
+DoRA bank: DoRA experts bring their magnitudes, and every other expert (and module an expert does not adapt)
+gets the magnitude that makes it act exactly as its plain LoRA (``DoraBank.match_plain_lora``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 
 from mixroute.arch import layers_path
 from mixroute.config import MixtureConfig
+from mixroute.experts.lora import MAGNITUDE
 from mixroute.library.cost import CostAware
 from mixroute.library.features import arrow_prototypes
 from mixroute.library.manifest import CENTROID, LibraryError, Manifest, peft_settings
@@ -35,19 +38,22 @@ def library_routers(level: Optional[str] = None) -> list[str]:
 
 
 def read_adapter(adapter_dir: str | Path, name: str, model: nn.Module,
-                 max_rank: int) -> tuple[dict[str, tuple[Tensor, Tensor]], dict]:
-    """{module name: (A (r, in), B (out, r) scaled by alpha / r)} of a PEFT adapter, checked against the base
-    ``model``: every module must be one of its Linear layers with matching shapes (else the adapter was trained
-    on another base), and the file may hold only LoRA A/B weights."""
+                 max_rank: int) -> tuple[dict[str, tuple], dict]:
+    """{module name: (A (r, in), B (out, r) scaled by alpha / r, DoRA magnitude (out,) or None)} of a PEFT
+    adapter, checked against the base ``model``: every module must be one of its Linear layers with matching
+    shapes (else the adapter was trained on another base), and the file may hold only LoRA A/B weights (and a
+    DoRA adapter's magnitudes)."""
     settings = peft_settings(adapter_dir, name, max_rank)
     tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    weights: dict[str, tuple[Tensor, Tensor]] = {}
+    weights: dict[str, tuple] = {}
     scale = settings["lora_alpha"] / settings["r"]
+    allowed = (".lora_A.weight", ".lora_B.weight") + ((MAGNITUDE,) if settings["use_dora"] else ())
     for key in tensors:
-        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
+        if not key.endswith(allowed):
             raise LibraryError(f"expert {name!r}: {adapter_dir}/adapter_model.safetensors holds {key}, which is not a "
-                               "LoRA A/B weight (DoRA magnitudes, biases and saved modules are not supported)")
+                               "LoRA A/B weight (or, with use_dora, a DoRA magnitude); biases and saved modules "
+                               "are not supported")
         if not key.endswith(".lora_A.weight"):
             continue
         module = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
@@ -62,16 +68,21 @@ def read_adapter(adapter_dir: str | Path, name: str, model: nn.Module,
         if a.shape[0] != settings["r"] or b.shape[1] != settings["r"]:
             raise LibraryError(f"expert {name!r}: {module} has rank {a.shape[0]}, adapter_config.json says "
                                f"r={settings['r']}")
-        weights[module] = (a.float(), b.float() * scale)
+        m = tensors.get(key[: -len(".lora_A.weight")] + MAGNITUDE)
+        if settings["use_dora"] and (m is None or m.shape != (lin.out_features,)):
+            raise LibraryError(f"expert {name!r}: use_dora=true but {module} has no magnitude of "
+                               f"{lin.out_features} values")
+        weights[module] = (a.float(), b.float() * scale, None if m is None else m.float())
     if not weights:
         raise LibraryError(f"expert {name!r}: {adapter_dir}/adapter_model.safetensors holds no LoRA weights")
     return weights, settings
 
 
 def mixture_config(router: str, ranks: list[int], targets: list[str],
-                   overrides: Optional[dict] = None) -> MixtureConfig:
+                   overrides: Optional[dict] = None, dora: bool = False) -> MixtureConfig:
     rank = max(ranks)
-    cfg = MixtureConfig(expert="lora", router=router, num_experts=len(ranks), rank=rank, alpha=float(rank),
+    cfg = MixtureConfig(expert="dora" if dora else "lora", router=router, num_experts=len(ranks), rank=rank,
+                        alpha=float(rank),
                         dropout=0.0, target_modules=targets, num_tasks=len(ranks), top_k=1)
     for k, v in (overrides or {}).items():
         setattr(cfg, k, v)
@@ -90,7 +101,8 @@ def materialise(model: nn.Module, lib: Path, man: Manifest, router: str,
     # match GPT-2's attn.c_proj where only mlp.c_proj was trained
     prefix = layers_path(model) + "."
     targets = sorted({m[len(prefix):].split(".", 1)[1] for w in adapters for m in w})
-    cfg = mixture_config(router, [e.rank for e in man.experts], targets, cfg_overrides)
+    dora = any(w[2] is not None for weights in adapters for w in weights.values())
+    cfg = mixture_config(router, [e.rank for e in man.experts], targets, cfg_overrides, dora)
     mix = Mixture.attach(model, cfg)
     with torch.no_grad():
         for key, bank in mix.experts.items():
@@ -102,6 +114,11 @@ def materialise(model: nn.Module, lib: Path, man: Manifest, router: str,
                     a, b = bank.expert(e)
                     a[: w[0].shape[0]].copy_(w[0])
                     b[:, : w[1].shape[1]].copy_(w[1])
+            for e, weights in enumerate(adapters) if dora else ():
+                w = weights.get(mix.module_names[key])
+                bank.match_plain_lora(e)   # after every A and B is in: the norms read them
+                if w is not None and w[2] is not None:
+                    bank.m[e].copy_(w[2])
         install_router(mix, lib, man, router, state or {})
     mix.eval()
     return mix

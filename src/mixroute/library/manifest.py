@@ -131,9 +131,9 @@ def content_name(stem: str, payload: bytes) -> str:
 
 
 def peft_settings(adapter_dir: str | Path, name: str, max_rank: int) -> dict[str, Any]:
-    """{r, lora_alpha, targets} of a PEFT adapter that a library can hold; anything else is a LibraryError
-    naming the expert and the field (DoRA, rsLoRA, trained biases, modules_to_save, rank patterns, rank above
-    ``max_rank``, not LoRA)."""
+    """{r, lora_alpha, targets, use_dora} of a PEFT LoRA or DoRA adapter that a library can hold; anything else
+    is a LibraryError naming the expert and the field (rsLoRA, trained biases, modules_to_save, rank patterns,
+    rank above ``max_rank``, not LoRA)."""
     path = Path(adapter_dir)
     missing = [n for n in ADAPTER_FILES if not (path / n).is_file()]
     if missing:
@@ -146,8 +146,6 @@ def peft_settings(adapter_dir: str | Path, name: str, max_rank: int) -> dict[str
     where = f"expert {name!r} ({path}/adapter_config.json)"
     if conf.get("peft_type") != "LORA":
         raise LibraryError(f"{where}: peft_type {conf.get('peft_type')!r}; only LORA adapters can join a library")
-    if conf.get("use_dora"):
-        raise LibraryError(f"{where}: use_dora=true (DoRA) is not supported; train a plain LoRA")
     if conf.get("use_rslora"):
         raise LibraryError(f"{where}: use_rslora=true is not supported; train a plain LoRA")
     if conf.get("bias", "none") != "none":
@@ -166,4 +164,5 @@ def peft_settings(adapter_dir: str | Path, name: str, max_rank: int) -> dict[str
                            "`mixroute library create ... --max-rank N` or use a smaller adapter")
     targets = conf.get("target_modules") or []
     targets = sorted([targets] if isinstance(targets, str) else targets)
-    return {"r": r, "lora_alpha": float(conf.get("lora_alpha", r)), "targets": targets}
+    return {"r": r, "lora_alpha": float(conf.get("lora_alpha", r)), "targets": targets,
+            "use_dora": bool(conf.get("use_dora"))}

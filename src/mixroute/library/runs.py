@@ -21,8 +21,9 @@ def from_run(cls: type, path: str | Path, run_dir: str | Path, max_rank: int = 6
 
     run = load_run(run_dir)
     mix = run.mix
-    if mix is None or mix.cfg.expert != "lora":
-        raise LibraryError(f"{run_dir}: method {run.cfg.train.method!r} has no LoRA experts to put in a library")
+    if mix is None or mix.cfg.expert not in ("lora", "dora"):
+        raise LibraryError(f"{run_dir}: method {run.cfg.train.method!r} has no LoRA or DoRA experts to put in a "
+                           "library")
     n = next(iter(mix.experts.values())).num_experts
     cats = list(run.data.categories)
     aligned = any(r.label_aligned for r in mix.routers.values()) and n == len(cats)

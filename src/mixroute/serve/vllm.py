@@ -68,9 +68,11 @@ def unsupported(mix: Any) -> Optional[str]:
     """Why vLLM cannot serve ``mix`` (None: it can)."""
     if mix is None:
         return None
+    if mix.cfg.expert == "prompt":
+        return "its experts are soft prompts (MoP); vLLM applies LoRA adapters only"
     if mix.cfg.expert != "lora":
-        return (f"its experts are {mix.cfg.expert!r} experts (MoP's soft prompts); vLLM applies LoRA adapters "
-                "only")
+        return (f"its experts are {mix.cfg.expert} experts; vLLM loads plain LoRA adapters only (its PEFT check: "
+                "'vLLM does not yet support DoRA'); serve it with --engine local")
     levels = {r.level for r in mix.routers.values()}
     if levels - {"sequence"}:
         what = {"token": "a token-level router (MoE-LoRA's top-k, Arrow)", "rank": "a rank-level router (SMoRA)",
