@@ -103,7 +103,7 @@ def evaluate(lib: Any, batches: list[dict], cats: list[str]) -> dict[str, Any]:
 def main() -> None:
     a = parse_args()
     t0 = time.time()
-    from mixroute.data import Collator
+    from mixroute.data import Collator, make_batches
     from mixroute.evaluate import held_out_pass, perplexity
     from mixroute.library import Library
     from mixroute.rundir import load_run, stage1_dir
@@ -117,7 +117,7 @@ def main() -> None:
     collate = Collator(run.tok)
     test = run.data.examples["test"]
     per_cat = {c: [e for e in test if e["task_id"] == i][: a.max_eval] for i, c in enumerate(cats)}
-    batches_of = {c: [collate(ex[i:i + 8]) for i in range(0, len(ex), 8)] for c, ex in per_cat.items()}
+    batches_of = {c: list(make_batches(ex, collate, 8)) for c, ex in per_cat.items()}
     train_recs = run.data.records["train"]
     lib_dir = Path(a.out) / "library"
     if lib_dir.exists():

@@ -196,7 +196,7 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False, progr
 def _personal_eval(local: Any, global_state: dict, personal: dict[int, dict], run_dir: Path) -> None:
     """Each client's own router on its own share of the test split (the test split partitioned with the same
     scheme and seed as the train split), next to the global router on the same examples: eval_clients.json."""
-    from mixroute.data import partition_train
+    from mixroute.data import make_batches, partition_train
 
     cfg, mix, cats = local.cfg, local.mix, local.data.categories
     test = local.data.examples["test"]
@@ -207,7 +207,7 @@ def _personal_eval(local: Any, global_state: dict, personal: dict[int, dict], ru
         ex = [test[i] for i in part.clients[k]]
         if not ex:
             continue
-        batches = [local.data.collate(ex[i:i + bs]) for i in range(0, len(ex), bs)]
+        batches = list(make_batches(ex, local.data.collate, bs))
         row: dict[str, Any] = {"examples": len(ex)}
         for name, state in (("own_router", client_state(global_state, personal[k])), ("global_router", global_state)):
             mix.load_adapter_state_dict(state, source=f"client {k} ({name})")

@@ -149,8 +149,6 @@ class Library:
 
     def _centroids(self, man: Manifest, items: list[tuple[Expert, Examples]]) -> None:
         """Each expert's prototype: pooled prompt features at every layer, its own expert active below."""
-        from mixroute.data import pad_id
-
         old = self.man
         self.man = man
         try:
@@ -159,7 +157,7 @@ class Library:
             with progress_bar("centroid prototypes", len(items), self.progress) as advance:
                 for e, examples in items:
                     prompts = read_prompts(examples, man, self.tok)
-                    batches = prompt_batches(prompts, pad_id(self.tok))
+                    batches = prompt_batches(prompts, self.tok)
                     onehot = torch.zeros(n)
                     onehot[man.names().index(e.name)] = 1.0
                     feats = layer_features(mix, batches, [onehot.expand(len(b["input_ids"]), n) for b in batches])

@@ -4,9 +4,9 @@ calibrate), tokenised with the library's own prompt template; and a small progre
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
-from mixroute.data import Collator, Record, load_records, prompt_ids, tokenize_records
+from mixroute.data import Collator, Record, load_records, make_batches, prompt_ids, tokenize_records
 from mixroute.library.manifest import LibraryError, Manifest
 from mixroute.progress import steps
 
@@ -51,16 +51,9 @@ def labelled_batches(path: str | Path, man: Manifest, tok: Any, batch_size: int,
     else:
         cats = sorted({r.category for r in recs})
     tr = tokenize_records(recs, tok, cats, template=man.template, max_length=man.max_length)
-    collate = Collator(tok)
-    ex = tr.examples
-    return [collate(ex[i:i + batch_size]) for i in range(0, len(ex), batch_size)], cats
+    return list(make_batches(tr.examples, Collator(tok), batch_size)), cats
 
 
 def progress(label: str, total: int, enabled: bool = True):
     """The project's progress bar (``advance()``), gone once done: library steps are short and many."""
     return steps(label, total, enabled, transient=True)
-
-
-def chunks(seq: Sequence, size: int) -> Iterable[Sequence]:
-    for i in range(0, len(seq), size):
-        yield seq[i:i + size]

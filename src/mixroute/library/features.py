@@ -8,28 +8,20 @@ LoRA weights alone.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mixroute.arch import decoder, decoder_layers, input_norm, input_part, reading_layer_inputs
+from mixroute.data import Collator, make_batches
 from mixroute.routers.base import pool_prompt
 
 
-def prompt_batches(prompts: Sequence[list[int]], pad: int, batch_size: int = 8) -> list[dict[str, Tensor]]:
-    """Right-padded batches of prompt token ids (every attended token is prompt)."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, p in enumerate(chunk):
-            ids[j, :len(p)] = torch.tensor(p, dtype=torch.long)
-            attn[j, :len(p)] = 1
-        out.append({"input_ids": ids, "attention_mask": attn})
-    return out
+def prompt_batches(prompts: Sequence[list[int]], tok: Any, batch_size: int = 8) -> list[dict[str, Tensor]]:
+    """Right-padded batches of prompt token ids (every attended token is prompt), by the one collator."""
+    ex = [{"input_ids": list(p), "labels": [-100] * len(p), "prompt_len": len(p), "task_id": 0} for p in prompts]
+    return [{k: b[k] for k in ("input_ids", "attention_mask")} for b in make_batches(ex, Collator(tok), batch_size)]
 
 
 @torch.no_grad()
