@@ -27,6 +27,7 @@ from mixroute.evaluate import held_out_pass, perplexity, validation_snapshot
 from mixroute.federated.aggregate import aggregate, client_state, rule_for, split_routers
 from mixroute.federated.payload import from_record, is_router, num_bytes, to_record
 from mixroute.fileio import atomic_dir, atomic_write_text
+from mixroute.train.tracking import MetricsLogger
 
 log = logging.getLogger("mixroute.federated")
 
@@ -97,6 +98,15 @@ def map_partitions(grid: Grid, nodes: list[int], cfg_text: str, timeout: Optiona
 
 def serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
           stop_after_round: Optional[int] = None) -> None:
+    metrics = MetricsLogger(run_dir)   # metrics.jsonl, gates.json and TensorBoard, as central training writes them
+    try:
+        _serve(grid, cfg, run_dir, resume, progress, stop_after_round, metrics)
+    finally:
+        metrics.close()
+
+
+def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
+           stop_after_round: Optional[int], metrics: MetricsLogger) -> None:
     from mixroute.federated.local import setup
     import yaml
 
@@ -113,7 +123,7 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False, progr
         rundir.truncate_after(run_dir, start)
         console(f"resuming after round {start}")
     elif not resume:
-        _evaluate(local, global_state, run_dir, 0, "before")
+        _evaluate(local, global_state, metrics, 0, "before")
     cfg_text = yaml.safe_dump(_to_send(cfg), sort_keys=False)
     nodes = wait_for_nodes(grid, fed)
     owners = map_partitions(grid, nodes, cfg_text, fed.round_timeout)
@@ -165,7 +175,7 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False, progr
                 for k, st in zip(order, states):
                     personal[k] = split_routers(st, is_router)[1]
             global_state = new
-        ppl = _evaluate(local, global_state, run_dir, rnd, "after" if rnd == fed.rounds else "during")
+        ppl = _evaluate(local, global_state, metrics, rnd, "after" if rnd == fed.rounds else "during")
         n = sum(examples)
         row = {"round": rnd, "sampled": sampled, "succeeded": order, "failed": failed, "examples": n,
                "train_loss": (sum(ok[k][1]["train_loss"] * e for k, e in zip(order, examples)) / n) if n else None,
@@ -176,7 +186,7 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False, progr
                "seconds": round(time.perf_counter() - t0, 3)}
         rundir.append_round(run_dir, row)
         if row["train_loss"] is not None:
-            rundir.append_metrics(run_dir, {"step": rnd, "loss": row["train_loss"], "time": time.time()})
+            metrics.train({"step": rnd, "loss": row["train_loss"], "time": time.time()})
         _client_gates(run_dir, cats, local.num_experts, rnd, {k: ok[k][1]["gates"] for k in order})
         save_state(run_dir, rnd, global_state, personal)
         console(_line(row, fed.rounds))
@@ -236,15 +246,12 @@ def _mean_usage(usage: list[list[float]], examples: list[int]) -> Optional[list[
     return ((u * w).sum(0) / w.sum()).tolist()
 
 
-def _evaluate(local: Any, state: dict, run_dir: Path, rnd: int, stage: str) -> dict:
+def _evaluate(local: Any, state: dict, metrics: MetricsLogger, rnd: int, stage: str) -> dict:
     """Validation perplexity of the global mixture (a metrics.jsonl eval line, step = round) and gates."""
     mix, cfg = local.mix, local.cfg
     mix.load_adapter_state_dict(state, source=f"round {rnd} global state")
     ppl, row, snap = validation_snapshot(local.model, mix, local.data, cfg.eval.batch_size, rnd, stage)
-    rundir.append_metrics(run_dir, row)
-    if snap is not None:
-        level = snap.pop("level")
-        rundir.add_gate_snapshot(run_dir, local.data.categories, len(snap["weights"][0]), level, snap)
+    metrics.validation(row, snap, local.data.categories)
     return ppl
 
 

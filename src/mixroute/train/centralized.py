@@ -450,10 +450,7 @@ def evaluate_validation(ctx: _Ctx, mix: Optional[nn.Module], step: int, stage: s
     if category is not None:
         row.update(stage="stage1", category=ctx.data.categories[category])
         snap = None
-    ctx.log.eval(row)
-    if snap is not None:
-        level = snap.pop("level")
-        ctx.log.gates(ctx.data.categories, len(snap["weights"][0]), level, snap)
+    ctx.log.validation(row, snap, ctx.data.categories)
     return ppl["average"]
 
 

@@ -44,6 +44,15 @@ class MetricsLogger:
         if self.enabled:
             rundir.add_gate_snapshot(self.run_dir, categories, num_experts, level, snapshot)
 
+    def validation(self, row: dict[str, Any], snapshot: Optional[dict[str, Any]], categories: list[str]) -> None:
+        """One validation of ``evaluate.validation_snapshot``: its eval line, and its gate snapshot when it has
+        one (central training and the federated server log a validation through here)."""
+        self.eval(row)
+        if snapshot is not None:
+            snapshot = dict(snapshot)
+            level = snapshot.pop("level")
+            self.gates(categories, len(snapshot["weights"][0]), level, snapshot)
+
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines and gate snapshots past the checkpoint's step (they will be redone)."""
         if self.enabled:
