@@ -9,7 +9,9 @@ For Dolly-15k prompts (chat template, instruction + context) through the frozen 
   router (plain mean, ``nn.Linear``'s default init, no norm) and the current ``TaskRouter`` (sinks out,
   LayerNorm, near-zero init); a uniform guess is ln 8 = 2.08;
 * the test accuracy of a logistic-regression classifier on each layer's features, plain mean vs sink-free pool
-  (train / test halves of the prompts), to show the routers lose no information by leaving the sink out.
+  (train / test halves of the prompts), to show the routers lose no information by leaving the sink out, and
+  the sink-free pool over the instruction only (the chat prompt up to the end of the instruction, the context
+  passage left out), the candidate pooling for routers that a long context might drown.
 
     python bench/router_features.py                  # 400 prompts, every third layer
     python bench/router_features.py --prompts 80 --no-write
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     feats_plain: dict[int, list] = {}
     feats_free: dict[int, list] = {}
+    feats_instr: dict[int, list] = {}
+    with_context = 0
     first, other = {}, {}
     norm_plain, norm_free = {}, {}
     labels = []
@@ -68,7 +72,13 @@ def main(argv: list[str] | None = None) -> None:
             rec = Record(instruction=r["instruction"], context=r["context"][:800], response="", category=r["category"])
             text = tok.apply_chat_template([{"role": "user", "content": user_message(rec)}], tokenize=False,
                                            add_generation_prompt=True)
-            ids = tok(text, return_tensors="pt").input_ids[:, :256]
+            enc = tok(text, return_offsets_mapping=True)
+            ids = torch.tensor([enc["input_ids"][:256]])
+            # the instruction's end in the rendered text; tokens that start before it are the instruction's
+            # (with the template's header): the context passage follows it
+            end = text.index(rec.instruction.strip()) + len(rec.instruction.strip())
+            instr = torch.tensor([[s < end for s, _ in enc["offset_mapping"][:256]]])
+            with_context += bool(rec.context.strip())
             hs = model(ids, output_hidden_states=True).hidden_states[:-1]
             labels.append(cats.index(r["category"]))
             for layer, h in enumerate(hs):
@@ -81,12 +91,14 @@ def main(argv: list[str] | None = None) -> None:
                 norm_free.setdefault(layer, []).append(float(free.norm()))
                 feats_plain.setdefault(layer, []).append(plain)
                 feats_free.setdefault(layer, []).append(free)
+                feats_instr.setdefault(layer, []).append(pool_prompt(h, instr)[0])
     y = torch.tensor(labels)
     half = torch.arange(len(y)) % 2 == 0
     E, H = len(cats), model.config.hidden_size
     lines = ["| layer | first token / median norm | largest other / median | pool norm, plain mean | pool norm, "
              "sinks out | first routing CE, old router | first routing CE, current | classifier acc., plain "
-             "mean | classifier acc., sinks out |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "mean | classifier acc., sinks out | classifier acc., instruction only |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def med(v: list[float]) -> float:
         return float(torch.tensor(v).median())
@@ -105,18 +117,21 @@ def main(argv: list[str] | None = None) -> None:
             ce_new = float(torch.nn.functional.cross_entropy(new.logits(xf), y))
         lines.append(f"| {layer} | {med(first[layer]):.1f} | {med(other[layer]):.2f} (max {max(other[layer]):.1f}) | "
                      f"{med(norm_plain[layer]):.0f} | {med(norm_free[layer]):.0f} | {ce_old:.2f} | {ce_new:.2f} | "
-                     f"{clf(xp):.1%} | {clf(xf):.1%} |")
+                     f"{clf(xp):.1%} | {clf(xf):.1%} | {clf(torch.stack(feats_instr[layer])):.1%} |")
     table = "\n".join(lines)
     print(table)
-    print(f"ln {E} = {math.log(E):.2f}; {len(y)} prompts; {time.time() - t0:.0f} s")
+    print(f"ln {E} = {math.log(E):.2f}; {len(y)} prompts ({with_context} with a context passage); "
+          f"{time.time() - t0:.0f} s")
     if a.no_write:
         return
     text = ("## What routers read (SmolLM2-135M-Instruct, Dolly-15k prompts)\n\n"
             f"`python bench/router_features.py --prompts {a.prompts} --every {a.every}` ({time.strftime('%Y-%m-%d')}, "
-            f"{len(y)} prompts, {len(y) // 2} for the classifiers' test half). Norms are medians over prompts; "
+            f"{len(y)} prompts, {with_context} of them with a context passage, {len(y) // 2} for the classifiers' "
+            "test half). Norms are medians over prompts; "
             "'old router' = a plain mean over the prompt and `nn.Linear`'s default init (the task router before "
-            f"2026-12), 'current' = `TaskRouter` (sinks out, LayerNorm, near-zero init). A uniform guess is ln {E} "
-            f"= {math.log(E):.2f}.\n\n{table}\n")
+            "2026-12), 'current' = `TaskRouter` (sinks out, LayerNorm, near-zero init); 'instruction only' = the "
+            "sink-free pool over the chat prompt up to the end of the instruction, the context passage left out. "
+            f"A uniform guess is ln {E} = {math.log(E):.2f}.\n\n{table}\n")
     write_section(ROOT / "docs" / "benchmarks.md", "## What routers read (SmolLM2-135M-Instruct, Dolly-15k prompts)",
                   text)
 
