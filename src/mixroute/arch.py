@@ -136,6 +136,11 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as (out, in), whatever its storage (GPT-2's ``Conv1D`` keeps (in, out))."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.T
+
+
 def position_style(model: nn.Module) -> PositionStyle:
     """How the model encodes positions: ``rotary`` (a shared ``rotary_emb`` on the decoder), ``absolute`` (a
     learned position embedding added to the input, GPT-2 / OPT), ``alibi`` (distance biases in the attention

@@ -26,15 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mixroute.arch import dense_weight, in_out_features
 from mixroute.experts.lora import LoraBank
 from mixroute.routers.base import RouteWeights
-
-
-def dense_weight(module: nn.Module) -> Tensor:
-    """The frozen weight as (out, in): GPT-2's ``Conv1D`` stores (in, out)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 
 class DoraBank(LoraBank):
@@ -54,8 +48,6 @@ class DoraBank(LoraBank):
     @classmethod
     def for_module(cls, module: nn.Module, num_experts: int, rank: int, alpha: float,
                    dropout: float = 0.0) -> "DoraBank":
-        from mixroute.arch import in_out_features
-
         return cls(module, *in_out_features(module), num_experts, rank, alpha, dropout)
 
     def norms(self, dtype: torch.dtype) -> Tensor:
