@@ -62,6 +62,24 @@ def first_loss(run_dir: Path) -> float:
     return next(r["loss"] for r in rows if "loss" in r)
 
 
+def test_half_precision_on_a_cpu_without_native_kernels_warns_once_and_says_what_to_do(monkeypatch):
+    import warnings
+
+    from mixroute import devices
+
+    monkeypatch.setattr(devices, "cpu_has_native", lambda precision: False)
+    with pytest.warns(devices.SlowPrecisionWarning, match="no native bf16 matrix multiply.*use precision 'no'"):
+        with autocast("cpu", "bf16"):
+            pass
+    monkeypatch.setattr(devices, "cpu_has_native", lambda precision: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", devices.SlowPrecisionWarning)
+        with autocast("cpu", "bf16"), autocast("cpu", "no"):
+            pass
+        devices.warn_if_slow("cpu", "no")
+    assert isinstance(devices.cpu_has_native("bf16"), bool) and devices.cpu_has_native("no")
+
+
 def test_bf16_training_differs_from_float32_only_by_rounding_and_does_not_leak(tmp_path):
     cfg = lambda name, *o: load_config(ROOT / "configs" / "lora_mixed.yaml",  # noqa: E731
                                        [*SMALL, f"output_dir={tmp_path / name}", *o])

@@ -27,7 +27,7 @@ from torch import nn
 from mixroute import rundir
 from mixroute.config import ConfigError, ModelConfig, RunConfig
 from mixroute.data import RunData, to_device
-from mixroute.devices import DeviceError, resolve_device
+from mixroute.devices import DeviceError, resolve_device, warn_if_slow
 from mixroute.evaluate import validation_snapshot
 from mixroute.fileio import atomic_dir
 from mixroute.methods import needs_stage1, stage1_config
@@ -63,6 +63,7 @@ def make_accelerator(cfg: ModelConfig) -> Any:
     # training is a library call that may run many times per process, so each run starts from a fresh state
     # (the distributed part, PartialState, is kept: a launched process stays in its group)
     AcceleratorState._reset_state(reset_partial_state=False)
+    warn_if_slow(device, cfg.precision)
     # top-1 routers leave some experts without gradient in a step
     return Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.precision,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
