@@ -38,7 +38,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol as P  # noqa: E402
-from common import DOLLY, ROOT, fmt, preset, write_section  # noqa: E402
+from common import DOLLY, preset, write_section  # noqa: E402
 
 ORDER = ["base", "lora_mixed", "lora_single", "moa", "moe_lora", "moe_lora_naive", "prompt_tuning", "mop"]
 SHOWN = ["base", "lora_single", "lora_mixed", "moa", "moe_lora", "moe_lora_naive", "prompt_tuning", "mop"]
@@ -172,7 +172,6 @@ class Runner:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     import torch
 
-    from mixroute import rundir
     from mixroute.models import quiet_transformers
 
     a = parse_args(argv)
@@ -286,7 +285,7 @@ def render(a: argparse.Namespace, results: dict, chosen: dict, sweeps: dict, fig
     seconds = sum((r.get("train_seconds") or 0) + (r.get("eval_seconds") or 0)
                   for rs in results.values() for r in rs.values())
     sweep_seconds = sum(_timing(Path(t["dir"])) for tried in sweeps.values() for t in tried)
-    command = P.command(f"bench/quality_dolly.py", a.argv)
+    command = P.command("bench/quality_dolly.py", a.argv)
     model = "SmolLM2-135M-Instruct (embedded, float32)" if a.model is None else f"`{a.model}`"
     n_train, n_cat = P.split_sizes(tuple(base_overrides(a, a.seeds[0])))
     sched = P.schedule(b, n_train, n_cat, a.batch_size)
@@ -319,7 +318,7 @@ def render(a: argparse.Namespace, results: dict, chosen: dict, sweeps: dict, fig
     out += P.missing_note(missing or [])
     if sweeps:
         lora = chosen.get(LORA_LR_FROM, {}).get("train.lr")
-        out += P.sweep_table(sweeps, f" on the first seed; the chosen values are used for every seed" + (
+        out += P.sweep_table(sweeps, " on the first seed; the chosen values are used for every seed" + (
             f"; lora_single (MoA's stage 1) and moe_lora_naive train at lr {lora:g}, the rate chosen for "
             f"{LORA_LR_FROM}; the stage 2 of moa and moe_lora, which continues from those stage-1 LoRAs, has "
             "its own" if lora is not None else ""), {m: chosen[m] for m in sweeps if chosen.get(m)})

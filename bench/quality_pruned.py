@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol as P  # noqa: E402
-from common import DOLLY, ROOT, fmt, preset, write_section  # noqa: E402
+from common import DOLLY, fmt, preset, write_section  # noqa: E402
 
 HEADING = "## MoP on pruned bases"
 METHOD_ORDER = ["base", "prompt_tuning", "mop", "lora_mixed", "moa"]
@@ -391,7 +391,7 @@ def render(a: argparse.Namespace, results: dict[str, dict], chosen: dict, sweeps
     run_seconds = sum((r.get("train_seconds") or 0) + (r.get("eval_seconds") or 0)
                       for e in results.values() for rs in e["runs"].values() for r in rs.values())
     prune_seconds = sum(p.get("wall_time_s") or 0 for e in results.values() for p in e["prune"].values())
-    command = P.command(f"bench/quality_pruned.py", a.argv)
+    command = P.command("bench/quality_pruned.py", a.argv)
     model = "SmolLM2-135M-Instruct (embedded, float32)" if a.model is None else f"`{a.model}`"
     data = "Dolly-15k (8 categories)" if a.data == DOLLY else (
         "the built-in synthetic suite" if a.data == "synthetic" else f"`{a.data}`")

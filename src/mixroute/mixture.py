@@ -40,7 +40,7 @@ from mixroute.arch import (Reached, decoder_layers, in_out_features, layer_input
                            resolve_targets)
 from mixroute.config import ConfigError, MixtureConfig
 from mixroute.experts import BANKS, patch_linear, unpatch_linear
-from mixroute.routers import Router, RouterDims, RouteWeights, build_router, router_class
+from mixroute.routers import RouterDims, RouteWeights, build_router, router_class
 from mixroute.routers.base import KEPT_LEVELS
 
 

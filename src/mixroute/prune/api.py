@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from mixroute.prune.calibrate import Batch, advance, as_batch, capture_layer_inputs, collect_stats, \
     decoder_layers, final_inputs_stats, linear_modules, run_layer, use_layer
 from mixroute.prune.masks import NM_CONVENTION, NMPattern, PatternLike, PruneError, check_nm_width, \
-    magnitude_mask, prune_magnitude, prune_wanda, resolve_target
+    prune_magnitude, prune_wanda, resolve_target
 from mixroute.prune.sparsegpt import HessianAccumulator, sparsegpt_prune_layer
 from mixroute.progress import steps
 

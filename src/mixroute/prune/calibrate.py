@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Union
 
-import torch
 from torch import Tensor, nn
 
 from mixroute.arch import Reached, reading_layer_inputs
