@@ -131,3 +131,19 @@ def test_the_lora_methods_keep_a_dora_choice_and_the_others_refuse_it():
     assert mixture_config(load_config(None, ["train.method=moa"]), 4).expert == "lora"
     with pytest.raises(ConfigError, match="train.method 'smora' .* cannot route dora experts"):
         mixture_config(cfg("smora"), 4)
+
+
+def test_under_bf16_autocast_a_dora_mixture_stays_close_to_float32():
+    from mixroute.devices import autocast
+
+    ids, am = batch()
+    mix = Mixture.attach(tiny_model()[0], MixtureConfig(expert="dora", router="task", num_experts=2, num_tasks=2,
+                                                        rank=4)).eval()
+    with torch.no_grad():
+        for name, p in mix.experts.named_parameters():
+            p.add_(torch.randn_like(p) * (0.05 if not name.endswith(".m") else 0.2))
+        ref = mix(ids, attention_mask=am).logits
+        with autocast("cpu", "bf16"):
+            half = mix(ids, attention_mask=am).logits
+    assert not torch.equal(half.float(), ref)   # bf16 was applied
+    assert (half.float() - ref).abs().max() / ref.abs().max() < 0.05

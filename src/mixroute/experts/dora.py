@@ -78,7 +78,7 @@ class DoraBank(LoraBank):
             x = F.dropout(x, self.dropout, training=True)
             base = F.linear(x, dense_weight(module).to(x.dtype))
         else:
-            base = out - module.bias if getattr(module, "bias", None) is not None else out
+            base = (out - module.bias).to(dt) if getattr(module, "bias", None) is not None else out
         g = (self.m / self.norms(self.m.dtype)).to(dt)                                          # (E, out)
         e, r, s = self.num_experts, self.rank, self.scaling
         if route.index is not None:    # one expert per sequence: gather it, one LoRA of work
@@ -87,10 +87,10 @@ class DoraBank(LoraBank):
             b = self.B.view(-1, e, r).permute(1, 2, 0)[idx]                                      # (B, r, out)
             gb = g[idx].unsqueeze(1)                                                             # (B, 1, out)
             lora = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b)
-            return out + (gb - 1) * base + gb * (s * lora).to(dt)
+            return (out + (gb - 1) * base + gb * (s * lora).to(dt)).to(dt)
         w = route.weights.to(dt)
         w = w.unsqueeze(1) if w.dim() == 2 else w                                               # (B, 1|T, E)
         scale = w @ g - w.sum(-1, keepdim=True)                                                 # sum_e w_e (g_e - 1)
         h = (x @ self.A.T) * route.per_rank(r, x.dtype)                                          # (B, T, E*r)
         b_scaled = self.B * g.repeat_interleave(r, dim=0).T.to(self.B.dtype)                    # (out, E*r)
-        return out + scale * base + (s * (h @ b_scaled.T)).to(dt)
+        return (out + scale * base + (s * (h @ b_scaled.T)).to(dt)).to(dt)   # autocast: the layer's own dtype
