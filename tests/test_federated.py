@@ -23,8 +23,8 @@ FAILURES = {(2, 1), (3, 0), (3, 1)}   # (round, partition): round 2: client 1 fa
 
 def failing_client(failures: set[tuple[int, int]]):
     """mixroute's ClientApp whose train step raises for the given (round, partition) pairs (and for a training
-    message that carries the run config, which the server sends once). A nested function:
-    Ray pickles it by value into its workers, which cannot import this test module."""
+    message that carries the run config, which the server sends once). A nested function, so Ray pickles it by
+    value into its workers, whether or not they could import this test module."""
     from flwr.clientapp import ClientApp
 
     from mixroute.federated import client
