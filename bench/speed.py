@@ -63,6 +63,13 @@ def peft_cases(model, batch: dict) -> list[Case]:
     out.append(("PEFT LoRA r=8, 7 projections", lambda m=m: m(input_ids=ids, attention_mask=am),
                 adapter_train(m, params, lambda m=m: m(input_ids=ids, attention_mask=am, labels=labels).loss), "peft"))
 
+    m = get_peft_model(structural_copy(model), LoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS,
+                                                          use_dora=True))
+    params = [p for p in m.parameters() if p.requires_grad]
+    m.eval()
+    out.append(("PEFT DoRA r=8, 7 projections", lambda m=m: m(input_ids=ids, attention_mask=am),
+                adapter_train(m, params, lambda m=m: m(input_ids=ids, attention_mask=am, labels=labels).loss), "peft"))
+
     m = get_peft_model(structural_copy(model), LoraConfig(r=64, lora_alpha=128, target_modules=ALL_PROJECTIONS))
     params = [p for p in m.parameters() if p.requires_grad]
     m.eval()
@@ -114,6 +121,10 @@ def mixroute_cases(model, batch: dict) -> list[Case]:
         # router_layer / num_layers of a base forward per prefill (measured here in eval mode: top-1 by the router)
         ("mixroute task global top-1 (pre-pass at the middle layer), 8 experts",
          MixtureConfig(router="task", num_experts=8, rank=8, router_scope="global"), False),
+        ("mixroute DoRA single (one DoRA expert r=8)", MixtureConfig(expert="dora", router="single", rank=8), False),
+        ("mixroute DoRA task top-1, 8 experts, mixed batch", MixtureConfig(expert="dora", router="task",
+                                                                          num_experts=8, rank=8,
+                                                                          route_train="label"), True),
         ("mixroute token_topk, 8 experts, k=2", MixtureConfig(router="token_topk", num_experts=8, rank=8,
                                                                top_k=2), False),
         ("mixroute rank (SMoRA), 64 ranks, k=8", MixtureConfig(router="rank", num_experts=8, rank=8,
