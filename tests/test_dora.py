@@ -44,6 +44,21 @@ def test_a_mixed_batch_equals_each_row_under_its_own_peft_adapter(tmp_path):
 
 
 @torch.no_grad()
+def test_the_cached_norms_follow_an_optimizer_style_in_place_update():
+    from mixroute.experts import DoraBank
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 5)
+    bank = DoraBank.for_module(lin, num_experts=2, rank=2, alpha=4.0)
+    bank.B.add_(torch.randn_like(bank.B))
+    first = bank.norms(torch.float32).clone()
+    bank.B.add_(torch.randn_like(bank.B))          # what AdamW's step does: in place, under no_grad
+    a, b = bank.expert(1)
+    torch.testing.assert_close(bank.norms(torch.float32)[1], (lin.weight + bank.scaling * b @ a).norm(dim=1))
+    assert not torch.allclose(bank.norms(torch.float32), first)
+
+
+@torch.no_grad()
 def test_soft_routing_is_the_weighted_sum_of_the_experts_dora_outputs():
     from mixroute.experts import DoraBank
 

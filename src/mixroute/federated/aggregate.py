@@ -110,9 +110,7 @@ def _fedavg(r: Survivors) -> dict[str, Tensor]:
     return fedavg(r.states, r.examples)
 
 
-@register("fedprox", proximal=True)
-def _fedprox(r: Survivors) -> dict[str, Tensor]:
-    return fedavg(r.states, r.examples)
+register("fedprox", proximal=True)(_fedavg)   # FedProx's server side is FedAvg; its clients add the proximal term
 
 
 @register("usage")
