@@ -59,6 +59,21 @@ def test_the_cached_norms_follow_an_optimizer_style_in_place_update():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("update_scale", [1e-3, 1.0, 30.0])
+def test_the_expanded_norms_equal_the_norms_of_the_formed_weights(update_scale):
+    """The bank never forms W + s B_e A_e; from a small update (cancellation-free) to one that dwarfs W."""
+    from mixroute.experts import DoraBank
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 64)
+    bank = DoraBank.for_module(lin, num_experts=4, rank=4, alpha=8.0)
+    bank.B.copy_(update_scale * torch.randn_like(bank.B))
+    formed = torch.stack([(lin.weight + bank.scaling * b @ a).norm(dim=1)
+                          for a, b in (bank.expert(e) for e in range(4))])
+    torch.testing.assert_close(bank.norms(torch.float32), formed, rtol=1e-5, atol=0)
+
+
+@torch.no_grad()
 def test_soft_routing_is_the_weighted_sum_of_the_experts_dora_outputs():
     from mixroute.experts import DoraBank
 
