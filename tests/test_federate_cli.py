@@ -25,6 +25,38 @@ def test_a_missing_dolly_file_is_explained_and_the_retry_is_not_blocked(tmp_path
         assert not out.exists() or not any(out.iterdir()), f"attempt {attempt} left {list(out.iterdir())}"
 
 
+def test_a_gpu_this_machine_lacks_is_refused_before_a_run_directory_exists(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # the same answer on a GPU machine
+    out = tmp_path / "fed"
+    res = CliRunner().invoke(app, ["federate", str(ROOT / "configs" / "fed_lora_skew.yaml"), "model.name=tiny",
+                                   "data.path=null", f"output_dir={out}", "--device", "cuda"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert "federated.device" in text and "no CUDA GPU" in text and "--device cpu" in text, text
+    assert not out.exists()
+
+
+def test_each_simulated_client_gets_a_gpu_share_only_on_cuda(monkeypatch):
+    """Ray hides GPUs from a task given num_gpus=0: on cuda every client needs a share. (No GPU here: torch's
+    view of the machine is what is replaced, the arithmetic and the checks are the real ones.)"""
+    import torch
+
+    from mixroute.config import FederatedConfig
+    from mixroute.federated.runner import client_resources
+
+    assert client_resources(FederatedConfig(clients=8)) == {"num_cpus": 1.0, "num_gpus": 0.0}
+    assert client_resources(FederatedConfig(clients=8, device="auto"))["num_gpus"] == (
+        0.0 if not torch.cuda.is_available() else min(1.0, torch.cuda.device_count() / 8))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert client_resources(FederatedConfig(clients=8, device="cuda"))["num_gpus"] == 0.25
+    assert client_resources(FederatedConfig(clients=1, device="cuda"))["num_gpus"] == 1.0
+    assert client_resources(FederatedConfig(clients=8, device="cuda", gpus_per_client=0.5))["num_gpus"] == 0.5
+    assert client_resources(FederatedConfig(clients=8, device="cpu", gpus_per_client=0.5))["num_gpus"] == 0.0
+
+
 def test_flower_and_ray_notices_are_kept_out_and_other_warnings_are_not(monkeypatch):
     import importlib
     import logging

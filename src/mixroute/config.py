@@ -228,6 +228,12 @@ class FederatedConfig:
                            ge=1.0)
     partition_seed: int = f(0, "Seed of the partition (and of client sampling per round).")
     cpus_per_client: float = f(1.0, "Simulation: CPU cores Ray gives each client.", gt=0.0)
+    device: str = f("cpu", "Where clients train and the server evaluates: cpu (the default, what CI runs), cuda, "
+                           "or auto (cuda when torch sees a GPU). `mixroute federate --device`. model.device is "
+                           "for central training and is not read here.")
+    gpus_per_client: Optional[float] = f(None, "Simulation with device cuda: the GPU share Ray gives each client "
+                                               "(null = all clients share the machine's GPUs at once: GPUs / "
+                                               "clients, at most 1). Ignored on the CPU.", gt=0.0)
 
 
 @dataclass

@@ -18,6 +18,8 @@ mixroute federate configs/fed_lora_skew.yaml model.name=tiny federated.rounds=2 
 
 mixroute federate --resume runs/fed_mop_skew   (continue from the last completed round)
 
+mixroute federate configs/fed_mop_skew.yaml --device cuda   (clients on the GPU, sharing it)
+
 Every key of the federated: section: mixroute config show CONFIG. Deployment mode (SuperLink + SuperNodes): docs/federated.md."""
 
 
@@ -31,6 +33,10 @@ def federate_cmd(
     stop_after_round: Optional[int] = typer.Option(None, "--stop-after-round", help="Checkpoint and stop after "
                                                                                   "this round (as if killed)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Print one line per round."),
+    device: Optional[str] = typer.Option(None, "--device", help="Where clients train and the server evaluates: "
+                                                                "cpu (default), cuda or auto; the same as "
+                                                                "federated.device=... (each simulated client gets "
+                                                                "a GPU share: federated.gpus_per_client)."),
 ) -> None:
     """Federated training on Flower: clients hold skewed partitions, only adapter tensors travel."""
     from mixroute.config import load_config
@@ -40,10 +46,10 @@ def federate_cmd(
     if resume:
         if config or overrides:
             fail("--resume RUN_DIR continues a run with its own config.yaml; do not pass a config or overrides")
-        run_dir = resume_run(resume, progress=progress, stop_after_round=stop_after_round)
+        run_dir = resume_run(resume, progress=progress, stop_after_round=stop_after_round, device=device)
     else:
         if config is None:
             fail("give a config file (e.g. configs/fed_mop_skew.yaml) or --resume RUN_DIR")
-        cfg = load_config(config, overrides or [])
+        cfg = load_config(config, [*(overrides or []), *([f"federated.device={device}"] if device else [])])
         run_dir = run(cfg, overwrite=overwrite, progress=progress, stop_after_round=stop_after_round)
     console.print(f"run directory: [bold]{run_dir}[/bold]")

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from mixroute.config import RunConfig
+from mixroute.config import ConfigError, FederatedConfig, RunConfig
 from mixroute.data import Partition, RunData, partition_train, to_device
 from mixroute.federated.payload import expert_axis
 from mixroute.rundir import open_run
@@ -50,16 +50,28 @@ class Local:
 def setup(cfg: RunConfig) -> Local:
     """Load everything a client or the server needs once (the base model stays loaded and frozen)."""
     seed_everything(cfg.train.seed)
-    model, tok, data, mcfg = open_run(cfg)
+    accelerator = make_accelerator(dataclasses.replace(cfg.model, device=client_device(cfg.federated)))
+    model, tok, data, mcfg = open_run(cfg, accelerator.device)
     part = partition_train(cfg.federated, [e["task_id"] for e in data.examples["train"]], len(data.categories))
     if mcfg is None:
-        from mixroute.config import ConfigError
-
         raise ConfigError("train.method 'base' trains nothing and cannot be federated")
     mix = build_mixture(model, mcfg, list(cfg.train.stage1_adapters or []) or None, data)
     mix.eval()
-    # clients train on the CPU: a simulation shares one machine, and Ray is given CPUs per client only
-    return Local(cfg, model, tok, data, part, mix, make_accelerator(dataclasses.replace(cfg.model, device="cpu")))
+    return Local(cfg, model, tok, data, part, mix, accelerator)
+
+
+def client_device(fed: FederatedConfig) -> str:
+    """``federated.device`` checked against this machine (a missing GPU fails before any model loads)."""
+    from mixroute.devices import DeviceError, resolve_device
+
+    try:
+        device = resolve_device(fed.device)
+    except DeviceError as e:
+        raise ConfigError(f"federated.device: {e}") from None
+    if device.index is not None:
+        raise ConfigError(f"federated.device={fed.device!r}: clients take cpu, cuda or auto; Ray gives each "
+                          "client its GPU share (federated.gpus_per_client)")
+    return device.type
 
 
 class _Local(nn.Module):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from mixroute import rundir
-from mixroute.config import ConfigError, RunConfig
+from mixroute.config import ConfigError, FederatedConfig, RunConfig
 
 
 @contextmanager
@@ -56,6 +56,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
     if fed.min_clients > fed.clients:
         raise ConfigError(f"federated.min_clients ({fed.min_clients}) > federated.clients ({fed.clients})")
     rule_for(fed.aggregation)   # a misspelt rule fails here, not after the clients loaded their models
+    resources = client_resources(fed)   # so does a GPU this machine lacks
     run_dir = prepare_run_dir(cfg, resume, overwrite)
     if not resume:
         try:
@@ -68,15 +69,32 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
     logging.getLogger("flwr").setLevel(logging.WARNING)
     with without_runtime_notices():
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=fed.clients,
-                       backend_config={"client_resources": {"num_cpus": fed.cpus_per_client, "num_gpus": 0.0},
+                       backend_config={"client_resources": resources,
                                        "init_args": {"logging_level": "ERROR", "log_to_driver": True}})
     if errors:
         raise errors[0]
     return run_dir
 
 
-def resume(run_dir: str | Path, progress: bool = True, stop_after_round: Optional[int] = None) -> Path:
-    """Continue a federated run from its last completed round (the run's own config.yaml)."""
+def client_resources(fed: FederatedConfig) -> dict[str, float]:
+    """What Ray reserves for each simulated client: ``cpus_per_client`` cores and, on ``device`` cuda, a GPU
+    share (Ray hides the GPUs from a task given none)."""
+    import torch
+
+    from mixroute.federated.local import client_device
+
+    gpus = 0.0
+    if client_device(fed) == "cuda":
+        gpus = fed.gpus_per_client or min(1.0, torch.cuda.device_count() / fed.clients)
+    return {"num_cpus": fed.cpus_per_client, "num_gpus": gpus}
+
+
+def resume(run_dir: str | Path, progress: bool = True, stop_after_round: Optional[int] = None,
+           device: Optional[str] = None) -> Path:
+    """Continue a federated run from its last completed round (the run's own config.yaml; ``device`` moves
+    it: rounds are seeded by round and client, not by device, though kernels may round differently)."""
     cfg = rundir.read_config(run_dir)
     cfg.output_dir = str(run_dir)
+    if device is not None:
+        cfg.federated.device = device
     return run(cfg, resume=True, progress=progress, stop_after_round=stop_after_round)

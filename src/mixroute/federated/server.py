@@ -114,7 +114,8 @@ def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bo
     local = setup(cfg)
     mix, cats = local.mix, local.data.categories
     console = _console(progress)
-    global_state = {k: v.detach().clone() for k, v in mix.adapter_state_dict().items()}
+    # the server aggregates on the CPU whatever device its evaluation uses: replies arrive as CPU arrays
+    global_state = {k: v.detach().cpu().clone() for k, v in mix.adapter_state_dict().items()}
     personal: dict[int, dict] = {}
     start = 0
     if resume and (ck := load_state(run_dir)) is not None:
@@ -221,7 +222,7 @@ def _personal_eval(local: Any, global_state: dict, personal: dict[int, dict], ru
         row: dict[str, Any] = {"examples": len(ex)}
         for name, state in (("own_router", client_state(global_state, personal[k])), ("global_router", global_state)):
             mix.load_adapter_state_dict(state, source=f"client {k} ({name})")
-            held = held_out_pass(local.model, mix, batches)
+            held = held_out_pass(local.model, mix, batches, device=local.accelerator.device)
             row[name] = perplexity(held.nll, held.tokens, held.task_ids, cats)
         out[f"client {k}"] = row
     mix.load_adapter_state_dict(global_state, source="final global state")
@@ -250,7 +251,8 @@ def _evaluate(local: Any, state: dict, metrics: MetricsLogger, rnd: int, stage: 
     """Validation perplexity of the global mixture (a metrics.jsonl eval line, step = round) and gates."""
     mix, cfg = local.mix, local.cfg
     mix.load_adapter_state_dict(state, source=f"round {rnd} global state")
-    ppl, row, snap = validation_snapshot(local.model, mix, local.data, cfg.eval.batch_size, rnd, stage)
+    ppl, row, snap = validation_snapshot(local.model, mix, local.data, cfg.eval.batch_size, rnd, stage,
+                                         device=local.accelerator.device)
     metrics.validation(row, snap, local.data.categories)
     return ppl
 
