@@ -62,16 +62,10 @@ def setup(cfg: RunConfig) -> Local:
 
 def client_device(fed: FederatedConfig) -> str:
     """``federated.device`` checked against this machine (a missing GPU fails before any model loads)."""
-    from mixroute.devices import DeviceError, resolve_device
+    from mixroute.devices import training_device
 
-    try:
-        device = resolve_device(fed.device)
-    except DeviceError as e:
-        raise ConfigError(f"federated.device: {e}") from None
-    if device.index is not None:
-        raise ConfigError(f"federated.device={fed.device!r}: clients take cpu, cuda or auto; Ray gives each "
-                          "client its GPU share (federated.gpus_per_client)")
-    return device.type
+    return training_device(fed.device, "federated.device", "Ray gives each client its GPU share "
+                                                          "(federated.gpus_per_client)").type
 
 
 class _Local(nn.Module):

@@ -27,7 +27,7 @@ from torch import nn
 from mixroute import rundir
 from mixroute.config import ConfigError, ModelConfig, RunConfig
 from mixroute.data import RunData, to_device
-from mixroute.devices import DeviceError, resolve_device, warn_if_slow
+from mixroute.devices import training_device, warn_if_slow
 from mixroute.evaluate import validation_snapshot
 from mixroute.fileio import atomic_dir
 from mixroute.methods import needs_stage1, stage1_config
@@ -52,13 +52,8 @@ def make_accelerator(cfg: ModelConfig) -> Any:
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
-    try:
-        device = resolve_device(cfg.device)
-    except DeviceError as e:
-        raise ConfigError(f"model.device: {e}") from None
-    if device.index is not None:
-        raise ConfigError(f"model.device={cfg.device!r}: training takes auto, cpu or cuda; pick the GPU with "
-                          "CUDA_VISIBLE_DEVICES (several GPUs: accelerate launch)")
+    device = training_device(cfg.device, "model.device", "pick the GPU with CUDA_VISIBLE_DEVICES (several GPUs: "
+                                                         "accelerate launch)")
     # accelerate keeps one process-wide state and refuses a second precision or device in the same process;
     # training is a library call that may run many times per process, so each run starts from a fresh state
     # (the distributed part, PartialState, is kept: a launched process stays in its group)
