@@ -330,7 +330,7 @@ class RetiredKeyWarning(UserWarning):
 # so such a key is dropped with a warning that says what replaced it, instead of failing as unknown.
 RETIRED: dict[str, str] = {
     "federated.inject_failures": "failure injection is a test aid, no longer a setting: tests wrap the ClientApp "
-                                 "(tests/test_federated.py)",
+                                 "(tests/federated/test_federated.py)",
 }
 
 

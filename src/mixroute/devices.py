@@ -46,20 +46,6 @@ def resolve_device(name: Optional[str | torch.device] = "auto") -> torch.device:
     return dev
 
 
-def training_device(name: str, key: str, pick_gpu: str) -> torch.device:
-    """The device a config's ``key`` asks training to run on: auto, cpu or cuda, checked against this machine;
-    a GPU index is refused with ``pick_gpu`` (how that setting chooses a GPU). Errors are ConfigErrors."""
-    from mixroute.config import ConfigError
-
-    try:
-        device = resolve_device(name)
-    except DeviceError as e:
-        raise ConfigError(f"{key}: {e}") from None
-    if device.index is not None:
-        raise ConfigError(f"{key}={name!r}: training takes auto, cpu or cuda; {pick_gpu}")
-    return device
-
-
 def check_precision(precision: str) -> Precision:
     if precision not in PRECISIONS:
         raise DeviceError(f"precision {precision!r}: valid are {', '.join(PRECISIONS)} (no = the model's dtype)")

@@ -1,5 +1,5 @@
 """Aggregation rules: pure functions over state dicts, registered by name in ``RULES`` (hand-checked in
-tests/test_federated_aggregate.py). ``federated.aggregation`` names one.
+tests/federated/test_federated_aggregate.py). ``federated.aggregation`` names one.
 
 - ``fedavg``: every tensor = sum_k n_k w_k / sum_k n_k.
 - ``fedprox``: the same average on the server; each client adds (mu/2)||w - w_global||^2 to its loss

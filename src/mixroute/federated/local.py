@@ -15,7 +15,8 @@ from mixroute.config import ConfigError, FederatedConfig, RunConfig
 from mixroute.data import Partition, RunData, partition_train, to_device
 from mixroute.federated.payload import expert_axis
 from mixroute.rundir import open_run
-from mixroute.train.centralized import build_mixture, build_optimizer, make_accelerator, seed_everything
+from mixroute.train.centralized import (build_mixture, build_optimizer, make_accelerator, seed_everything,
+                                        training_device)
 from mixroute.train.loop import train_mode, train_step
 
 
@@ -62,8 +63,6 @@ def setup(cfg: RunConfig) -> Local:
 
 def client_device(fed: FederatedConfig) -> str:
     """``federated.device`` checked against this machine (a missing GPU fails before any model loads)."""
-    from mixroute.devices import training_device
-
     return training_device(fed.device, "federated.device", "Ray gives each client its GPU share "
                                                           "(federated.gpus_per_client)").type
 

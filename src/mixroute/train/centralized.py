@@ -27,7 +27,7 @@ from torch import nn
 from mixroute import rundir
 from mixroute.config import ConfigError, ModelConfig, RunConfig
 from mixroute.data import RunData, to_device
-from mixroute.devices import training_device, warn_if_slow
+from mixroute.devices import DeviceError, resolve_device, warn_if_slow
 from mixroute.evaluate import validation_snapshot
 from mixroute.fileio import atomic_dir
 from mixroute.methods import needs_stage1, stage1_config
@@ -44,6 +44,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     # Adam's second moments of tiny gradients become denormal floats, which are ~100x slower on CPU
     torch.set_flush_denormal(True)
+
+
+def training_device(name: str, key: str, pick_gpu: str) -> torch.device:
+    """The device a config's ``key`` asks training to run on: auto, cpu or cuda, checked against this machine;
+    a GPU index is refused with ``pick_gpu`` (how that setting chooses a GPU)."""
+    try:
+        device = resolve_device(name)
+    except DeviceError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    if device.index is not None:
+        raise ConfigError(f"{key}={name!r}: training takes auto, cpu or cuda; {pick_gpu}")
+    return device
 
 
 def make_accelerator(cfg: ModelConfig) -> Any:

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from mixroute.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["model.name=tiny", "data.synthetic_per_task=4", "data.max_length=48", "train.max_steps=2",
          "train.stage1_steps=1", "train.eval_every=0", "train.save_every=1", "eval.max_eval=2",
          "eval.max_generate=1", "eval.max_new_tokens=3"]

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from mixroute.cli import app
 from mixroute.data import load_records, synthetic_suite
 
-FIXTURES = Path(__file__).parent / "fixtures" / "data"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 DOLLY = Path("/work/shared/data/dolly-15k/databricks-dolly-15k.jsonl")
 runner = CliRunner()
 

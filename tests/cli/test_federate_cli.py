@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from mixroute.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_missing_dolly_file_is_explained_and_the_retry_is_not_blocked(tmp_path):

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from mixroute.cli import app
 from mixroute.report import ReportError, write_report
 
-FIX = Path(__file__).resolve().parent / "fixtures" / "runs"
+FIX = Path(__file__).resolve().parents[1] / "fixtures" / "runs"
 RUNS = ["moa", "lora_mixed", "mop", "partial"]
 runner = CliRunner()
 

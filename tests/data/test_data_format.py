@@ -14,16 +14,6 @@ NO_CTX = Record(instruction="Add 2 and 3.", context="", response="5", category="
 CATS = ["math", "qa"]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from mixroute.models import embedded_tokenizer
-
-    t = embedded_tokenizer()
-    if t.pad_token is None:
-        t.pad_token = t.eos_token
-    return t
-
-
 @pytest.mark.parametrize("template", ["chat", "plain"])
 def test_labels_mask_exactly_the_prompt(tok, template):
     out = tokenize_records([REC, NO_CTX], tok, CATS, template)
@@ -142,7 +132,7 @@ def test_build_datasets_aligns_records_examples_and_reports(tok):
 def test_build_datasets_from_file_with_filter(tok, tmp_path):
     from pathlib import Path
 
-    path = Path(__file__).parent / "fixtures" / "data" / "mini.jsonl"
+    path = Path(__file__).resolve().parents[1] / "fixtures" / "data" / "mini.jsonl"
     b = build_datasets(DataConfig(path=str(path), categories=["closed_qa", "classification"],
                                   val_fraction=0.25, test_fraction=0.25), tok)
     assert b.categories == ["classification", "closed_qa"]

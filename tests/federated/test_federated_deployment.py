@@ -17,7 +17,7 @@ import pytest
 
 from mixroute import rundir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

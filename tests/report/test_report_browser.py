@@ -10,7 +10,7 @@ import pytest
 
 from mixroute.report import write_report
 
-FIX = Path(__file__).resolve().parent / "fixtures" / "runs"
+FIX = Path(__file__).resolve().parents[1] / "fixtures" / "runs"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 INSTALL = "apt-get install chromium chromium-driver"
 

@@ -8,7 +8,7 @@ import pytest
 
 from mixroute.data import DataError, Record, load_records
 
-FIXTURES = Path(__file__).parent / "fixtures" / "data"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 DOLLY = Path("/work/shared/data/dolly-15k/databricks-dolly-15k.jsonl")
 
 ROWS = [

@@ -15,16 +15,6 @@ def records(n_per_cat: dict[str, int]) -> list[Record]:
             for c, n in n_per_cat.items() for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from mixroute.models import embedded_tokenizer
-
-    t = embedded_tokenizer()
-    if t.pad_token is None:
-        t.pad_token = t.eos_token
-    return t
-
-
 def test_split_is_stratified_by_category():
     recs = records({"a": 100, "b": 40, "c": 7})
     s = split_records(recs, val_fraction=0.1, test_fraction=0.2, seed=0)

@@ -20,7 +20,7 @@ from mixroute.train import train
 
 pytestmark = pytest.mark.slow   # minutes of real servers / training: not in make test-fast
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------- features

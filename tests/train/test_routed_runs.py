@@ -18,7 +18,7 @@ from mixroute.evaluate import evaluate_run
 from mixroute.rundir import load_run
 from mixroute.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "Convert 5 km to metres."
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from mixroute.config import ConfigError, load_config
 from mixroute.train import TrainingDiverged, resume, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRESETS = ["prompt_tuning", "lora_mixed", "lora_single", "moa", "moe_lora", "moe_lora_naive", "poly", "mhr",
            "smora", "mop"]
 SMALL = ["model.name=tiny", "data.synthetic_per_task=4", "data.max_length=48", "train.batch_size=8",

@@ -15,7 +15,7 @@ from mixroute import rundir
 
 pytestmark = pytest.mark.slow   # minutes of real servers / training: not in make test-fast
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench():
