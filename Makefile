@@ -26,9 +26,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout=900 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
-# the edit loop: everything but the slow, real-model and browser tests (make test runs them all)
+# the edit loop: everything but the slow, real-model and browser tests (make test runs them all), one
+# pytest-xdist worker per core (the real-server tests that need ordered ports and timing are all in make test)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -x -m "not slow and not integration and not browser" tests
+	$(BIN)/python -m pytest -q -x -n 2 --dist worksteal -m "not slow and not integration and not browser" tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

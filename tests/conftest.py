@@ -1,9 +1,13 @@
 """Shared fixtures. Tests use the tiny random Llama; tests marked `integration` use the real embedded model."""
 
+import os
+
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# make test-fast runs one worker per core (pytest-xdist): each worker then takes one thread, as two threads per
+# worker would oversubscribe the cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 from families import FAMILIES, MATRIX, tiny_family
+from marks import FAST_CASES, FAST_FAMILIES, fast_only
 from test_mixture_matrix import CASES, PER_TOKEN, data
 from typer.testing import CliRunner
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------- discovery
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", fast_only(FAMILIES, FAST_FAMILIES))
 def test_decoder_layers_attention_and_positions_are_found(family):
     model, _ = tiny_family(family)
     path, positions, _ = FAMILIES[family]
@@ -36,7 +37,7 @@ def test_decoder_layers_attention_and_positions_are_found(family):
     assert arch.position_style(model) == positions
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", fast_only(FAMILIES, FAST_FAMILIES))
 def test_all_linear_is_peft_all_linear_within_the_decoder_layers(family):
     from peft import LoraConfig, get_peft_model
 
@@ -108,7 +109,7 @@ def test_a_failed_attach_leaves_the_model_untouched():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("family", MATRIX)
+@pytest.mark.parametrize("family", fast_only(MATRIX, FAST_FAMILIES))
 def test_the_loss_on_label_positions_is_the_models_own_loss(family):
     """``logits_for="labels"`` and the held-out pass run the LM head themselves: they must apply what the model's
     forward applies after it (Gemma-2's final logit soft-capping), or training optimises another loss."""
@@ -127,8 +128,8 @@ def test_the_loss_on_label_positions_is_the_models_own_loss(family):
 
 
 # ---------------------------------------------------------------------------------------------- the matrix
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("family", ROWS)
+@pytest.mark.parametrize("case", fast_only(CASES, FAST_CASES))
+@pytest.mark.parametrize("family", fast_only(ROWS, FAST_FAMILIES))
 def test_every_pair_on_every_family(family, case, tmp_path):
     model, _ = tiny_family(family)
     mix = Mixture.attach(model, MixtureConfig(rank=4, alpha=8.0, seed=0, **CASES[case]))
@@ -180,7 +181,7 @@ def test_every_pair_on_every_family(family, case, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- prompt experts
-@pytest.mark.parametrize("family", MATRIX)
+@pytest.mark.parametrize("family", fast_only(MATRIX, FAST_FAMILIES))
 @torch.no_grad()
 def test_prompt_experts_e1_m0_equal_peft_prompt_tuning(family):
     """E=1, m=0: PEFT prompt tuning on each family. Our prompts live in the hidden-state space entering layer 0,

@@ -133,6 +133,7 @@ def fresh_imports() -> dict[str, subprocess.Popen]:
         p.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unit", units())
 def test_unit_imports_alone(unit, fresh_imports):
     _, err = fresh_imports[unit].communicate(timeout=600)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from marks import FAST_CASES, fast_only
 
 from mixroute.config import ConfigError, MixtureConfig
 from mixroute.mixture import Mixture
@@ -79,7 +80,7 @@ def test_every_registered_router_and_expert_kind_is_in_the_matrix():
     assert {c.split("-")[0] for c in CASES} == set(typing.get_args(ExpertKind))
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", fast_only(CASES, FAST_CASES))
 def test_forward_backward_save_load(case, tmp_path):
     mix = make(case)
     torch.manual_seed(1)
@@ -110,7 +111,7 @@ def test_forward_backward_save_load(case, tmp_path):
     torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", fast_only(CASES, FAST_CASES))
 def test_loss_falls(case):
     mix = make(case)
     batch = data(bsz=3, seq=10)
@@ -130,7 +131,7 @@ def test_loss_falls(case):
     assert losses[-1] < losses[0] - (0.05 if prompt else 0.5), losses
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", fast_only(CASES, FAST_CASES))
 @torch.no_grad()
 def test_generate_keeps_the_prefill_decision_with_and_without_cache(case):
     mix = randomise(make(case).eval(), 0.2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from families import FAMILIES, tiny_family
+from marks import FAST_FAMILIES, fast_only
 
 from mixroute.config import ALL_PROJECTIONS, MixtureConfig
 from mixroute.mixture import Mixture
@@ -169,7 +170,7 @@ def test_poly_equals_peft_poly(n_splits):
 
 # ------------------------------------------------------------------------------------ every architecture
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", fast_only(FAMILIES, FAST_FAMILIES))
 @torch.no_grad()
 def test_lora_equals_peft_on_every_family(family, dora, tmp_path, one_thread):
     """PEFT all-linear LoRA (and DoRA) adapters (Phi-3's fused qkv_proj, GPT-2's Conv1D, OPT's flattened MLP,

@@ -80,6 +80,7 @@ def test_synthetic_writes_the_suite(tmp_path):
     assert load_records(out).records == synthetic_suite(per_task=3, suite="ciphers")
 
 
+@pytest.mark.slow
 def test_inspect_dolly():
     if not DOLLY.is_file():
         pytest.skip(f"Dolly-15k not found at {DOLLY}")

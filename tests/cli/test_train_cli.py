@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from mixroute.cli import app
@@ -16,6 +17,7 @@ SMALL = ["model.name=tiny", "data.synthetic_per_task=4", "data.max_length=48", "
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_train_eval_compare_generate(tmp_path):
     runs = {}
     for preset in ("lora_mixed", "moa"):

@@ -76,6 +76,7 @@ def test_table_text_has_totals():
     assert text.splitlines()[-1].split()[-1] == str(len(TASKS))
 
 
+@pytest.mark.slow
 def test_cli_prints_the_counts_table(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {name: tiny}\ndata: {path: null, synthetic_per_task: 40, max_length: 64, template: plain}\n"

@@ -58,6 +58,7 @@ def _md_table(md: str, first_header: str, after: str = "") -> dict[str, dict[str
     return table
 
 
+@pytest.mark.slow
 def test_every_figure_present_and_decodes(report):
     out, html, md, _ = report
     expected = {"confusion_0_moa", "confusion_2_mop", "gates_0_moa", "gates_1_lora_mixed", "gates_2_mop", "curves",
@@ -72,7 +73,7 @@ def test_every_figure_present_and_decodes(report):
         assert len(data) > 10_000, name
         w, h = _png_size(data)
         assert w > 300 and h > 200, (name, w, h)
-        assert f"![" in md and f"({name}.png)" in md
+        assert "![" in md and f"({name}.png)" in md
     assert html.count("<img ") == len(expected)
     # self-contained: no external resource of any kind
     assert not re.search(r'(src|href)="(https?:)?//', html) and "<link" not in html

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from marks import fast_only
 from safetensors.torch import load_file
 
 from mixroute.config import ConfigError, load_config
@@ -30,7 +31,7 @@ def train_losses(run_dir: Path, stage: str | None = None) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r and r.get("stage") == stage]
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", fast_only(PRESETS, {"moa", "mop"}))
 def test_preset_trains_and_loss_falls(preset, tmp_path):
     lr = "train.lr=0.05" if preset in ("prompt_tuning", "mop") else "train.lr=0.02"
     run = train(tiny_cfg(preset, tmp_path / preset, "train.max_steps=6", "train.stage1_steps=4", lr),
@@ -59,7 +60,8 @@ def test_base_trains_nothing(tmp_path):
     assert "ppl" in (run / "metrics.jsonl").read_text()
 
 
-@pytest.mark.parametrize("preset,where", [("poly", "train"), ("moa", "stage1"), ("moa", "stage2")])
+@pytest.mark.parametrize("preset,where", [("poly", "train"), pytest.param("moa", "stage1", marks=pytest.mark.slow),
+                                          pytest.param("moa", "stage2", marks=pytest.mark.slow)])
 def test_resume_reaches_the_same_weights(preset, where, tmp_path):
     args = ("train.max_steps=5", "train.stage1_steps=2", "train.lr=0.01", "train.save_every=2")
     full = train(tiny_cfg(preset, tmp_path / "full", *args), progress=False)
