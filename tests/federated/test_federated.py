@@ -13,6 +13,7 @@ from mixroute.config import load_config
 pytestmark = pytest.mark.slow   # minutes of real servers / training: not in make test-fast
 
 OVERRIDES = ["model.name=tiny", "data.path=null", "data.synthetic_per_task=24", "data.max_length=64",
+             "data.categories=[acronym,arithmetic,date_reformat,word_count]",
              "data.template=plain", "train.method=mop", "train.lr=0.01", "train.batch_size=4", "train.warmup_steps=0",
              "mixture.num_experts=4", "mixture.num_virtual_tokens=4", "eval.max_eval=2", "eval.batch_size=8",
              "federated.clients=2", "federated.rounds=4", "federated.local_steps=1", "federated.aggregation=usage",
@@ -100,6 +101,26 @@ def test_rounds_record_failures_and_survivors(runs):
     part = rundir.read_partition(full)
     assert len(part["counts"]) == 2 and all(all(n > 0 for n in row) for row in part["counts"])
     assert set(rundir.read_client_gates(full)["clients"]) == {"client 0", "client 1"}
+
+
+def test_the_gate_is_pre_trained_on_each_client_s_own_labels_before_round_1(runs):
+    """Round 0 fits the gate alone on each client's partition (early stopping on its own share of the
+    validation split), as the central recipe does on the whole train split; the server averages it."""
+    from mixroute.federated.local import setup
+
+    full, _, _ = runs
+    rows = [r for r in rundir.read_metrics(full) if r.get("stage") == "router_pretrain"]
+    assert len(rows) == 1, rows
+    row = rows[0]
+    part = setup(cfg_for("unused")).part
+    assert row["clients"] == [0, 1] and row["failed"] == []
+    assert row["train_examples"] == sum(len(c) for c in part.clients)
+    assert all(n > 0 for n in row["steps"].values())
+    categories = len(rundir.read_data_report(full)["categories"])
+    assert row["val_accuracy"] > 1.5 / categories, row   # well above chance on the global validation split
+    assert set(row["client_val_accuracy"]) == {"0", "1"}
+    # the run stopped after round 2 and resumed: its checkpoint held the pre-trained gate, nothing ran twice
+    assert [r.get("stage") for r in rundir.read_metrics(runs[1])].count("router_pretrain") == 1
 
 
 def test_only_adapter_tensors_travel(runs):
@@ -193,5 +214,5 @@ def test_federated_set_up_checks_stage1_adapters_as_central_training_does(tmp_pa
     cfg = load_config(None, [o for o in OVERRIDES if not o.startswith("train.method")]
                       + ["train.method=moa", f"train.stage1_adapters=[{tmp_path / 'only_one'}]",
                          f"output_dir={tmp_path / 'o'}"])
-    with pytest.raises(ConfigError, match="1 adapters for 8 categories"):
+    with pytest.raises(ConfigError, match="1 adapters for 4 categories"):
         setup(cfg)

@@ -3,7 +3,9 @@
 Flower context (``context.state``), so training messages carry only the round, the partition and the global
 adapter state. Per round a node loads the global adapter state, trains ``federated.local_steps`` steps on its
 partition and replies with its adapter state only (an ``ArrayRecord``) plus metrics (``num-examples``,
-``train_loss``, per-expert ``usage``, per-category ``gates``)."""
+``train_loss``, per-expert ``usage``, per-category ``gates``). A run whose mixture has a label-aligned router
+starts with round 0, ``phase: pretrain``: each node fits the routers alone on its own labels and replies with
+the router tensors only (``local.pretrain_round``)."""
 
 from __future__ import annotations
 
@@ -63,6 +65,8 @@ def train(msg: Message, context: Context) -> Message:
     rnd, k = int(conf["round"]), partition_id(context)
     if k >= len(local.part.clients):
         raise RuntimeError(f"partition-id {k} but federated.clients is {len(local.part.clients)}")
+    if conf.get("phase") == "pretrain":
+        return _pretrain(msg, local, k)
     state, metrics = train_round(local, k, from_record(msg.content["arrays"]), rnd,
                                  proximal=bool(conf.get("proximal", False)))
     gates = metrics.pop("gates")
@@ -71,3 +75,13 @@ def train(msg: Message, context: Context) -> Message:
            "bytes": num_bytes(state), "gates": [float(g) for row in gates for g in row]}
     return Message(RecordDict({"arrays": to_record(state), "metrics": MetricRecord(out),
                                "config": ConfigRecord({"round": rnd})}), reply_to=msg)
+
+
+def _pretrain(msg: Message, local: Any, k: int) -> Message:
+    """The router pre-training round (round 0): router tensors only travel back."""
+    from mixroute.federated.local import pretrain_round
+
+    routers, metrics = pretrain_round(local, k, from_record(msg.content["arrays"]))
+    out = {"partition-id": k, "bytes": num_bytes(routers), **metrics}
+    return Message(RecordDict({"arrays": to_record(routers), "metrics": MetricRecord(out),
+                               "config": ConfigRecord({"round": 0})}), reply_to=msg)

@@ -48,6 +48,14 @@ class Local:
                                             "train": [self.data.records["train"][i] for i in idx]}, _epoch={})
 
 
+    def held_out_share(self, k: int, split: str) -> list[dict[str, Any]]:
+        """Client k's share of a held-out split, partitioned with the train split's scheme and seed (what a
+        client would hold of it)."""
+        ex = self.data.examples[split]
+        part = partition_train(self.cfg.federated, [e["task_id"] for e in ex], len(self.data.categories))
+        return [ex[i] for i in part.clients[k]]
+
+
 def setup(cfg: RunConfig) -> Local:
     """Load everything a client or the server needs once (the base model stays loaded and frozen)."""
     seed_everything(cfg.train.seed)
@@ -154,3 +162,36 @@ def train_round(local: Local, k: int, state: dict[str, Tensor], rnd: int,
     return ({kk: v.detach().clone() for kk, v in mix.adapter_state_dict().items()},
             {"num-examples": n, "train_loss": sum(losses) / len(losses), "usage": wrapper.usage(),
              "gates": wrapper.gates(), "steps": steps})
+
+
+def pretrains_routers(local: Local) -> bool:
+    """Whether the run starts with a router pre-training round: a label-aligned router (MoA's task router,
+    MoP's gate) and ``mixture.gate_pretrain_steps`` > 0, as the central recipe decides."""
+    from mixroute.train.gate import label_aligned_keys
+
+    return bool(label_aligned_keys(local.mix)) and local.mix.cfg.gate_pretrain_steps > 0
+
+
+def pretrain_round(local: Local, k: int, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict]:
+    """Client k's router pre-training, the central recipe's ``train.gate.pretrain_router`` on what the client
+    holds: the label-aligned routers fitted alone on its partition's labels (experts frozen), early stopping on
+    its own share of the validation split. Returns (its router tensors only, metrics)."""
+    from mixroute.data import make_batches
+    from mixroute.federated.payload import is_router
+    from mixroute.train.gate import pretrain_router
+
+    cfg, mix, dev = local.cfg, local.mix, local.accelerator.device
+    seed_everything(cfg.train.seed + 104729 * k)
+    mix.load_adapter_state_dict(state, source="the global state before router pre-training")
+    data = local.client_data(k)
+    bs = cfg.eval.batch_size
+    every = len(data.examples["train"])   # every example the client holds, not eval.max_eval of each category
+    train = [to_device(b, dev) for b in data.batches("train", bs, max_per_category=every)] if every else []
+    val = [to_device(b, dev) for b in make_batches(local.held_out_share(k, "validation"), data.collate, bs)]
+    with local.accelerator.autocast():
+        res = pretrain_router(mix, train, mix.cfg.gate_pretrain_steps, mix.cfg.gate_pretrain_lr, val_batches=val,
+                              seed=cfg.train.seed + k)
+    routers = {key: v.detach().clone() for key, v in mix.adapter_state_dict().items() if is_router(key)}
+    return routers, {"num-examples": res.train_examples, "steps": res.steps, "epochs": res.epochs,
+                     "best_epoch": res.best_epoch, "val_examples": sum(len(b["task_ids"]) for b in val),
+                     "val_accuracy": -1.0 if res.val_accuracy is None else float(res.val_accuracy)}

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from mixroute import rundir
 from mixroute.config import ConfigError, RunConfig, save_config
 from mixroute.evaluate import held_out_pass, perplexity, validation_snapshot
-from mixroute.federated.aggregate import aggregate, client_state, rule_for, split_routers
+from mixroute.federated.aggregate import aggregate, client_state, fedavg, rule_for, split_routers
 from mixroute.federated.payload import from_record, is_router, num_bytes, to_record
 from mixroute.fileio import atomic_dir, atomic_write_text
 from mixroute.train.tracking import MetricsLogger
@@ -96,6 +96,68 @@ def map_partitions(grid: Grid, nodes: list[int], cfg_text: str, timeout: Optiona
     return out
 
 
+def exchange(grid: Grid, owners: dict[int, int], starts: dict[int, dict], conf: dict[str, Any],
+             timeout: Optional[float]) -> tuple[dict[int, tuple[dict, dict]], list[dict]]:
+    """One TRAIN message to each partition in ``starts`` (its start state, ``conf`` plus its partition id):
+    ({partition: (state, metrics)} of the replies, [{client, reason}] of the failures, silent ones included)."""
+    msgs = [Message(RecordDict({"arrays": to_record(st), "config": ConfigRecord({**conf, "partition": k})}),
+                    dst_node_id=owners[k], message_type=MessageType.TRAIN) for k, st in starts.items()]
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    by_node = {v: k for k, v in owners.items()}
+    # error replies made by the SuperLink for a lost node do not come from that node: match by message id
+    sent = {m.metadata.message_id: k for m, k in zip(msgs, starts) if m.metadata.message_id}
+    ok: dict[int, tuple[dict, dict]] = {}
+    failed: list[dict] = []
+    for reply in replies:
+        k = sent.get(reply.metadata.reply_to_message_id, by_node.get(reply.metadata.src_node_id, -1))
+        if reply.has_error():
+            failed.append({"client": k, "reason": reply.error.reason})
+        else:
+            m = reply.content["metrics"]
+            ok[k] = (from_record(reply.content["arrays"]), {key: m[key] for key in m})
+    for k in starts:
+        if k not in ok and not any(f["client"] == k for f in failed):
+            failed.append({"client": k, "reason": f"no reply within federated.round_timeout ({timeout}s)"})
+    return ok, failed
+
+
+def pretrain(grid: Grid, local: Any, owners: dict[int, int], global_state: dict, personal: dict[int, dict],
+             metrics: MetricsLogger, console: Any) -> dict:
+    """Round 0: every client fits the label-aligned routers alone on its own labels (``local.pretrain_round``);
+    the global routers become their example-weighted average, and with ``personalize_router`` each client keeps
+    its own. Returns the new global state (``personal`` is updated in place)."""
+    from mixroute.data import to_device
+    from mixroute.train.gate import measure_routers
+
+    fed, mix = local.cfg.federated, local.mix
+    t0 = time.perf_counter()
+    ok, failed = exchange(grid, owners, {k: client_state(global_state, personal.get(k)) for k in sorted(owners)},
+                          {"round": 0, "phase": "pretrain"}, fed.round_timeout)
+    for f in failed:
+        log.warning("client %s failed router pre-training: %s", f["client"], f["reason"])
+    order = [k for k in sorted(ok) if int(ok[k][1]["num-examples"]) > 0]
+    if order:
+        states, examples = [ok[k][0] for k in order], [int(ok[k][1]["num-examples"]) for k in order]
+        global_state = {**global_state, **fedavg(states, examples)}
+        if fed.personalize_router:
+            personal.update({k: st for k, st in zip(order, states)})
+    mix.load_adapter_state_dict(global_state, source="the pre-trained global routers")
+    dev = local.accelerator.device
+    val = [to_device(b, dev) for b in local.data.batches("validation", local.cfg.eval.batch_size)]
+    with local.accelerator.autocast():
+        ce, accs = measure_routers(mix, val)
+    client_acc = {str(k): ok[k][1]["val_accuracy"] for k in order if ok[k][1]["val_accuracy"] >= 0}
+    metrics.eval({"step": 0, "split": "validation", "stage": "router_pretrain", "clients": order,
+                  "failed": failed, "train_examples": sum(int(ok[k][1]["num-examples"]) for k in order),
+                  "steps": {str(k): int(ok[k][1]["steps"]) for k in order}, "val_ce": ce,
+                  "val_accuracy": sum(accs.values()) / len(accs), "val_accuracy_per_router": accs,
+                  "client_val_accuracy": client_acc, "seconds": round(time.perf_counter() - t0, 1)})
+    console(f"router pre-training: {len(order)} client{'s' if len(order) != 1 else ''}, global router's "
+            f"validation routing accuracy {100 * sum(accs.values()) / len(accs):.1f}%"
+            + (f"; {len(failed)} failed" if failed else ""))
+    return global_state
+
+
 def serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
           stop_after_round: Optional[int] = None) -> None:
     metrics = MetricsLogger(run_dir)   # metrics.jsonl, gates.json and TensorBoard, as central training writes them
@@ -107,8 +169,9 @@ def serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False, progr
 
 def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bool,
            stop_after_round: Optional[int], metrics: MetricsLogger) -> None:
-    from mixroute.federated.local import setup
     import yaml
+
+    from mixroute.federated.local import pretrains_routers, setup
 
     fed = cfg.federated
     local = setup(cfg)
@@ -118,7 +181,8 @@ def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bo
     global_state = {k: v.detach().cpu().clone() for k, v in mix.adapter_state_dict().items()}
     personal: dict[int, dict] = {}
     start = 0
-    if resume and (ck := load_state(run_dir)) is not None:
+    ck = load_state(run_dir) if resume else None
+    if ck is not None:
         start, global_state, personal = ck
         rundir.truncate_rounds(run_dir, start)
         rundir.truncate_after(run_dir, start)
@@ -138,34 +202,17 @@ def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bo
             f"aggregation {fed.aggregation}{', personal routers' if fed.personalize_router else ''}"
             + (f"; {silent} node(s) did not answer within federated.round_timeout={fed.round_timeout}s (loading "
                "the base model on a busy machine can take that long: raise it)" if silent else ""))
+    if ck is None and pretrains_routers(local):   # a resumed run has its pre-trained routers in its checkpoint
+        global_state = pretrain(grid, local, owners, global_state, personal, metrics, console)
+        save_state(run_dir, 0, global_state, personal)
     proximal = rule_for(fed.aggregation).proximal
     for rnd in range(start + 1, fed.rounds + 1):
         t0 = time.perf_counter()
         sampled = sample(list(owners), rnd, fed)
-        msgs, bytes_down = [], 0
-        for k in sampled:
-            st = client_state(global_state, personal.get(k)) if fed.personalize_router else global_state
-            bytes_down += num_bytes(st)
-            msgs.append(Message(RecordDict({"arrays": to_record(st),
-                                            "config": ConfigRecord({"round": rnd, "partition": k, "proximal": proximal})}),
-                                dst_node_id=owners[k], message_type=MessageType.TRAIN))
-        replies = list(grid.send_and_receive(msgs, timeout=fed.round_timeout))
-        by_node = {v: k for k, v in owners.items()}
-        # error replies made by the SuperLink for a lost node do not come from that node: match by message id
-        sent = {m.metadata.message_id: k for m, k in zip(msgs, sampled) if m.metadata.message_id}
-        ok: dict[int, tuple[dict, dict]] = {}
-        failed: list[dict] = []
-        for reply in replies:
-            k = sent.get(reply.metadata.reply_to_message_id, by_node.get(reply.metadata.src_node_id, -1))
-            if reply.has_error():
-                failed.append({"client": k, "reason": reply.error.reason})
-            else:
-                m = reply.content["metrics"]
-                ok[k] = (from_record(reply.content["arrays"]), {key: m[key] for key in m})
-        for k in sampled:
-            if k not in ok and not any(f["client"] == k for f in failed):
-                failed.append({"client": k, "reason": f"no reply within federated.round_timeout "
-                                                      f"({fed.round_timeout}s)"})
+        starts = {k: client_state(global_state, personal.get(k)) if fed.personalize_router else global_state
+                  for k in sampled}
+        bytes_down = sum(num_bytes(st) for st in starts.values())
+        ok, failed = exchange(grid, owners, starts, {"round": rnd, "proximal": proximal}, fed.round_timeout)
         order = sorted(ok)
         states = [ok[k][0] for k in order]
         examples = [int(ok[k][1]["num-examples"]) for k in order]
@@ -207,15 +254,13 @@ def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bo
 def _personal_eval(local: Any, global_state: dict, personal: dict[int, dict], run_dir: Path) -> None:
     """Each client's own router on its own share of the test split (the test split partitioned with the same
     scheme and seed as the train split), next to the global router on the same examples: eval_clients.json."""
-    from mixroute.data import make_batches, partition_train
+    from mixroute.data import make_batches
 
     cfg, mix, cats = local.cfg, local.mix, local.data.categories
-    test = local.data.examples["test"]
-    part = partition_train(cfg.federated, [e["task_id"] for e in test], len(cats))
     bs = cfg.eval.batch_size
     out: dict[str, Any] = {}
     for k in sorted(personal):
-        ex = [test[i] for i in part.clients[k]]
+        ex = local.held_out_share(k, "test")
         if not ex:
             continue
         batches = list(make_batches(ex, local.data.collate, bs))

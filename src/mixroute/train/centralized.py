@@ -254,11 +254,11 @@ def pretrain_routers(ctx: _Ctx, mix: nn.Module, mcfg: Any, step: int) -> bool:
     stopping (``train.gate.pretrain_router``; ``mixture.gate_pretrain_steps`` caps it, 0 = off); logs a
     ``router_pretrain`` line. Returns whether the mixture's routers start the next stage trained (or it has
     none to train): only then may early stopping keep that start."""
-    from mixroute.train.gate import label_aligned_keys, pretrain_router
+    from mixroute.train.gate import label_aligned_keys, pretrain_router, trainable_label_routers
 
     keys = label_aligned_keys(mix)
-    if not keys:
-        return True
+    if not keys:   # none to train; but a gate over fewer experts than categories starts untrained
+        return not trainable_label_routers(mix)
     if mcfg.gate_pretrain_steps <= 0:
         return False
     data, dev = ctx.data, ctx.accelerator.device

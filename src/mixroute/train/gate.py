@@ -48,10 +48,16 @@ class PretrainResult:
         return {k: v for k, v in self.__dict__.items() if k != "losses"}
 
 
-def label_aligned_keys(mix: nn.Module) -> list[str]:
-    """Routers that pre-training fits: label-aligned, with ``features`` and ``logits`` and trainable weights."""
+def trainable_label_routers(mix: nn.Module) -> list[str]:
+    """Label-aligned routers with ``features`` and ``logits`` and trainable weights."""
     return [k for k, r in mix.routers.items() if r.label_aligned and hasattr(r, "logits") and hasattr(r, "features")
             and any(p.requires_grad for p in r.parameters())]
+
+
+def label_aligned_keys(mix: nn.Module) -> list[str]:
+    """Routers that pre-training fits: ``trainable_label_routers`` with an expert for every label (a MoP gate
+    over fewer experts than categories has no label to fit)."""
+    return [k for k in trainable_label_routers(mix) if mix.routers[k].num_experts >= mix.cfg.num_tasks]
 
 
 @torch.no_grad()
@@ -113,6 +119,15 @@ def _measure(mix: nn.Module, keys: Sequence[str], x: dict[str, Tensor], y: Tenso
             ces.append(float(F.cross_entropy(logits, y)))
             accs[k] = float((logits.argmax(-1) == y).float().mean())
     return sum(ces) / len(ces), accs
+
+
+@torch.no_grad()
+def measure_routers(mix: nn.Module, batches: Sequence[dict],
+                    keys: Optional[Sequence[str]] = None) -> tuple[float, dict[str, float]]:
+    """(mean cross-entropy, accuracy per router) of the label-aligned routers on the labels of ``batches``."""
+    keys = list(keys) if keys is not None else label_aligned_keys(mix)
+    y = torch.cat([b["task_ids"].long().cpu() for b in batches])
+    return _measure(mix, keys, router_inputs(mix, batches, keys), y)
 
 
 def pretrain_router(mix: nn.Module, train_batches: Sequence[dict], steps: int, lr: float = 1e-3,
