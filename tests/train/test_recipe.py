@@ -206,3 +206,18 @@ def test_eval_json_carries_the_training_outcome(moa_run):
     result = evaluate_run(moa_run, max_generate=0, classifier=False)
     saved = json.loads((moa_run / "eval.json").read_text())
     assert saved["training"] == result["training"] and saved["training"]["start_step"] > 0
+
+
+def test_a_mop_gate_over_fewer_experts_than_categories_trains_without_pre_training(tmp_path):
+    """Such a gate has no label per expert to fit: pre-training is skipped (it used to stop the run with a label
+    error) and the start, an untrained gate, may not be kept by early stopping."""
+    out = tmp_path / "mop4"
+    cfg = load_config(ROOT / "configs" / "mop.yaml", [
+        "model.name=tiny", "data.synthetic_per_task=4", "data.max_length=48", "mixture.num_experts=4",
+        "train.max_steps=2", "train.eval_every=1", "train.patience=1", "train.save_every=0", "eval.max_eval=2",
+        f"output_dir={out}"])
+    train(cfg, progress=False)
+    metrics = read_metrics(out)
+    assert not [m for m in metrics if m.get("stage") == "router_pretrain"]
+    stop = [m for m in metrics if m.get("stage") == "early_stopping"]
+    assert stop and all(m["best_step"] > 0 for m in stop), stop
