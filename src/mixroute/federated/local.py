@@ -47,7 +47,6 @@ class Local:
                                    records={**self.data.records,
                                             "train": [self.data.records["train"][i] for i in idx]}, _epoch={})
 
-
     def held_out_share(self, k: int, split: str) -> list[dict[str, Any]]:
         """Client k's share of a held-out split, partitioned with the train split's scheme and seed (what a
         client would hold of it)."""

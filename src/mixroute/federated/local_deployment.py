@@ -73,9 +73,9 @@ class LocalDeployment:
         self.stop_all()
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = (self.home / f"{name}.log").open("w")
-        p = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                             cwd=ROOT)
+        with (self.home / f"{name}.log").open("w") as log:   # the child keeps its own copy of the descriptor
+            p = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                 cwd=ROOT)
         self.procs[name] = p
         return p
 

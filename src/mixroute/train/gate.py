@@ -121,13 +121,16 @@ def _measure(mix: nn.Module, keys: Sequence[str], x: dict[str, Tensor], y: Tenso
     return sum(ces) / len(ces), accs
 
 
+def _inputs_and_labels(mix: nn.Module, batches: Sequence[dict], keys: Sequence[str]) -> tuple[dict, Tensor]:
+    return router_inputs(mix, batches, keys), torch.cat([b["task_ids"].long().cpu() for b in batches])
+
+
 @torch.no_grad()
 def measure_routers(mix: nn.Module, batches: Sequence[dict],
                     keys: Optional[Sequence[str]] = None) -> tuple[float, dict[str, float]]:
     """(mean cross-entropy, accuracy per router) of the label-aligned routers on the labels of ``batches``."""
     keys = list(keys) if keys is not None else label_aligned_keys(mix)
-    y = torch.cat([b["task_ids"].long().cpu() for b in batches])
-    return _measure(mix, keys, router_inputs(mix, batches, keys), y)
+    return _measure(mix, keys, *_inputs_and_labels(mix, batches, keys))
 
 
 def pretrain_router(mix: nn.Module, train_batches: Sequence[dict], steps: int, lr: float = 1e-3,
@@ -145,10 +148,8 @@ def pretrain_router(mix: nn.Module, train_batches: Sequence[dict], steps: int, l
     result = PretrainResult()
     if steps <= 0 or not train_batches:
         return result
-    x = router_inputs(mix, train_batches, keys)
-    y = torch.cat([b["task_ids"].long().cpu() for b in train_batches])
-    vx = router_inputs(mix, val_batches, keys) if val_batches else None
-    vy = torch.cat([b["task_ids"].long().cpu() for b in val_batches]) if val_batches else None
+    x, y = _inputs_and_labels(mix, train_batches, keys)
+    vx, vy = _inputs_and_labels(mix, val_batches, keys) if val_batches else (None, None)
     result.train_examples = len(y)
     routers = [mix.routers[k] for k in keys]
     params = [p for r in routers for p in r.parameters() if p.requires_grad]
