@@ -279,10 +279,17 @@ class Mixture(nn.Module):
     def frozen_layer_input(self, layer: int, args: tuple = (), kwargs: Optional[dict] = None) -> Tensor:
         """The frozen base's hidden states entering decoder layer ``layer`` for a decoder call (no expert
         applied, no router run): the routing pre-pass, and the features of its router's pre-training."""
+        with self.frozen():
+            return layer_input(self.model, layer, args, kwargs)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Forwards inside run the frozen base: no expert applied, no router run (the routing pre-pass's mode;
+        also what a library's global routers read)."""
         ctx = self.context
         saved, ctx.in_prepass = ctx.in_prepass, True
         try:
-            return layer_input(self.model, layer, args, kwargs)
+            yield
         finally:
             ctx.in_prepass = saved
 

@@ -161,6 +161,8 @@ def test_task_router_fits_on_frozen_experts_and_goes_stale_on_add(lib, adapters,
         lib.mixture("task")
     lib.remove("m3")   # removing drops rows: the fitted router serves the others again
     assert lib.route("Add 5 and 5.", router="task")["chosen"] == "math"
+    lib.remove("code")   # a row of the fitted router goes; its LayerNorm (per feature) stays whole
+    assert lib.route("Add 5 and 5.", router="task")["chosen"] == "math"
 
 
 def test_cost_weight_trades_quality_for_cost(lib):

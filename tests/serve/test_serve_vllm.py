@@ -8,6 +8,7 @@ directory written here, no training), in float32 on both engines so greedy token
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -89,13 +90,13 @@ def _wait_health(base: str, proc: subprocess.Popen, timeout: float) -> dict:
     raise TimeoutError("mixroute serve --engine vllm did not come up")
 
 
-@pytest.fixture(scope="module")
-def server(vllm_run):
+@contextlib.contextmanager
+def serving(target: str, *extra: str):
+    """``mixroute serve TARGET --engine vllm`` as a process (float32, rank 32, this module's key): (url, proc)."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mixroute.cli", "serve", vllm_run, "--engine", "vllm",
+    proc = subprocess.Popen([sys.executable, "-m", "mixroute.cli", "serve", target, "--engine", "vllm",
                              "--vllm-dtype", "float32", "--vllm-max-lora-rank", "32", "--port", str(port),
-                             "--api-key", KEY,
-                             "--vllm-python", str(VLLM_PYTHON)],
+                             "--api-key", KEY, "--vllm-python", str(VLLM_PYTHON), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -107,6 +108,12 @@ def server(vllm_run):
             proc.wait(120)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(vllm_run):
+    with serving(vllm_run) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -87,12 +87,31 @@ def test_servable_mixtures_pass_and_ranks_round_up_to_what_vllm_accepts():
     assert [lora_rank_for(n) for n in (1, 4, 8, 9, 24, 33, 300, 600)] == [1, 8, 8, 16, 32, 64, 320, 512]
 
 
-def test_an_expert_library_is_refused_with_the_reason_before_vllm_starts(tiny_run, tmp_path):
+def test_an_expert_library_is_served_with_global_routing_and_refused_per_layer(tiny_run, tmp_path):
     from mixroute.library import Library
-    from mixroute.serve import load_served
+    from mixroute.serve import load_library
     from mixroute.serve.vllm import VLLMEngine
 
     Library.from_run(tmp_path / "lib", tiny_run).mixture().detach()
-    served = load_served(str(tmp_path / "lib"))
-    with pytest.raises(ValueError, match="expert library.*--engine local"):
+    served = load_library(str(tmp_path / "lib"))
+    with pytest.raises(ValueError, match="one router per layer.*--engine local"):
         VLLMEngine(served)   # the constructor refuses: no vLLM process is started for it
+    served.mix.detach()
+    served = load_library(str(tmp_path / "lib"), scope="global")
+    eng = VLLMEngine(served)   # accepted: constructing starts nothing
+    assert eng.mix.decides_before_layers() and eng.expert_names == served.library.man.names()
+    with pytest.raises(ValueError, match="routes per token"):
+        served.library.mixture("arrow", scope="global")
+
+
+def test_serve_router_scope_is_checked_before_anything_loads(tiny_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from mixroute.cli import app
+    from mixroute.library import Library
+
+    res = CliRunner().invoke(app, ["serve", tiny_run, "--router-scope", "global"])
+    assert res.exit_code == 2 and "apply to libraries only" in res.output
+    Library.create(tmp_path / "lib", "tiny")
+    res = CliRunner().invoke(app, ["serve", str(tmp_path / "lib"), "--router-scope", "sideways"])
+    assert res.exit_code == 2 and "valid: layer, global" in res.output

@@ -35,11 +35,15 @@ ROUTE_EXAMPLES = """Examples:
 
 mixroute library route lib "Convert 5 km to metres."
 
-mixroute library route lib "Write a poem" --router centroid --cost-weight 0.05 --json"""
+mixroute library route lib "Write a poem" --router centroid --cost-weight 0.05 --json
+
+mixroute library route lib "Convert 5 km to metres." --scope global   (as --engine vllm routes it)"""
 
 FIT_EXAMPLES = """Examples:
 
 mixroute library fit-router lib --data train.jsonl   (records whose category names an expert; experts stay frozen)
+
+mixroute library fit-router lib --data train.jsonl --scope global   (the router --engine vllm serves)
 
 mixroute library calibrate lib --data val.jsonl   (per-expert loss estimates for cost-aware routing)
 
@@ -48,6 +52,13 @@ mixroute library curve lib --data test.jsonl --lambdas 0,0.01,0.05,0.1 --out cur
 _ROUTER = "Router: centroid (prototypes from example prompts), arrow (zero-shot, from the LoRA weights), task " \
           "(fitted with fit-router). Default: the library's own (set at create)."
 _COST = "lambda of cost-aware routing: pick argmax(quality - lambda * cost) (centroid, task)."
+_SCOPE = ("layer: a decision in every layer, with the experts applied below (the default); global: one decision "
+          "per prompt from the frozen base at the library's router layer, applied at every layer (what "
+          "`mixroute serve LIB --engine vllm` uses; centroid and task).")
+
+
+def _scope_option(what: str = "Routing"):
+    return typer.Option("layer", "--scope", help=f"{what}: {_SCOPE}")
 
 
 def _open(lib: str, progress: bool = True):
@@ -72,6 +83,10 @@ def create_cmd(
     max_rank: int = typer.Option(64, "--max-rank", help="Adapters above this LoRA rank are refused."),
     examples: int = typer.Option(32, "--examples-per-expert", help="With --from: training prompts per category "
                                                                    "for the centroid prototypes."),
+    router_layer: Optional[int] = typer.Option(None, "--router-layer", help="The decoder layer whose frozen-base "
+                                                                            "input global routing reads (default: "
+                                                                            "the middle layer; with --from a "
+                                                                            "global MoA run: the run's)."),
 ) -> None:
     """Create a library from a trained run's LoRA experts, or an empty one on a base model."""
     if from_run and model:
@@ -81,10 +96,14 @@ def create_cmd(
 
         with _errors():
             if from_run:
+                if router_layer is not None:
+                    fail("--router-layer applies to an empty library; --from takes the run's router layer when it "
+                         "routed globally, else the middle layer")
                 lib_ = Library.from_run(lib, from_run, max_rank=max_rank, router=router,
                                         examples_per_expert=examples, progress=True)
             else:
-                lib_ = Library.create(lib, model, max_rank=max_rank, router=router, progress=True)
+                lib_ = Library.create(lib, model, max_rank=max_rank, router=router, progress=True,
+                                      router_layer=router_layer)
     console.print(f"wrote library {lib}: {len(lib_.man.experts)} experts"
                   + (f" ({', '.join(lib_.man.names())})" if lib_.man.experts else ""))
 
@@ -121,7 +140,7 @@ def list_cmd(lib: str = typer.Argument(..., help="Library directory."),
     with user_errors(), _errors():
         lb = _open(lib)
         rows, notes = lb.rows(), lb.notes()
-        state = {k: lb.stale(k) or "fitted" for k in ("task", "calibration")}
+        state = {k: lb.stale(k) or "fitted" for k in ("task", "calibration", "task-global", "calibration-global")}
     if as_json:
         print(json.dumps({"base": lb.man.base.get("model"), "router": lb.man.router, "experts": rows,
                           "state": state, "notes": notes}, indent=2))
@@ -135,7 +154,9 @@ def list_cmd(lib: str = typer.Argument(..., help="Library directory."),
     console.print(table)
     console.print(f"arrow: ready (from weights); centroid: "
                   f"{'ready' if all(r['examples'] for r in rows) else 'needs examples for some experts'}; "
-                  f"task router: {state['task']}; calibration: {state['calibration']}")
+                  f"task router: {state['task']} (global: {state['task-global']}); calibration: "
+                  f"{state['calibration']} (global: {state['calibration-global']}); global routing reads layer "
+                  f"{lb.global_layer()}")
     for n in notes:
         console.print(f"note: {n}")
 
@@ -145,15 +166,16 @@ def route_cmd(
     prompt: str = typer.Argument(..., help="The prompt to route."),
     router: Optional[str] = typer.Option(None, "--router", help=_ROUTER),
     cost_weight: float = typer.Option(0.0, "--cost-weight", help=_COST),
+    scope: str = _scope_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show which expert the router picks for a prompt and why (probabilities, costs, scores)."""
     with user_errors(), _errors():
-        r = _open(lib, progress=False).route(prompt, router, cost_weight)
+        r = _open(lib, progress=False).route(prompt, router, cost_weight, scope)
     if as_json:
         print(json.dumps(r, indent=2))
         return
-    console.print(f"router {r['router']} (cost weight {r['cost_weight']:g}"
+    console.print(f"router {r['router']} ({r['scope']} routing, cost weight {r['cost_weight']:g}"
                   f"{', calibrated' if r['calibrated'] else ''}): [bold]{r['chosen']}[/bold]"
                   + (f" ({r['layers_agreeing']:.0%} of layers)" if r["layers_agreeing"] is not None else ""))
     for e in sorted(r["experts"], key=lambda x: -x.get("score", x["probability"])):
@@ -178,13 +200,15 @@ def fit_router_cmd(
     steps: int = typer.Option(300, "--steps", help="Optimizer steps of each layer's linear router."),
     lr: float = typer.Option(1e-2, "--lr", help="Learning rate."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Use at most this many records."),
+    scope: str = _scope_option("Which router to fit"),
 ) -> None:
     """Train only the task router on the frozen experts (one pass over the data, then small linear fits)."""
     if steps < 1 or lr <= 0:
         fail("--steps must be >= 1 and --lr > 0")
     with user_errors(), _errors():
-        res = _open(lib).fit_router(data, steps=steps, lr=lr, max_examples=max_examples)
-    console.print(f"task router fitted on {res['examples']} records: train accuracy {res['train_accuracy']:.3f}")
+        res = _open(lib).fit_router(data, steps=steps, lr=lr, max_examples=max_examples, scope=scope)
+    console.print(f"task router ({scope} routing) fitted on {res['examples']} records: train accuracy "
+                  f"{res['train_accuracy']:.3f}")
 
 
 def calibrate_cmd(
@@ -192,10 +216,11 @@ def calibrate_cmd(
     data: str = typer.Option(..., "--data", help="Records (Dolly schema): prompts and responses."),
     ridge: float = typer.Option(1.0, "--ridge", help="L2 penalty of the per-layer linear loss estimates."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Use at most this many records."),
+    scope: str = _scope_option("Which routing to calibrate"),
 ) -> None:
     """Learn each expert's loss on a prompt (from the prompt's features) for cost-aware routing."""
     with user_errors(), _errors():
-        res = _open(lib).calibrate(data, ridge=ridge, max_examples=max_examples)
+        res = _open(lib).calibrate(data, ridge=ridge, max_examples=max_examples, scope=scope)
     console.print(f"calibrated on {res['examples']} records: picks the lowest-loss expert "
                   f"{res['best_expert_accuracy']:.1%} of the time (in sample); oracle loss {res['oracle_loss']:.4f}")
 

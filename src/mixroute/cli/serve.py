@@ -23,6 +23,9 @@ mixroute serve lib --router task --route-cost-weight 0.05   (cost-aware routing;
 
 mixroute serve runs/demo/moa --engine vllm   (the router here, generation on vLLM; after `make vllm`)
 
+mixroute serve lib --engine vllm --allow-library-updates   (a library on vLLM: one centroid decision per request
+   from the frozen base; added experts are loaded into vLLM at run time)
+
 mixroute serve runs/moa --engine vllm --vllm-url http://gpu-box:8001 --vllm-api-key K --vllm-adapter-dir /shared/a
    (an existing vLLM server, started with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, that can
    read /shared/a: mixroute writes the experts' adapters there and loads them)"""
@@ -48,6 +51,12 @@ def serve_cmd(
                                                                              "/v1/experts/NAME while serving."),
     router: Optional[str] = typer.Option(None, "--router", help="Library only: centroid, arrow or task "
                                                                 "(default: the library's own)."),
+    router_scope: Optional[str] = typer.Option(None, "--router-scope", help="Library only: layer (a decision in "
+                                                                            "every layer; the default with "
+                                                                            "--engine local) or global (one "
+                                                                            "decision per request from the frozen "
+                                                                            "base; the default, and the only "
+                                                                            "choice, with --engine vllm)."),
     route_cost_weight: float = typer.Option(0.0, "--route-cost-weight", help="Library only: default lambda of "
                                                                              "cost-aware routing (requests may set "
                                                                              "mixroute.route_cost_weight)."),
@@ -94,11 +103,14 @@ def serve_cmd(
         fail("the --vllm-* options need --engine vllm")
     key = api_key if api_key is not None else os.environ.get("MIXROUTE_API_KEY") or None
     is_library = (Path(run_dir) / MANIFEST).is_file()
-    if not is_library and (allow_updates or router or route_cost_weight):
-        fail(f"{run_dir} is not an expert library: --allow-library-updates, --router and --route-cost-weight "
-             "apply to libraries only (mixroute library create)")
+    if not is_library and (allow_updates or router or route_cost_weight or router_scope):
+        fail(f"{run_dir} is not an expert library: --allow-library-updates, --router, --router-scope and "
+             "--route-cost-weight apply to libraries only (mixroute library create)")
+    if router_scope not in (None, "layer", "global"):
+        fail(f"--router-scope {router_scope!r}; valid: layer, global")
     if is_library:   # a LibraryError is a ValueError: reported as a user error by the decorator
-        served = load_library(run_dir, device=device, router=router, cost_weight=route_cost_weight)
+        scope = router_scope or ("global" if engine == "vllm" else "layer")
+        served = load_library(run_dir, device=device, router=router, cost_weight=route_cost_weight, scope=scope)
     else:
         served = load_served(run_dir, device=device)
     settings = None

@@ -44,8 +44,10 @@ class Library:
     @classmethod
     def create(cls, path: str | Path, model_name: Optional[str] = None, dtype: str = "float32",
                template: str = "chat", max_length: int = 256, max_rank: int = 64, router: str = "centroid",
-               model: Optional[nn.Module] = None, tok: Any = None, progress: bool = False) -> "Library":
-        """An empty library for ``model_name`` (or an already loaded ``model``, whose name it records)."""
+               model: Optional[nn.Module] = None, tok: Any = None, progress: bool = False,
+               router_layer: Optional[int] = None) -> "Library":
+        """An empty library for ``model_name`` (or an already loaded ``model``, whose name it records);
+        ``router_layer``: the decoder layer global routers read (None: the middle layer)."""
         from mixroute.config import ModelConfig
         from mixroute.mixture import base_fingerprint
         from mixroute.rundir import load_model
@@ -59,7 +61,9 @@ class Library:
         if model is None:
             model, tok = load_model(ModelConfig(name=model_name, dtype=dtype))
         man = Manifest(base={"model": model_name, "dtype": dtype, "fingerprint": base_fingerprint(model)},
-                       template=template, max_length=max_length, max_rank=max_rank, router=router)
+                       template=template, max_length=max_length, max_rank=max_rank, router=router,
+                       router_layer=router_layer)
+        _global_layer(man, model)   # an out-of-range layer is refused before anything is written
         path.mkdir(parents=True, exist_ok=True)
         mf.write_manifest(path, man)
         return cls(path, model, tok, progress=progress)
@@ -148,7 +152,8 @@ class Library:
         return new
 
     def _centroids(self, man: Manifest, items: list[tuple[Expert, Examples]]) -> None:
-        """Each expert's prototype: pooled prompt features at every layer, its own expert active below."""
+        """Each expert's prototypes: pooled prompt features at every layer with its own expert active below
+        (``layer_<i>``, per-layer routing) and of the frozen base (``base_<i>``, global routing)."""
         old = self.man
         self.man = man
         try:
@@ -161,7 +166,9 @@ class Library:
                     onehot = torch.zeros(n)
                     onehot[man.names().index(e.name)] = 1.0
                     feats = layer_features(mix, batches, [onehot.expand(len(b["input_ids"]), n) for b in batches])
-                    save_file({f"layer_{i}": f.mean(0).contiguous() for i, f in feats.items()},
+                    base = layer_features(mix, batches, frozen=True)
+                    save_file({**{f"layer_{i}": f.mean(0).contiguous() for i, f in feats.items()},
+                               **{f"base_{i}": f.mean(0).contiguous() for i, f in base.items()}},
                               str(self.path / e.path / mf.CENTROID))
                     e.examples = len(prompts)
                     advance()
@@ -180,7 +187,7 @@ class Library:
             if name in st["experts"]:
                 tensors = load_file(str(self.path / mf.ROUTER / st["file"]))
                 keep = [i for i, x in enumerate(st["experts"]) if x != name]
-                tensors = {k: v[keep].contiguous() for k, v in tensors.items()}
+                tensors = _expert_rows(tensors, keep)
                 old_files.append(st["file"])
                 man.router_state[kind] = self._state_file(kind, tensors, [st["experts"][i] for i in keep],
                                                           {k: v for k, v in st.items() if k not in ("file", "experts")})
@@ -238,33 +245,44 @@ class Library:
             return None
         st = self.man.router_state[kind]
         tensors = load_file(str(self.path / mf.ROUTER / st["file"]))
-        order = [st["experts"].index(n) for n in self.man.names()]
-        # rows are per expert, except a router's LayerNorm ("<key>.norm.*"), which is per feature
-        return {k: v if ".norm." in k else v[order].contiguous() for k, v in tensors.items()}
+        return _expert_rows(tensors, [st["experts"].index(n) for n in self.man.names()])
 
     # ------------------------------------------------------------------ routing
-    def _attach(self, router: str, cost_weight: float, use_calibration: bool = False):
+    def global_layer(self) -> int:
+        """The decoder layer whose frozen-base input global routers read."""
+        return _global_layer(self.man, self.model)
+
+    def _attach(self, router: str, cost_weight: float, use_calibration: bool = False, scope: str = "layer"):
         if self.mix is not None:
             self.mix.detach()
             self.mix = None
         fitted = router_class(router).library_state == "fitted"
-        state = {router: self._state(router) if fitted else None,
-                 "calibration": self._state("calibration") if use_calibration else None}
+        kind, calib = mf.state_kind(router, scope), mf.state_kind("calibration", scope)
+        state = {router: self._state(kind) if fitted else None,
+                 "calibration": self._state(calib) if use_calibration else None}
         state = {k: v for k, v in state.items() if v is not None}
         if fitted and router not in state:
-            why = self.stale(router)
-            raise LibraryError(f"the {router} router is {why}; run `mixroute library fit-router {self.path} --data "
-                               "FILE` (it trains the router only, the experts stay frozen), or use --router "
-                               "centroid/arrow")
-        self.mix = materialise(self.model, self.path, self.man, router, self.adapters(),
-                               {"route_cost_weight": cost_weight}, state)
+            why = self.stale(kind)
+            flag = "" if scope == "layer" else f" --scope {scope}"
+            raise LibraryError(f"the {router} router{'' if scope == 'layer' else ' (' + scope + ' routing)'} is "
+                               f"{why}; run `mixroute library fit-router {self.path} --data FILE{flag}` (it "
+                               "trains the router only, the experts stay frozen), or use --router centroid")
+        overrides = {"route_cost_weight": cost_weight, "router_scope": scope}
+        if scope == "global":
+            overrides["router_layer"] = self.global_layer()
+        self.mix = materialise(self.model, self.path, self.man, router, self.adapters(), overrides, state)
         return self.mix
 
-    def mixture(self, router: Optional[str] = None, cost_weight: Optional[float] = None):
+    def mixture(self, router: Optional[str] = None, cost_weight: Optional[float] = None, scope: str = "layer"):
         """The library as a ``Mixture`` on its base model, routed by ``router`` (default: the manifest's);
-        cost-aware with ``cost_weight`` (lambda) and, once calibrated, predicted losses."""
+        cost-aware with ``cost_weight`` (lambda) and, once calibrated, predicted losses. ``scope``: ``layer``
+        (a decision in every layer, the experts applied below) or ``global`` (one decision per sequence from the
+        frozen base at ``global_layer()``, applied at every layer: what ``--engine vllm`` serves)."""
         router = router or self.man.router
         check_router(router)
+        if _scope(scope) == "global" and not router_class(router).supports_global:
+            raise LibraryError(f"the {router} router routes per {router_class(router).level} and has no global "
+                               "form; global routing takes centroid or task")
         lam = float(cost_weight or 0.0)
         if lam < 0:
             raise LibraryError(f"route_cost_weight must be >= 0, got {lam}")
@@ -273,29 +291,37 @@ class Library:
             raise LibraryError(f"route_cost_weight applies to sequence-level routers "
                                f"({', '.join(library_routers('sequence'))}); {router} routes per {level}, mixing "
                                "experts")
-        key = (router, lam, tuple(self.man.names()))
+        key = (router, lam, tuple(self.man.names()), scope)
         if self.mix is None or self._built != key:
-            self._attach(router, lam, use_calibration=level == "sequence")
+            self._attach(router, lam, use_calibration=level == "sequence", scope=scope)
             self._built = key
         return self.mix
 
-    def route(self, prompt: str, router: Optional[str] = None, cost_weight: Optional[float] = None) -> dict:
+    def route(self, prompt: str, router: Optional[str] = None, cost_weight: Optional[float] = None,
+              scope: str = "layer") -> dict:
         """What the router picks for ``prompt`` and why (``library.explain.route``)."""
         from mixroute.library.explain import route
 
-        return route(self, prompt, router, cost_weight)
+        return route(self, prompt, router, cost_weight, scope)
 
     def notes(self) -> list[str]:
         out = []
         fitted = [name for name in library_routers() if router_class(name).library_state == "fitted"]
-        for kind in (*fitted, "calibration"):
-            why = self.stale(kind)
-            if why is not None and why != "not fitted":
-                cmd = "calibrate" if kind == "calibration" else "fit-router"
-                out.append(f"{kind} {why}: run `mixroute library {cmd} {self.path} --data FILE`")
+        for base in (*fitted, "calibration"):
+            for scope in mf.SCOPES:
+                kind = mf.state_kind(base, scope)
+                why = self.stale(kind)
+                if why is not None and why != "not fitted":
+                    cmd = "calibrate" if base == "calibration" else "fit-router"
+                    flag = "" if scope == "layer" else f" --scope {scope}"
+                    out.append(f"{kind} {why}: run `mixroute library {cmd} {self.path} --data FILE{flag}`")
         missing = [e.name for e in self.man.experts if e.examples == 0]
         if missing:
             out.append(f"centroid cannot route {', '.join(missing)} (no example prompts)")
+        old = [e.name for e in self.man.experts if e.examples and not _has_base_prototype(self.path / e.path)]
+        if old:
+            out.append(f"centroid cannot route {', '.join(old)} globally (prototypes written before global routing "
+                       "existed): add them again with --examples")
         return out
 
     def rows(self) -> list[dict]:
@@ -303,19 +329,52 @@ class Library:
         return [{k: v for k, v in asdict(e).items() if k != "path"} for e in self.man.experts]
 
     def fit_router(self, data: str | Path, steps: int = 300, lr: float = 1e-2, batch_size: int = 8,
-                   max_examples: Optional[int] = None) -> dict:
+                   max_examples: Optional[int] = None, scope: str = "layer") -> dict:
         from mixroute.library.fit import fit_task_router
 
-        return fit_task_router(self, data, steps, lr, batch_size, max_examples)
+        return fit_task_router(self, data, steps, lr, batch_size, max_examples, _scope(scope))
 
     def calibrate(self, data: str | Path, batch_size: int = 8, ridge: float = 1.0,
-                  max_examples: Optional[int] = None) -> dict:
+                  max_examples: Optional[int] = None, scope: str = "layer") -> dict:
         from mixroute.library.fit import calibrate
 
-        return calibrate(self, data, batch_size, ridge, max_examples)
+        return calibrate(self, data, batch_size, ridge, max_examples, _scope(scope))
 
 
 def check_router(router: str) -> None:
     valid = library_routers()
     if router not in valid:
         raise LibraryError(f"router {router!r} cannot route a library; valid: {', '.join(valid)}")
+
+
+def _expert_rows(tensors: dict[str, Tensor], rows: list[int]) -> dict[str, Tensor]:
+    """Router state with its per-expert rows taken in ``rows`` order; a router's LayerNorm ("<key>.norm.*") is
+    per feature and kept whole."""
+    return {k: v if ".norm." in k else v[rows].contiguous() for k, v in tensors.items()}
+
+
+def _scope(scope: str) -> str:
+    if scope not in mf.SCOPES:
+        raise LibraryError(f"scope must be one of {', '.join(mf.SCOPES)}, got {scope!r}")
+    return scope
+
+
+def _global_layer(man: Manifest, model: nn.Module) -> int:
+    from mixroute.arch import decoder_layers
+    from mixroute.config import ConfigError, MixtureConfig
+    from mixroute.mixture import global_router_layer
+
+    try:
+        return global_router_layer(MixtureConfig(router_layer=man.router_layer), len(decoder_layers(model)))
+    except ConfigError as e:
+        raise LibraryError(f"router_layer: {e}") from None
+
+
+def _has_base_prototype(expert_dir: Path) -> bool:
+    from safetensors import safe_open
+
+    path = expert_dir / mf.CENTROID
+    if not path.is_file():
+        return False
+    with safe_open(str(path), "pt") as f:
+        return "base_0" in f.keys()

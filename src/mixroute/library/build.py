@@ -134,8 +134,15 @@ def install_router(mix: Mixture, lib: Path, man: Manifest, router: str, state: d
             raise LibraryError(f"the {router} router needs example prompts for every expert; none for "
                                f"{', '.join(missing)} (add them again with --examples FILE, or route with arrow)")
         feats = [load_file(str(lib / e.path / CENTROID)) for e in man.experts]
+        # a global router reads the frozen base, so its prototypes are the frozen base's features too
+        prefix = "base" if mix.cfg.router_scope == "global" else "layer"
+        old = [e.name for e, f in zip(man.experts, feats) if f"{prefix}_0" not in f]
+        if old:
+            raise LibraryError(f"the centroid prototypes of {', '.join(old)} were written before global routing "
+                               "existed (no frozen-base features); add those experts again with --examples FILE "
+                               "(`mixroute library remove`, then `add`), or route per layer")
         for key, r in mix.routers.items():
-            r.prototypes.copy_(torch.stack([f[f"layer_{r.read_layer}"] for f in feats]))
+            r.prototypes.copy_(torch.stack([f[f"{prefix}_{r.read_layer}"] for f in feats]))
     elif cls.library_state == "lora":
         for key, r in mix.routers.items():
             protos, gain = arrow_prototypes(mix, key)

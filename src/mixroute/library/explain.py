@@ -8,13 +8,15 @@ import torch
 
 from mixroute.data import Record
 from mixroute.library.data import read_prompts
+from mixroute.library.manifest import state_kind
 
 
 @torch.no_grad()
-def route(lib, prompt: str, router: Optional[str] = None, cost_weight: Optional[float] = None) -> dict:
+def route(lib, prompt: str, router: Optional[str] = None, cost_weight: Optional[float] = None,
+          scope: str = "layer") -> dict:
     """What the router picks for ``prompt`` and why: per expert its probability (averaged over layers; the
     mean gate over prompt tokens for arrow), cost and, when cost-aware, predicted quality and score."""
-    mix = lib.mixture(router, cost_weight)
+    mix = lib.mixture(router, cost_weight, scope)
     ids = torch.tensor([read_prompts([Record(instruction=prompt, response="", category="")], lib.man,
                                      lib.tok)[0]])
     mix(input_ids=ids.to(next(lib.model.parameters()).device))
@@ -39,8 +41,8 @@ def route(lib, prompt: str, router: Optional[str] = None, cost_weight: Optional[
         pick = int(votes.argmax())
     else:
         pick = int(probs.argmax())
-    return {"router": router or lib.man.router, "cost_weight": float(cost_weight or 0.0),
-            "calibrated": bool(lasts) and lib.stale("calibration") is None,
+    return {"router": router or lib.man.router, "scope": scope, "cost_weight": float(cost_weight or 0.0),
+            "calibrated": bool(lasts) and lib.stale(state_kind("calibration", scope)) is None,
             "chosen": lib.man.experts[pick].name,
             "layers_agreeing": None if votes is None else round(float(votes.max()), 4),
             "experts": rows, "notes": lib.notes()}

@@ -2,11 +2,13 @@
 
 ``layer_features`` runs a mixture over batches with given routing and returns, for every decoder layer, the
 hidden states entering it pooled over the prompt tokens without attention sinks (what a sequence-level
-router at that layer reads). ``arrow_prototypes`` derives Arrow's per-layer prototype of each expert from its
-LoRA weights alone.
+router at that layer reads), with the experts applied below or (``frozen``) of the frozen base.
+``arrow_prototypes`` derives Arrow's per-layer prototype of each expert from its LoRA weights alone.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from typing import Any, Iterable, Optional, Sequence
 
@@ -26,9 +28,10 @@ def prompt_batches(prompts: Sequence[list[int]], tok: Any, batch_size: int = 8) 
 
 @torch.no_grad()
 def layer_features(mix: nn.Module, batches: Iterable[dict[str, Tensor]],
-                   weights: Optional[Sequence[Tensor]] = None) -> dict[int, Tensor]:
+                   weights: Optional[Sequence[Tensor]] = None, frozen: bool = False) -> dict[int, Tensor]:
     """{layer: (N, H)} pooled prompt features entering each decoder layer. ``weights[i]`` ((B, E) per batch)
-    fixes the routing of batch i (``Mixture.force``): the experts below a layer shape what it reads."""
+    fixes the routing of batch i (``Mixture.force``): the experts below a layer shape what it reads.
+    ``frozen``: the frozen base's features instead (no expert applied), what a global router reads."""
     device = next(mix.model.parameters()).device
     got: dict[int, list[Tensor]] = {i: [] for i in range(len(decoder_layers(mix.model)))}
     mask_now: list[Tensor] = []
@@ -44,7 +47,7 @@ def layer_features(mix: nn.Module, batches: Iterable[dict[str, Tensor]],
             if weights is not None:
                 mix.force(weights[k])
             try:
-                with mix.context.inputs(None, mask):
+                with mix.context.inputs(None, mask), mix.frozen() if frozen else contextlib.nullcontext():
                     decoder(mix.model)(input_ids=ids, attention_mask=attn, use_cache=False)
             finally:
                 if weights is not None:

@@ -2,9 +2,11 @@
 
     LIB/manifest.json                     format, version, base model, settings, experts, router state files
     LIB/experts/<name>/adapter_config.json, adapter_model.safetensors   a PEFT LoRA adapter, as given
-    LIB/experts/<name>/centroid.safetensors   mean pooled prompt features per decoder layer (when examples given)
+    LIB/experts/<name>/centroid.safetensors   mean pooled prompt features per decoder layer (when examples given),
+                                              with the expert applied below and of the frozen base
     LIB/router/task-<hash>.safetensors        a fitted task router (per router key), + experts it was fitted on
     LIB/router/calibration-<hash>.safetensors a fitted per-expert loss estimate (library calibrate)
+    LIB/router/task-global-<hash>..., calibration-global-<hash>...   the same for global routing (--scope global)
 
 The manifest is the commit point: files it will name are written first (atomically, router state under a
 content-derived name), then the manifest replaces the old one, then files it no longer names are deleted. A
@@ -32,6 +34,15 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+SCOPES = ("layer", "global")
+
+
+def state_kind(kind: str, scope: str) -> str:
+    """The router_state key of ``kind`` (task, calibration) fitted for ``scope``: per-layer state and global
+    state read different features (the experts applied below, or the frozen base) and are kept apart."""
+    return kind if scope == "layer" else f"{kind}-{scope}"
+
+
 class LibraryError(ValueError):
     """A library or adapter the user gave that cannot be used; the message names the file, expert or field."""
 
@@ -55,8 +66,11 @@ class Manifest:
     max_length: int = 256
     max_rank: int = 64           # adapters above this rank are refused
     router: str = "centroid"     # default router: centroid, arrow or task
+    router_layer: Optional[int] = None   # the layer global routers read (null: the middle layer)
     experts: list[Expert] = field(default_factory=list)
-    router_state: dict = field(default_factory=dict)   # "task" / "calibration": {"file", "experts": [names]}
+    # "task" / "calibration" (per-layer routing), "task-global" / "calibration-global" (one decision per
+    # sequence from the frozen base): {"file", "experts": [names], ...}
+    router_state: dict = field(default_factory=dict)
 
     def names(self) -> list[str]:
         return [e.name for e in self.experts]

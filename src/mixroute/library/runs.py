@@ -8,7 +8,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from mixroute.library.manifest import LibraryError
+from mixroute.library.manifest import LibraryError, state_kind
 from mixroute.routers import router_class
 
 
@@ -16,7 +16,8 @@ def from_run(cls: type, path: str | Path, run_dir: str | Path, max_rank: int = 6
              examples_per_expert: int = 32, progress: bool = False):
     """A library holding every LoRA expert of a trained run's final mixture, named after the run's
     categories when its router is label-aligned (else expert-<i>), with centroid prototypes from the run's
-    training prompts of each category and, for MoA runs, its trained task router."""
+    training prompts of each category and, for MoA runs, its trained task router (per layer, or global: then
+    the library's global routing reads the run's router layer)."""
     from mixroute.rundir import load_run
 
     run = load_run(run_dir)
@@ -32,12 +33,16 @@ def from_run(cls: type, path: str | Path, run_dir: str | Path, max_rank: int = 6
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(n):
             mix.export_peft(i, f"{tmp}/{i}")
-        # a library routes per layer: a run's fitted routers carry over only when it routed per layer too
-        carried = router_class(mix.cfg.router).library_state == "fitted" and mix.cfg.router_scope == "layer"
+        # a run's trained routers carry over as the library's state of the same scope: per layer, or one global
+        # router read at the run's router layer (which the library's global routing then reads too)
+        carried = router_class(mix.cfg.router).library_state == "fitted"
         fitted = _fitted_state(mix) if carried else None
+        scope = mix.cfg.router_scope
+        layer = mix.routers["global"].read_layer if scope == "global" else None
         mix.detach()
         lib = cls.create(path, run.cfg.model.name, run.cfg.model.dtype, run.cfg.data.template,
-                         run.cfg.data.max_length, max_rank, router, run.model, run.tok, progress)
+                         run.cfg.data.max_length, max_rank, router, run.model, run.tok, progress,
+                         router_layer=layer)
         examples: list[Optional[list]] = [None] * n
         if aligned:
             for rec in run.data.records["train"]:
@@ -48,7 +53,8 @@ def from_run(cls: type, path: str | Path, run_dir: str | Path, max_rank: int = 6
         lib.add_many([(names[i], f"{tmp}/{i}", examples[i], None, f"from {Path(run_dir).name}")
                       for i in range(n)])
     if fitted is not None:
-        lib._write_state(mix.cfg.router, fitted, names, {"source": str(run_dir)})
+        extra = {"source": str(run_dir), **({"router_layer": layer} if scope == "global" else {})}
+        lib._write_state(state_kind(mix.cfg.router, scope), fitted, names, extra)
     return lib
 
 

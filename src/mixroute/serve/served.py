@@ -41,6 +41,7 @@ class Served:
     library: Any = None      # the served expert library (None: a run directory)
     router: Optional[str] = None    # the library's router as served (None: its default)
     cost_weight: float = 0.0        # the library's default lambda of cost-aware routing
+    scope: str = "layer"            # the library's routing: per layer, or global (one decision per request)
     model_path: Optional[str] = None   # the base model as ``model.name`` gives it (None: the embedded model)
 
 
@@ -67,8 +68,9 @@ def load_served(run_dir: Union[str, Path], device: str = "auto") -> Served:
 
 
 def load_library(lib_dir: Union[str, Path], device: str = "auto", router: Optional[str] = None,
-                 cost_weight: float = 0.0) -> Served:
-    """Load an expert library for serving, routed by ``router`` (default: the library's own)."""
+                 cost_weight: float = 0.0, scope: str = "layer") -> Served:
+    """Load an expert library for serving, routed by ``router`` (default: the library's own) per layer or, with
+    ``scope='global'``, once per request from the frozen base (``Library.mixture``)."""
     from mixroute.devices import resolve_device
     from mixroute.library import Library
 
@@ -76,12 +78,13 @@ def load_library(lib_dir: Union[str, Path], device: str = "auto", router: Option
     lib = Library(lib_dir)
     if dev.type != "cpu":
         lib.model.to(dev)
-    mix = lib.mixture(router, cost_weight)
+    mix = lib.mixture(router, cost_weight, scope)
     return Served(name=Path(lib_dir).resolve().name, model=lib.model, tok=lib.tok, mix=mix,
                   template=lib.man.template, categories=[], expert_names=lib.man.names(),
                   context_length=int(getattr(lib.model.config, "max_position_embeddings", 2048)),
                   can_force=all(r.level == "sequence" for r in mix.routers.values()), needs_category=False,
-                  library=lib, router=router, cost_weight=cost_weight, model_path=lib.man.base.get("model"))
+                  library=lib, router=router, cost_weight=cost_weight, scope=scope,
+                  model_path=lib.man.base.get("model"))
 
 
 @dataclass

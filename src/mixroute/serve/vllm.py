@@ -267,13 +267,8 @@ class VLLMEngine:
     def __init__(self, served: Any, settings: Optional[VLLMSettings] = None, max_batch: int = 16,
                  max_wait_ms: float = 10.0, on_batch: Optional[Callable[[list[Request]], None]] = None,
                  precision: str = "no", max_queue: int = 256) -> None:
-        if served.library is not None:
-            # a library's routers (centroid and task: one per layer; arrow: per token) decide inside the forward,
-            # so neither the first serving nor a library update could hand vLLM one adapter per request
-            raise ValueError(f"--engine vllm cannot serve {served.name}: it is an expert library, whose routers "
-                             "decide at every layer (centroid, task) or token (arrow), and vLLM applies one "
-                             "adapter per request. Serve it with --engine local (mixroute's own engine serves "
-                             "libraries, library updates included).")
+        # a library is served with global routing (``load_library(scope='global')``): its per-layer routers
+        # decide inside the forward and arrow per token, which check_servable refuses with the reason
         check_servable(served.mix)
         self.served, self.settings = served, settings or VLLMSettings()
         self.model, self.mix, self.tok = served.model, served.mix, served.tok
@@ -427,10 +422,30 @@ class VLLMEngine:
             raise Unavailable("the server is shutting down")
         return Control.run_on(self._queue, change, timeout)
 
+    def check_mixture(self, mix: Any) -> None:
+        """Raise ValueError when vLLM cannot serve ``mix`` (a library after an add): not one LoRA per sequence,
+        or an adapter of rank above the running server's --max-lora-rank."""
+        check_servable(mix)
+        limit = self.process.max_lora_rank if self.process is not None else self.settings.max_lora_rank
+        rank = next(iter(mix.experts.values())).rank
+        if limit is not None and rank > limit:
+            raise ValueError(f"the experts now have rank up to {rank}, above the vLLM server's --max-lora-rank "
+                             f"{limit}; restart mixroute serve with --vllm-max-lora-rank {lora_rank_for(rank)}")
+
     def swap(self, mix: Any, expert_names: list[str]) -> None:
-        """Only a served library swaps its mixture, and libraries are refused at construction."""
-        raise ValueError("library updates are served by --engine local only (an expert library is not served "
-                         "on vLLM)")
+        """Serve a library's new mixture (call from ``between_batches``: nothing is in flight on vLLM then):
+        removed experts are unloaded from vLLM, added ones exported and loaded, and every mixture adapter is
+        dropped (it was built from the old experts)."""
+        names = list(expert_names)
+        for name in [n for n in self._experts if n not in names]:
+            self._post("/v1/unload_lora_adapter", {"lora_name": name})
+            shutil.rmtree(self._experts.pop(name), ignore_errors=True)
+        for key, name in list(self._mixtures.items()):
+            self._post("/v1/unload_lora_adapter", {"lora_name": name})
+            shutil.rmtree(self.workdir / "mixtures" / name, ignore_errors=True)
+            del self._mixtures[key]
+        self.mix, self.expert_names = mix, names
+        self._load_experts(self._export_experts())
 
     def describe(self) -> dict[str, Any]:
         """What ``/health`` says about the engine."""
@@ -438,7 +453,7 @@ class VLLMEngine:
         return {"kind": "vllm", "url": self.url, "ready": self._ready.is_set(), "restarts": self.restarts,
                 "pid": proc.proc.pid if proc is not None and proc.proc is not None else None,
                 "max_lora_rank": proc.max_lora_rank if proc is not None else self.settings.max_lora_rank,
-                "mixtures_loaded": len(self._mixtures)}
+                "experts_loaded": sorted(self._experts), "mixtures_loaded": len(self._mixtures)}
 
     def generate(self, req: Request, timeout: Optional[float] = None) -> Request:
         self.submit(req).done.wait(timeout)
@@ -450,12 +465,16 @@ class VLLMEngine:
     def _export_experts(self) -> dict[str, str]:
         """Write every expert not yet exported as a PEFT adapter; returns the new ones."""
         added = {}
+        lib = self.served.library
         for i, name in enumerate(self.expert_names):
             if name in self._experts or self.mix is None:
                 continue
             out = self.workdir / "experts" / _safe(name)
             shutil.rmtree(out, ignore_errors=True)
-            self.mix.export_peft(i, str(out))
+            if lib is not None:
+                lib.export(name, out)   # the adapter as added: its own rank, not the bank's
+            else:
+                self.mix.export_peft(i, str(out))
             self._experts[name] = added[name] = str(out)
         return added
 

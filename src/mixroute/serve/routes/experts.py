@@ -62,7 +62,7 @@ async def _change(st: ServeState, change: Any) -> Any:
         try:
             return change(lib)
         finally:
-            mix = lib.mixture(served.router, served.cost_weight)
+            mix = lib.mixture(served.router, served.cost_weight, served.scope)
             st.engine.swap(mix, lib.man.names())
             served.mix, served.expert_names = mix, lib.man.names()
 
@@ -77,10 +77,12 @@ async def _change(st: ServeState, change: Any) -> Any:
 
 def _add(st: ServeState, lib: Any, body: AddExpertRequest) -> Any:
     """Add, then build the served mixture with the new expert; if the served router cannot route it (a
-    fitted task router, centroid without examples) the add is undone and the error says why."""
+    fitted task router, centroid without examples) or the engine cannot serve it (vLLM: a DoRA expert, a rank
+    above its --max-lora-rank) the add is undone and the error says why."""
     e = lib.add(body.name, body.adapter_dir, body.examples, body.cost, body.description)
     try:
-        lib.mixture(st.served.router, st.served.cost_weight)
+        mix = lib.mixture(st.served.router, st.served.cost_weight, st.served.scope)
+        st.engine.check_mixture(mix)
     except Exception:
         lib.remove(e.name)
         raise
