@@ -198,7 +198,14 @@ class EvalConfig:
 class FederatedConfig:
     clients: int = f(8, "Number of clients (Flower SuperNodes), each holding one partition of the train split.",
                      ge=1)
-    rounds: int = f(10, "Federated rounds.", ge=1)
+    rounds: int = f(10, "Federated rounds (of stage 2 for MoA).", ge=1)
+    stage1_rounds: Optional[int] = f(None, "MoA (train.method moa): rounds of federated stage 1 before the `rounds` "
+                                           "of stage 2. Each client trains the experts of the categories it holds, "
+                                           "each sequence routed to its label's expert (routers not run; "
+                                           "train.stage1_lr), and sends only those experts; each expert becomes "
+                                           "the average over the clients holding its category, weighted by their "
+                                           "examples of it. null = as many as `rounds` for moa, 0 for other "
+                                           "methods; 0 = none (stage 2 starts from fresh experts).", ge=0)
     fraction: float = f(1.0, "Fraction of the clients sampled per round (at least min_clients).", gt=0.0, le=1.0)
     min_clients: int = f(1, "Minimum clients sampled per round, and the nodes the server waits for before the "
                             "first round (so a dead node cannot hang it).", ge=1)

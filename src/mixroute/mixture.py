@@ -41,7 +41,7 @@ from mixroute.arch import (Reached, decoder_layers, in_out_features, layer_input
 from mixroute.config import ConfigError, MixtureConfig
 from mixroute.experts import BANKS, patch_linear, unpatch_linear
 from mixroute.routers import RouterDims, RouteWeights, build_router, router_class
-from mixroute.routers.base import KEPT_LEVELS
+from mixroute.routers.base import KEPT_LEVELS, one_hot_route
 
 
 WEIGHTS_NAME = "mixture.safetensors"
@@ -164,6 +164,7 @@ class Mixture(nn.Module):
         self._routers_at: dict[int, list[str]] = {}  # decoder layer -> keys of the routers that read its input
         self.prepass_routers: list[str] = []       # keys of the routers that decide from the routing pre-pass
         self._forced: dict[Optional[str], _Forced] = {}   # router key (None = all) -> fixed weights
+        self._by_label = False                              # inside ``routed_by_label``
         self._hooks: list = []
         self._patched: list[nn.Module] = []
 
@@ -295,6 +296,8 @@ class Mixture(nn.Module):
 
     def _needs_router(self, key: str) -> bool:
         """False when forced weights fix every row of router ``key`` (its features need not be computed)."""
+        if self._by_label:
+            return False
         forced = self._forced.get(key, self._forced.get(None))
         return forced is None or forced.free is not None
 
@@ -314,7 +317,9 @@ class Mixture(nn.Module):
         kept_level = router.level in KEPT_LEVELS
         reuse = kept_level and not ctx.is_prefill and key in ctx.kept
         forced = self._forced.get(key, self._forced.get(None))
-        if reuse:
+        if self._by_label and router.level == "sequence":
+            route = self._label_route(bsz, device)
+        elif reuse:
             route = ctx.kept[key].for_batch(bsz)
         elif forced is not None and forced.free is None:
             route = _forced_route(forced, None, bsz, device)
@@ -332,6 +337,25 @@ class Mixture(nn.Module):
         ctx.routing[key] = route.observed()
         if route.logits is not None:
             ctx.router_logits[key] = route.logits
+
+    @contextlib.contextmanager
+    def routed_by_label(self) -> Iterator[None]:
+        """Inside, every sequence-level router sends each sequence to its label's expert (the forward's
+        ``task_ids``) and is not run: MoA's stage 1 trained as one mixture (each expert sees only its category,
+        as one LoRA per category would), and its validation."""
+        saved, self._by_label = self._by_label, True
+        try:
+            yield
+        finally:
+            self._by_label = saved
+
+    def _label_route(self, bsz: int, device: torch.device) -> RouteWeights:
+        n = router_class(self.cfg.router).experts_for(self.cfg)
+        tids = self.context.task_ids_for(bsz)
+        if tids is None or int(tids.max()) >= n:
+            raise ValueError(f"routing by label needs task_ids below the number of experts ({n}); got "
+                             f"{None if tids is None else tids.tolist()}")
+        return one_hot_route(tids.to(device).long(), n)
 
     def force(self, weights: Optional[Tensor], key: Optional[str] = None) -> None:
         """Override sequence-level routing with fixed weights over experts, (E,) or (B, E), >= 0 (normalised;

@@ -7,6 +7,9 @@ tests/federated/test_federated_aggregate.py). ``federated.aggregation`` names on
 - ``usage``: the slice of expert e in every per-expert tensor = sum_k n_k u_ke w_ke / sum_k n_k u_ke, where u_ke is
   client k's measured routing mass on expert e; when no client used expert e (sum 0) it keeps its previous global
   value. Tensors shared by the experts and routers/gates are averaged by examples.
+- MoA's stage 1 (``per_category_average``, whatever the rule): expert e = sum_k c_ke w_ke / sum_k c_ke over the
+  clients that trained it, c_ke = client k's training examples of category e; an expert no client trained keeps
+  its previous value.
 - ``personalize_router``: router tensors are not averaged into the client's model; each client keeps its own
   (``personal_routers``), the global router is still the example-weighted average (for the global test split).
 
@@ -128,6 +131,31 @@ def aggregate(name: str, previous: dict[str, Tensor], states: Sequence[dict[str,
     if not states:
         return {k: v.clone() for k, v in previous.items()}
     return rule.fn(Survivors(previous, states, examples, usage, axis))
+
+
+def per_category_average(previous: dict[str, Tensor], states: Sequence[dict[str, Tensor]],
+                         experts: Sequence[Sequence[int]], counts: Sequence[Sequence[int]], num_experts: int,
+                         axis: Axis) -> dict[str, Tensor]:
+    """MoA's stage 1: each client sent the slices of the experts it trained (``experts[k]``, with its examples
+    of each category in ``counts[k]``; ``payload.trim_experts``); expert e becomes the example-weighted average
+    over the clients that trained it, the others keep ``previous``. Tensors no client sent (the routers) are
+    kept."""
+    from mixroute.federated.payload import expand_experts
+
+    sent = [(s, ex, c) for s, ex, c in zip(states, experts, counts) if ex]
+    if not sent:
+        return {k: v.clone() for k, v in previous.items()}
+    full = [expand_experts(s, ex, previous, axis) for s, ex, _ in sent]
+    keys = [k for k in previous if k in full[0]]
+    examples = [sum(c) for _, _, c in sent]
+    usage = []
+    for (_, ex, c), n in zip(sent, examples):
+        u = [0.0] * num_experts
+        for e, ce in zip(ex, c):
+            u[e] = ce / n
+        usage.append(u)
+    new = usage_average({k: previous[k] for k in keys}, full, examples, usage, axis)
+    return {**{k: v.clone() for k, v in previous.items()}, **new}
 
 
 def split_routers(state: dict[str, Tensor], is_router: Callable[[str], bool]) -> tuple[dict, dict]:

@@ -5,7 +5,9 @@ adapter state. Per round a node loads the global adapter state, trains ``federat
 partition and replies with its adapter state only (an ``ArrayRecord``) plus metrics (``num-examples``,
 ``train_loss``, per-expert ``usage``, per-category ``gates``). A run whose mixture has a label-aligned router
 starts with round 0, ``phase: pretrain``: each node fits the routers alone on its own labels and replies with
-the router tensors only (``local.pretrain_round``)."""
+the router tensors only (``local.pretrain_round``). MoA starts with rounds of stage 1 (``phase: stage1``): the
+node trains the experts of the categories it holds, each sequence routed to its label's expert, and replies
+with those experts' slices only (``local.stage1_round``); the pre-training round follows them."""
 
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from mixroute.federated.local import train_round
+    from mixroute.federated.local import stage1_round, train_round
 
     conf = msg.content["config"]
     local = local_for(run_config(context))
@@ -66,22 +68,29 @@ def train(msg: Message, context: Context) -> Message:
     if k >= len(local.part.clients):
         raise RuntimeError(f"partition-id {k} but federated.clients is {len(local.part.clients)}")
     if conf.get("phase") == "pretrain":
-        return _pretrain(msg, local, k)
-    state, metrics = train_round(local, k, from_record(msg.content["arrays"]), rnd,
-                                 proximal=bool(conf.get("proximal", False)))
+        return _pretrain(msg, local, k, rnd)
+    extra = {}
+    if conf.get("phase") == "stage1":
+        state, metrics = stage1_round(local, k, from_record(msg.content["arrays"]), rnd)
+        extra = {"experts": [int(e) for e in metrics["experts"]],
+                 "expert-examples": [int(c) for c in metrics["expert-examples"]]}
+    else:
+        state, metrics = train_round(local, k, from_record(msg.content["arrays"]), rnd,
+                                     proximal=bool(conf.get("proximal", False)))
     gates = metrics.pop("gates")
     out = {"partition-id": k, "num-examples": int(metrics["num-examples"]), "train_loss": float(metrics["train_loss"]),
            "usage": [float(u) for u in metrics["usage"]], "steps": int(metrics["steps"]),
-           "bytes": num_bytes(state), "gates": [float(g) for row in gates for g in row]}
+           "bytes": num_bytes(state), "gates": [float(g) for row in gates for g in row], **extra}
     return Message(RecordDict({"arrays": to_record(state), "metrics": MetricRecord(out),
                                "config": ConfigRecord({"round": rnd})}), reply_to=msg)
 
 
-def _pretrain(msg: Message, local: Any, k: int) -> Message:
-    """The router pre-training round (round 0): router tensors only travel back."""
+def _pretrain(msg: Message, local: Any, k: int, rnd: int) -> Message:
+    """The router pre-training round (after round ``rnd``: 0, or MoA's last stage-1 round): router tensors only
+    travel back."""
     from mixroute.federated.local import pretrain_round
 
     routers, metrics = pretrain_round(local, k, from_record(msg.content["arrays"]))
     out = {"partition-id": k, "bytes": num_bytes(routers), **metrics}
     return Message(RecordDict({"arrays": to_record(routers), "metrics": MetricRecord(out),
-                               "config": ConfigRecord({"round": 0})}), reply_to=msg)
+                               "config": ConfigRecord({"round": rnd})}), reply_to=msg)

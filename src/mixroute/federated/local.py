@@ -4,6 +4,7 @@ recipe's pieces (``build_optimizer``, ``train_step``, ``seed_everything``)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -123,14 +124,31 @@ class _Local(nn.Module):
         return (self.mass / self.rows.clamp_min(1).unsqueeze(1)).tolist()
 
 
+def stage1_rounds(cfg: RunConfig) -> int:
+    """Rounds of federated stage 1 (``federated.stage1_rounds`` resolved): MoA only, none when its stage-1
+    adapters are given."""
+    given = cfg.federated.stage1_rounds
+    if cfg.train.method != "moa":
+        if given:
+            raise ConfigError(f"federated.stage1_rounds={given} applies to train.method moa (one expert per "
+                              f"category, trained on its category first); this run's method is "
+                              f"{cfg.train.method!r}")
+        return 0
+    if cfg.train.stage1_adapters:
+        return 0
+    return cfg.federated.rounds if given is None else int(given)
+
+
 def train_round(local: Local, k: int, state: dict[str, Tensor], rnd: int,
-                proximal: bool = False) -> tuple[dict[str, Tensor], dict]:
+                proximal: bool = False, stage1: bool = False) -> tuple[dict[str, Tensor], dict]:
     """Client k's local training in round ``rnd`` from ``state``: (new adapter state, metrics). A pure function
     of (config, k, state, rnd): data order and RNG are seeded from them (resume gives identical results).
     ``proximal``: add FedProx's (mu/2)||w - w_global||^2; the server says so (its rule may be registered only in
-    the server's process)."""
+    the server's process). ``stage1``: MoA's stage 1 (``stage1_round``): ``state`` holds the experts only."""
     cfg, fed, mix = local.cfg, local.cfg.federated, local.mix
     seed_everything(cfg.train.seed + 7919 * rnd + 104729 * k)
+    if stage1:   # the routers are not run in stage 1: the client keeps its own initial ones
+        state = {**mix.adapter_state_dict(), **state}
     mix.load_adapter_state_dict(state, source=f"round {rnd} global state")
     data = local.client_data(k)
     n = len(data.examples["train"])
@@ -141,26 +159,55 @@ def train_round(local: Local, k: int, state: dict[str, Tensor], rnd: int,
     if proximal:
         wrapper.anchor = {name: p.detach().clone() for name, p in wrapper.named}
         wrapper.mu = fed.proximal_mu
-    steps, accum = fed.local_steps, cfg.train.grad_accum
+    steps = fed.local_steps
     bs = fed.batch_size or cfg.train.batch_size
     # a fresh AdamW every round, cosine decay over the local steps, no warm-up (a per-round warm-up of a few
     # local steps would spend most of them at a tiny learning rate)
     local_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warmup_steps=0))
-    opt, sched = build_optimizer(mix.adapter_parameters(), local_cfg, steps, list(mix.routers.parameters()))
+    if stage1:   # the experts alone, at stage 1's rate (the central recipe's train.stage1_lr)
+        routers = {id(p) for p in mix.routers.parameters()}
+        opt, sched = build_optimizer([p for p in mix.adapter_parameters() if id(p) not in routers], local_cfg, steps,
+                                     lr=cfg.train.stage1_lr)
+    else:
+        opt, sched = build_optimizer(mix.adapter_parameters(), local_cfg, steps, list(mix.routers.parameters()))
     train_mode(mix)
-    losses = []
     seed = cfg.train.seed + k
     try:
-        for step in range(steps):
-            micro = [to_device(data.train_batch(((rnd - 1) * steps + step) * accum + a, bs, seed),
-                               local.accelerator.device) for a in range(accum)]
-            stats = train_step(wrapper, micro, opt, sched, local.accelerator, cfg.train.clip_grad, step + 1)
-            losses.append(stats.loss)
+        with mix.routed_by_label() if stage1 else contextlib.nullcontext():
+            losses = _steps(local, wrapper, data, opt, sched, rnd, steps, bs, seed)
     finally:
         mix.eval()
     return ({kk: v.detach().clone() for kk, v in mix.adapter_state_dict().items()},
             {"num-examples": n, "train_loss": sum(losses) / len(losses), "usage": wrapper.usage(),
              "gates": wrapper.gates(), "steps": steps})
+
+
+def _steps(local: Local, wrapper: "_Local", data: RunData, opt: Any, sched: Any, rnd: int, steps: int, bs: int,
+           seed: int) -> list[float]:
+    cfg = local.cfg
+    accum = cfg.train.grad_accum
+    losses = []
+    for step in range(steps):
+        micro = [to_device(data.train_batch(((rnd - 1) * steps + step) * accum + a, bs, seed),
+                           local.accelerator.device) for a in range(accum)]
+        stats = train_step(wrapper, micro, opt, sched, local.accelerator, cfg.train.clip_grad, step + 1)
+        losses.append(stats.loss)
+    return losses
+
+
+def stage1_round(local: Local, k: int, experts: dict[str, Tensor], rnd: int) -> tuple[dict[str, Tensor], dict]:
+    """Client k's MoA stage 1 in round ``rnd``: every expert whose category the client holds trains on that
+    category's examples (each sequence routed to its label's expert), from the global ``experts``. Returns the
+    slices of those experts only (``payload.trim_experts``) and metrics with ``experts`` (their indices) and
+    ``expert-examples`` (the client's examples of each): a client sends nothing for a category it lacks."""
+    from mixroute.federated.payload import is_router, trim_experts
+
+    state, metrics = train_round(local, k, experts, rnd, stage1=True)
+    counts = torch.bincount(torch.tensor([e["task_id"] for e in local.client_data(k).examples["train"]],
+                                         dtype=torch.long), minlength=local.num_experts)
+    held = [e for e in range(local.num_experts) if int(counts[e]) > 0]
+    trimmed = trim_experts({kk: v for kk, v in state.items() if not is_router(kk)}, held, local.axis)
+    return trimmed, {**metrics, "experts": held, "expert-examples": [int(counts[e]) for e in held]}
 
 
 def pretrains_routers(local: Local) -> bool:

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
+import torch
 from torch import Tensor
 
 ROUTER_PREFIX = "routers."
@@ -57,3 +58,48 @@ def expert_axis(key: str, shape: tuple, num_experts: int, rank: int) -> Optional
     if len(shape) >= 1 and shape[0] == num_experts and not key.endswith((".A", ".B")):
         return 0, 1
     return None
+
+
+def _slices(ax: tuple[int, int], experts: Sequence[int], ndim: int) -> list[tuple]:
+    dim, block = ax
+    out = []
+    for e in experts:
+        sl = [slice(None)] * ndim
+        sl[dim] = slice(e * block, (e + 1) * block)
+        out.append(tuple(sl))
+    return out
+
+
+def trim_experts(state: dict[str, Tensor], experts: Sequence[int],
+                 axis: Callable[[str, tuple], Optional[tuple[int, int]]]) -> dict[str, Tensor]:
+    """Only the slices of ``experts`` (in that order) of every per-expert tensor; tensors shared by the experts
+    are kept whole. What a client sends for the experts it trained (``expand_experts`` undoes it); nothing when
+    it trained none."""
+    if not experts:
+        return {}
+    out = {}
+    for key, t in state.items():
+        ax = axis(key, tuple(t.shape))
+        out[key] = t if ax is None else torch.cat([t[s] for s in _slices(ax, experts, t.dim())], dim=ax[0])
+    return out
+
+
+def expand_experts(trimmed: dict[str, Tensor], experts: Sequence[int], previous: dict[str, Tensor],
+                   axis: Callable[[str, tuple], Optional[tuple[int, int]]]) -> dict[str, Tensor]:
+    """The full tensors of ``previous`` with the slices of ``experts`` replaced by those ``trim_experts`` kept."""
+    out = {}
+    for key, prev in previous.items():
+        if key not in trimmed:
+            continue
+        ax = axis(key, tuple(prev.shape))
+        if ax is None:
+            out[key] = trimmed[key]
+            continue
+        full = prev.clone()
+        got = trimmed[key].split(ax[1], dim=ax[0])
+        if len(got) != len(experts):
+            raise ValueError(f"{key}: {len(got)} expert slices received for experts {list(experts)}")
+        for s, part in zip(_slices(ax, experts, prev.dim()), got):
+            full[s] = part
+        out[key] = full
+    return out

@@ -24,7 +24,8 @@ from flwr.serverapp import Grid, ServerApp
 from mixroute import rundir
 from mixroute.config import ConfigError, RunConfig, save_config
 from mixroute.evaluate import held_out_pass, perplexity, validation_snapshot
-from mixroute.federated.aggregate import aggregate, client_state, fedavg, rule_for, split_routers
+from mixroute.federated.aggregate import (aggregate, client_state, fedavg, per_category_average, rule_for,
+                                          split_routers)
 from mixroute.federated.payload import from_record, is_router, num_bytes, to_record
 from mixroute.fileio import atomic_dir, atomic_write_text
 from mixroute.train.tracking import MetricsLogger
@@ -36,18 +37,21 @@ GLOBAL = "global.safetensors"
 
 
 # ------------------------------------------------------------------ checkpoints
-def save_state(run_dir: Path, rnd: int, global_state: dict, personal: dict[int, dict]) -> None:
-    """federated/ = global.safetensors + router-<k>.safetensors + state.json, replaced atomically."""
+def save_state(run_dir: Path, rnd: int, global_state: dict, personal: dict[int, dict],
+               pretrained: bool = True) -> None:
+    """federated/ = global.safetensors + router-<k>.safetensors + state.json, replaced atomically. ``pretrained``:
+    whether the router pre-training has run (it runs after MoA's stage 1, before the first round of stage 2)."""
     from safetensors.torch import save_file
 
     with atomic_dir(rundir.federated_dir(run_dir)) as tmp:
         save_file({k: v.contiguous() for k, v in global_state.items()}, str(tmp / GLOBAL))
         for k, st in personal.items():
             save_file({n: v.contiguous() for n, v in st.items()}, str(tmp / f"router-{k}.safetensors"))
-        atomic_write_text(tmp / STATE, json.dumps({"round": rnd, "personal": sorted(personal)}))
+        atomic_write_text(tmp / STATE, json.dumps({"round": rnd, "personal": sorted(personal),
+                                                   "pretrained": pretrained}))
 
 
-def load_state(run_dir: Path) -> Optional[tuple[int, dict, dict[int, dict]]]:
+def load_state(run_dir: Path) -> Optional[tuple[int, dict, dict[int, dict], bool]]:
     from safetensors.torch import load_file
 
     d = rundir.federated_dir(run_dir)
@@ -55,7 +59,8 @@ def load_state(run_dir: Path) -> Optional[tuple[int, dict, dict[int, dict]]]:
         return None
     meta = json.loads((d / STATE).read_text())
     personal = {k: load_file(str(d / f"router-{k}.safetensors")) for k in meta.get("personal", [])}
-    return int(meta["round"]), load_file(str(d / GLOBAL)), personal
+    # a checkpoint from before stage 1 existed was written after the pre-training round, when there was one
+    return int(meta["round"]), load_file(str(d / GLOBAL)), personal, bool(meta.get("pretrained", True))
 
 
 # ------------------------------------------------------------------ the loop
@@ -122,17 +127,18 @@ def exchange(grid: Grid, owners: dict[int, int], starts: dict[int, dict], conf: 
 
 
 def pretrain(grid: Grid, local: Any, owners: dict[int, int], global_state: dict, personal: dict[int, dict],
-             metrics: MetricsLogger, console: Any) -> dict:
-    """Round 0: every client fits the label-aligned routers alone on its own labels (``local.pretrain_round``);
-    the global routers become their example-weighted average, and with ``personalize_router`` each client keeps
-    its own. Returns the new global state (``personal`` is updated in place)."""
+             metrics: MetricsLogger, console: Any, step: int = 0) -> dict:
+    """Router pre-training (after round ``step``: 0, or the last round of MoA's stage 1): every client fits the
+    label-aligned routers alone on its own labels (``local.pretrain_round``); the global routers become their
+    example-weighted average, and with ``personalize_router`` each client keeps its own. Returns the new global
+    state (``personal`` is updated in place)."""
     from mixroute.data import to_device
     from mixroute.train.gate import measure_routers
 
     fed, mix = local.cfg.federated, local.mix
     t0 = time.perf_counter()
     ok, failed = exchange(grid, owners, {k: client_state(global_state, personal.get(k)) for k in sorted(owners)},
-                          {"round": 0, "phase": "pretrain"}, fed.round_timeout)
+                          {"round": step, "phase": "pretrain"}, fed.round_timeout)
     for f in failed:
         log.warning("client %s failed router pre-training: %s", f["client"], f["reason"])
     order = [k for k in sorted(ok) if int(ok[k][1]["num-examples"]) > 0]
@@ -147,7 +153,7 @@ def pretrain(grid: Grid, local: Any, owners: dict[int, int], global_state: dict,
     with local.accelerator.autocast():
         ce, accs = measure_routers(mix, val)
     client_acc = {str(k): ok[k][1]["val_accuracy"] for k in order if ok[k][1]["val_accuracy"] >= 0}
-    metrics.eval({"step": 0, "split": "validation", "stage": "router_pretrain", "clients": order,
+    metrics.eval({"step": step, "split": "validation", "stage": "router_pretrain", "clients": order,
                   "failed": failed, "train_examples": sum(int(ok[k][1]["num-examples"]) for k in order),
                   "steps": {str(k): int(ok[k][1]["steps"]) for k in order}, "val_ce": ce,
                   "val_accuracy": sum(accs.values()) / len(accs), "val_accuracy_per_router": accs,
@@ -171,19 +177,21 @@ def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bo
            stop_after_round: Optional[int], metrics: MetricsLogger) -> None:
     import yaml
 
-    from mixroute.federated.local import pretrains_routers, setup
+    from mixroute.federated.local import pretrains_routers, setup, stage1_rounds
 
     fed = cfg.federated
+    s1 = stage1_rounds(cfg)
+    total = s1 + fed.rounds
     local = setup(cfg)
     mix, cats = local.mix, local.data.categories
     console = _console(progress)
     # the server aggregates on the CPU whatever device its evaluation uses: replies arrive as CPU arrays
     global_state = {k: v.detach().cpu().clone() for k, v in mix.adapter_state_dict().items()}
     personal: dict[int, dict] = {}
-    start = 0
+    start, pretrained = 0, False
     ck = load_state(run_dir) if resume else None
     if ck is not None:
-        start, global_state, personal = ck
+        start, global_state, personal, pretrained = ck
         rundir.truncate_rounds(run_dir, start)
         rundir.truncate_after(run_dir, start)
         console(f"resuming after round {start}")
@@ -197,35 +205,51 @@ def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bo
         raise RuntimeError(f"only {len(owners)} of {len(nodes)} nodes answered within federated.round_timeout="
                            f"{fed.round_timeout}s (each loads the base model first); federated.min_clients is "
                            f"{fed.min_clients}: raise round_timeout on a busy machine, or check the clients' logs")
-    console(f"{len(owners)} clients connected (partitions {sorted(owners)}); {fed.rounds} "
-            f"round{'s' if fed.rounds != 1 else ''}, "
+    console(f"{len(owners)} clients connected (partitions {sorted(owners)}); "
+            + (f"{s1} round{'s' if s1 != 1 else ''} of stage 1 (experts by category), then " if s1 else "")
+            + f"{fed.rounds} round{'s' if fed.rounds != 1 else ''}, "
             f"aggregation {fed.aggregation}{', personal routers' if fed.personalize_router else ''}"
             + (f"; {silent} node(s) did not answer within federated.round_timeout={fed.round_timeout}s (loading "
                "the base model on a busy machine can take that long: raise it)" if silent else ""))
-    if ck is None and pretrains_routers(local):   # a resumed run has its pre-trained routers in its checkpoint
-        global_state = pretrain(grid, local, owners, global_state, personal, metrics, console)
-        save_state(run_dir, 0, global_state, personal)
     proximal = rule_for(fed.aggregation).proximal
-    for rnd in range(start + 1, fed.rounds + 1):
+    for rnd in range(start + 1, total + 1):
+        stage1 = rnd <= s1
+        if not stage1 and not pretrained and pretrains_routers(local):
+            # on frozen experts (trained by stage 1 when there is one), before the routers train with them
+            global_state = pretrain(grid, local, owners, global_state, personal, metrics, console, rnd - 1)
+            save_state(run_dir, rnd - 1, global_state, personal, pretrained=True)
+        pretrained = pretrained or not stage1
         t0 = time.perf_counter()
         sampled = sample(list(owners), rnd, fed)
-        starts = {k: client_state(global_state, personal.get(k)) if fed.personalize_router else global_state
-                  for k in sampled}
+        if stage1:   # the experts only travel: the routers are not run in stage 1
+            experts_only = split_routers(global_state, is_router)[0]
+            starts = {k: experts_only for k in sampled}
+            conf: dict[str, Any] = {"round": rnd, "phase": "stage1"}
+        else:
+            starts = {k: client_state(global_state, personal.get(k)) if fed.personalize_router else global_state
+                      for k in sampled}
+            conf = {"round": rnd, "proximal": proximal}
         bytes_down = sum(num_bytes(st) for st in starts.values())
-        ok, failed = exchange(grid, owners, starts, {"round": rnd, "proximal": proximal}, fed.round_timeout)
+        ok, failed = exchange(grid, owners, starts, conf, fed.round_timeout)
         order = sorted(ok)
         states = [ok[k][0] for k in order]
         examples = [int(ok[k][1]["num-examples"]) for k in order]
         usage = [list(ok[k][1]["usage"]) for k in order]
-        if states and sum(examples) > 0:
+        if stage1:
+            global_state = per_category_average(global_state, states, [list(ok[k][1]["experts"]) for k in order],
+                                                [list(ok[k][1]["expert-examples"]) for k in order],
+                                                local.num_experts, local.axis)
+        elif states and sum(examples) > 0:
             new = aggregate(fed.aggregation, global_state, states, examples, usage, local.axis)
             if fed.personalize_router:
                 for k, st in zip(order, states):
                     personal[k] = split_routers(st, is_router)[1]
             global_state = new
-        ppl = _evaluate(local, global_state, metrics, rnd, "after" if rnd == fed.rounds else "during")
+        ppl = _evaluate(local, global_state, metrics, rnd, "stage1" if stage1 else
+                        "after" if rnd == total else "during", by_label=stage1)
         n = sum(examples)
-        row = {"round": rnd, "sampled": sampled, "succeeded": order, "failed": failed, "examples": n,
+        row = {"round": rnd, **({"stage": 1 if stage1 else 2} if s1 else {}), "sampled": sampled,
+               "succeeded": order, "failed": failed, "examples": n,
                "train_loss": (sum(ok[k][1]["train_loss"] * e for k, e in zip(order, examples)) / n) if n else None,
                "usage": _mean_usage(usage, examples),
                "usage_per_client": {str(k): u for k, u in zip(order, usage)},
@@ -236,9 +260,9 @@ def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bo
         if row["train_loss"] is not None:
             metrics.train({"step": rnd, "loss": row["train_loss"], "time": time.time()})
         _client_gates(run_dir, cats, local.num_experts, rnd, {k: ok[k][1]["gates"] for k in order})
-        save_state(run_dir, rnd, global_state, personal)
-        console(_line(row, fed.rounds))
-        if stop_after_round is not None and rnd >= stop_after_round and rnd < fed.rounds:
+        save_state(run_dir, rnd, global_state, personal, pretrained)
+        console(_line(row, total))
+        if stop_after_round is not None and rnd >= stop_after_round and rnd < total:
             return
     mix.load_adapter_state_dict(global_state, source="final global state")
     with atomic_dir(rundir.final_dir(run_dir)) as tmp:
@@ -292,12 +316,18 @@ def _mean_usage(usage: list[list[float]], examples: list[int]) -> Optional[list[
     return ((u * w).sum(0) / w.sum()).tolist()
 
 
-def _evaluate(local: Any, state: dict, metrics: MetricsLogger, rnd: int, stage: str) -> dict:
-    """Validation perplexity of the global mixture (a metrics.jsonl eval line, step = round) and gates."""
+def _evaluate(local: Any, state: dict, metrics: MetricsLogger, rnd: int, stage: str, by_label: bool = False) -> dict:
+    """Validation perplexity of the global mixture (a metrics.jsonl eval line, step = round) and gates;
+    ``by_label``: each example routed to its label's expert (MoA's stage 1, whose routers are not trained yet)."""
+    import contextlib
+
     mix, cfg = local.mix, local.cfg
     mix.load_adapter_state_dict(state, source=f"round {rnd} global state")
-    ppl, row, snap = validation_snapshot(local.model, mix, local.data, cfg.eval.batch_size, rnd, stage,
-                                         device=local.accelerator.device)
+    with mix.routed_by_label() if by_label else contextlib.nullcontext():
+        ppl, row, snap = validation_snapshot(local.model, mix, local.data, cfg.eval.batch_size, rnd, stage,
+                                             device=local.accelerator.device)
+    if by_label:
+        row["routing"] = "label"
     metrics.validation(row, snap, local.data.categories)
     return ppl
 
