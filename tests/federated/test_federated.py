@@ -22,16 +22,20 @@ OVERRIDES = ["model.name=tiny", "data.path=null", "data.synthetic_per_task=24", 
 FAILURES = {(2, 1), (3, 0), (3, 1)}   # (round, partition): round 2: client 1 fails; round 3: both fail
 
 
-def failing_client(failures: set[tuple[int, int]]):
+def failing_client(failures: set[tuple[int, int]], sent_log: str):
     """mixroute's ClientApp whose train step raises for the given (round, partition) pairs (and for a training
-    message that carries the run config, which the server sends once). A nested function, so Ray pickles it by
-    value into its workers, whether or not they could import this test module."""
+    message that carries the run config, which the server sends once), and that logs the tensor names of every
+    reply to ``sent_log`` (a JSON line each). A nested function, so Ray pickles it by value into its workers,
+    whether or not they could import this test module."""
+    import json
+
     from flwr.clientapp import ClientApp
 
     from mixroute.federated import client
 
     app = ClientApp()
     app.query()(client.query)
+    app.evaluate()(client.evaluate)
 
     @app.train()
     def train(msg, context):
@@ -40,7 +44,11 @@ def failing_client(failures: set[tuple[int, int]]):
             raise RuntimeError("a training message carried the run config")
         if (rnd, k) in failures:
             raise RuntimeError(f"injected failure of client {k} in round {rnd}")
-        return client.train(msg, context)
+        out = client.train(msg, context)
+        with open(sent_log, "a") as f:
+            f.write(json.dumps({"round": rnd, "client": k, "phase": msg.content["config"].get("phase", "train"),
+                                "keys": sorted(out.content["arrays"].keys())}) + "\n")
+        return out
 
     return app
 
@@ -59,7 +67,7 @@ def runs(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("fed")
     with pytest.MonkeyPatch.context() as mp:   # the runner starts whatever mixroute.federated.client.app is
-        mp.setattr("mixroute.federated.client.app", failing_client(FAILURES))
+        mp.setattr("mixroute.federated.client.app", failing_client(FAILURES, str(base / "sent.jsonl")))
         return _runs(base, run, CliRunner, app)
 
 
@@ -123,16 +131,30 @@ def test_the_gate_is_pre_trained_on_each_client_s_own_labels_before_round_1(runs
     assert [r.get("stage") for r in rundir.read_metrics(runs[1])].count("router_pretrain") == 1
 
 
-def test_only_adapter_tensors_travel(runs):
-    full, _, _ = runs
+def test_only_adapter_tensors_travel_and_personal_routers_never_reach_the_server(runs):
+    import json
+
+    full, part, _ = runs
     run = rundir.load_run(full)
     adapter = {k: v for k, v in run.mix.adapter_state_dict().items()}
     per_client = sum(v.numel() * v.element_size() for v in adapter.values())
+    experts = sum(v.numel() * v.element_size() for k, v in adapter.items() if not k.startswith("routers."))
     base = sum(p.numel() * p.element_size() for p in run.model.parameters())
     rows = rundir.read_rounds(full)
-    assert rows[0]["bytes_up"] == 2 * per_client and rows[0]["bytes_down"] == 2 * per_client
-    assert rows[1]["bytes_up"] == per_client  # one survivor
+    # down: the global state (experts and the global router); up: the experts only (personal routers stay)
+    assert rows[0]["bytes_down"] == 2 * per_client and rows[0]["bytes_up"] == 2 * experts < rows[0]["bytes_down"]
+    assert rows[1]["bytes_up"] == experts  # one survivor
     assert per_client < base / 10
+    sent = [json.loads(ln) for ln in (full.parent / "sent.jsonl").read_text().splitlines()]
+    training = [s for s in sent if s["phase"] == "train"]
+    assert len(training) >= 6 and all(s["keys"] for s in training)
+    assert not [k for s in training for k in s["keys"] if k.startswith("routers.")], "a personal router was sent"
+    # the pre-training round sends the fitted routers once, for the global router the server averages
+    assert all(all(k.startswith("routers.") for k in s["keys"]) for s in sent if s["phase"] == "pretrain")
+    for run_dir in (full, part):
+        assert not list(rundir.federated_dir(run_dir).glob("router-*")), "the server stored a personal router"
+        kept = sorted(p.name for p in (run_dir / "clients" / "client-0" / "personal").iterdir())
+        assert kept and all(n.startswith("round-") for n in kept) and len(kept) <= 2
 
 
 def test_client_payload_has_no_base_model_tensor():
@@ -172,6 +194,13 @@ def test_resume_after_round_2_of_4_is_identical(runs):
     ra, rb = rundir.read_rounds(full), rundir.read_rounds(resumed)
     assert [r["ppl"] for r in ra] == [r["ppl"] for r in rb]
     assert [r["train_loss"] for r in ra] == [r["train_loss"] for r in rb]
+    # personal routers, kept by the clients across the stop, end the same as well
+    from safetensors.torch import load_file
+
+    for k in (0, 1):
+        pa, pb = (load_file(str(d / "clients" / f"client-{k}" / "mixture.safetensors")) for d in (full, resumed))
+        assert set(pa) == set(pb) and all(torch.equal(pa[n], pb[n]) for n in pa)
+    assert rundir.read_client_eval(full) == rundir.read_client_eval(resumed)
 
 
 def test_final_mixture_loads_and_opens_in_the_report(runs, tmp_path):
@@ -180,7 +209,13 @@ def test_final_mixture_loads_and_opens_in_the_report(runs, tmp_path):
     full, _, _ = runs
     run = rundir.load_run(full)
     assert run.mix is not None and run.mix.cfg.num_experts == 4
-    assert (full / "clients" / "client-0" / "mixture.safetensors").is_file()  # personal routers
+    from safetensors.torch import load_file
+
+    own = load_file(str(full / "clients" / "client-0" / "mixture.safetensors"))   # its own router, trained there
+    glob = _weights(full)
+    routers = [k for k in glob if k.startswith("routers.")]
+    assert routers and any(not torch.equal(own[k], glob[k]) for k in routers)
+    assert all(torch.equal(own[k], glob[k]) for k in glob if not k.startswith("routers."))
     per_client = rundir.read_client_eval(full)["clients"]
     assert set(per_client) == {"client 0", "client 1"}
     assert per_client["client 0"]["own_router"]["overall"] > 0 and per_client["client 0"]["global_router"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -241,3 +242,64 @@ def pretrain_round(local: Local, k: int, state: dict[str, Tensor]) -> tuple[dict
     return routers, {"num-examples": res.train_examples, "steps": res.steps, "epochs": res.epochs,
                      "best_epoch": res.best_epoch, "val_examples": sum(len(b["task_ids"]) for b in val),
                      "val_accuracy": -1.0 if res.val_accuracy is None else float(res.val_accuracy)}
+
+
+class PersonalRouters:
+    """A client's own routers (``personalize_router``), kept on the client and never sent: one file per round
+    in which it trained them, in its own directory (``client_dir``), so that a resumed run finds them as of
+    the server's checkpoint. The last ``keep`` files are kept: a run killed mid-round loses at most that round."""
+
+    keep = 2
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+
+    def _rounds(self) -> list[int]:
+        return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("round-*.safetensors"))
+
+    def save(self, rnd: int, routers: dict[str, Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".round-{rnd}.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in routers.items()}, str(tmp))
+        tmp.replace(self.dir / f"round-{rnd}.safetensors")
+        for old in [r for r in self._rounds() if r != rnd][: -(self.keep - 1) or None]:
+            (self.dir / f"round-{old}.safetensors").unlink(missing_ok=True)
+
+    def load(self, before: int) -> Optional[dict[str, Tensor]]:
+        """The routers as of the last round before ``before`` (None: this client has none yet)."""
+        from safetensors.torch import load_file
+
+        rounds = [r for r in self._rounds() if r < before]
+        return load_file(str(self.dir / f"round-{rounds[-1]}.safetensors")) if rounds else None
+
+
+def client_dir(cfg: RunConfig, k: int, given: Optional[str] = None) -> Path:
+    """Where client k keeps its own state: ``given`` (a SuperNode's node config ``client-dir``), else
+    RUN_DIR/clients/client-<k> (a simulation: the clients share the server's disk)."""
+    return Path(given) if given else Path(cfg.output_dir) / "clients" / f"client-{k}"
+
+
+def evaluate_personal(local: Local, k: int, global_state: dict[str, Tensor], own: Optional[dict[str, Tensor]],
+                      out_dir: Optional[Path] = None) -> dict[str, Any]:
+    """Client k's own router and the global one on its share of the test split (partitioned like the train
+    split): {"partition-id", "examples", "own_router", "global_router"} perplexities. With ``out_dir`` the
+    client's final mixture (the global experts, its own router) is saved there."""
+    from mixroute.data import make_batches
+    from mixroute.evaluate import held_out_pass, perplexity
+    from mixroute.federated.aggregate import client_state
+
+    cfg, mix, cats = local.cfg, local.mix, local.data.categories
+    ex = local.held_out_share(k, "test")
+    row: dict[str, Any] = {"partition-id": k, "examples": len(ex)}
+    batches = list(make_batches(ex, local.data.collate, cfg.eval.batch_size)) if ex else []
+    for name, state in (("own_router", client_state(global_state, own)), ("global_router", global_state)):
+        mix.load_adapter_state_dict(state, source=f"client {k} ({name})")
+        if batches:
+            held = held_out_pass(local.model, mix, batches, device=local.accelerator.device)
+            row[name] = perplexity(held.nll, held.tokens, held.task_ids, cats)
+        if out_dir is not None and name == "own_router":   # beside personal/, which it must not replace
+            out_dir.mkdir(parents=True, exist_ok=True)
+            mix.save(str(out_dir))
+    return row

@@ -23,9 +23,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from mixroute import rundir
 from mixroute.config import ConfigError, RunConfig, save_config
-from mixroute.evaluate import held_out_pass, perplexity, validation_snapshot
-from mixroute.federated.aggregate import (aggregate, client_state, fedavg, per_category_average, rule_for,
-                                          split_routers)
+from mixroute.evaluate import validation_snapshot
+from mixroute.federated.aggregate import aggregate, fedavg, per_category_average, rule_for, split_routers
 from mixroute.federated.payload import from_record, is_router, num_bytes, to_record
 from mixroute.fileio import atomic_dir, atomic_write_text
 from mixroute.train.tracking import MetricsLogger
@@ -37,30 +36,26 @@ GLOBAL = "global.safetensors"
 
 
 # ------------------------------------------------------------------ checkpoints
-def save_state(run_dir: Path, rnd: int, global_state: dict, personal: dict[int, dict],
-               pretrained: bool = True) -> None:
-    """federated/ = global.safetensors + router-<k>.safetensors + state.json, replaced atomically. ``pretrained``:
-    whether the router pre-training has run (it runs after MoA's stage 1, before the first round of stage 2)."""
+def save_state(run_dir: Path, rnd: int, global_state: dict, pretrained: bool = True) -> None:
+    """federated/ = global.safetensors + state.json, replaced atomically. ``pretrained``: whether the router
+    pre-training has run (it runs after MoA's stage 1, before the first round of stage 2). Personal routers
+    are not here: they stay on their clients (``local.PersonalRouters``)."""
     from safetensors.torch import save_file
 
     with atomic_dir(rundir.federated_dir(run_dir)) as tmp:
         save_file({k: v.contiguous() for k, v in global_state.items()}, str(tmp / GLOBAL))
-        for k, st in personal.items():
-            save_file({n: v.contiguous() for n, v in st.items()}, str(tmp / f"router-{k}.safetensors"))
-        atomic_write_text(tmp / STATE, json.dumps({"round": rnd, "personal": sorted(personal),
-                                                   "pretrained": pretrained}))
+        atomic_write_text(tmp / STATE, json.dumps({"round": rnd, "pretrained": pretrained}))
 
 
-def load_state(run_dir: Path) -> Optional[tuple[int, dict, dict[int, dict], bool]]:
+def load_state(run_dir: Path) -> Optional[tuple[int, dict, bool]]:
     from safetensors.torch import load_file
 
     d = rundir.federated_dir(run_dir)
     if not (d / STATE).is_file():
         return None
     meta = json.loads((d / STATE).read_text())
-    personal = {k: load_file(str(d / f"router-{k}.safetensors")) for k in meta.get("personal", [])}
     # a checkpoint from before stage 1 existed was written after the pre-training round, when there was one
-    return int(meta["round"]), load_file(str(d / GLOBAL)), personal, bool(meta.get("pretrained", True))
+    return int(meta["round"]), load_file(str(d / GLOBAL)), bool(meta.get("pretrained", True))
 
 
 # ------------------------------------------------------------------ the loop
@@ -126,18 +121,18 @@ def exchange(grid: Grid, owners: dict[int, int], starts: dict[int, dict], conf: 
     return ok, failed
 
 
-def pretrain(grid: Grid, local: Any, owners: dict[int, int], global_state: dict, personal: dict[int, dict],
-             metrics: MetricsLogger, console: Any, step: int = 0) -> dict:
+def pretrain(grid: Grid, local: Any, owners: dict[int, int], global_state: dict, metrics: MetricsLogger,
+             console: Any, step: int = 0) -> dict:
     """Router pre-training (after round ``step``: 0, or the last round of MoA's stage 1): every client fits the
     label-aligned routers alone on its own labels (``local.pretrain_round``); the global routers become their
-    example-weighted average, and with ``personalize_router`` each client keeps its own. Returns the new global
-    state (``personal`` is updated in place)."""
+    example-weighted average (with ``personalize_router`` each client also keeps its own, on the client).
+    Returns the new global state."""
     from mixroute.data import to_device
     from mixroute.train.gate import measure_routers
 
     fed, mix = local.cfg.federated, local.mix
     t0 = time.perf_counter()
-    ok, failed = exchange(grid, owners, {k: client_state(global_state, personal.get(k)) for k in sorted(owners)},
+    ok, failed = exchange(grid, owners, {k: global_state for k in sorted(owners)},
                           {"round": step, "phase": "pretrain"}, fed.round_timeout)
     for f in failed:
         log.warning("client %s failed router pre-training: %s", f["client"], f["reason"])
@@ -145,8 +140,6 @@ def pretrain(grid: Grid, local: Any, owners: dict[int, int], global_state: dict,
     if order:
         states, examples = [ok[k][0] for k in order], [int(ok[k][1]["num-examples"]) for k in order]
         global_state = {**global_state, **fedavg(states, examples)}
-        if fed.personalize_router:
-            personal.update({k: st for k, st in zip(order, states)})
     mix.load_adapter_state_dict(global_state, source="the pre-trained global routers")
     dev = local.accelerator.device
     val = [to_device(b, dev) for b in local.data.batches("validation", local.cfg.eval.batch_size)]
@@ -187,11 +180,10 @@ def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bo
     console = _console(progress)
     # the server aggregates on the CPU whatever device its evaluation uses: replies arrive as CPU arrays
     global_state = {k: v.detach().cpu().clone() for k, v in mix.adapter_state_dict().items()}
-    personal: dict[int, dict] = {}
     start, pretrained = 0, False
     ck = load_state(run_dir) if resume else None
     if ck is not None:
-        start, global_state, personal, pretrained = ck
+        start, global_state, pretrained = ck
         rundir.truncate_rounds(run_dir, start)
         rundir.truncate_after(run_dir, start)
         console(f"resuming after round {start}")
@@ -216,8 +208,8 @@ def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bo
         stage1 = rnd <= s1
         if not stage1 and not pretrained and pretrains_routers(local):
             # on frozen experts (trained by stage 1 when there is one), before the routers train with them
-            global_state = pretrain(grid, local, owners, global_state, personal, metrics, console, rnd - 1)
-            save_state(run_dir, rnd - 1, global_state, personal, pretrained=True)
+            global_state = pretrain(grid, local, owners, global_state, metrics, console, rnd - 1)
+            save_state(run_dir, rnd - 1, global_state, pretrained=True)
         pretrained = pretrained or not stage1
         t0 = time.perf_counter()
         sampled = sample(list(owners), rnd, fed)
@@ -225,9 +217,8 @@ def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bo
             experts_only = split_routers(global_state, is_router)[0]
             starts = {k: experts_only for k in sampled}
             conf: dict[str, Any] = {"round": rnd, "phase": "stage1"}
-        else:
-            starts = {k: client_state(global_state, personal.get(k)) if fed.personalize_router else global_state
-                      for k in sampled}
+        else:   # with personalize_router each client puts its own router in, on its side
+            starts = {k: global_state for k in sampled}
             conf = {"round": rnd, "proximal": proximal}
         bytes_down = sum(num_bytes(st) for st in starts.values())
         ok, failed = exchange(grid, owners, starts, conf, fed.round_timeout)
@@ -240,11 +231,10 @@ def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bo
                                                 [list(ok[k][1]["expert-examples"]) for k in order],
                                                 local.num_experts, local.axis)
         elif states and sum(examples) > 0:
-            new = aggregate(fed.aggregation, global_state, states, examples, usage, local.axis)
-            if fed.personalize_router:
-                for k, st in zip(order, states):
-                    personal[k] = split_routers(st, is_router)[1]
-            global_state = new
+            # what the clients sent (without personalize_router: everything; with it, no router): the rest of
+            # the global state, the routers pre-trained in the pre-training round, is kept
+            sent = {k: global_state[k] for k in states[0]}
+            global_state = {**global_state, **aggregate(fed.aggregation, sent, states, examples, usage, local.axis)}
         ppl = _evaluate(local, global_state, metrics, rnd, "stage1" if stage1 else
                         "after" if rnd == total else "during", by_label=stage1)
         n = sum(examples)
@@ -260,7 +250,7 @@ def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bo
         if row["train_loss"] is not None:
             metrics.train({"step": rnd, "loss": row["train_loss"], "time": time.time()})
         _client_gates(run_dir, cats, local.num_experts, rnd, {k: ok[k][1]["gates"] for k in order})
-        save_state(run_dir, rnd, global_state, personal, pretrained)
+        save_state(run_dir, rnd, global_state, pretrained)
         console(_line(row, total))
         if stop_after_round is not None and rnd >= stop_after_round and rnd < total:
             return
@@ -268,34 +258,27 @@ def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bo
     with atomic_dir(rundir.final_dir(run_dir)) as tmp:
         mix.save(str(tmp))
     if fed.personalize_router:
-        for k, st in personal.items():
-            mix.load_adapter_state_dict(client_state(global_state, st), source=f"client {k}")
-            with atomic_dir(rundir.final_dir(run_dir).parent / "clients" / f"client-{k}") as tmp:
-                mix.save(str(tmp))
-        _personal_eval(local, global_state, personal, run_dir)
+        evaluate_clients(grid, local, owners, global_state, total, run_dir, console)
 
 
-def _personal_eval(local: Any, global_state: dict, personal: dict[int, dict], run_dir: Path) -> None:
-    """Each client's own router on its own share of the test split (the test split partitioned with the same
-    scheme and seed as the train split), next to the global router on the same examples: eval_clients.json."""
-    from mixroute.data import make_batches
-
-    cfg, mix, cats = local.cfg, local.mix, local.data.categories
-    bs = cfg.eval.batch_size
+def evaluate_clients(grid: Grid, local: Any, owners: dict[int, int], global_state: dict, rnd: int, run_dir: Path,
+                     console: Any) -> None:
+    """``personalize_router``: an EVALUATE message to every client with the final global state; each evaluates
+    its own router and the global one on its share of the test split and keeps its final mixture on its side
+    (``local.evaluate_personal``); the perplexities alone come back, into eval_clients.json."""
+    msgs = [Message(RecordDict({"arrays": to_record(global_state), "config": ConfigRecord({"round": rnd})}),
+                    dst_node_id=owners[k], message_type=MessageType.EVALUATE) for k in sorted(owners)]
     out: dict[str, Any] = {}
-    for k in sorted(personal):
-        ex = local.held_out_share(k, "test")
-        if not ex:
+    for reply in grid.send_and_receive(msgs, timeout=local.cfg.federated.round_timeout):
+        if reply.has_error():
+            log.warning("node %s did not evaluate its own router: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
-        batches = list(make_batches(ex, local.data.collate, bs))
-        row: dict[str, Any] = {"examples": len(ex)}
-        for name, state in (("own_router", client_state(global_state, personal[k])), ("global_router", global_state)):
-            mix.load_adapter_state_dict(state, source=f"client {k} ({name})")
-            held = held_out_pass(local.model, mix, batches, device=local.accelerator.device)
-            row[name] = perplexity(held.nll, held.tokens, held.task_ids, cats)
-        out[f"client {k}"] = row
-    mix.load_adapter_state_dict(global_state, source="final global state")
-    rundir.write_client_eval(run_dir, {"split": "test", "clients": out})
+        row = json.loads(str(reply.content["config"]["eval"]))
+        if row.get("examples"):
+            out[f"client {row.pop('partition-id')}"] = row
+    rundir.write_client_eval(run_dir, {"split": "test", "clients": dict(sorted(out.items()))})
+    console(f"personal routers: {len(out)} client{'s' if len(out) != 1 else ''} evaluated their own router on "
+            "their test share (eval_clients.json)")
 
 
 def _to_send(cfg: RunConfig) -> dict:
@@ -305,6 +288,7 @@ def _to_send(cfg: RunConfig) -> dict:
     d = to_dict(cfg)
     if d["data"]["path"] and not Path(d["data"]["path"]).is_absolute():
         d["data"]["path"] = str(Path(d["data"]["path"]).resolve())
+    d["output_dir"] = str(Path(d["output_dir"]).resolve())   # where simulated clients keep their own state
     return d
 
 
