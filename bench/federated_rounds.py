@@ -2,7 +2,9 @@
 
 In the simulation each client is a Ray worker that keeps the frozen base loaded across rounds. In deployment
 mode (a SuperLink and one SuperNode per client on 127.0.0.1, ``mixroute.federated.local_deployment``) Flower
-1.42 starts a ClientApp process per message, which imports mixroute and loads the base again every round. The
+1.42 starts a ClientApp process per message; mixroute hands each message to a node-local worker that keeps the
+base loaded (``federated.worker``), and with node config ``keep-base-loaded=false`` (the "before" row) the
+ClientApp process imports mixroute and loads the base itself, every round. The
 table gives each mode's rounds.jsonl seconds (a round = sending, local training on every client, aggregation
 and the server's validation), and what one fresh process pays to import and set up (``federated.local.setup``:
 base model, data, partition, mixture), timed in its own interpreter: the part a deployment round repeats.
@@ -61,13 +63,15 @@ def simulation(work: Path, a: argparse.Namespace) -> list[float]:
     return seconds(work / "sim")
 
 
-def deployment(work: Path, a: argparse.Namespace) -> list[float]:
+def deployment(work: Path, a: argparse.Namespace, keep_loaded: bool = True) -> list[float]:
     from mixroute import rundir
     from mixroute.federated.local_deployment import LocalDeployment
 
-    cfg_path, out = work / "dep.yaml", work / "dep"
+    name = "dep" if keep_loaded else "dep_per_message"
+    cfg_path, out = work / f"{name}.yaml", work / name
     cfg_path.write_text(config_text(out, a.model, a.rounds, a.local_steps))
-    with LocalDeployment(work / "flwr", clients=2) as dep:
+    with LocalDeployment(work / f"flwr_{name}", clients=2,
+                         node_config="" if keep_loaded else "keep-base-loaded=false") as dep:
         proc = dep.submit(cfg_path, out)
         end = time.monotonic() + a.timeout
         while time.monotonic() < end and not (rundir.final_dir(out) / "mixture.safetensors").is_file():
@@ -76,7 +80,8 @@ def deployment(work: Path, a: argparse.Namespace) -> list[float]:
             time.sleep(1)
         proc.wait(timeout=60)
     if len(seconds(out)) != a.rounds:
-        raise RuntimeError(f"deployment finished {len(seconds(out))} of {a.rounds} rounds; logs in {work / 'flwr'}")
+        raise RuntimeError(f"deployment finished {len(seconds(out))} of {a.rounds} rounds; logs in "
+                           f"{work / f'flwr_{name}'}")
     return seconds(out)
 
 
@@ -97,6 +102,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--work", default="/tmp/mixroute_federated_rounds", help="scratch directory (replaced)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds the deployment run may take")
+    p.add_argument("--no-per-message", action="store_true", help="skip the deployment run without the worker "
+                                                                   "(keep-base-loaded=false: the 'before' row)")
     a = p.parse_args(argv)
     work = Path(a.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -108,14 +115,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     print("simulation rounds:", [round(s, 1) for s in sim], flush=True)
     dep = deployment(work, a)
     print("deployment rounds:", [round(s, 1) for s in dep], flush=True)
+    per_msg = None if a.no_per_message else deployment(work, a, keep_loaded=False)
+    if per_msg is not None:
+        print("deployment rounds, base loaded per message:", [round(s, 1) for s in per_msg], flush=True)
     print()
     print("| mode | round 1 s | later rounds s (mean) | x simulation (later rounds) |")
     print("|---|---:|---:|---:|")
     def later(s: list[float]) -> float:   # round 1 also pays the QUERY that loads every client
         return statistics.mean(s[1:]) if len(s) > 1 else s[0]
 
-    for name, s in (("simulation (Ray worker per client, base kept)", sim),
-                    ("deployment (ClientApp process per message)", dep)):
+    rows = [("simulation (Ray worker per client, base kept)", sim),
+            ("deployment, node worker keeps the base (default)", dep)]
+    if per_msg is not None:
+        rows.append(("deployment, base loaded per message (keep-base-loaded=false)", per_msg))
+    for name, s in rows:
         print(f"| {name} | {s[0]:.1f} | {later(s):.1f} | {later(s) / later(sim):.2f}x |")
     print(f"\nA fresh process: {fresh['process']:.1f} s (imports {fresh['imports']:.1f} s, set-up "
           f"{fresh['setup']:.1f} s: base model, data, partition, mixture).")

@@ -58,7 +58,12 @@ def test_deployment_two_supernodes_then_one_killed(link):
     while time.monotonic() < end and not rundir.read_rounds(out):
         time.sleep(0.5)
     assert rundir.read_rounds(out), "round 1 never finished"
+    worker1 = int(link.worker_logs()[1].split("mixroute worker: pid ", 1)[1].split()[0])
     link.kill("supernode1")
+    end = time.monotonic() + 30
+    while time.monotonic() < end and _alive(worker1):
+        time.sleep(0.5)
+    assert not _alive(worker1), "the killed SuperNode's worker outlived it"
     _wait_final(out, proc, 300)
     rows = rundir.read_rounds(out)
     assert [r["round"] for r in rows] == [1, 2]
@@ -66,4 +71,19 @@ def test_deployment_two_supernodes_then_one_killed(link):
     assert rows[-1]["succeeded"] == [0] and rows[-1]["failed"][0]["client"] == 1
     assert rows[-1]["failed"][0]["reason"]
     assert rundir.load_run(out).mix is not None   # the run finished on the survivor and opens like any run
+    # the surviving node loaded the base model once, in its worker, and handled every message there
+    log0 = link.worker_logs()[0]
+    assert log0.count("loaded the base model") == 1, log0
+    assert log0.count("mixroute worker: train") == 2 and log0.count("mixroute worker: query") == 1, log0
     print("failure reason:", rows[-1]["failed"][0]["reason"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:   # a zombie is dead too
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return False

@@ -8,18 +8,27 @@ starts with round 0, ``phase: pretrain``: each node fits the routers alone on it
 the router tensors only (``local.pretrain_round``). With ``personalize_router`` a node keeps its own router
 in its own directory (node config ``client-dir``; in a simulation RUN_DIR/clients/client-<k>): it puts it in
 place of the global one it is sent, trains it, and replies without it, so it never reaches the server; after
-the last round an EVALUATE message has it compare its own router with the global one on its test share. MoA starts with rounds of stage 1 (``phase: stage1``): the
-node trains the experts of the categories it holds, each sequence routed to its label's expert, and replies
-with those experts' slices only (``local.stage1_round``); the pre-training round follows them."""
+the last round an EVALUATE message has it compare its own router with the global one on its test share. MoA
+starts with rounds of stage 1 (``phase: stage1``): the node trains the experts of the categories it holds,
+each sequence routed to its label's expert, and replies with those experts' slices only
+(``local.stage1_round``); the pre-training round follows them.
+
+The work of every message is ``handle`` on plain values. In a simulation it runs in the client's Ray worker,
+which keeps the base model loaded across rounds. In deployment mode a SuperNode starts a fresh ClientApp
+process per message, so ``handle`` runs in a node-local worker process instead, started on the first message
+and reached over a Unix socket (``federated.worker``): the base model is loaded once per node and run."""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+import json
+from typing import Any, Optional
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import Tensor
 
+from mixroute.federated import worker
 from mixroute.federated.payload import from_record, num_bytes, to_record
 
 app = ClientApp()
@@ -55,33 +64,78 @@ def query(msg: Message, context: Context) -> Message:
     """Which partition this node holds and how many examples it has (the server maps partitions to nodes)."""
     cfg_text = str(msg.content["config"]["cfg"])
     context.state[CONFIG] = ConfigRecord({"cfg": cfg_text})
-    local = local_for(cfg_text)
-    k = partition_id(context)
-    n = len(local.part.clients[k]) if k < len(local.part.clients) else 0
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": k, "num-examples": n})}), reply_to=msg)
+    return _answer(msg, context, "query", cfg_text)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """A round: stage 1 (MoA), router pre-training, or local training (``handle``)."""
+    return _answer(msg, context, "train")
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """``personalize_router``, after the last round: this client's own router and the global one on its share
+    of the test split; its final mixture is saved in its own directory; perplexities alone go back."""
+    return _answer(msg, context, "evaluate")
+
+
+def _answer(msg: Message, context: Context, op: str, cfg_text: Optional[str] = None) -> Message:
+    """Run ``handle`` here, or (deployment mode) in this node's worker process, which keeps the base loaded
+    across messages (``federated.worker``); wrap its answer as the reply."""
+    cfg_text = cfg_text or run_config(context)
+    k = partition_id(context)
+    conf = {key: msg.content["config"][key] for key in msg.content["config"]} if op != "query" else {}
+    arrays = from_record(msg.content["arrays"]) if op != "query" else {}
+    node = {key: context.node_config[key] for key in context.node_config}
+    if worker.wanted(node):
+        arrays, metrics, config = worker.call(context.node_id, cfg_text, op, k, conf, arrays, node)
+    else:
+        arrays, metrics, config = handle(op, cfg_text, k, conf, arrays, node)
+    content = {}
+    if op == "train":
+        content["arrays"] = to_record(arrays)
+    if metrics:
+        content["metrics"] = MetricRecord(metrics)
+    if config:
+        content["config"] = ConfigRecord(config)
+    return Message(RecordDict(content), reply_to=msg)
+
+
+def handle(op: str, cfg_text: str, k: int, conf: dict, arrays: dict[str, Tensor],
+           node: dict) -> tuple[dict[str, Tensor], dict, dict]:
+    """One message's work on plain values (the same in this process and in a worker): (arrays, metrics,
+    config) of the reply."""
+    local = local_for(cfg_text)
+    if k >= len(local.part.clients):
+        raise RuntimeError(f"partition-id {k} but federated.clients is {len(local.part.clients)}")
+    if op == "query":
+        return {}, {"partition-id": k, "num-examples": len(local.part.clients[k])}, {}
+    mine = _personal(local, k, node)
+    rnd = int(conf["round"])
+    if op == "evaluate":
+        from mixroute.federated.local import client_dir, evaluate_personal
+
+        own = mine.load(before=rnd + 1) if mine is not None else None
+        row = evaluate_personal(local, k, arrays, own, client_dir(local.cfg, k, node.get("client-dir")))
+        return {}, {}, {"eval": json.dumps(row)}
+    if conf.get("phase") == "pretrain":
+        return _pretrain(local, k, rnd, arrays, mine)
+    return _train(local, k, rnd, conf, arrays, mine)
+
+
+def _train(local: Any, k: int, rnd: int, conf: dict, start: dict[str, Tensor],
+           mine: Any) -> tuple[dict[str, Tensor], dict, dict]:
     from mixroute.federated.aggregate import client_state, split_routers
     from mixroute.federated.local import stage1_round, train_round
     from mixroute.federated.payload import is_router
 
-    conf = msg.content["config"]
-    local = local_for(run_config(context))
-    rnd, k = int(conf["round"]), partition_id(context)
-    if k >= len(local.part.clients):
-        raise RuntimeError(f"partition-id {k} but federated.clients is {len(local.part.clients)}")
-    if conf.get("phase") == "pretrain":
-        return _pretrain(msg, local, k, rnd, _personal(local, k, context))
     extra = {}
     if conf.get("phase") == "stage1":
-        state, metrics = stage1_round(local, k, from_record(msg.content["arrays"]), rnd)
+        state, metrics = stage1_round(local, k, start, rnd)
         extra = {"experts": [int(e) for e in metrics["experts"]],
                  "expert-examples": [int(c) for c in metrics["expert-examples"]]}
     else:
-        start = from_record(msg.content["arrays"])
-        mine = _personal(local, k, context)
         if mine is not None:   # this client's own router replaces the global one it was sent
             start = client_state(start, mine.load(before=rnd))
         state, metrics = train_round(local, k, start, rnd, proximal=bool(conf.get("proximal", False)))
@@ -92,44 +146,25 @@ def train(msg: Message, context: Context) -> Message:
     out = {"partition-id": k, "num-examples": int(metrics["num-examples"]), "train_loss": float(metrics["train_loss"]),
            "usage": [float(u) for u in metrics["usage"]], "steps": int(metrics["steps"]),
            "bytes": num_bytes(state), "gates": [float(g) for row in gates for g in row], **extra}
-    return Message(RecordDict({"arrays": to_record(state), "metrics": MetricRecord(out),
-                               "config": ConfigRecord({"round": rnd})}), reply_to=msg)
+    return state, out, {"round": rnd}
 
 
-def _pretrain(msg: Message, local: Any, k: int, rnd: int, mine: Any) -> Message:
+def _pretrain(local: Any, k: int, rnd: int, start: dict[str, Tensor],
+              mine: Any) -> tuple[dict[str, Tensor], dict, dict]:
     """The router pre-training round (after round ``rnd``: 0, or MoA's last stage-1 round): router tensors only
     travel back, for the global router; with personal routers the client also keeps them as its own."""
     from mixroute.federated.local import pretrain_round
 
-    routers, metrics = pretrain_round(local, k, from_record(msg.content["arrays"]))
+    routers, metrics = pretrain_round(local, k, start)
     if mine is not None:
         mine.save(rnd, routers)
-    out = {"partition-id": k, "bytes": num_bytes(routers), **metrics}
-    return Message(RecordDict({"arrays": to_record(routers), "metrics": MetricRecord(out),
-                               "config": ConfigRecord({"round": rnd})}), reply_to=msg)
+    return routers, {"partition-id": k, "bytes": num_bytes(routers), **metrics}, {"round": rnd}
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """``personalize_router``, after the last round: this client's own router and the global one on its share
-    of the test split; its final mixture is saved in its own directory; perplexities alone go back."""
-    import json
-
-    from mixroute.federated.local import client_dir, evaluate_personal
-
-    local = local_for(run_config(context))
-    k, rnd = partition_id(context), int(msg.content["config"]["round"])
-    mine = _personal(local, k, context)
-    own = mine.load(before=rnd + 1) if mine is not None else None
-    row = evaluate_personal(local, k, from_record(msg.content["arrays"]), own,
-                            client_dir(local.cfg, k, context.node_config.get("client-dir")))
-    return Message(RecordDict({"config": ConfigRecord({"eval": json.dumps(row)})}), reply_to=msg)
-
-
-def _personal(local: Any, k: int, context: Context) -> Any:
+def _personal(local: Any, k: int, node: dict) -> Any:
     """This client's store of its own routers (None without ``personalize_router``)."""
     from mixroute.federated.local import PersonalRouters, client_dir
 
     if not local.cfg.federated.personalize_router:
         return None
-    return PersonalRouters(client_dir(local.cfg, k, context.node_config.get("client-dir")) / "personal")
+    return PersonalRouters(client_dir(local.cfg, k, node.get("client-dir")) / "personal")

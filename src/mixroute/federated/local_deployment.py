@@ -8,7 +8,8 @@ deployment runs the same commands on its own machines).
         ...
 
 Every process starts in its own session and is stopped by its process-group id (its children, e.g. the
-ClientApp processes a SuperNode starts, go with it)."""
+ClientApp processes a SuperNode starts and the node's mixroute worker, go with it). ``home/tmp`` is the
+processes' TMPDIR: the workers' sockets and logs are under it (``worker_logs``)."""
 
 from __future__ import annotations
 
@@ -41,19 +42,22 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
 
 
 class LocalDeployment:
-    """A SuperLink and ``clients`` SuperNodes on 127.0.0.1; ``home`` holds FLWR_HOME and every process's log."""
+    """A SuperLink and ``clients`` SuperNodes on 127.0.0.1; ``home`` holds FLWR_HOME and every process's log;
+    ``node_config`` is added to every SuperNode's (e.g. ``keep-base-loaded=false``)."""
 
-    def __init__(self, home: Path, clients: int, bin_dir: Optional[Path] = None) -> None:
-        self.home, self.clients = Path(home), clients
+    def __init__(self, home: Path, clients: int, bin_dir: Optional[Path] = None, node_config: str = "") -> None:
+        self.home, self.clients, self.node_config = Path(home), clients, node_config
         self.bin = Path(bin_dir) if bin_dir else Path(sys.executable).parent
         self.port = free_port()
         self.env = {**os.environ, "FLWR_HOME": str(self.home),
                     # the SuperLink starts flower-superexec from PATH
-                    "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+                    "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
+                    # the nodes' mixroute workers keep their sockets and logs here (federated.worker)
+                    "TMPDIR": str(self.home / "tmp")}
         self.procs: dict[str, subprocess.Popen] = {}
 
     def __enter__(self) -> "LocalDeployment":
-        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "tmp").mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
                                                f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
         try:
@@ -63,7 +67,7 @@ class LocalDeployment:
             for k in range(self.clients):
                 self.start(f"supernode{k}", [str(self.bin / "flower-supernode"), "--insecure", "--superlink",
                                              f"127.0.0.1:{self.port}", "--port", str(free_port()),
-                                             "--node-config", f"partition-id={k} num-partitions={self.clients}"])
+                                             "--node-config", f"partition-id={k} num-partitions={self.clients} {self.node_config}".strip()])
         except BaseException:
             self.stop_all()
             raise
@@ -85,6 +89,17 @@ class LocalDeployment:
         return subprocess.Popen([str(self.bin / "flwr"), "run", "deploy/flower", "local", "--stream",
                                  "--run-config", rc], env=self.env, cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def worker_logs(self) -> dict[int, str]:
+        """{partition: log text} of the nodes' mixroute workers (``federated.worker``) so far."""
+        out = {}
+        for path in sorted((self.home / "tmp").glob("mixroute-*/*.log")):
+            text = path.read_text(errors="replace")
+            for line in text.splitlines():
+                if "for partition " in line:
+                    out[int(line.rsplit("for partition ", 1)[1].split()[0])] = text
+                    break
+        return out
 
     def kill(self, name: str) -> None:
         p = self.procs.pop(name)
