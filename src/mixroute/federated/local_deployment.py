@@ -64,10 +64,13 @@ class LocalDeployment:
             self.start("superlink", [str(self.bin / "flower-superlink"), "--insecure",
                                      "--disable-runtime-dependency-installation", "--port", str(self.port)])
             wait_port(self.port)
+            # the nodes share this machine's cores (node config threads) unless told otherwise
+            threads = "" if "threads=" in self.node_config else f"threads={max(1, (os.cpu_count() or 1) // self.clients)}"
             for k in range(self.clients):
+                node = f"partition-id={k} num-partitions={self.clients} {threads} {self.node_config}"
                 self.start(f"supernode{k}", [str(self.bin / "flower-supernode"), "--insecure", "--superlink",
                                              f"127.0.0.1:{self.port}", "--port", str(free_port()),
-                                             "--node-config", f"partition-id={k} num-partitions={self.clients} {self.node_config}".strip()])
+                                             "--node-config", " ".join(node.split())])
         except BaseException:
             self.stop_all()
             raise

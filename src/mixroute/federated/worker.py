@@ -160,8 +160,10 @@ def serve(sock: Path, key: bytes, parent_pid: int, idle_s: float) -> None:
                 if local_for.cache_info().misses > misses:
                     print(f"mixroute worker: loaded the base model and the run's data for partition {req['k']}",
                           flush=True)
-                print(f"mixroute worker: {req['op']} {req['conf'].get('phase', '')} round {req['conf'].get('round', '-')}"
-                      f" in {time.perf_counter() - t0:.1f} s{'' if reply['ok'] else ' (failed)'}", flush=True)
+                phase = f" {req['conf']['phase']}" if req["conf"].get("phase") else ""
+                print(f"mixroute worker: {req['op']}{phase} round {req['conf'].get('round', '-')} in "
+                      f"{time.perf_counter() - t0:.1f} s{'' if reply['ok'] else ' (failed)'} "
+                      f"(ended {time.strftime('%H:%M:%S')})", flush=True)
                 conn.send(reply)
             last[0] = time.monotonic()
 
