@@ -102,6 +102,12 @@ def test_global_task_router_and_calibration_are_fitted_apart_from_the_per_layer_
     assert cal["examples"] == 8 and lib.stale("calibration-global") is None and lib.stale("calibration")
     assert lib.route("What is 1 + 1?", router="centroid", scope="global")["calibrated"]
     assert not lib.route("What is 1 + 1?", router="centroid")["calibrated"]
+    res = CliRunner().invoke(app, ["library", "curve", str(lib.path), "--data", str(tmp_path / "cal.jsonl"),
+                                   "--lambdas", "0,100", "--router", "centroid", "--scope", "global",
+                                   "--out", str(tmp_path / "curve.png")])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "curve.json").read_text())
+    assert rows[-1]["share"]["math"] == pytest.approx(1.0)   # math costs 1, code 5: lambda 100 picks math
     lib.remove("code")   # rows are dropped from global state as from per-layer state
     assert lib.man.router_state["task-global"]["experts"] == ["math"]
     assert lib.route("Add 5 and 5.", router="task", scope="global")["chosen"] == "math"

@@ -233,6 +233,7 @@ def curve_cmd(
     out: Optional[str] = typer.Option(None, "--out", help="PNG of the curve, JSON rows beside it (default: "
                                                           "LIB/cost_curve.png)."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Use at most this many records."),
+    scope: str = _scope_option(),
 ) -> None:
     """Routed perplexity vs mean cost as lambda varies (the quality-vs-cost curve)."""
     try:
@@ -244,7 +245,7 @@ def curve_cmd(
     with user_errors(), _errors():
         from mixroute.library.curve import cost_curve
 
-        rows = cost_curve(_open(lib), data, lams, router, max_examples=max_examples)
+        rows = cost_curve(_open(lib), data, lams, router, max_examples=max_examples, scope=scope)
     console.print("| lambda | perplexity | mean cost |\n|---|---|---|")
     for r in rows:
         console.print(f"| {r['lambda']:g} | {r['ppl']:.3f} | {r['mean_cost']:.3f} |")

@@ -12,8 +12,9 @@ from mixroute.library.data import labelled_batches, progress
 
 
 def cost_curve(lib, data: str | Path, lambdas: Sequence[float], router: Optional[str] = None, batch_size: int = 8,
-               max_examples: Optional[int] = None) -> list[dict]:
-    """One row per lambda: {"lambda", "ppl", "mean_cost", "share": {expert: fraction of decisions}}."""
+               max_examples: Optional[int] = None, scope: str = "layer") -> list[dict]:
+    """One row per lambda: {"lambda", "ppl", "mean_cost", "share": {expert: fraction of decisions}}, routed per
+    layer or (``scope='global'``) once per prompt."""
     from mixroute.evaluate import held_out_pass, perplexity
 
     batches, _ = labelled_batches(data, lib.man, lib.tok, batch_size, need_labels=False, max_examples=max_examples)
@@ -21,7 +22,7 @@ def cost_curve(lib, data: str | Path, lambdas: Sequence[float], router: Optional
     rows = []
     with progress("cost curve", len(lambdas), lib.progress) as advance:
         for lam in lambdas:
-            mix = lib.mixture(router, lam)
+            mix = lib.mixture(router, lam, scope)
             held = held_out_pass(mix.model, mix, batches)
             share = torch.stack(list(held.routing.values())).mean(0).mean(0)      # (E,) over layers, examples
             ppl = perplexity(held.nll, held.tokens, held.task_ids, categories=())["overall"]
