@@ -2,7 +2,8 @@
 
 For every base setting (``dense``, ``sparsegpt-75``, ``sparsegpt-2:4``; pruned models are made with the same
 calibration as bench/quality_pruned.py and reused) and every method (FedAvg prompt tuning, federated MoP with
-FedAvg and with ``usage`` aggregation, federated single LoRA, federated MoA), this script trains with
+FedAvg and with ``usage`` aggregation, both with the gate pre-trained, federated single LoRA, federated MoA
+with its stage 1 and pre-trained routers), this script trains with
 ``mixroute.federated.run`` and evaluates the global mixture on the test split (per-category and average
 perplexity); the same methods trained centrally on the union of the clients' data (the same partition's
 examples, ``rounds x local_steps x clients_per_round`` steps unless ``--central-steps``) are the reference (one
@@ -64,6 +65,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--fraction", type=float, default=0.5, help="Clients per round, as a fraction.")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--local-steps", type=int, default=3)
+    p.add_argument("--stage1-rounds", type=int, default=None,
+                   help="MoA: rounds of federated stage 1 before --rounds of stage 2 (default: --rounds); the "
+                        "central reference's stage 1 gets the same examples per category.")
     p.add_argument("--central-steps", type=int, default=None,
                    help="Steps of the central reference (default: rounds x local_steps x clients per round).")
     p.add_argument("--per-category", type=int, default=64, help="Records per category (>= clients + 14 train "
@@ -91,13 +95,20 @@ def overrides(a: argparse.Namespace, method: str, aggregation: str, model: Optio
               central_steps: int, lr: float) -> list[str]:
     data = (["data.path=null", f"data.synthetic_per_task={a.per_category}"] if a.data == "synthetic"
             else [f"data.path={a.data}"])
-    extra = [f"train.router_lr={a.mop_router_lr}", "mixture.gate_pretrain_steps=0"] if method == "mop" else []
+    # the gate and the task routers are pre-trained (federated: a round of their own) as the recipe does
+    extra = [f"train.router_lr={a.mop_router_lr}"] if method == "mop" else []
+    stage1 = 0
     if method == "moa":
-        extra = ["mixture.route_train=label", "train.router_lr=0.01"]
+        # stage 1 on both sides with the same examples: the federated rounds of stage 1 see
+        # stage1_rounds x local_steps x clients-per-round batches; one central LoRA per category gets its share
+        per_round = max(1, min(a.clients, round(a.fraction * a.clients)))
+        s1 = a.rounds if a.stage1_rounds is None else a.stage1_rounds
+        stage1 = max(1, round(s1 * a.local_steps * per_round / num_categories(a))) if s1 else 0
+        extra = ["mixture.route_train=label", "train.router_lr=0.01", f"federated.stage1_rounds={s1}"]
     return [f"model.name={model if model is not None else 'null'}", *data,
             f"data.max_per_category={a.per_category}", f"data.max_length={a.max_length}", "data.template=plain",
             "data.val_fraction=0.1", "data.test_fraction=0.25", f"data.seed={a.seed}", f"train.method={method}",
-            f"train.max_steps={central_steps}", "train.stage1_steps=0", f"train.batch_size={a.batch_size}",
+            f"train.max_steps={central_steps}", f"train.stage1_steps={stage1}", f"train.batch_size={a.batch_size}",
             f"train.lr={lr}", "train.warmup_steps=0", "train.eval_every=0", "train.save_every=0",
             f"train.seed={a.seed}", "eval.max_generate=1", "eval.max_new_tokens=1", f"eval.max_eval={a.max_eval}",
             f"output_dir={run_dir}", f"federated.clients={a.clients}",
@@ -105,6 +116,15 @@ def overrides(a: argparse.Namespace, method: str, aggregation: str, model: Optio
             f"federated.local_steps={a.local_steps}", f"federated.aggregation={aggregation}",
             "federated.partition=mop_skew", f"federated.partition_total={a.partition_total}",
             f"federated.partition_seed={a.seed}", "federated.min_clients=1", *extra]
+
+
+def num_categories(a: argparse.Namespace) -> int:
+    if a.data == "synthetic":
+        from mixroute.data.synthetic import FAMILIES   # data.path=null: the task families
+
+        return len(FAMILIES)
+    with open(a.data) as f:
+        return len({json.loads(line)["category"] for line in f if line.strip()})
 
 
 def candidates(a: argparse.Namespace, method: str) -> list[float]:
@@ -190,10 +210,7 @@ def central_reference(cfg: Any) -> None:
     unchanged; the union of a mop_skew partition with partition_total >= the train split is the train split)."""
     from mixroute.train import train
 
-    if cfg.train.method == "moa":
-        cfg.train.method = "mixture"  # no stage 1, like the federated run: task router over fresh experts
-        cfg.mixture.router, cfg.mixture.expert = "task", "lora"
-    train(cfg, overwrite=True, progress=False)
+    train(cfg, overwrite=True, progress=False)   # MoA with its stage 1, as the federated run has one
 
 
 def table(rows: list[dict[str, Any]], cats: list[str]) -> str:
@@ -274,7 +291,9 @@ def report(a: argparse.Namespace, rows: list[dict[str, Any]], argv: Optional[lis
     else:
         heading = SECTION
         central = "" if a.no_central else ("; central = the same method and learning rate trained on the union of "
-                                           "the clients' data for the same number of steps")
+                                           "the clients' data for the same number of steps (MoA: after a stage 1 whose LoRAs see as many "
+                                           "examples of their category as the federated stage 1 does); the gate and "
+                                           "the task routers are pre-trained on both sides")
         rel = claims(rows)
         section = (f"{heading}\n\n{size}{central}. Command: `{cmd.strip()}`\n\n{table(rows, cats)}\n"
                    + (f"\nAverage perplexity relative to the reference method (negative = lower perplexity):\n\n"
