@@ -146,7 +146,7 @@ def serve(sock: Path, key: bytes, parent_pid: int, idle_s: float) -> None:
         print(f"mixroute worker: pid {os.getpid()} listening on {sock}", flush=True)
         while True:
             conn = listener.accept()
-            last[0] = time.monotonic()
+            last[0] = float("inf")   # busy: a long round is not idleness
             with conn:
                 req = conn.recv()
                 misses, t0 = local_for.cache_info().misses, time.perf_counter()
