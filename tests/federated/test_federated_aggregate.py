@@ -103,3 +103,37 @@ def test_an_unknown_rule_names_the_registered_ones_before_a_federated_run_starts
     with pytest.raises(ConfigError, match="fedmedian"):
         run(cfg, progress=False)
     assert not (tmp_path / "r").exists()   # refused before a run directory was made
+
+
+def _reply(state, n, usage):
+    """A client's reply as the server receives it (a Flower Message with its metadata)."""
+    from flwr.app import Message, Metadata, MetricRecord, RecordDict
+
+    from mixroute.federated.payload import to_record
+
+    meta = Metadata(run_id=1, message_id="m", src_node_id=n, dst_node_id=0, reply_to_message_id="q", group_id="1",
+                    created_at=0.0, ttl=60.0, message_type="train")
+    return Message(RecordDict({"arrays": to_record(state), "metrics": MetricRecord(
+        {"num-examples": n, "usage": [float(u) for u in usage], "train_loss": 1.0})}), metadata=meta)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "usage"])
+def test_each_rule_runs_as_a_flower_strategy_with_the_rules_result(name):
+    """The server aggregates through flwr.serverapp.strategy (FedAvg, FedProx, a FedAvg subclass for the rest):
+    the same tensors as the rule's pure function on the same replies."""
+    from flwr.serverapp.strategy import FedAvg, FedProx
+
+    from mixroute.federated.strategies import RuleStrategy, aggregate_replies, strategy_for
+
+    usage = [[1.0, 0.0], [0.25, 0.75]]
+    got = aggregate_replies(name, 1, PREV, [_reply(S1, 10, usage[0]), _reply(S2, 30, usage[1])], axis, 0.01)
+    want = aggregate(name, PREV, [S1, S2], [10, 30], usage, axis)
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
+    strategy = strategy_for(name, PREV, axis, 0.01)
+    assert isinstance(strategy, FedAvg)
+    assert isinstance(strategy, {"fedavg": FedAvg, "fedprox": FedProx, "usage": RuleStrategy}[name])
+    if name == "usage":   # an expert nobody used keeps its previous value, which FedAvg alone would not
+        kept = aggregate_replies(name, 1, PREV, [_reply(S1, 10, [1, 0]), _reply(S2, 30, [1, 0])], axis)
+        assert torch.equal(kept["experts.l0.A"][1], PREV["experts.l0.A"][1])

@@ -24,8 +24,9 @@ from flwr.serverapp import Grid, ServerApp
 from mixroute import rundir
 from mixroute.config import ConfigError, RunConfig, save_config
 from mixroute.evaluate import validation_snapshot
-from mixroute.federated.aggregate import aggregate, fedavg, per_category_average, rule_for, split_routers
+from mixroute.federated.aggregate import fedavg, per_category_average, rule_for, split_routers
 from mixroute.federated.payload import from_record, is_router, num_bytes, to_record
+from mixroute.federated.strategies import aggregate_replies
 from mixroute.fileio import atomic_dir, atomic_write_text
 from mixroute.train.tracking import MetricsLogger
 
@@ -97,16 +98,17 @@ def map_partitions(grid: Grid, nodes: list[int], cfg_text: str, timeout: Optiona
 
 
 def exchange(grid: Grid, owners: dict[int, int], starts: dict[int, dict], conf: dict[str, Any],
-             timeout: Optional[float]) -> tuple[dict[int, tuple[dict, dict]], list[dict]]:
+             timeout: Optional[float]) -> tuple[dict[int, tuple[dict, dict, Message]], list[dict]]:
     """One TRAIN message to each partition in ``starts`` (its start state, ``conf`` plus its partition id):
-    ({partition: (state, metrics)} of the replies, [{client, reason}] of the failures, silent ones included)."""
+    ({partition: (state, metrics, reply)} of the replies, [{client, reason}] of the failures, silent ones
+    included)."""
     msgs = [Message(RecordDict({"arrays": to_record(st), "config": ConfigRecord({**conf, "partition": k})}),
                     dst_node_id=owners[k], message_type=MessageType.TRAIN) for k, st in starts.items()]
     replies = list(grid.send_and_receive(msgs, timeout=timeout))
     by_node = {v: k for k, v in owners.items()}
     # error replies made by the SuperLink for a lost node do not come from that node: match by message id
     sent = {m.metadata.message_id: k for m, k in zip(msgs, starts) if m.metadata.message_id}
-    ok: dict[int, tuple[dict, dict]] = {}
+    ok: dict[int, tuple[dict, dict, Message]] = {}
     failed: list[dict] = []
     for reply in replies:
         k = sent.get(reply.metadata.reply_to_message_id, by_node.get(reply.metadata.src_node_id, -1))
@@ -114,7 +116,7 @@ def exchange(grid: Grid, owners: dict[int, int], starts: dict[int, dict], conf: 
             failed.append({"client": k, "reason": reply.error.reason})
         else:
             m = reply.content["metrics"]
-            ok[k] = (from_record(reply.content["arrays"]), {key: m[key] for key in m})
+            ok[k] = (from_record(reply.content["arrays"]), {key: m[key] for key in m}, reply)
     for k in starts:
         if k not in ok and not any(f["client"] == k for f in failed):
             failed.append({"client": k, "reason": f"no reply within federated.round_timeout ({timeout}s)"})
@@ -231,10 +233,11 @@ def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bo
                                                 [list(ok[k][1]["expert-examples"]) for k in order],
                                                 local.num_experts, local.axis)
         elif states and sum(examples) > 0:
-            # what the clients sent (without personalize_router: everything; with it, no router): the rest of
-            # the global state, the routers pre-trained in the pre-training round, is kept
+            # what the clients sent (without personalize_router: everything; with it, no router), by the rule's
+            # Flower strategy; the rest of the global state (the pre-trained routers) is kept
             sent = {k: global_state[k] for k in states[0]}
-            global_state = {**global_state, **aggregate(fed.aggregation, sent, states, examples, usage, local.axis)}
+            global_state = {**global_state, **aggregate_replies(fed.aggregation, rnd, sent, [ok[k][2] for k in order],
+                                                                local.axis, fed.proximal_mu)}
         ppl = _evaluate(local, global_state, metrics, rnd, "stage1" if stage1 else
                         "after" if rnd == total else "during", by_label=stage1)
         n = sum(examples)
