@@ -22,7 +22,7 @@ OVERRIDES = ["model.name=tiny", "data.path=null", "data.synthetic_per_task=24", 
              "data.categories=[acronym,arithmetic,date_reformat,word_count]", "data.template=plain",
              "train.method=moa", "train.lr=0.003", "train.stage1_lr=0.01", "train.batch_size=4",
              "mixture.router_scope=global", "mixture.gate_pretrain_steps=20", "eval.max_eval=2", "eval.batch_size=8",
-             "federated.clients=2", "federated.stage1_rounds=2", "federated.rounds=1", "federated.local_steps=2",
+             "federated.clients=2", "federated.stage1_rounds=1", "federated.rounds=1", "federated.local_steps=2",
              "federated.partition=mop_skew", "federated.partition_total=null", "federated.round_timeout=120"]
 
 
@@ -101,13 +101,13 @@ def test_federated_moa_runs_stage1_then_pretrains_routers_and_resumes_identicall
 
     full = run(load_config(None, OVERRIDES + [f"output_dir={tmp_path / 'full'}"]), progress=False)
     rows = rundir.read_rounds(full)
-    assert [r["stage"] for r in rows] == [1, 1, 2]
-    for r in rows[:2]:   # stage 1 sends experts only: fewer bytes than the whole adapter state of stage 2
-        assert r["bytes_up"] < rows[2]["bytes_up"]
+    assert [r["stage"] for r in rows] == [1, 2]
+    # stage 1 sends experts only: fewer bytes than the whole adapter state of stage 2
+    assert rows[0]["bytes_up"] < rows[1]["bytes_up"]
     evals = [m for m in rundir.read_metrics(full) if m.get("stage") == "router_pretrain"]
-    assert len(evals) == 1 and evals[0]["step"] == 2 and evals[0]["val_accuracy"] > 0.25
+    assert len(evals) == 1 and evals[0]["step"] == 1 and evals[0]["val_accuracy"] > 0.25
     stage1_vals = [m for m in rundir.read_metrics(full) if m.get("routing") == "label"]
-    assert [m["step"] for m in stage1_vals] == [1, 2]
+    assert [m["step"] for m in stage1_vals] == [1]
     before = [m for m in rundir.read_metrics(full) if m.get("step") == 0 and m.get("ppl") is not None]
     assert stage1_vals[-1]["ppl_average"] < before[0]["ppl_average"], "stage 1 did not train the experts"
     # stopped after a stage-1 round, then resumed: the same final weights, one pre-training line
