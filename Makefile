@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/python -m mixroute.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --timeout=900 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -q --timeout=900 --durations=15 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 # the edit loop: everything but the slow, real-model and browser tests (make test runs them all), one
 # pytest-xdist worker per core (the real-server tests that need ordered ports and timing are all in make test)

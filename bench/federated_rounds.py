@@ -102,6 +102,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--work", default="/tmp/mixroute_federated_rounds", help="scratch directory (replaced)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds the deployment run may take")
+    p.add_argument("--no-deployment", action="store_true", help="simulation and the fresh process only (no "
+                                                                  "SuperLink / SuperNodes)")
     p.add_argument("--no-per-message", action="store_true", help="skip the deployment run without the worker "
                                                                    "(keep-base-loaded=false: the 'before' row)")
     a = p.parse_args(argv)
@@ -113,9 +115,10 @@ def main(argv: Optional[list[str]] = None) -> None:
           f"{fresh['setup']:.1f} s", flush=True)
     sim = simulation(work, a)
     print("simulation rounds:", [round(s, 1) for s in sim], flush=True)
-    dep = deployment(work, a)
-    print("deployment rounds:", [round(s, 1) for s in dep], flush=True)
-    per_msg = None if a.no_per_message else deployment(work, a, keep_loaded=False)
+    dep = None if a.no_deployment else deployment(work, a)
+    if dep is not None:
+        print("deployment rounds:", [round(s, 1) for s in dep], flush=True)
+    per_msg = None if a.no_per_message or a.no_deployment else deployment(work, a, keep_loaded=False)
     if per_msg is not None:
         print("deployment rounds, base loaded per message:", [round(s, 1) for s in per_msg], flush=True)
     print()
@@ -124,8 +127,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     def later(s: list[float]) -> float:   # round 1 also pays the QUERY that loads every client
         return statistics.mean(s[1:]) if len(s) > 1 else s[0]
 
-    rows = [("simulation (Ray worker per client, base kept)", sim),
-            ("deployment, node worker keeps the base (default)", dep)]
+    rows = [("simulation (Ray worker per client, base kept)", sim)]
+    if dep is not None:
+        rows.append(("deployment, node worker keeps the base (default)", dep))
     if per_msg is not None:
         rows.append(("deployment, base loaded per message (keep-base-loaded=false)", per_msg))
     for name, s in rows:
