@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from mixroute.config import ConfigError
+from mixroute.federated.payload import expert_slices
 
 Axis = Callable[[str, tuple], Optional[tuple[int, int]]]
 
@@ -57,15 +58,12 @@ def usage_average(previous: dict[str, Tensor], states: Sequence[dict[str, Tensor
         if ax is None:
             out[key] = weighted_mean([s[key] for s in states], examples)
             continue
-        dim, block = ax
         new = prev.clone()
-        for e in range(prev.shape[dim] // block):
+        for e, sl in enumerate(expert_slices(ax, range(prev.shape[ax[0]] // ax[1]), prev.dim())):
             weights = [n * float(u[e]) for n, u in zip(examples, usage)]
             if sum(weights) <= 0:
                 continue  # no client routed to expert e: keep its previous value
-            sl = [slice(None)] * prev.dim()
-            sl[dim] = slice(e * block, (e + 1) * block)
-            new[tuple(sl)] = weighted_mean([s[key][tuple(sl)] for s in states], weights)
+            new[sl] = weighted_mean([s[key][sl] for s in states], weights)
         out[key] = new
     return out
 

@@ -107,8 +107,8 @@ def handle(op: str, cfg_text: str, k: int, conf: dict, arrays: dict[str, Tensor]
     """One message's work on plain values (the same in this process and in a worker): (arrays, metrics,
     config) of the reply."""
     if node.get("threads"):
-        # several nodes on one machine must split its cores: two clients spinning two threads each on two
-        # cores made every round about 5x slower (the simulation's Ray workers get cpus_per_client threads)
+        # several nodes on one machine must split its cores: with two threads each on two cores, a client's
+        # local training took 55-78 s instead of 6-11 s (the simulation's Ray workers get cpus_per_client threads)
         import torch
 
         torch.set_num_threads(max(1, int(node["threads"])))

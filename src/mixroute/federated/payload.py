@@ -60,7 +60,8 @@ def expert_axis(key: str, shape: tuple, num_experts: int, rank: int) -> Optional
     return None
 
 
-def _slices(ax: tuple[int, int], experts: Sequence[int], ndim: int) -> list[tuple]:
+def expert_slices(ax: tuple[int, int], experts: Sequence[int], ndim: int) -> list[tuple]:
+    """Index tuples of each of ``experts``' slices in a tensor of ``ndim`` dims stacked along ``ax`` = (dim, block)."""
     dim, block = ax
     out = []
     for e in experts:
@@ -80,7 +81,7 @@ def trim_experts(state: dict[str, Tensor], experts: Sequence[int],
     out = {}
     for key, t in state.items():
         ax = axis(key, tuple(t.shape))
-        out[key] = t if ax is None else torch.cat([t[s] for s in _slices(ax, experts, t.dim())], dim=ax[0])
+        out[key] = t if ax is None else torch.cat([t[s] for s in expert_slices(ax, experts, t.dim())], dim=ax[0])
     return out
 
 
@@ -99,7 +100,7 @@ def expand_experts(trimmed: dict[str, Tensor], experts: Sequence[int], previous:
         got = trimmed[key].split(ax[1], dim=ax[0])
         if len(got) != len(experts):
             raise ValueError(f"{key}: {len(got)} expert slices received for experts {list(experts)}")
-        for s, part in zip(_slices(ax, experts, prev.dim()), got):
+        for s, part in zip(expert_slices(ax, experts, prev.dim()), got):
             full[s] = part
         out[key] = full
     return out
