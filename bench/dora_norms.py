@@ -21,8 +21,8 @@ def main() -> None:
     model.eval()
     ids = torch.randint(10, 40000, (8, 128), generator=torch.Generator().manual_seed(0))
     am, tids = torch.ones_like(ids), torch.arange(8) % 8
-    mix = Mixture.attach(model, MixtureConfig(expert="dora", router="task", num_experts=8, rank=8,
-                                              route_train="label"))
+    mix = Mixture.attach(model, MixtureConfig(expert="dora", router="task", num_experts=8,
+                                              experts={"lora": {"rank": 8}}, routers={"task": {"route_train": "label"}}))
     mix.train(True)   # route by label: every sequence uses its own expert
 
     def timed(fn) -> float:

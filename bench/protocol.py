@@ -10,6 +10,7 @@ lowest validation perplexity a run reached; the test split is read only by the c
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -332,13 +333,13 @@ def archive_run(run_dir: Path) -> None:
 
 def _archived_config(run_dir: Path) -> Optional[dict[str, Any]]:
     from mixroute.config import ConfigError, to_dict
-    from mixroute.rundir import read_config
+    from mixroute.rundir import read_config, recorded_config
 
     src = archive_path(run_dir)
     if src is None or not (src / "config.yaml").is_file():
         return None
     try:
-        return to_dict(read_config(src))
+        return to_dict(recorded_config(read_config(src), True))
     except (ConfigError, FileNotFoundError):
         return None
 
@@ -346,12 +347,12 @@ def _archived_config(run_dir: Path) -> Optional[dict[str, Any]]:
 def restore_run(run_dir: Path, cfg: Any) -> bool:
     """Restore ``run_dir``'s archived record when it was made by exactly ``cfg``; True when restored."""
     from mixroute.config import to_dict
-    from mixroute.rundir import write_config
+    from mixroute.rundir import recorded_config, write_config
 
     src = archive_path(run_dir)
     archived = _archived_config(run_dir)
     if src is None or archived is None or _portable(archived, _trained_in(archived, run_dir)) != _portable(
-            to_dict(cfg)):
+            to_dict(recorded_config(cfg, True))):
         return False
     if not ((src / "metrics.jsonl").is_file() and (src / "bench_timing.json").is_file()):
         return False
@@ -430,7 +431,8 @@ def train_once(cfg: Any, label: str = "", only_finished: bool = False,
     run_dir = Path(cfg.output_dir)
     done = rundir.final_dir(run_dir).is_dir() or (cfg.train.method == "base" and (run_dir / "metrics.jsonl").is_file())
     try:
-        same = _portable(to_dict(rundir.read_config(run_dir))) == _portable(to_dict(cfg))
+        same = (_portable(to_dict(rundir.recorded_config(rundir.read_config(run_dir), True)))
+                == _portable(to_dict(rundir.recorded_config(cfg, True))))
     except (ConfigError, FileNotFoundError):
         same = False
     if done and same:
@@ -593,11 +595,9 @@ def commit() -> str:
 
 
 # ------------------------------------------------------------------ command line
-def parser(doc: str) -> "argparse.ArgumentParser":
+def parser(doc: str) -> argparse.ArgumentParser:
     """The arguments every quality benchmark takes (the script adds its own): budget, model, seeds, sizes,
     threads and where the section goes."""
-    import argparse
-
     root = Path(__file__).resolve().parents[1]
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(doc.split("\n\n")[1:]))

@@ -52,7 +52,7 @@ SWEEPS: dict[str, list[tuple[str, list[float]]]] = {
     # router_scope first: one decision per sequence from the frozen base (global) against the paper's one router
     # per layer; the rest is tuned for the chosen layout
     "moa": [("mixture.router_scope", ["global", "layer"]), ("train.lr", [5e-5, 3e-4]),
-            ("train.router_lr", [1e-2, 1e-1]), ("mixture.eta", [0.1, 1.0])],
+            ("train.router_lr", [1e-2, 1e-1]), ("mixture.routers.task.eta", [0.1, 1.0])],
     "moe_lora": [("train.lr", [5e-5, 3e-4])],
     "prompt_tuning": [("train.lr", [3e-2, 1e-1])],
     "mop": [("train.lr", [1.0, 3.0]), ("train.router_lr", [1e-3, 1e-2])],

@@ -104,7 +104,7 @@ def overrides(a: argparse.Namespace, method: str, aggregation: str, model: Optio
         per_round = max(1, min(a.clients, round(a.fraction * a.clients)))
         s1 = a.rounds if a.stage1_rounds is None else a.stage1_rounds
         stage1 = max(1, round(s1 * a.local_steps * per_round / num_categories(a))) if s1 else 0
-        extra = ["mixture.route_train=label", "train.router_lr=0.01", f"federated.stage1_rounds={s1}"]
+        extra = ["mixture.routers.task.route_train=label", "train.router_lr=0.01", f"federated.stage1_rounds={s1}"]
     return [f"model.name={model if model is not None else 'null'}", *data,
             f"data.max_per_category={a.per_category}", f"data.max_length={a.max_length}", "data.template=plain",
             "data.val_fraction=0.1", "data.test_fraction=0.25", f"data.seed={a.seed}", f"train.method={method}",

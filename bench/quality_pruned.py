@@ -66,7 +66,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--dense-methods", nargs="*", default=["base"], choices=METHOD_ORDER,
                    help="Methods run on the 'dense' setting (default: base only, the unpruned reference row).")
     p.add_argument("--mop-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="Extra config override for the mop runs, repeatable (e.g. mixture.inject_layer=0).")
+                   help="Extra config override for the mop runs, repeatable "
+                        "(e.g. mixture.experts.prompt.inject_layer=0).")
     p.add_argument("--sweep-each", action="store_true",
                    help="Sweep the learning rates on every pruned setting's own first seed (default: on SparseGPT-75% "
                         "only, reused for the other settings).")

@@ -112,24 +112,24 @@ def mixroute_cases(model, batch: dict) -> list[Case]:
     ids, am, labels, pm = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["prompt_mask"]
     bsz = ids.shape[0]
     tids = torch.arange(bsz, device=ids.device) % 8
+    r8, label = {"lora": {"rank": 8}}, {"task": {"route_train": "label"}}
     specs = [
-        ("mixroute single (plain LoRA r=8)", MixtureConfig(router="single", rank=8), False),
-        ("mixroute single, train step with logits_for='all'", MixtureConfig(router="single", rank=8), False),
-        ("mixroute task top-1, 8 experts, mixed batch", MixtureConfig(router="task", num_experts=8, rank=8,
-                                                                       route_train="label"), True),
+        ("mixroute single (plain LoRA r=8)", MixtureConfig(router="single", experts=r8), False),
+        ("mixroute single, train step with logits_for='all'", MixtureConfig(router="single", experts=r8), False),
+        ("mixroute task top-1, 8 experts, mixed batch",
+         MixtureConfig(router="task", num_experts=8, experts=r8, routers=label), True),
         # one decision per sequence from the frozen base at the middle layer: the routing pre-pass costs
         # router_layer / num_layers of a base forward per prefill (measured here in eval mode: top-1 by the router)
         ("mixroute task global top-1 (pre-pass at the middle layer), 8 experts",
-         MixtureConfig(router="task", num_experts=8, rank=8, router_scope="global"), False),
-        ("mixroute DoRA single (one DoRA expert r=8)", MixtureConfig(expert="dora", router="single", rank=8), False),
-        ("mixroute DoRA task top-1, 8 experts, mixed batch", MixtureConfig(expert="dora", router="task",
-                                                                          num_experts=8, rank=8,
-                                                                          route_train="label"), True),
-        ("mixroute token_topk, 8 experts, k=2", MixtureConfig(router="token_topk", num_experts=8, rank=8,
-                                                               top_k=2), False),
-        ("mixroute rank (SMoRA), 64 ranks, k=8", MixtureConfig(router="rank", num_experts=8, rank=8,
-                                                               rank_top_k=8), False),
-        ("mixroute poly, 8 skills", MixtureConfig(router="poly", num_experts=8, rank=8, num_tasks=8), False),
+         MixtureConfig(router="task", num_experts=8, router_scope="global", experts=r8), False),
+        ("mixroute DoRA single (one DoRA expert r=8)", MixtureConfig(expert="dora", router="single", experts=r8), False),
+        ("mixroute DoRA task top-1, 8 experts, mixed batch",
+         MixtureConfig(expert="dora", router="task", num_experts=8, experts=r8, routers=label), True),
+        ("mixroute token_topk, 8 experts, k=2",
+         MixtureConfig(router="token_topk", num_experts=8, experts=r8, routers={"token_topk": {"top_k": 2}}), False),
+        ("mixroute rank (SMoRA), 64 ranks, k=8",
+         MixtureConfig(router="rank", num_experts=8, experts=r8, routers={"rank": {"rank_top_k": 8}}), False),
+        ("mixroute poly, 8 skills", MixtureConfig(router="poly", num_experts=8, num_tasks=8, experts=r8), False),
     ]
     out: list[Case] = []
     for name, cfg, label_routing in specs:
@@ -177,8 +177,9 @@ def mop_cases(model, batch: dict) -> list[Case]:
                         adapter_train(pt, [p for p in pt.parameters() if p.requires_grad],
                                         lambda: pt(input_ids=ids, attention_mask=am, labels=labels).loss), "peft")]
     n = model.config.num_hidden_layers
+    prompts = {"prompt": {"num_virtual_tokens": MOP_TOKENS // MOP_EXPERTS}}
     mix = Mixture.attach(structural_copy(model), MixtureConfig(expert="prompt", router="gate", num_experts=MOP_EXPERTS,
-                                                               num_virtual_tokens=MOP_TOKENS // MOP_EXPERTS))
+                                                               experts=prompts))
     mix.eval()
     name = f"mixroute MoP, {MOP_EXPERTS} x {MOP_TOKENS // MOP_EXPERTS} tokens at layer {n // 2}, gate at {n // 3}"
     out.append((name, lambda: mix(ids, attention_mask=am, prompt_mask=pm, task_ids=tids),

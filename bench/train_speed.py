@@ -178,7 +178,9 @@ def lora_targets(model: Any, cfg: Any) -> list[str]:
     """The module names mixroute attaches its LoRA to (``mixture.target_modules`` resolved on ``model``)."""
     from mixroute.arch import resolve_targets
 
-    m = cfg.mixture
+    from mixroute.experts import expert_settings
+
+    m = expert_settings(cfg.mixture)
     return [t.path for layer in resolve_targets(model, m.target_modules, m.mlp_only, m.allow_partial)
             for t in layer]
 
@@ -190,9 +192,11 @@ def run_peft(base: Any, tok: Any, data: Any, cfg: Any, targets: list[str], devic
     from peft.tuners.lora import LoraLayer
     from transformers import DataCollatorForSeq2Seq, get_cosine_schedule_with_warmup
 
-    t = cfg.train
+    from mixroute.experts import expert_settings
+
+    t, lora = cfg.train, expert_settings(cfg.mixture)
     torch.manual_seed(t.seed)
-    model = get_peft_model(structural_copy(base), LoraConfig(r=cfg.mixture.rank, lora_alpha=cfg.mixture.alpha,
+    model = get_peft_model(structural_copy(base), LoraConfig(r=lora.rank, lora_alpha=lora.alpha,
                                                              lora_dropout=0.0, target_modules=targets))
     lora = sum(1 for m in model.modules() if isinstance(m, LoraLayer))
     if lora != len(targets):
@@ -370,6 +374,7 @@ def _main(a: argparse.Namespace, argv: Optional[list[str]], load: str, started: 
     from mixroute.config import to_dict
     from mixroute.data import RunData
     from mixroute.devices import resolve_device
+    from mixroute.experts import expert_settings
     from mixroute.models import quiet_transformers
     from mixroute.rundir import load_model
 
@@ -409,7 +414,8 @@ def _main(a: argparse.Namespace, argv: Optional[list[str]], load: str, started: 
             "at_cap": sum(n >= a.max_length for n in lengths) / len(lengths),
             "model": f"{type(base).__name__}, {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, "
                      f"{ref.model.dtype}" + (" (random tiny test model)" if a.model == "tiny" else ""),
-            "rank": ref.mixture.rank, "alpha": ref.mixture.alpha, "targets": len(targets),
+            "rank": expert_settings(ref.mixture).rank, "alpha": expert_settings(ref.mixture).alpha,
+            "targets": len(targets),
             "machine": machine(device), "threads": threads, "load": load,
             "command": "python bench/train_speed.py " + shlex.join(sys.argv[1:] if argv is None else argv),
             "date": time.strftime("%Y-%m-%d %H:%M"),

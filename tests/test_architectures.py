@@ -12,7 +12,7 @@ import pytest
 import torch
 from families import FAMILIES, MATRIX, tiny_family
 from marks import FAST_CASES, FAST_FAMILIES, fast_only
-from test_mixture_matrix import CASES, PER_TOKEN, data
+from test_mixture_matrix import CASES, PER_TOKEN, case_config, data
 from typer.testing import CliRunner
 
 from mixroute import arch
@@ -52,14 +52,15 @@ def test_all_linear_is_peft_all_linear_within_the_decoder_layers(family):
 def test_phi3_fused_projections_cannot_be_attached_partially_by_accident():
     model, _ = tiny_family("phi3")
     with pytest.raises(ArchitectureError) as err:
-        Mixture.attach(model, MixtureConfig(target_modules=LLAMA_NAMES, router="single"))
+        Mixture.attach(model, MixtureConfig(router="single", experts={"lora": {"target_modules": LLAMA_NAMES}}))
     msg = str(err.value)
     assert "Phi3ForCausalLM" in msg and "'phi3'" in msg
     assert "q_proj, k_proj, v_proj, gate_proj, up_proj" in msg                    # what is missing
     assert "self_attn.qkv_proj" in msg and "mlp.gate_up_proj" in msg               # what it has
     assert "allow_partial" in msg and "all-linear" in msg
     assert not any("forward" in m.__dict__ for m in model.modules()), "nothing may be patched on failure"
-    mix = Mixture.attach(model, MixtureConfig(target_modules=LLAMA_NAMES, allow_partial=True, router="single"))
+    mix = Mixture.attach(model, MixtureConfig(router="single",
+                                              experts={"lora": {"target_modules": LLAMA_NAMES, "allow_partial": True}}))
     assert sorted(mix.module_names.values()) == [f"model.layers.{i}.{n}" for i in range(2)
                                                  for n in ("mlp.down_proj", "self_attn.o_proj")]
     mix.detach()
@@ -103,7 +104,7 @@ def test_a_failed_attach_leaves_the_model_untouched():
     model, _ = tiny_family("phi3")
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ArchitectureError, match="has no q_proj"):
-        Mixture.attach(model, MixtureConfig(num_experts=2, target_modules=["q_proj", "o_proj"]))
+        Mixture.attach(model, MixtureConfig(num_experts=2, experts={"lora": {"target_modules": ["q_proj", "o_proj"]}}))
     assert not model.get_decoder()._forward_pre_hooks
     assert all(not m._forward_pre_hooks and "forward" not in m.__dict__ for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -117,7 +118,7 @@ def test_the_loss_on_label_positions_is_the_models_own_loss(family):
 
     # a random tiny model's logits are far below Gemma-2's cap of 30, where tanh is the identity: a small cap bites
     model, _ = tiny_family(family, **({"final_logit_softcapping": 0.5} if family == "gemma2" else {}))
-    mix = Mixture.attach(model, MixtureConfig(router="single", num_experts=1, rank=4))
+    mix = Mixture.attach(model, MixtureConfig(router="single", num_experts=1, experts={"lora": {"rank": 4}}))
     b = data()
     labels_only = mix(**b, logits_for="labels").lm_loss
     full = mix(**b, logits_for="all").lm_loss
@@ -132,9 +133,9 @@ def test_the_loss_on_label_positions_is_the_models_own_loss(family):
 @pytest.mark.parametrize("family", fast_only(ROWS, FAST_FAMILIES))
 def test_every_pair_on_every_family(family, case, tmp_path):
     model, _ = tiny_family(family)
-    mix = Mixture.attach(model, MixtureConfig(rank=4, alpha=8.0, seed=0, **CASES[case]))
+    mix = Mixture.attach(model, case_config(case))
     if not case.startswith("prompt"):  # every projection of every layer (the MLP ones with mlp_only)
-        want = arch.resolve_targets(model, ["all-linear"], mlp_only=bool(CASES[case].get("mlp_only")))
+        want = arch.resolve_targets(model, ["all-linear"], mlp_only=bool(CASES[case].get("lora", {}).get("mlp_only")))
         assert sorted(mix.module_names.values()) == sorted(t.path for layer in want for t in layer)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -202,8 +203,8 @@ def test_prompt_experts_e1_m0_equal_peft_prompt_tuning(family):
         lambda m, a, kw: grabbed.append((a[0] if a else kw["hidden_states"])[0, :L].clone()), with_kwargs=True)
     ref = pm.eval()(input_ids=ids, attention_mask=am).logits[:, L:]
     hook.remove()
-    mix = Mixture.attach(model, MixtureConfig(expert="prompt", router="single", num_experts=1,
-                                              num_virtual_tokens=L, inject_layer=0, gate_layer=0)).eval()
+    prompts = {"prompt": {"num_virtual_tokens": L, "inject_layer": 0, "gate_layer": 0}}
+    mix = Mixture.attach(model, MixtureConfig(expert="prompt", router="single", num_experts=1, experts=prompts)).eval()
     mix.experts["prompt"].weight.copy_(grabbed[0].unsqueeze(0))
     ours = mix(ids, attention_mask=am).logits
     keep = am.bool()
@@ -220,7 +221,8 @@ def test_prompt_experts_are_refused_where_they_cannot_work(kw, words):
     model, _ = tiny_family("falcon", **kw)
     impl = model.config._attn_implementation
     with pytest.raises(ConfigError) as err:
-        Mixture.attach(model, MixtureConfig(expert="prompt", router="single", num_experts=1, num_virtual_tokens=2))
+        Mixture.attach(model, MixtureConfig(expert="prompt", router="single", num_experts=1,
+                                            experts={"prompt": {"num_virtual_tokens": 2}}))
     assert all(w in str(err.value) for w in words) and "mixture.expert=lora" in str(err.value)
     assert model.config._attn_implementation == impl                 # refused before touching the model
     Mixture.attach(model, MixtureConfig(router="single"))            # LoRA experts work on Falcon

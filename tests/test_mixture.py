@@ -36,8 +36,9 @@ def randomised(mix: Mixture) -> Mixture:
 
 @pytest.mark.parametrize("router", ["task", "token_topk", "rank"])
 def test_logits_for_labels_equals_full_loss(router):
-    mix = randomised(Mixture.attach(tiny_model()[0], MixtureConfig(router=router, num_experts=3, num_tasks=3,
-                                                                   rank=4, top_k=2, rank_top_k=3))).eval()
+    mix = randomised(Mixture.attach(tiny_model()[0], MixtureConfig(
+        router=router, num_experts=3, num_tasks=3, experts={"lora": {"rank": 4}},
+        routers={"task": {"top_k": 2}, "token_topk": {"top_k": 2}, "rank": {"rank_top_k": 3}}))).eval()
     full = mix(**batch())
     part = mix(**batch(), logits_for="labels")
     assert isinstance(part, MixtureOutput) and part.logits is None and full.logits is not None
@@ -52,7 +53,8 @@ def test_logits_for_labels_equals_full_loss(router):
 
 
 def test_load_onto_other_base_is_a_clear_error(tmp_path):
-    mix = Mixture.attach(tiny_model()[0], MixtureConfig(router="task", num_experts=2, num_tasks=2, rank=2))
+    mix = Mixture.attach(tiny_model()[0], MixtureConfig(router="task", num_experts=2, num_tasks=2,
+                                                        experts={"lora": {"rank": 2}}))
     mix.save(str(tmp_path / "m"))
     meta = json.loads((tmp_path / "m" / "mixture.json").read_text())
     assert meta["base"]["hidden_size"] == 64 and meta["config"]["router"] == "task"
@@ -73,7 +75,7 @@ def test_load_onto_other_base_is_a_clear_error(tmp_path):
 
 def test_router_reads_only_prompt_tokens():
     mix = randomised(Mixture.attach(tiny_model()[0], MixtureConfig(router="task", num_experts=3, num_tasks=3,
-                                                                   rank=2))).eval()
+                                                                   experts={"lora": {"rank": 2}}))).eval()
     b = batch()
     with torch.no_grad():
         r1 = mix(**b).router_logits
@@ -86,13 +88,15 @@ def test_router_reads_only_prompt_tokens():
 
 
 def test_aux_losses_and_balancing():
-    mix = Mixture.attach(tiny_model()[0], MixtureConfig(router="task", num_experts=3, num_tasks=3, eta=0.5))
+    mix = Mixture.attach(tiny_model()[0], MixtureConfig(router="task", num_experts=3, num_tasks=3,
+                                                        routers={"task": {"eta": 0.5}}))
     mix.train()
     out = mix(**batch())
     assert set(out.aux_losses) == {"routing_ce"}
     torch.testing.assert_close(out.loss, out.lm_loss + out.aux_losses["routing_ce"])
-    mix = Mixture.attach(tiny_model()[0], MixtureConfig(router="rank", num_experts=2, rank=4, rank_top_k=2,
-                                                        bias_update_rate=0.1)).train()
+    cfg = MixtureConfig(router="rank", num_experts=2, experts={"lora": {"rank": 4}},
+                        routers={"rank": {"rank_top_k": 2, "bias_update_rate": 0.1}})
+    mix = Mixture.attach(tiny_model()[0], cfg).train()
     mix(**batch())
     router = mix.routers["layer_0"]
     load = router.load.clone()
@@ -109,7 +113,7 @@ def test_configuration_errors():
         Mixture.attach(tiny_model()[0], MixtureConfig(router="oracle", num_experts=2, num_tasks=2))(
             batch()["input_ids"])
     with pytest.raises(ValueError, match="target_modules"):
-        Mixture.attach(tiny_model()[0], MixtureConfig(target_modules=["qq_proj"]))
+        Mixture.attach(tiny_model()[0], MixtureConfig(experts={"lora": {"target_modules": ["qq_proj"]}}))
 
 
 def test_parameter_counts_and_detach():
@@ -117,8 +121,8 @@ def test_parameter_counts_and_detach():
     ids = batch()["input_ids"]
     with torch.no_grad():
         base = model(input_ids=ids).logits
-    mix = randomised(Mixture.attach(model, MixtureConfig(router="task", num_experts=4, num_tasks=4, rank=2,
-                                                         mlp_only=True)))
+    mix = randomised(Mixture.attach(model, MixtureConfig(router="task", num_experts=4, num_tasks=4,
+                                                         experts={"lora": {"rank": 2, "mlp_only": True}})))
     # mlp: gate/up 64 -> 128, down 128 -> 64; per expert r * (in + out); 2 layers; router per layer: its
     # LayerNorm (2 * 64) and its projection (64 * 4 + 4)
     parts = mix.num_parameters_by_part()

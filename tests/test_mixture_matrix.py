@@ -5,6 +5,8 @@ that make no sense rejected with a clear error."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from marks import FAST_CASES, fast_only
@@ -14,26 +16,31 @@ from mixroute.mixture import Mixture
 from mixroute.models import tiny_model
 from mixroute.routers import ROUTERS
 
-PROMPT = dict(expert="prompt", num_virtual_tokens=4, gate_hidden=16, inject_layer=1, gate_layer=1)
+# each case: the shared MixtureConfig fields, ``routers`` (its router's settings), ``lora`` (LoRA / DoRA settings
+# over rank 4, alpha 8) and, for prompt experts, ``experts``
+PROMPT = dict(expert="prompt", experts={"prompt": dict(num_virtual_tokens=4, inject_layer=1, gate_layer=1)},
+              routers={"gate": dict(gate_hidden=16)})
 CASES = {
     "lora-single": dict(router="single"),
     "lora-uniform": dict(router="uniform", num_experts=3),
     "lora-oracle": dict(router="oracle", num_experts=3, num_tasks=3),
     "lora-task": dict(router="task", num_experts=3, num_tasks=3),
-    "lora-task_label_global": dict(router="task", num_experts=3, num_tasks=3, route_train="label",
-                                   router_scope="global"),
-    "lora-gate": dict(router="gate", num_experts=3, num_tasks=3, gate_hidden=16),
-    "lora-token_topk": dict(router="token_topk", num_experts=3, top_k=2, mlp_only=True),
-    "lora-poly": dict(router="poly", num_experts=3, num_tasks=3, n_splits=2),
-    "lora-rank": dict(router="rank", num_experts=3, rank_top_k=4),
+    "lora-task_label_global": dict(router="task", num_experts=3, num_tasks=3,
+                                   routers={"task": dict(route_train="label")}, router_scope="global"),
+    "lora-gate": dict(router="gate", num_experts=3, num_tasks=3, routers={"gate": dict(gate_hidden=16)}),
+    "lora-token_topk": dict(router="token_topk", num_experts=3, routers={"token_topk": dict(top_k=2)},
+                            lora=dict(mlp_only=True)),
+    "lora-poly": dict(router="poly", num_experts=3, num_tasks=3, routers={"poly": dict(n_splits=2)}),
+    "lora-rank": dict(router="rank", num_experts=3, routers={"rank": dict(rank_top_k=4)}),
     "lora-centroid": dict(router="centroid", num_experts=3),
-    "lora-arrow": dict(router="arrow", num_experts=3, arrow_top_k=2),
+    "lora-arrow": dict(router="arrow", num_experts=3, routers={"arrow": dict(arrow_top_k=2)}),
     "dora-single": dict(expert="dora", router="single"),
-    "dora-task_label_global": dict(expert="dora", router="task", num_experts=3, num_tasks=3, route_train="label",
-                                   router_scope="global"),
+    "dora-task_label_global": dict(expert="dora", router="task", num_experts=3, num_tasks=3,
+                                   routers={"task": dict(route_train="label")}, router_scope="global"),
     "dora-task": dict(expert="dora", router="task", num_experts=3, num_tasks=3),
-    "dora-token_topk": dict(expert="dora", router="token_topk", num_experts=3, top_k=2, mlp_only=True),
-    "dora-arrow": dict(expert="dora", router="arrow", num_experts=3, arrow_top_k=2),
+    "dora-token_topk": dict(expert="dora", router="token_topk", num_experts=3, routers={"token_topk": dict(top_k=2)},
+                            lora=dict(mlp_only=True)),
+    "dora-arrow": dict(expert="dora", router="arrow", num_experts=3, routers={"arrow": dict(arrow_top_k=2)}),
     "prompt-single": dict(PROMPT, router="single"),
     "prompt-uniform": dict(PROMPT, router="uniform", num_experts=3),
     "prompt-oracle": dict(PROMPT, router="oracle", num_experts=3, num_tasks=3),
@@ -44,9 +51,14 @@ CASES = {
 PER_TOKEN = {"lora-token_topk", "lora-rank", "lora-arrow", "dora-token_topk", "dora-arrow"}
 
 
+def case_config(case: str) -> MixtureConfig:
+    spec = copy.deepcopy(CASES[case])
+    experts = {"lora": {"rank": 4, "alpha": 8.0, **spec.pop("lora", {})}, **spec.pop("experts", {})}
+    return MixtureConfig(seed=0, experts=experts, **spec)
+
+
 def make(case: str) -> Mixture:
-    cfg = MixtureConfig(rank=4, alpha=8.0, seed=0, **CASES[case])
-    return Mixture.attach(tiny_model()[0], cfg)
+    return Mixture.attach(tiny_model()[0], case_config(case))
 
 
 def data(bsz: int = 3, seq: int = 12):
@@ -72,12 +84,10 @@ def randomise(mix: Mixture, std: float) -> Mixture:
 
 
 def test_every_registered_router_and_expert_kind_is_in_the_matrix():
-    import typing
-
-    from mixroute.config import ExpertKind
+    from mixroute.experts import EXPERT_KINDS
 
     assert {c.split("-")[1].replace("_label_global", "") for c in CASES} == set(ROUTERS)
-    assert {c.split("-")[0] for c in CASES} == set(typing.get_args(ExpertKind))
+    assert {c.split("-")[0] for c in CASES} == set(EXPERT_KINDS)
 
 
 @pytest.mark.parametrize("case", fast_only(CASES, FAST_CASES))

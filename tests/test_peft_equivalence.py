@@ -106,9 +106,9 @@ def test_mixed_batch_equals_peft_adapter_names(tmp_path):
 def test_export_peft_round_trip(tmp_path, dora):
     from peft import PeftModel
 
-    mix = Mixture.attach(tiny_model()[0], MixtureConfig(expert="dora" if dora else "lora", router="oracle",
-                                                        num_experts=3, num_tasks=3, rank=4,
-                                                        target_modules=["q_proj", "v_proj", "down_proj"])).eval()
+    cfg = MixtureConfig(expert="dora" if dora else "lora", router="oracle", num_experts=3, num_tasks=3,
+                        experts={"lora": {"rank": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]}})
+    mix = Mixture.attach(tiny_model()[0], cfg).eval()
     for name, p in mix.experts.named_parameters():
         if name.endswith(".m"):   # DoRA magnitudes: away from the weight norms they start at
             p.mul_(1 + 0.3 * torch.rand_like(p))
@@ -148,7 +148,8 @@ def test_poly_equals_peft_poly(n_splits):
             if "module_logits" in name:
                 p.normal_()  # distinct allocations per task / module
     mix = Mixture.attach(tiny_model()[0], MixtureConfig(router="poly", num_experts=skills, num_tasks=tasks,
-                                                        n_splits=n_splits, rank=r, alpha=1.0)).eval()
+                                                        experts={"lora": {"rank": r, "alpha": 1.0}},
+                                                        routers={"poly": {"n_splits": n_splits}})).eval()
     # PEFT Poly scales by 1/r: alpha = 1 gives the same alpha / r.
     mods = dict(pm.named_modules())
     for key, bank in mix.experts.items():
@@ -215,8 +216,8 @@ def test_export_peft_round_trip_on_other_families(family, mlp_only, tmp_path, on
 
     from peft import PeftModel
 
-    mix = Mixture.attach(tiny_family(family)[0], MixtureConfig(router="oracle", num_experts=2, num_tasks=2, rank=4,
-                                                               mlp_only=mlp_only)).eval()
+    mix = Mixture.attach(tiny_family(family)[0], MixtureConfig(router="oracle", num_experts=2, num_tasks=2,
+                                                               experts={"lora": {"rank": 4, "mlp_only": mlp_only}})).eval()
     for p in mix.experts.parameters():
         torch.nn.init.normal_(p, std=0.05)
     mix.export_peft(1, str(tmp_path / "e1"))

@@ -74,9 +74,10 @@ def test_config_and_load_run(tmp_path):
     cfg = load_config(None, ["model.name=tiny", "train.method=base", "data.synthetic_per_task=4",
                              "data.max_length=48"])
     rundir.write_config(tmp_path / "base", cfg)
-    assert rundir.is_run_dir(tmp_path / "base") and rundir.read_config(tmp_path / "base") == cfg
+    recorded = rundir.recorded_config(cfg)   # every router's and expert kind's settings, defaults filled
+    assert rundir.is_run_dir(tmp_path / "base") and rundir.read_config(tmp_path / "base") == recorded
     run = rundir.load_run(tmp_path / "base")
-    assert run.mix is None and run.cfg == cfg and run.data.categories
+    assert run.mix is None and run.cfg == recorded and run.data.categories
     assert run.model.config.num_hidden_layers == 2  # 'tiny' resolved by models.load_base_model
 
     cfg.train.method = "lora_mixed"

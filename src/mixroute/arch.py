@@ -211,17 +211,17 @@ def resolve_targets(model: nn.Module, requested: Sequence[str] | str, mlp_only: 
     """
     names = [requested] if isinstance(requested, str) else list(requested)
     if not names or not all(isinstance(n, str) and n for n in names):
-        raise ConfigError(f"mixture.target_modules: {requested!r} must be a non-empty list of module names, "
-                          f"or [{ALL_LINEAR}] / [{PEFT_DEFAULT}]")
+        raise ConfigError(f"mixture.experts.lora.target_modules: {requested!r} must be a non-empty list of module "
+                          f"names, or [{ALL_LINEAR}] / [{PEFT_DEFAULT}]")
     keywords = [n for n in names if n in (ALL_LINEAR, PEFT_DEFAULT)]
     if keywords and len(names) > 1:
-        raise ConfigError(f"mixture.target_modules: {keywords[0]!r} stands alone; got {names}")
+        raise ConfigError(f"mixture.experts.lora.target_modules: {keywords[0]!r} stands alone; got {names}")
     per_layer = projections(model)
     if keywords == [PEFT_DEFAULT]:
         names = peft_default_targets(model)
         if names is None:
-            raise ArchitectureError(f"mixture.target_modules=[{PEFT_DEFAULT}]: PEFT has no default targets for "
-                                    f"{family(model)}; use [{ALL_LINEAR}] or name the projections: "
+            raise ArchitectureError(f"mixture.experts.lora.target_modules=[{PEFT_DEFAULT}]: PEFT has no default "
+                                    f"targets for {family(model)}; use [{ALL_LINEAR}] or name the projections: "
                                     f"{', '.join(t.name for t in per_layer[0])}")
     if keywords == [ALL_LINEAR]:
         chosen = _all_linear(model)
@@ -232,9 +232,10 @@ def resolve_targets(model: nn.Module, requested: Sequence[str] | str, mlp_only: 
             missing = [n for n in names if not any(_matches(t.path, n) for t in layer)]
             if missing and not allow_partial:
                 raise ArchitectureError(
-                    f"mixture.target_modules: {family(model)} has no {', '.join(missing)} in decoder layer {i}; "
+                    f"mixture.experts.lora.target_modules: {family(model)} has no {', '.join(missing)} in decoder "
+                    f"layer {i}; "
                     f"its projections there are {', '.join(t.name for t in layer)}. Name some of those, use "
-                    f"[{ALL_LINEAR}], or set mixture.allow_partial=true to attach to the "
+                    f"[{ALL_LINEAR}], or set mixture.experts.lora.allow_partial=true to attach to the "
                     f"{len(found[i])} that match")
     if mlp_only:
         layers = decoder_layers(model)
@@ -242,8 +243,8 @@ def resolve_targets(model: nn.Module, requested: Sequence[str] | str, mlp_only: 
     for i, ts in enumerate(found):
         if not ts:
             which = "MLP projections (mlp_only)" if mlp_only else "projections"
-            raise ArchitectureError(f"mixture.target_modules={names}: decoder layer {i} of {family(model)} gets "
-                                    f"no {which}; its projections are "
+            raise ArchitectureError(f"mixture.experts.lora.target_modules={names}: decoder layer {i} of "
+                                    f"{family(model)} gets no {which}; its projections are "
                                     f"{', '.join(t.name for t in per_layer[i])}")
     return found
 

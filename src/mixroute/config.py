@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -32,7 +32,6 @@ def f(default: Any, help: str, **checks: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
-ExpertKind = Literal["lora", "dora", "prompt"]
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -74,35 +73,25 @@ class DataConfig:
 
 @dataclass
 class MixtureConfig:
-    expert: ExpertKind = f("lora", "Expert kind: 'lora' (LoRA expert bank), 'dora' (DoRA experts: LoRA plus a "
-                                   "learned magnitude per output row, PEFT's use_dora; routed per sequence or per "
-                                   "token) or 'prompt' (soft-prompt experts, MoP).")
+    """What every mixture shares. Each router and each expert kind owns its other settings (its ``Config``
+    dataclass, registered with its class): they live in ``routers`` and ``experts``, one mapping per name, so a
+    config shared by several methods can hold the settings of every router they use."""
+    expert: str = f("lora", "Expert kind (registered in mixroute.experts.EXPERT_KINDS): 'lora' (LoRA expert bank), "
+                            "'dora' (DoRA experts: LoRA plus a learned magnitude per output row, PEFT's use_dora; "
+                            "routed per sequence or per token; its settings are lora's) or 'prompt' (soft-prompt "
+                            "experts, MoP). Its settings: experts.<kind>.")
     router: str = f("task", "Router (registered in mixroute.routers.ROUTERS): single (E=1 plain LoRA / prompt), "
                             "uniform, oracle (route by label), task (MoA), token_topk (MoE-LoRA), poly (Poly/MHR), "
                             "rank (SMoRA), gate (MoP's MLP gate), centroid and arrow (expert library: extend without "
                             "retraining). Prompt experts take the sequence-level ones: single, uniform, oracle, task, "
-                            "gate, centroid.")
+                            "gate, centroid. Its settings: routers.<name>.")
     num_experts: int = f(8, "Number of experts E (LoRA experts, Poly skills, or prompt groups).", ge=1)
-    # LoRA experts
-    rank: int = f(8, "LoRA rank r of each expert.", ge=1)
-    alpha: float = f(16.0, "LoRA alpha; the update is scaled by alpha / r.", gt=0.0)
-    dropout: float = f(0.0, "Dropout on the LoRA input.", ge=0.0, lt=1.0)
-    target_modules: Union[list, str] = f(
-        ["all-linear"], "Projections of each decoder layer that get LoRA experts, matched as PEFT does (a module "
-                        "name or its dotted suffix: q_proj, mlp.c_proj), or all-linear (every linear layer of the "
-                        "decoder layers, the default) or peft-default (PEFT's default targets for the "
-                        "architecture), alone or as a one-item list. `mixroute model info` lists a model's names; "
-                        "docs/models.md.")
-    mlp_only: bool = f(False, "Put experts on the MLP projections only (LLaVA-MoLE): the targets outside each "
-                              "layer's attention module.")
-    allow_partial: bool = f(False, "Attach to the target_modules a model has and skip the names it lacks (by "
-                                   "default a name that matches nothing in a layer is an error).")
-    # routers
-    top_k: int = f(1, "Experts kept per token (token_topk) or per sequence at inference (task; the MoP gate "
-                      "uses gate_top_k).", ge=1)
-    eta: float = f(0.1, "Weight of the routing cross-entropy against the category label (task, gate).", ge=0.0)
-    route_train: Literal["label", "router"] = f("router", "task router in training: route by the label (teacher "
-                                                         "forcing) or by the router's own top-1.")
+    num_tasks: int = f(8, "Number of tasks with their own allocation (poly) or labels (oracle/task/gate).", ge=1)
+    experts: dict = f({}, "Settings of each expert kind, by its settings name: {lora: {rank: 8, alpha: 16}, "
+                          "prompt: {num_virtual_tokens: 10}} (dora reads lora's). Unset keys take the kind's "
+                          "defaults; `mixroute config show` lists every key.")
+    routers: dict = f({}, "Settings of each router, by name: {task: {eta: 0.1}, gate: {gate_hidden: 256}}. Only "
+                          "the router the method uses reads its entry; `mixroute config show` lists every key.")
     router_scope: Literal["layer", "global"] = f("layer", "Sequence routers of LoRA experts: one per layer, reading "
                                                           "that layer's input (shared by its attention and MLP "
                                                           "LoRAs; the MoA paper's layout), or one global router "
@@ -112,26 +101,6 @@ class MixtureConfig:
                                           "computed from the frozen base (no experts) in a routing pre-pass that "
                                           "stops at that layer; 0 reads the embeddings (no pre-pass); null = the "
                                           "middle layer.", ge=0)
-    load_balance: float = f(0.01, "Weight of the Switch load-balancing loss (token_topk).", ge=0.0)
-    num_tasks: int = f(8, "Number of tasks with their own allocation (poly) or labels (oracle/task/gate).", ge=1)
-    n_splits: int = f(1, "Poly: number of heads splitting the input dimension; > 1 is MHR.", ge=1)
-    poly_mode: Literal["full", "z", "mu"] = f("full", "Poly: train skills + allocation (full), allocation only "
-                                                    "(MHR-z), or one averaged adapter (MHR-mu).")
-    rank_top_k: int = f(8, "SMoRA: ranks kept per token out of num_experts * rank.", ge=1)
-    bias_update_rate: float = f(1e-5, "SMoRA: step of the per-rank load-balancing bias.", ge=0.0)
-    # prompt experts (MoP)
-    num_virtual_tokens: int = f(10, "Prompt tokens per expert (L).", ge=1)
-    inject_layer: Optional[int] = f(None, "Layer m where prompts are injected (0 = input; null = middle layer).",
-                                    ge=0)
-    gate_layer: Optional[int] = f(None, "Layer g whose output the gate reads (null = one third of the depth).",
-                                  ge=0)
-    gate_hidden: int = f(256, "Hidden size of the gate MLP.", ge=1)
-    prompt_init: Literal["random", "text"] = f("random", "Init prompts from random vocabulary embeddings or from "
-                                                       "the embeddings of prompt_init_text.")
-    prompt_init_text: Optional[str] = f(None, "Text whose token embeddings initialise the prompts.")
-    # MoP gate
-    gate_top_k: Optional[int] = f(None, "MoP gate: keep the top-k experts per sequence and renormalise, in training "
-                                        "and inference (null = all E, a soft gate).", ge=1)
     gate_pretrain_steps: int = f(500, "Router pre-training (MoP's gate, MoA's task router): cap on optimizer steps "
                                     "of training the label-aligned router alone on category labels, over cached "
                                     "features of the whole train split (batches of 32, cycled by epoch) with the "
@@ -140,14 +109,73 @@ class MixtureConfig:
                                     "(0 = none; train.gate.pretrain_router).", ge=0)
     gate_pretrain_lr: float = f(1e-3, "Learning rate of router pre-training (gate_pretrain_steps).", gt=0.0)
     seed: int = f(0, "Seed of expert and router initialisation.")
-    # expert library routers (docs/library.md)
-    centroid_temperature: float = f(0.1, "centroid router: softmax temperature over the cosines between a prompt's "
-                                         "pooled hidden state and each expert's prototype.", gt=0.0)
-    arrow_top_k: int = f(3, "arrow router: experts kept per token (capped at num_experts).", ge=1)
-    arrow_temperature: float = f(1.0, "arrow router: softmax temperature over the kept experts' |cos| scores.",
-                                 gt=0.0)
     route_cost_weight: float = f(0.0, "Expert library: lambda of cost-aware routing, the choice is argmax over "
                                       "experts of predicted quality - lambda * cost (0 = ignore costs).", ge=0.0)
+
+
+# The flat mixture keys of mixroute before each router and expert kind owned its settings, and the sections
+# that declare them now. A frozen record of that old schema (archived run directories and users' files hold
+# these keys); a new router's settings never go here.
+MOVED: dict[str, tuple[str, ...]] = {
+    **{k: ("experts.lora",) for k in ("rank", "alpha", "dropout", "target_modules", "mlp_only", "allow_partial")},
+    **{k: ("experts.prompt",) for k in ("num_virtual_tokens", "inject_layer", "gate_layer", "prompt_init",
+                                        "prompt_init_text")},
+    "top_k": ("routers.task", "routers.token_topk", "routers.centroid"),
+    "eta": ("routers.task", "routers.gate"),
+    "route_train": ("routers.task",),
+    "load_balance": ("routers.token_topk",),
+    "n_splits": ("routers.poly",), "poly_mode": ("routers.poly",),
+    "rank_top_k": ("routers.rank",), "bias_update_rate": ("routers.rank",),
+    "gate_hidden": ("routers.gate",), "gate_top_k": ("routers.gate",),
+    "centroid_temperature": ("routers.centroid",),
+    "arrow_top_k": ("routers.arrow",), "arrow_temperature": ("routers.arrow",),
+}
+
+
+class MovedKeyWarning(FutureWarning):
+    """A flat mixture key of an older mixroute was read and moved into its router's or expert kind's settings."""
+
+
+def _move_flat_keys(data: dict, prefix: str) -> dict:
+    """``data`` (a mixture section) with its old flat keys moved into ``experts`` / ``routers``, with one warning
+    naming where each went; a key given both ways is an error."""
+    flat = {k: v for k, v in data.items() if k in MOVED}
+    if not flat:
+        return data
+    out = {k: v for k, v in data.items() if k not in MOVED}
+    for section in ("experts", "routers"):
+        if not isinstance(out.get(section) or {}, dict):
+            return out   # from_dict reports the bad section
+        out[section] = {n: dict(e) if isinstance(e, dict) else e for n, e in (out.get(section) or {}).items()}
+    moved = []
+    for k, v in flat.items():
+        for where in MOVED[k]:
+            section, name = where.split(".")
+            entry = out[section].setdefault(name, {})
+            if not isinstance(entry, dict):
+                break   # from_dict reports it
+            if k in entry:
+                raise ConfigError(f"{prefix}{k} and {prefix}{where}.{k} are both set; keep {prefix}{where}.{k}")
+            entry[k] = v
+        moved.append(f"{prefix}{k} -> " + " and ".join(f"{prefix}{w}.{k}" for w in MOVED[k]))
+    import warnings
+
+    warnings.warn("flat mixture keys are deprecated (each router and expert kind owns its settings; "
+                  "`mixroute config show` lists them); read as: " + "; ".join(moved), MovedKeyWarning, stacklevel=3)
+    return out
+
+
+def settings_of(cls: type, value: Any, where: str, owner: str) -> Any:
+    """``value`` (a mapping from YAML, or already a ``cls`` instance) as ``cls``: the typed settings a router or
+    expert kind declares, checked key by key; ``where`` is the config key it was read from."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if not isinstance(value, cls):
+            raise ConfigError(f"{where}: holds {type(value).__name__}; {owner} takes {cls.__name__}")
+        return value
+    try:
+        return from_dict(cls, value, f"{where}.")
+    except ConfigError as e:
+        raise ConfigError(f"{e} ({owner})") from None
 
 
 @dataclass
@@ -354,14 +382,17 @@ def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
         for k in retired:
             warnings.warn(f"config key {prefix}{k} is retired and ignored: {RETIRED[prefix + k]}", RetiredKeyWarning,
                           stacklevel=2)
+    if cls is MixtureConfig:
+        data = _move_flat_keys(data, prefix)
     fields = {fl.name: fl for fl in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)   # in the class's own module: routers and expert kinds declare settings too
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]}; valid keys in "
                           f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
-        tp = _resolve(fields[name].type)
+        tp = hints[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
         else:
@@ -420,8 +451,9 @@ def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, Any, st
     """(key, type, default, help) for every field, recursively: the source of `mixroute config show`."""
     rows = []
     inst = cls()
+    hints = typing.get_type_hints(cls)
     for fl in dataclasses.fields(cls):
-        tp = _resolve(fl.type)
+        tp = hints[fl.name]
         if dataclasses.is_dataclass(tp):
             rows += describe_fields(tp, f"{prefix}{fl.name}.")
         else:

@@ -25,6 +25,7 @@ expert (``smora``, ``poly``, ``mhr``) then fails with the valid routers named.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Optional
 
 from mixroute.config import ConfigError, MixtureConfig, RunConfig
@@ -39,7 +40,12 @@ def needs_stage1(cfg: RunConfig) -> bool:
 
 
 def mixture_config(cfg: RunConfig, num_categories: int) -> Optional[MixtureConfig]:
-    """The ``MixtureConfig`` that ``cfg.train.method`` trains (None for ``base``); raises ConfigError."""
+    """The ``MixtureConfig`` that ``cfg.train.method`` trains (None for ``base``), its router's and expert
+    kind's settings filled in; raises ConfigError."""
+    from mixroute.experts import update_expert_settings
+    from mixroute.mixture import settle
+    from mixroute.routers import router_settings, update_router_settings
+
     method = cfg.train.method
     m = copy.deepcopy(cfg.mixture)
     m.num_tasks = num_categories
@@ -49,7 +55,8 @@ def mixture_config(cfg: RunConfig, num_categories: int) -> Optional[MixtureConfi
     if method in PER_CATEGORY_METHODS:
         m.expert, m.num_experts = weights, num_categories
     if method == "prompt_tuning":
-        m.expert, m.router, m.num_experts, m.inject_layer, m.eta = "prompt", "single", 1, 0, 0.0
+        m.expert, m.router, m.num_experts = "prompt", "single", 1
+        update_expert_settings(m, inject_layer=0)
     elif method == "lora_mixed":
         m.expert, m.router, m.num_experts = weights, "single", 1
     elif method == "lora_single":
@@ -59,17 +66,41 @@ def mixture_config(cfg: RunConfig, num_categories: int) -> Optional[MixtureConfi
     elif method in ("moe_lora", "moe_lora_naive"):
         m.router = "token_topk"
     elif method == "poly":
-        m.expert, m.router, m.n_splits = weights, "poly", 1
+        m.expert, m.router = weights, "poly"
+        update_router_settings(m, n_splits=1)
     elif method == "mhr":
         m.expert, m.router = weights, "poly"
-        if m.n_splits < 2:
-            raise ConfigError("train.method 'mhr' needs mixture.n_splits > 1 (heads splitting the input "
-                              f"dimension); got {m.n_splits}. Use method 'poly' for n_splits = 1")
+        if (n := router_settings(m).n_splits) < 2:
+            raise ConfigError("train.method 'mhr' needs mixture.routers.poly.n_splits > 1 (heads splitting the "
+                              f"input dimension); got {n}. Use method 'poly' for n_splits = 1")
     elif method == "smora":
         m.expert, m.router = weights, "rank"
     elif method == "mop":
         m.expert, m.router = "prompt", "gate"
     check_mixture(m, num_categories, method)
+    return settle(m)
+
+
+def recorded_mixture(cfg: RunConfig, used_only: bool = False) -> MixtureConfig:
+    """``cfg.mixture`` as a run records it: the settings of every registered router and expert kind, typed,
+    defaults filled (so a later change of a default cannot alter what an old run says it ran). ``used_only``:
+    only the settings of the router and expert kind the method trains, what decides whether two runs are the
+    same (an old flat key such as top_k was recorded for every router that reads it)."""
+    from mixroute.experts import EXPERT_KINDS, expert_kind
+    from mixroute.mixture import settle
+    from mixroute.routers import ROUTERS
+
+    m = settle(cfg.mixture)
+    m.routers = {name: cls.settings(m) for name, cls in ROUTERS.items()}
+    m.experts = {kind.settings_name: kind.settings(m) for kind in EXPERT_KINDS.values()}
+    if used_only:
+        used = mixture_config(cfg, cfg.mixture.num_tasks) if cfg.train.method not in ("base", "mixture") else m
+        m.routers = {} if used is None else {used.router: m.routers[used.router]}
+        m.experts = {} if used is None else {expert_kind(used.expert).settings_name:
+                                             m.experts[expert_kind(used.expert).settings_name]}
+    # plain mappings, as a config.yaml reads back: a recorded config equals the one read from its run
+    m.routers = {name: dataclasses.asdict(s) for name, s in m.routers.items()}
+    m.experts = {name: dataclasses.asdict(s) for name, s in m.experts.items()}
     return m
 
 
@@ -86,10 +117,12 @@ def check_mixture(m: MixtureConfig, num_categories: int, method: str) -> None:
 
 def stage1_config(cfg: RunConfig) -> MixtureConfig:
     """Stage 1 of MoA / lora_single / moe_lora: one LoRA (or DoRA) expert (E=1) with the run's LoRA shape."""
+    from mixroute.mixture import settle
+
     m = copy.deepcopy(cfg.mixture)
     m.expert = "dora" if m.expert == "dora" else "lora"
     m.router, m.num_experts = "single", 1
-    return m
+    return settle(m)
 
 
 def is_label_aligned(m: Optional[MixtureConfig]) -> bool:

@@ -39,8 +39,9 @@ from torch import Tensor, nn
 from mixroute.arch import (Reached, decoder_layers, in_out_features, layer_input, layers_path, lm_head_logits,
                            resolve_targets)
 from mixroute.config import ConfigError, MixtureConfig
-from mixroute.experts import BANKS, patch_linear, unpatch_linear
-from mixroute.routers import RouterDims, RouteWeights, build_router, router_class
+from mixroute.experts import (BANKS, EXPERT_KINDS, expert_kind, expert_settings, patch_linear, unpatch_linear,
+                              update_expert_settings)
+from mixroute.routers import ROUTERS, RouterDims, RouteWeights, build_router, router_class
 from mixroute.routers.base import KEPT_LEVELS, one_hot_route
 
 
@@ -172,7 +173,7 @@ class Mixture(nn.Module):
     @classmethod
     def attach(cls, model: nn.Module, cfg: MixtureConfig | None = None) -> "Mixture":
         """Freeze ``model`` and attach the experts and routers described by ``cfg``."""
-        cfg = cfg or MixtureConfig()
+        cfg = settle(cfg or MixtureConfig())
         validate_mixture(cfg)
         mix = cls(model, cfg)
         model.requires_grad_(False)
@@ -216,28 +217,25 @@ class Mixture(nn.Module):
 
     def _install_lora(self, cfg: MixtureConfig, num_experts: int) -> None:
         # every target is resolved and checked before anything is patched: a bad config leaves the model as it was
-        found = resolve_targets(self.model, cfg.target_modules, mlp_only=cfg.mlp_only,
-                                allow_partial=cfg.allow_partial)
-        task_level = router_class(cfg.router).level == "task"
+        lora = expert_settings(cfg)
+        found = resolve_targets(self.model, lora.target_modules, mlp_only=lora.mlp_only,
+                                allow_partial=lora.allow_partial)
         for t in (t for layer in found for t in layer):
-            fan_in, fan_out = in_out_features(t.module)
-            if task_level and (fan_in % cfg.n_splits or fan_out % cfg.n_splits):
-                raise ValueError(f"n_splits={cfg.n_splits} must divide {t.path}'s in/out features "
-                                 f"({fan_in}, {fan_out})")
+            router_class(cfg.router).check_target(cfg, t.path, *in_out_features(t.module))
         hidden = self.model.config.hidden_size
         if cfg.router_scope == "global":
             # routers that read no hidden state (single, uniform, oracle, poly) decide at the first layer
             reads = hasattr(router_class(cfg.router), "features")
             layer = global_router_layer(cfg, len(found)) if reads else 0
-            self._add_router("global", layer, RouterDims(hidden, num_experts, cfg.rank, len(found[0])),
+            self._add_router("global", layer, RouterDims(hidden, num_experts, lora.rank, len(found[0])),
                              prepass=layer > 0)
         for i, targets in enumerate(found):
             key = "global" if cfg.router_scope == "global" else f"layer_{i}"
             if key not in self.routers:
-                self._add_router(key, i, RouterDims(hidden, num_experts, cfg.rank, len(targets)))
+                self._add_router(key, i, RouterDims(hidden, num_experts, lora.rank, len(targets)))
             for slot, t in enumerate(targets):
                 ekey = f"layers_{i}_{t.name.replace('.', '_')}"
-                bank = BANKS[cfg.expert].for_module(t.module, num_experts, cfg.rank, cfg.alpha, cfg.dropout)
+                bank = BANKS[cfg.expert].for_module(t.module, num_experts, lora.rank, lora.alpha, lora.dropout)
                 self.experts[ekey] = bank
                 self.module_names[ekey] = t.path
                 self.module_slots[ekey] = slot
@@ -573,7 +571,7 @@ class Mixture(nn.Module):
         cfg = copy.deepcopy(cfg or MixtureConfig())
         experts, peft_cfg = read_peft_adapters(adapter_dirs)
         cfg.expert = "dora" if peft_cfg["use_dora"] else "lora"
-        cfg.num_experts, cfg.rank = len(adapter_dirs), peft_cfg["r"]
+        cfg.num_experts = len(adapter_dirs)
         # the targets are the modules the adapters hold weights for, named relative to their decoder layer
         # ("self_attn.q_proj"): exactly PEFT's set, whatever form (names, regex, all-linear) its config used
         prefix = layers_path(model) + "."
@@ -582,8 +580,8 @@ class Mixture(nn.Module):
         if outside:
             raise ValueError(f"{adapter_dirs[0]} has LoRA weights outside the decoder layers ({prefix}*): "
                              f"{', '.join(outside[:3])}; mixroute's experts live in the decoder layers only")
-        cfg.target_modules = sorted({n[len(prefix):].split(".", 1)[1] for n in names})
-        cfg.alpha, cfg.mlp_only = float(peft_cfg["lora_alpha"]), False
+        update_expert_settings(cfg, rank=peft_cfg["r"], alpha=float(peft_cfg["lora_alpha"]), mlp_only=False,
+                               target_modules=sorted({n[len(prefix):].split(".", 1)[1] for n in names}))
         if (n := router_class(cfg.router).experts_for(cfg)) != len(adapter_dirs):
             raise ValueError(f"router {cfg.router!r} holds {n} expert(s) but {len(adapter_dirs)} adapters were "
                              "given; pass one adapter or choose another router")
@@ -622,8 +620,8 @@ class Mixture(nn.Module):
         # PEFT's own shortest target names that select these modules and no other (GPT-2 has attn.c_proj and
         # mlp.c_proj: with mlp_only the target must be "mlp.c_proj")
         targets = sorted(_find_minimal_target_modules(list(weights), [n for n in modules if n and n not in weights]))
-        write_peft_adapter(weights, self.cfg, getattr(self.model.config, "name_or_path", None), out_dir,
-                           targets=targets, fan_in_fan_out=isinstance(modules[next(iter(weights))], Conv1D))
+        write_peft_adapter(weights, expert_settings(self.cfg), getattr(self.model.config, "name_or_path", None),
+                           out_dir, targets=targets, fan_in_fan_out=isinstance(modules[next(iter(weights))], Conv1D))
 
 
 def global_router_layer(cfg: MixtureConfig, num_layers: int) -> int:
@@ -638,26 +636,38 @@ def global_router_layer(cfg: MixtureConfig, num_layers: int) -> int:
 PROMPT_ROUTER_KEY = "gate"  # the one router of a prompt bank (the saved tensors' prefix: routers.gate.*)
 
 
+def settle(cfg: MixtureConfig) -> MixtureConfig:
+    """A copy of ``cfg`` whose ``routers`` and ``experts`` entries are typed settings, the chosen router's and
+    expert kind's filled with defaults (what a run records); an entry no router or kind declares is an error."""
+    cfg = copy.copy(cfg)
+    routers, experts = dict(cfg.routers or {}), dict(cfg.experts or {})
+    names = {k.settings_name: k for k in EXPERT_KINDS.values()}
+    for section, entries, known in (("routers", routers, ROUTERS), ("experts", experts, names)):
+        bad = [n for n in entries if n not in known]
+        if bad:
+            raise ConfigError(f"mixture.{section}.{bad[0]}: no {section[:-1]} declares settings of that name; "
+                              f"valid: {', '.join(sorted(known))}")
+    cfg.routers, cfg.experts = routers, experts
+    for name in routers:
+        routers[name] = ROUTERS[name].settings(cfg)
+    for name in experts:
+        experts[name] = names[name].settings(cfg)
+    routers[cfg.router] = router_class(cfg.router).settings(cfg)
+    kind = expert_kind(cfg.expert)
+    experts[kind.settings_name] = kind.settings(cfg)
+    return cfg
+
+
 def validate_mixture(cfg: MixtureConfig) -> None:
-    """Config errors of a mixture, before anything is built: the router's own checks and whether the expert
-    bank can be driven by a router of that level."""
-    cls = router_class(cfg.router)
-    cls.validate(cfg)
-    if cfg.expert == "prompt":
-        from mixroute.experts.prompt import PromptBank
-
-        if cls.level not in PromptBank.levels:
-            from mixroute.routers import ROUTERS
-
-            ok = [n for n, c in ROUTERS.items() if c.level in PromptBank.levels]
-            raise ConfigError(f"mixture.router={cfg.router!r} cannot route prompt experts (it routes per "
-                              f"{cls.level}); valid with expert='prompt': {', '.join(ok)}")
-    elif cls.level not in BANKS[cfg.expert].levels:
-        from mixroute.routers import ROUTERS
-
-        ok = [n for n, c in ROUTERS.items() if c.level in BANKS[cfg.expert].levels]
+    """Config errors of a mixture, before anything is built: the settings of every router and expert kind it
+    names, the router's own checks and whether the expert kind can be driven by a router of that level."""
+    cfg = settle(cfg)
+    cls, kind = router_class(cfg.router), expert_kind(cfg.expert)
+    if cls.level not in kind.levels:
+        ok = [n for n, c in ROUTERS.items() if c.level in kind.levels]
         raise ConfigError(f"mixture.router={cfg.router!r} cannot route {cfg.expert} experts (it routes per "
                           f"{cls.level}); valid with expert={cfg.expert!r}: {', '.join(ok)}")
+    cls.validate(cfg, getattr(kind.settings(cfg), "rank", 1))
 
 
 class _Forced(NamedTuple):

@@ -11,6 +11,7 @@ data and mixture are imported by ``load_run`` only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -72,8 +73,16 @@ def read_config(run_dir: str | Path) -> RunConfig:
     return load_config(Path(run_dir) / CONFIG)
 
 
+def recorded_config(cfg: RunConfig, used_only: bool = False) -> RunConfig:
+    """``cfg`` as a run directory records it (``methods.recorded_mixture``; ``used_only``: as two runs are
+    compared)."""
+    from mixroute.methods import recorded_mixture
+
+    return dataclasses.replace(cfg, mixture=recorded_mixture(cfg, used_only))
+
+
 def write_config(run_dir: str | Path, cfg: RunConfig) -> None:
-    save_config(cfg, Path(run_dir) / CONFIG)
+    save_config(recorded_config(cfg), Path(run_dir) / CONFIG)
 
 
 # ------------------------------------------------------------------ JSON files

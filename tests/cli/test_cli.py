@@ -104,6 +104,6 @@ def test_config_show_validates(tmp_path):
     assert ok.exit_code == 0, ok.output
     assert "'rank'" in ok.output
     bad = runner.invoke(app, ["config", "show", str(p), "mixture.expert=loras"])
-    assert bad.exit_code == 2 and "mixture.expert" in bad.output and "'lora'" in bad.output
+    assert bad.exit_code == 2 and "mixture.expert: 'loras' is not valid" in bad.output and "lora, dora" in bad.output
     bad = runner.invoke(app, ["config", "show", str(p), "mixture.router=ranks"])
     assert bad.exit_code == 2 and "mixture.router: 'ranks' is not valid" in bad.output and "rank" in bad.output

@@ -12,7 +12,8 @@ from mixroute.models import tiny_model
 
 
 def test_adapters_import_export(tmp_path):
-    mix = Mixture.attach(tiny_model()[0], MixtureConfig(router="oracle", num_experts=2, num_tasks=2, rank=2))
+    mix = Mixture.attach(tiny_model()[0], MixtureConfig(router="oracle", num_experts=2, num_tasks=2,
+                                                        experts={"lora": {"rank": 2}}))
     with torch.no_grad():
         for p in mix.experts.parameters():
             p.normal_(std=0.05)

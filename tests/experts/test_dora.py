@@ -99,7 +99,8 @@ def test_soft_routing_is_the_weighted_sum_of_the_experts_dora_outputs():
 def test_a_fresh_dora_mixture_is_the_base_and_its_magnitudes_train():
     ids, am = batch()
     mix = Mixture.attach(tiny_model()[0], MixtureConfig(expert="dora", router="task", num_experts=2, num_tasks=2,
-                                                        rank=4, route_train="label"))
+                                                        experts={"lora": {"rank": 4}},
+                                                        routers={"task": {"route_train": "label"}}))
     with torch.no_grad():
         base = tiny_model()[0](input_ids=ids, attention_mask=am).logits
         torch.testing.assert_close(mix(ids, attention_mask=am, task_ids=torch.zeros(4, dtype=torch.long)).logits,
@@ -122,7 +123,7 @@ def test_magnitudes_are_per_expert_slices_in_federated_aggregation():
     from mixroute.federated.payload import expert_axis
 
     mix = Mixture.attach(tiny_model()[0], MixtureConfig(expert="dora", router="task", num_experts=3, num_tasks=3,
-                                                        rank=4))
+                                                        experts={"lora": {"rank": 4}}))
     state = mix.adapter_state_dict()
     mags = [k for k in state if k.endswith(".m")]
     assert mags and all(state[k].shape[0] == 3 for k in mags)
@@ -137,7 +138,8 @@ def test_a_federated_client_round_trains_dora_magnitudes_and_sends_them():
     cfg = load_config(None, ["model.name=tiny", "data.path=null", "data.synthetic_per_task=8", "data.max_length=48",
                              "data.template=plain", "train.method=mixture", "mixture.expert=dora",
                              "mixture.router=task", "mixture.num_experts=8", "mixture.num_tasks=8",
-                             "mixture.route_train=label", "mixture.rank=4", "train.lr=0.01", "train.batch_size=4",
+                             "mixture.routers.task.route_train=label", "mixture.experts.lora.rank=4",
+                             "train.lr=0.01", "train.batch_size=4",
                              "federated.clients=2", "federated.local_steps=2", "federated.partition=iid",
                              "federated.partition_total=null", "output_dir=unused"])
     local = setup(cfg)
@@ -168,7 +170,7 @@ def test_under_bf16_autocast_a_dora_mixture_stays_close_to_float32():
 
     ids, am = batch()
     mix = Mixture.attach(tiny_model()[0], MixtureConfig(expert="dora", router="task", num_experts=2, num_tasks=2,
-                                                        rank=4)).eval()
+                                                        experts={"lora": {"rank": 4}})).eval()
     with torch.no_grad():
         for name, p in mix.experts.named_parameters():
             p.add_(torch.randn_like(p) * (0.05 if not name.endswith(".m") else 0.2))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from mixroute.config import MixtureConfig
+from mixroute.experts.prompt import PromptExpertConfig
+from mixroute.routers.gate import GateConfig
 from mixroute.mixture import Mixture
 from mixroute.train.gate import pretrain_router, router_inputs
 
@@ -15,7 +18,12 @@ L = 4
 
 
 def mop(model, **kw) -> Mixture:
-    cfg = dict(expert="prompt", router="gate", num_experts=3, num_virtual_tokens=L, gate_hidden=16, num_tasks=3)
+    """A MoP mixture; ``kw`` mixes shared fields with the prompt experts' and the gate's settings, each sent to
+    its owner."""
+    own = lambda cls: {k: kw.pop(k) for k in [fl.name for fl in dataclasses.fields(cls)] if k in kw}  # noqa: E731
+    prompt, gate = {"num_virtual_tokens": L, **own(PromptExpertConfig)}, {"gate_hidden": 16, **own(GateConfig)}
+    cfg = dict(expert="prompt", router="gate", num_experts=3, num_tasks=3, experts={"prompt": prompt},
+               routers={"gate": gate})
     cfg.update(kw)
     return Mixture.attach(model, MixtureConfig(**cfg))
 
@@ -282,7 +290,8 @@ def test_default_layers_for_smollm_depth():
     from mixroute.experts.prompt import resolve_layers
 
     assert resolve_layers(MixtureConfig(expert="prompt", router="gate"), 30) == (15, 10)
-    assert resolve_layers(MixtureConfig(expert="prompt", router="gate", inject_layer=4), 30) == (4, 4)
+    assert resolve_layers(MixtureConfig(expert="prompt", router="gate",
+                                        experts={"prompt": {"inject_layer": 4}}), 30) == (4, 4)
     assert resolve_layers(MixtureConfig(expert="prompt", router="gate"), 2) == (1, 0)
 
 

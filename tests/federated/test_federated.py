@@ -9,13 +9,15 @@ import torch
 
 from mixroute import rundir
 from mixroute.config import load_config
+from mixroute.experts import expert_rank
 
 pytestmark = pytest.mark.slow   # minutes of real servers / training: not in make test-fast
 
 OVERRIDES = ["model.name=tiny", "data.path=null", "data.synthetic_per_task=24", "data.max_length=64",
              "data.categories=[acronym,arithmetic,date_reformat,word_count]",
              "data.template=plain", "train.method=mop", "train.lr=0.01", "train.batch_size=4", "train.warmup_steps=0",
-             "mixture.num_experts=4", "mixture.num_virtual_tokens=4", "eval.max_eval=2", "eval.batch_size=8",
+             "mixture.num_experts=4", "mixture.experts.prompt.num_virtual_tokens=4", "eval.max_eval=2",
+             "eval.batch_size=8",
              "federated.clients=2", "federated.rounds=4", "federated.local_steps=1", "federated.aggregation=usage",
              "federated.personalize_router=true", "federated.partition=mop_skew", "federated.partition_total=null",
              "federated.round_timeout=120"]
@@ -233,8 +235,8 @@ def test_fedprox_adds_the_proximal_term_and_usage_is_a_distribution():
     anchor = {n: p.detach().clone() + 0.1 for n, p in named}  # every weight 0.1 away from the anchor
     numel = sum(p.numel() for _, p in named)
     batch = to_device(local.client_data(0).train_batch(0, 4, 0), "cpu")
-    plain = _Local(mix, None, 0.0, len(local.data.categories), 4, int(mix.cfg.rank))
-    prox = _Local(mix, anchor, 2.0, len(local.data.categories), 4, int(mix.cfg.rank))
+    plain = _Local(mix, None, 0.0, len(local.data.categories), 4, expert_rank(mix.cfg))
+    prox = _Local(mix, anchor, 2.0, len(local.data.categories), 4, expert_rank(mix.cfg))
     with torch.no_grad():
         a, b = plain(**batch, logits_for="labels").loss, prox(**batch, logits_for="labels").loss
     assert float(b - a) == pytest.approx(0.5 * 2.0 * numel * 0.01, rel=1e-4)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from mixroute import rundir
 from mixroute.config import MixtureConfig, load_config
+from mixroute.experts import expert_rank
 from mixroute.federated.aggregate import per_category_average
 from mixroute.federated.payload import expand_experts, expert_axis, trim_experts
 from mixroute.mixture import Mixture
@@ -52,7 +53,8 @@ def test_trimmed_payload_round_trips_and_the_stage1_average_weights_by_category_
 
 @torch.no_grad()
 def test_routing_by_label_is_forcing_each_sequence_to_its_labels_expert_without_running_the_router():
-    mix = Mixture.attach(tiny_model()[0], MixtureConfig(router="task", num_experts=3, num_tasks=3, rank=4))
+    mix = Mixture.attach(tiny_model()[0], MixtureConfig(router="task", num_experts=3, num_tasks=3,
+                                                        experts={"lora": {"rank": 4}}))
     for p in mix.experts.parameters():
         torch.nn.init.normal_(p, std=0.05)
     ids = torch.randint(10, 3000, (3, 7), generator=torch.Generator().manual_seed(0))
@@ -82,7 +84,7 @@ def test_a_client_trains_and_sends_only_the_experts_of_the_categories_it_holds(t
     sent, metrics = stage1_round(local, 0, start, 1)
     assert metrics["experts"] == [0, 2] and sum(metrics["expert-examples"]) == len(mine)
     assert not any(k.startswith("routers.") for k in sent)
-    r = local.mix.cfg.rank
+    r = expert_rank(local.mix.cfg)
     for key, t in sent.items():
         ax = local.axis(key, tuple(start[key].shape))
         assert t.shape[ax[0]] == 2 * r, key

@@ -73,7 +73,7 @@ def test_sparsity_survives_training(pruned):
 
     model = copy.deepcopy(pruned[0])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    mix = Mixture.attach(model, MixtureConfig(router="task", num_experts=2, num_tasks=2, rank=4))
+    mix = Mixture.attach(model, MixtureConfig(router="task", num_experts=2, num_tasks=2, experts={"lora": {"rank": 4}}))
     params = mix.adapter_parameters()
     adapters_before = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)

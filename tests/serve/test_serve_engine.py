@@ -95,7 +95,7 @@ def test_a_failing_batch_reports_the_error_and_the_worker_lives(served, engine):
 
 def test_force_with_nan_rows_leaves_those_rows_to_the_router(fresh_tiny):
     model, tok = fresh_tiny
-    cfg = MixtureConfig(expert="lora", router="gate", num_experts=4, num_tasks=4, rank=2)
+    cfg = MixtureConfig(expert="lora", router="gate", num_experts=4, num_tasks=4, experts={"lora": {"rank": 2}})
     mix = Mixture.attach(model, cfg).eval()
     ids = torch.randint(5, 500, (3, 7))
     with torch.no_grad():
@@ -134,8 +134,9 @@ def test_token_level_router_reports_the_mean_gate_and_batches_exactly(fresh_tiny
     """MoE-LoRA (top-k per token): routing reports the mean gate per expert over the prompt's tokens, and
     greedy output alone equals output in a batch (tokens route again at every step)."""
     model, tok = fresh_tiny
-    mix = Mixture.attach(model, MixtureConfig(expert="lora", router="token_topk", num_experts=4, top_k=2,
-                                              rank=2)).eval()
+    mix = Mixture.attach(model, MixtureConfig(expert="lora", router="token_topk", num_experts=4,
+                                              experts={"lora": {"rank": 2}},
+                                              routers={"token_topk": {"top_k": 2}})).eval()
     names = [f"expert-{i}" for i in range(4)]
     eng = Engine(model, mix, tok, names, max_batch=8, max_wait_ms=200).start()
     try:

@@ -35,9 +35,9 @@ def random_experts(mix: Mixture) -> Mixture:
 def test_a_mixture_written_as_one_stacked_adapter_gives_peft_the_mixtures_logits(tmp_path, weights):
     from peft import PeftModel
 
-    mix = random_experts(Mixture.attach(tiny_model()[0], MixtureConfig(router="task", num_experts=4, num_tasks=4,
-                                                                      rank=4, alpha=8.0, router_scope="global",
-                                                                      target_modules=TARGETS)))
+    cfg = MixtureConfig(router="task", num_experts=4, num_tasks=4, router_scope="global",
+                        experts={"lora": {"rank": 4, "alpha": 8.0, "target_modules": TARGETS}})
+    mix = random_experts(Mixture.attach(tiny_model()[0], cfg))
     rank = write_mixture_adapter(mix, weights, tmp_path / "mix")
     assert rank == 4 * sum(w > 0 for w in weights)
     ids, am = batch()
@@ -51,8 +51,8 @@ def test_a_mixture_written_as_one_stacked_adapter_gives_peft_the_mixtures_logits
 
 @torch.no_grad()
 def test_the_routing_prepass_decides_what_the_full_forward_decides():
-    cfg = MixtureConfig(router="task", num_experts=4, num_tasks=4, rank=4, router_scope="global",
-                        target_modules=TARGETS)
+    cfg = MixtureConfig(router="task", num_experts=4, num_tasks=4, router_scope="global",
+                        experts={"lora": {"rank": 4, "target_modules": TARGETS}})
     mix = random_experts(Mixture.attach(tiny_model()[0], cfg))
     for p in mix.routers.parameters():
         torch.nn.init.normal_(p, std=0.5)
@@ -74,15 +74,17 @@ def test_the_routing_prepass_decides_what_the_full_forward_decides():
     (dict(router="task", expert="dora", num_experts=3, num_tasks=3, router_scope="global"), "DoRA"),
 ])
 def test_what_vllm_cannot_serve_is_refused_with_the_reason(cfg, why):
-    mix = Mixture.attach(tiny_model()[0], MixtureConfig(rank=4, target_modules=TARGETS, **cfg))
+    mix = Mixture.attach(tiny_model()[0], MixtureConfig(**cfg,
+                                                        experts={"lora": {"rank": 4, "target_modules": TARGETS}}))
     assert why in (unsupported(mix) or "")
     with pytest.raises(ValueError, match="--engine local"):
         check_servable(mix)
 
 
 def test_servable_mixtures_pass_and_ranks_round_up_to_what_vllm_accepts():
-    mix = Mixture.attach(tiny_model()[0], MixtureConfig(router="task", num_experts=3, num_tasks=3, rank=4,
-                                                        router_scope="global", target_modules=TARGETS))
+    mix = Mixture.attach(tiny_model()[0], MixtureConfig(router="task", num_experts=3, num_tasks=3,
+                                                        router_scope="global",
+                                                        experts={"lora": {"rank": 4, "target_modules": TARGETS}}))
     assert unsupported(mix) is None and unsupported(None) is None
     assert [lora_rank_for(n) for n in (1, 4, 8, 9, 24, 33, 300, 600)] == [1, 8, 8, 16, 32, 64, 320, 512]
 

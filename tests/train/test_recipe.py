@@ -46,8 +46,8 @@ def test_first_routing_cross_entropy_on_smollm2_is_a_uniform_guess(smollm):
     model, tok = smollm
     recs = synthetic_suite(per_task=4, seed=0)
     cats = sorted({r.category for r in recs})
-    mix = Mixture.attach(copy.deepcopy(model), MixtureConfig(router="task", num_experts=len(cats),
-                                                             num_tasks=len(cats), rank=2))
+    mix = Mixture.attach(copy.deepcopy(model), MixtureConfig(router="task", num_experts=len(cats), num_tasks=len(cats),
+                                                             experts={"lora": {"rank": 2}}))
     enc = tok([r.instruction for r in recs], return_tensors="pt", padding=True)
     labels = torch.tensor([cats.index(r.category) for r in recs])
     with torch.no_grad():
@@ -61,8 +61,8 @@ def test_global_router_decides_once_from_the_frozen_base(fresh_tiny):
     """router_scope='global' with router_layer=1: the decision is the router applied to the base's hidden states
     entering layer 1 with no expert applied, it is used at every layer, and generation keeps it."""
     model, tok = fresh_tiny
-    mix = Mixture.attach(model, MixtureConfig(router="task", num_experts=3, num_tasks=3, rank=2,
-                                              router_scope="global", router_layer=1))
+    mix = Mixture.attach(model, MixtureConfig(router="task", num_experts=3, num_tasks=3, router_scope="global",
+                                              router_layer=1, experts={"lora": {"rank": 2}}))
     with torch.no_grad():
         for p in mix.experts.parameters():
             p.normal_(0, 0.5)                  # experts that change what layer 1 sees, if they ran below it
@@ -100,7 +100,7 @@ def test_router_layer_out_of_range_is_a_config_error(fresh_tiny):
 def test_applied_experts_are_what_each_layer_ran(fresh_tiny):
     """Per-layer routers that disagree: applied_experts gives each layer's decision as its LoRA bank read it."""
     model, _ = fresh_tiny
-    mix = Mixture.attach(model, MixtureConfig(router="task", num_experts=3, num_tasks=3, rank=2))
+    mix = Mixture.attach(model, MixtureConfig(router="task", num_experts=3, num_tasks=3, experts={"lora": {"rank": 2}}))
     with torch.no_grad():
         for r in mix.routers.values():
             r.proj.weight.normal_(0, 1.0)

@@ -27,7 +27,8 @@ def mop_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "mop"
     cfg = load_config(ROOT / "configs" / "mop.yaml", [
         "model.name=tiny", "data.synthetic_per_task=6", "data.max_length=48", "train.max_steps=2",
-        "mixture.gate_pretrain_steps=30", "mixture.gate_pretrain_lr=0.01", "mixture.num_virtual_tokens=2",
+        "mixture.gate_pretrain_steps=30", "mixture.gate_pretrain_lr=0.01",
+        "mixture.experts.prompt.num_virtual_tokens=2",
         "train.eval_every=0", "train.save_every=0", "eval.max_eval=3", "eval.max_generate=2",
         "eval.max_new_tokens=3", f"output_dir={out}"])
     return train(cfg, progress=False)

@@ -143,13 +143,14 @@ def test_lm_head_on_labels_only_equals_full_loss(fresh_tiny):
 def test_bad_configs_fail_clearly(tmp_path):
     with pytest.raises(ConfigError, match="train.method"):
         load_config(None, ["train.method=magic"])
-    with pytest.raises(ConfigError, match="mixture.eta"):
-        load_config(None, ["mixture.eta=-0.5"])
+    with pytest.raises(ConfigError, match=r"mixture.routers.task.eta: -0.5 is out of range"):
+        train(tiny_cfg("moa", tmp_path / "e", "mixture.routers.task.eta=-0.5"), progress=False)
+    assert not (tmp_path / "e").exists()   # refused before the run directory is written
     with pytest.raises(ConfigError, match="num_experts"):
         train(tiny_cfg("lora_mixed", tmp_path / "o", "train.method=mixture", "mixture.router=oracle",
                        "mixture.num_experts=2"), progress=False)
     with pytest.raises(ConfigError, match="n_splits"):
-        train(tiny_cfg("mhr", tmp_path / "m", "mixture.n_splits=1"), progress=False)
+        train(tiny_cfg("mhr", tmp_path / "m", "mixture.routers.poly.n_splits=1"), progress=False)
     with pytest.raises(ConfigError, match="stage1_adapters"):
         train(tiny_cfg("moa", tmp_path / "a", "train.stage1_adapters=[nowhere]"), progress=False)
     run = train(tiny_cfg("base", tmp_path / "b"), progress=False)

@@ -38,6 +38,7 @@ def import_cmd(
     --router oracle to route by task id right away.
     """
     from mixroute.config import MixtureConfig, from_dict
+    from mixroute.experts import expert_settings
     from mixroute.mixture import Mixture
     from mixroute.models import load_base_model
 
@@ -45,8 +46,9 @@ def import_cmd(
     mix = Mixture.from_peft(load_base_model(model)[0], adapter_dirs, cfg)
     mix.save(out)
     parts = mix.num_parameters_by_part()
-    console.print(f"wrote {out}: {len(adapter_dirs)} experts (rank {mix.cfg.rank}, "
-                  f"{', '.join(mix.cfg.target_modules)}), router {router}; "
+    lora = expert_settings(mix.cfg)
+    console.print(f"wrote {out}: {len(adapter_dirs)} experts (rank {lora.rank}, "
+                  f"{', '.join(lora.target_modules)}), router {router}; "
                   f"{parts['experts']:,} expert + {parts['routers']:,} router parameters")
 
 

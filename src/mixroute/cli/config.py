@@ -20,15 +20,27 @@ def show_cmd(
     from rich.table import Table
 
     from mixroute.config import RunConfig, describe_fields, load_config, to_dict
-    from mixroute.routers import router_class
+    from mixroute.experts import EXPERT_KINDS
+    from mixroute.mixture import settle
+    from mixroute.routers import ROUTERS
 
     cfg = load_config(path, overrides or [])
-    router_class(cfg.mixture.router)  # router names live in the registry, not in the config's types
+    mixture = settle(cfg.mixture)  # router and expert names, and their settings, live in their registries
     resolved = to_dict(cfg)
+    # each router's and expert kind's own settings, one row per key (the method may pick another router than
+    # mixture.router: every registered one is listed)
+    owners = {"mixture.routers": ROUTERS,
+              "mixture.experts": {k.settings_name: k for k in EXPERT_KINDS.values()}}
     table = Table(title=f"config {path or '(defaults)'}")
     for col in ("key", "type", "value", "help"):
         table.add_column(col, overflow="fold")
     for key, tp, _default, help_text in describe_fields(RunConfig):
+        if key in owners:
+            for name, owner in owners[key].items():
+                settings = owner.settings(mixture)
+                for sub, stp, _d, sub_help in describe_fields(owner.Config, f"{key}.{name}."):
+                    table.add_row(sub, stp, repr(getattr(settings, sub.rsplit(".", 1)[1])), sub_help)
+            continue
         node = resolved
         for part in key.split("."):
             node = node[part]

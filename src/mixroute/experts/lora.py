@@ -20,19 +20,43 @@ from __future__ import annotations
 
 import math
 import types
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mixroute.config import f
+from mixroute.experts.base import ExpertKind
 from mixroute.routers.base import RouteWeights
 
 
-class LoraBank(nn.Module):
+@dataclass
+class LoraExpertConfig:
+    """The settings of LoRA (and DoRA) experts: ``mixture.experts.lora``."""
+
+    rank: int = f(8, "LoRA rank r of each expert.", ge=1)
+    alpha: float = f(16.0, "LoRA alpha; the update is scaled by alpha / r.", gt=0.0)
+    dropout: float = f(0.0, "Dropout on the LoRA input.", ge=0.0, lt=1.0)
+    target_modules: Union[list, str] = f(
+        ["all-linear"], "Projections of each decoder layer that get LoRA experts, matched as PEFT does (a module "
+                        "name or its dotted suffix: q_proj, mlp.c_proj), or all-linear (every linear layer of the "
+                        "decoder layers, the default) or peft-default (PEFT's default targets for the "
+                        "architecture), alone or as a one-item list. `mixroute model info` lists a model's names; "
+                        "docs/models.md.")
+    mlp_only: bool = f(False, "Put experts on the MLP projections only (LLaVA-MoLE): the targets outside each "
+                              "layer's attention module.")
+    allow_partial: bool = f(False, "Attach to the target_modules a model has and skip the names it lacks (by "
+                                   "default a name that matches nothing in a layer is an error).")
+
+
+class LoraBank(nn.Module, ExpertKind):
     """E stacked LoRA experts for one linear layer: ``A`` (E*r, in), ``B`` (out, E*r), scaling alpha / r."""
 
     levels = ("sequence", "token", "rank", "task")   # the routing levels this bank can apply
+    Config: ClassVar[type] = LoraExpertConfig
+    settings_name: ClassVar[str] = "lora"            # its key in mixture.experts (DoRA reads LoRA's settings)
 
     def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, alpha: float,
                  dropout: float = 0.0) -> None:
@@ -190,7 +214,8 @@ def read_peft_adapters(adapter_dirs: list[str]) -> tuple[list[dict[str, tuple]],
 
 def write_peft_adapter(weights: dict[str, tuple], cfg, base_name: Optional[str],
                        out_dir: str, targets: Optional[list[str]] = None, fan_in_fan_out: bool = False) -> None:
-    """Write {module name: (A (r, in), B (out, r)[, DoRA magnitude (out,)])} as a PEFT LoRA adapter that
+    """Write {module name: (A (r, in), B (out, r)[, DoRA magnitude (out,)])} (``cfg``: a ``LoraExpertConfig``,
+    its rank, alpha and dropout) as a PEFT LoRA adapter that
     PeftModel.from_pretrained loads (the config is written by PEFT's own LoraConfig, so it stays in step with
     PEFT's format); with magnitudes it is a DoRA adapter (use_dora=true).
 

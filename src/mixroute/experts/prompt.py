@@ -29,23 +29,41 @@ from __future__ import annotations
 
 import sys
 import inspect
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 from torch import Tensor, nn
 
 from mixroute.arch import (attention_module, decoder, decoder_layers, layer_input, position_style,
                            positions_from_mask, prompt_support)
-from mixroute.config import ConfigError, MixtureConfig
+from mixroute.config import ConfigError, MixtureConfig, f
+from mixroute.experts.base import ExpertKind
 
 
-class PromptBank(nn.Module):
+@dataclass
+class PromptExpertConfig:
+    """The settings of prompt experts (MoP): ``mixture.experts.prompt``."""
+
+    num_virtual_tokens: int = f(10, "Prompt tokens per expert (L).", ge=1)
+    inject_layer: Optional[int] = f(None, "Layer m where prompts are injected (0 = input; null = middle layer).",
+                                    ge=0)
+    gate_layer: Optional[int] = f(None, "Layer g whose output the router (MoP's gate) reads (null = one third of "
+                                        "the depth, at most m).", ge=0)
+    prompt_init: Literal["random", "text"] = f("random", "Init prompts from random vocabulary embeddings or from "
+                                                       "the embeddings of prompt_init_text.")
+    prompt_init_text: Optional[str] = f(None, "Text whose token embeddings initialise the prompts.")
+
+
+class PromptBank(nn.Module, ExpertKind):
     """``weight`` (E, L, H): the prompt experts' virtual tokens, in the hidden-state space entering layer m.
 
     The prompts are read by every input token of a sequence alike, so the bank takes one decision per
     sequence: routers of these levels can drive it."""
 
     levels = ("sequence",)
+    Config: ClassVar[type] = PromptExpertConfig
+    settings_name: ClassVar[str] = "prompt"
 
     def __init__(self, num_experts: int, num_tokens: int, hidden_size: int) -> None:
         super().__init__()
@@ -55,14 +73,15 @@ class PromptBank(nn.Module):
 
 def resolve_layers(cfg: MixtureConfig, num_layers: int) -> tuple[int, int]:
     """(inject layer m, gate layer g) with defaults N//2 and N//3 (<= m); bad values name the field and range."""
-    m = num_layers // 2 if cfg.inject_layer is None else cfg.inject_layer
+    s = PromptBank.settings(cfg)
+    m = num_layers // 2 if s.inject_layer is None else s.inject_layer
     if not 0 <= m < num_layers:
-        raise ConfigError(f"mixture.inject_layer={m} is out of range: valid 0..{num_layers - 1} (0 = the input "
-                         f"layer; this model has {num_layers} decoder layers)")
-    g = min(num_layers // 3, m) if cfg.gate_layer is None else cfg.gate_layer
+        raise ConfigError(f"mixture.experts.prompt.inject_layer={m} is out of range: valid 0..{num_layers - 1} (0 = "
+                          f"the input layer; this model has {num_layers} decoder layers)")
+    g = min(num_layers // 3, m) if s.gate_layer is None else s.gate_layer
     if not 0 <= g <= m:
-        raise ConfigError(f"mixture.gate_layer={g} is out of range: valid 0..{m} (the router reads the hidden "
-                          f"states entering layer g and must be known at the injection layer inject_layer={m})")
+        raise ConfigError(f"mixture.experts.prompt.gate_layer={g} is out of range: valid 0..{m} (the router reads the "
+                          f"hidden states entering layer g and must be known at the injection layer inject_layer={m})")
     return m, g
 
 
@@ -236,20 +255,22 @@ class _Uninstall:
 def _init_token_ids(mix: nn.Module, cfg: MixtureConfig, total: int, tokenizer: Any) -> Tensor:
     """E*L token ids to initialise from: random vocabulary ids, or the init text repeated/trimmed (as PEFT)."""
     emb = mix.model.get_input_embeddings()
-    if cfg.prompt_init == "random":
+    s = PromptBank.settings(cfg)
+    if s.prompt_init == "random":
         return torch.randint(0, emb.num_embeddings, (total,), device=emb.weight.device)
-    if not cfg.prompt_init_text:
-        raise ValueError("mixture.prompt_init='text' needs mixture.prompt_init_text (the text to start from)")
+    if not s.prompt_init_text:
+        raise ValueError("mixture.experts.prompt.prompt_init='text' needs mixture.experts.prompt.prompt_init_text "
+                         "(the text to start from)")
     if tokenizer is None:
         from mixroute.models import embedded_tokenizer
 
         tokenizer = embedded_tokenizer()
         if len(tokenizer) != emb.num_embeddings:
-            raise ValueError("mixture.prompt_init='text': no tokenizer for this model; pass tokenizer= to "
-                             "install_prompt_experts or use prompt_init='random'")
-    ids = tokenizer(cfg.prompt_init_text)["input_ids"]
+            raise ValueError("mixture.experts.prompt.prompt_init='text': no tokenizer for this model; pass "
+                             "tokenizer= to install_prompt_experts or use prompt_init='random'")
+    ids = tokenizer(s.prompt_init_text)["input_ids"]
     if not ids:
-        raise ValueError("mixture.prompt_init_text tokenizes to nothing")
+        raise ValueError("mixture.experts.prompt.prompt_init_text tokenizes to nothing")
     ids = (ids * (total // len(ids) + 1))[:total]
     return torch.tensor(ids, dtype=torch.long, device=emb.weight.device)
 
@@ -267,14 +288,15 @@ def install_prompt_experts(mix: nn.Module, cfg: MixtureConfig, num_experts: int,
                           "(mixture.expert=lora); docs/models.md lists the families")
     layers = decoder_layers(model)
     m, g = resolve_layers(cfg, len(layers))
-    total, max_pos = num_experts * cfg.num_virtual_tokens, getattr(conf, "max_position_embeddings", None)
+    tokens = PromptBank.settings(cfg).num_virtual_tokens
+    total, max_pos = num_experts * tokens, getattr(conf, "max_position_embeddings", None)
     if max_pos is not None and total >= max_pos:
-        raise ConfigError(f"mixture.num_experts * mixture.num_virtual_tokens = {num_experts} * "
-                          f"{cfg.num_virtual_tokens} = {total} prompt tokens does not fit the context: must be < "
+        raise ConfigError(f"mixture.num_experts * mixture.experts.prompt.num_virtual_tokens = {num_experts} * "
+                          f"{tokens} = {total} prompt tokens does not fit the context: must be < "
                           f"max_position_embeddings={max_pos}, leaving room for the input")
     impl = conf._attn_implementation or "eager"
     impl = impl.removeprefix("mixroute_mop_")
-    bank = PromptBank(num_experts, cfg.num_virtual_tokens, conf.hidden_size)
+    bank = PromptBank(num_experts, tokens, conf.hidden_size)
     mix.experts["prompt"] = bank
     inj = PromptInjector(mix, bank, router_key, m)
     ref = next(model.parameters())

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from mixroute.config import ConfigError, FederatedConfig, RunConfig
 from mixroute.data import Partition, RunData, partition_train, to_device
+from mixroute.experts import expert_rank
 from mixroute.federated.payload import expert_axis
 from mixroute.rundir import open_run
 from mixroute.train.centralized import (build_mixture, build_optimizer, make_accelerator, seed_everything,
@@ -39,7 +40,7 @@ class Local:
         return int(self.mix.cfg.num_experts)
 
     def axis(self, key: str, shape: tuple) -> Optional[tuple[int, int]]:
-        return expert_axis(key, shape, self.num_experts, int(self.mix.cfg.rank))
+        return expert_axis(key, shape, self.num_experts, expert_rank(self.mix.cfg))
 
     def client_data(self, k: int) -> RunData:
         """Client k's view: its partition of the train split (held-out splits unchanged)."""
@@ -153,7 +154,7 @@ def train_round(local: Local, k: int, state: dict[str, Tensor], rnd: int,
     mix.load_adapter_state_dict(state, source=f"round {rnd} global state")
     data = local.client_data(k)
     n = len(data.examples["train"])
-    wrapper = _Local(mix, None, 0.0, len(data.categories), local.num_experts, int(mix.cfg.rank))
+    wrapper = _Local(mix, None, 0.0, len(data.categories), local.num_experts, expert_rank(mix.cfg))
     if n == 0:
         return mix.adapter_state_dict(), {"num-examples": 0, "train_loss": float("nan"), "usage": wrapper.usage(),
                                           "gates": wrapper.gates(), "steps": 0}

@@ -22,7 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from mixroute import rundir
-from mixroute.config import ConfigError, RunConfig, save_config
+from mixroute.config import ConfigError, RunConfig
 from mixroute.evaluate import validation_snapshot
 from mixroute.federated.aggregate import fedavg, per_category_average, rule_for, split_routers
 from mixroute.federated.payload import from_record, is_router, num_bytes, to_record
@@ -392,7 +392,7 @@ def prepare(cfg: RunConfig, run_dir: Path) -> None:
     from mixroute.models import load_tokenizer
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / rundir.CONFIG)
+    rundir.write_config(run_dir, cfg)
     data = RunData.build(cfg, load_tokenizer(cfg.model.name))
     rundir.write_data_report(run_dir, data.report)
     part = partition_train(cfg.federated, [e["task_id"] for e in data.examples["train"]], len(data.categories))

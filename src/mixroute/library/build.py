@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mixroute.arch import layers_path
 from mixroute.config import MixtureConfig
-from mixroute.experts.lora import MAGNITUDE
+from mixroute.experts.lora import MAGNITUDE, LoraExpertConfig
 from mixroute.library.cost import CostAware
 from mixroute.library.features import arrow_prototypes
 from mixroute.library.manifest import CENTROID, LibraryError, Manifest, peft_settings
@@ -80,10 +80,12 @@ def read_adapter(adapter_dir: str | Path, name: str, model: nn.Module,
 
 def mixture_config(router: str, ranks: list[int], targets: list[str],
                    overrides: Optional[dict] = None, dora: bool = False) -> MixtureConfig:
+    """The mixture a library builds: one bank of the largest rank (alpha = rank: each expert's own scaling is
+    folded into its B) over the union of the targets; ``overrides``: shared ``MixtureConfig`` fields."""
     rank = max(ranks)
-    cfg = MixtureConfig(expert="dora" if dora else "lora", router=router, num_experts=len(ranks), rank=rank,
-                        alpha=float(rank),
-                        dropout=0.0, target_modules=targets, num_tasks=len(ranks), top_k=1)
+    cfg = MixtureConfig(expert="dora" if dora else "lora", router=router, num_experts=len(ranks),
+                        num_tasks=len(ranks),
+                        experts={"lora": LoraExpertConfig(rank=rank, alpha=float(rank), target_modules=targets)})
     for k, v in (overrides or {}).items():
         setattr(cfg, k, v)
     return cfg

@@ -46,7 +46,8 @@ def config_table(runs: list[RunInfo]) -> Table:
         c = r.config
         expert = f"{_get(c, 'mixture.expert')} / {_get(c, 'mixture.router')}"
         rows.append([r.name, r.method, base_model_label(c), expert, str(_get(c, "mixture.num_experts")),
-                     str(_get(c, "mixture.rank")), str(_get(c, "train.max_steps")), str(_get(c, "train.batch_size")),
+                     str(_get(c, "mixture.experts.lora.rank", None) or _get(c, "mixture.rank")),
+                     str(_get(c, "train.max_steps")), str(_get(c, "train.batch_size")),
                      str(_get(c, "train.lr")), str(_get(c, "train.seed")),
                      str(_get(c, "data.path", None) or _get(r.data_report, "source", None) or
                          ("built-in synthetic suite" if c else "-"))])

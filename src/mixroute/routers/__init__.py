@@ -1,9 +1,13 @@
 """Routers: small modules ``forward(hidden, mask, task_ids) -> RouteWeights`` (see ``routers.base``).
 
-``ROUTERS`` is the registry: adding a router is one file here plus one line below.
+``ROUTERS`` is the registry: adding a router is one file here (its class, with its ``Config`` settings) plus
+one line below.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 from mixroute.config import ConfigError, MixtureConfig
 from mixroute.routers.arrow import ArrowRouter
@@ -37,9 +41,21 @@ def router_class(name: str) -> type[Router]:
     return ROUTERS[name]
 
 
+def router_settings(cfg: MixtureConfig) -> Any:
+    """The settings of ``cfg``'s router (``mixture.routers.<name>``, typed as its ``Config``, defaults filled)."""
+    return router_class(cfg.router).settings(cfg)
+
+
+def update_router_settings(cfg: MixtureConfig, **changes: Any) -> None:
+    """Set ``changes`` in ``cfg``'s router's settings (in place; the other routers' entries are kept)."""
+    cls = router_class(cfg.router)
+    cfg.routers = {**(cfg.routers or {}), cls.name: dataclasses.replace(cls.settings(cfg), **changes)}
+
+
 def build_router(cfg: MixtureConfig, dims: RouterDims) -> Router:
     """The router ``cfg.router`` names, built for ``dims`` (validate the config first)."""
     return router_class(cfg.router)(cfg, dims)
 
 
-__all__ = ["ROUTERS", "Router", "RouterDims", "RouteWeights", "build_router", "masked_mean", "router_class"]
+__all__ = ["ROUTERS", "Router", "RouterDims", "RouteWeights", "build_router", "masked_mean", "router_class",
+           "router_settings", "update_router_settings"]

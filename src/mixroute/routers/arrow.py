@@ -16,27 +16,36 @@ every expert the same score.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from mixroute.config import MixtureConfig
+from mixroute.config import MixtureConfig, f
 from mixroute.routers.base import Router, RouterDims, RouteWeights
+
+
+@dataclass
+class ArrowConfig:
+    arrow_top_k: int = f(3, "Experts kept per token (capped at num_experts).", ge=1)
+    arrow_temperature: float = f(1.0, "Softmax temperature over the kept experts' |cos| scores.", gt=0.0)
 
 
 class ArrowRouter(Router):
     """Per-token |cos| top-k router over weight-derived prototypes; see the module docstring."""
 
     name = "arrow"
+    Config = ArrowConfig
     level = "token"
     library_state = "lora"
 
     def __init__(self, cfg: MixtureConfig, dims: RouterDims) -> None:
         super().__init__()
         self.num_experts = dims.num_experts
-        self.top_k = min(cfg.arrow_top_k, dims.num_experts)
-        self.temperature = cfg.arrow_temperature
+        s = self.settings(cfg)
+        self.top_k = min(s.arrow_top_k, dims.num_experts)
+        self.temperature = s.arrow_temperature
         self.register_buffer("prototypes", torch.zeros(dims.num_experts, dims.hidden_size))
         self.register_buffer("gain", torch.ones(dims.hidden_size))
 

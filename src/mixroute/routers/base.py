@@ -9,7 +9,8 @@ Each router class also declares what the rest of the library used to guess from 
 (see ``Level``), ``label_aligned`` (expert t stands for category t: router accuracy, the classifier baseline,
 category names in ``mixroute generate``), ``needs_task_ids`` (labels are needed at inference too),
 ``supports_global`` (one router for the whole model is meaningful), ``library_state`` (whether and from what an
-expert library fills it: ``LibrarySource``) and ``validate(cfg)`` (config errors that name the field and what
+expert library fills it: ``LibrarySource``), ``Config`` (its own settings: a dataclass read from
+``mixture.routers.<name>``, see ``settings``) and ``validate(cfg)`` (config errors that name the field and what
 would be valid).
 """
 
@@ -21,7 +22,7 @@ from typing import Any, ClassVar, Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from mixroute.config import ConfigError, MixtureConfig
+from mixroute.config import ConfigError, MixtureConfig, settings_of
 
 # sequence: one decision per sequence, from its prompt tokens, kept through generation (MoA, MoP's gate, ...)
 # token:    one decision per token (MoE-LoRA)
@@ -110,6 +111,11 @@ class RouteWeights:
 
 
 @dataclass
+class NoSettings:
+    """The settings of a router that has none beyond what every mixture shares."""
+
+
+@dataclass
 class RouterDims:
     """Sizes a router is built for: the hidden states it reads, the experts it weighs, and the bank around it."""
 
@@ -130,10 +136,19 @@ class Router(nn.Module):
     trains_experts: bool = True           # False: the experts stay frozen (MHR-z trains only the allocation)
     library_state: ClassVar[Optional[LibrarySource]] = None   # None: it cannot route an expert library
     read_layer: int = 0                   # decoder layer whose input it reads (set by Mixture.attach)
+    Config: ClassVar[type] = NoSettings   # its own settings: a dataclass with a help text per field
 
     @classmethod
-    def validate(cls, cfg: MixtureConfig) -> None:
-        """Raise ``ConfigError`` for settings this router cannot work with (called before anything is built)."""
+    def settings(cls, cfg: MixtureConfig) -> Any:
+        """This router's settings under ``cfg``: ``cfg.routers[name]`` typed as ``Config`` (defaults filled)."""
+        return settings_of(cls.Config, (cfg.routers or {}).get(cls.name), f"mixture.routers.{cls.name}",
+                           f"router {cls.name!r}")
+
+    @classmethod
+    def validate(cls, cfg: MixtureConfig, rank: int = 1) -> None:
+        """Raise ``ConfigError`` for settings this router cannot work with (called before anything is built);
+        ``rank``: the rank of each expert (1 for experts without ranks)."""
+        cls.settings(cfg)
         if cfg.router_scope == "global" and not cls.supports_global:
             raise ConfigError(f"mixture.router_scope='global' is not valid with router {cls.name!r} (it routes "
                               "each layer from that layer's input); use router_scope='layer'")
@@ -142,6 +157,11 @@ class Router(nn.Module):
     def experts_for(cls, cfg: MixtureConfig) -> int:
         """How many experts this router weighs under ``cfg`` (``single`` always has one)."""
         return cfg.num_experts
+
+    @classmethod
+    def check_target(cls, cfg: MixtureConfig, path: str, fan_in: int, fan_out: int) -> None:
+        """Raise for a projection (``path``, its in/out features) this router cannot serve; called for every
+        target before anything is patched."""
 
     def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> RouteWeights:
         raise NotImplementedError

@@ -11,28 +11,38 @@ its examples (``mixroute.library`` computes and sets them). A prototype left at 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mixroute.config import MixtureConfig
+from mixroute.config import MixtureConfig, f
 from mixroute.routers.base import Router, RouterDims, RouteWeights, one_hot_route, pool_prompt, top_k_weights
+
+
+@dataclass
+class CentroidConfig:
+    top_k: int = f(1, "Experts kept per sequence.", ge=1)
+    centroid_temperature: float = f(0.1, "Softmax temperature over the cosines between a prompt's pooled hidden "
+                                         "state and each expert's prototype.", gt=0.0)
 
 
 class CentroidRouter(Router):
     """Nearest-prototype (cosine) sequence router; see the module docstring."""
 
     name = "centroid"
+    Config = CentroidConfig
     supports_global = True
     library_state = "examples"
 
     def __init__(self, cfg: MixtureConfig, dims: RouterDims) -> None:
         super().__init__()
         self.num_experts = dims.num_experts
-        self.top_k = min(cfg.top_k, dims.num_experts)
-        self.temperature = cfg.centroid_temperature
+        s = self.settings(cfg)
+        self.top_k = min(s.top_k, dims.num_experts)
+        self.temperature = s.centroid_temperature
         self.register_buffer("prototypes", torch.zeros(dims.num_experts, dims.hidden_size))
 
     def features(self, hidden: Tensor, mask: Optional[Tensor]) -> Tensor:

@@ -59,8 +59,8 @@ class OracleRouter(Router):
         self.num_experts = dims.num_experts
 
     @classmethod
-    def validate(cls, cfg: MixtureConfig) -> None:
-        super().validate(cfg)
+    def validate(cls, cfg: MixtureConfig, rank: int = 1) -> None:
+        super().validate(cfg, rank)
         check_experts_cover_labels(cls.name, cfg, "routes each label to its own expert")
 
     def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> RouteWeights:

@@ -12,31 +12,42 @@ before the experts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixroute.config import MixtureConfig
+from mixroute.config import MixtureConfig, f
 from mixroute.routers.base import Router, RouterDims, RouteWeights, pool_prompt, small_init
+
+
+@dataclass
+class GateConfig:
+    eta: float = f(0.1, "Weight of the routing cross-entropy against the category label.", ge=0.0)
+    gate_hidden: int = f(256, "Hidden size of the gate MLP.", ge=1)
+    gate_top_k: Optional[int] = f(None, "Keep the top-k experts per sequence and renormalise, in training and "
+                                        "inference (null = all E, a soft gate).", ge=1)
 
 
 class GateRouter(Router):
     """Sequence-level MLP gate; see the module docstring."""
 
     name = "gate"
+    Config = GateConfig
     label_aligned = True
     supports_global = True
 
     def __init__(self, cfg: MixtureConfig, dims: RouterDims) -> None:
         super().__init__()
-        self.num_experts, self.eta = dims.num_experts, cfg.eta
-        self.top_k = cfg.gate_top_k if cfg.gate_top_k and cfg.gate_top_k < dims.num_experts else None
+        s = self.settings(cfg)
+        self.num_experts, self.eta = dims.num_experts, s.eta
+        self.top_k = s.gate_top_k if s.gate_top_k and s.gate_top_k < dims.num_experts else None
         # the pooled residual stream of a mid layer has a large, layer-dependent scale: normalise it first
         self.norm = nn.LayerNorm(dims.hidden_size)
-        self.mlp = nn.Sequential(nn.Linear(dims.hidden_size, cfg.gate_hidden), nn.GELU(),
-                                 small_init(nn.Linear(cfg.gate_hidden, dims.num_experts)))
+        self.mlp = nn.Sequential(nn.Linear(dims.hidden_size, s.gate_hidden), nn.GELU(),
+                                 small_init(nn.Linear(s.gate_hidden, dims.num_experts)))
 
     def features(self, hidden: Tensor, mask: Optional[Tensor]) -> Tensor:
         """(B, H) what the gate reads from the hidden states entering its layer."""

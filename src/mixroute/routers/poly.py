@@ -11,33 +11,50 @@ only the allocation (the skills stay frozen).
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
-from mixroute.config import MixtureConfig
+from mixroute.config import MixtureConfig, f
 from mixroute.routers.base import Router, RouterDims, RouteWeights, need_labels
 
 EPS = 1e-12  # as PEFT
+
+
+@dataclass
+class PolyConfig:
+    n_splits: int = f(1, "Heads splitting the input dimension; > 1 is MHR.", ge=1)
+    poly_mode: Literal["full", "z", "mu"] = f("full", "Train skills + allocation (full), allocation only (MHR-z), "
+                                                    "or one averaged adapter (MHR-mu).")
 
 
 class PolyRouter(Router):
     """Task-indexed skill allocation for the M LoRA modules of one layer; see the module docstring."""
 
     name = "poly"
+    Config = PolyConfig
     level = "task"
     label_aligned = False
 
+    @classmethod
+    def check_target(cls, cfg: MixtureConfig, path: str, fan_in: int, fan_out: int) -> None:
+        n = cls.settings(cfg).n_splits
+        if fan_in % n or fan_out % n:
+            raise ValueError(f"mixture.routers.poly.n_splits={n} must divide {path}'s in/out features "
+                             f"({fan_in}, {fan_out})")
+
     def __init__(self, cfg: MixtureConfig, dims: RouterDims) -> None:
         super().__init__()
-        self.num_tasks, self.n_splits, self.num_experts = cfg.num_tasks, cfg.n_splits, dims.num_experts
-        self.num_modules, self.mode = dims.num_modules, cfg.poly_mode
+        s = self.settings(cfg)
+        self.num_tasks, self.n_splits, self.num_experts = cfg.num_tasks, s.n_splits, dims.num_experts
+        self.num_modules, self.mode = dims.num_modules, s.poly_mode
         self.needs_task_ids = self.mode != "mu"
         self.trains_experts = self.mode != "z"
         if self.mode != "mu":
-            self.module_logits = nn.Parameter(torch.empty(dims.num_modules, cfg.num_tasks, cfg.n_splits,
+            self.module_logits = nn.Parameter(torch.empty(dims.num_modules, cfg.num_tasks, s.n_splits,
                                                           dims.num_experts))
             nn.init.uniform_(self.module_logits, -1e-3, 1e-3)  # PEFT PolyRouter.reset
 

@@ -10,26 +10,35 @@ its gates are shared by all the layer's LoRA projections (rank i of every projec
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from mixroute.config import ConfigError, MixtureConfig
+from mixroute.config import ConfigError, MixtureConfig, f
 from mixroute.routers.base import Router, RouterDims, RouteWeights, small_init
+
+
+@dataclass
+class RankRouterConfig:
+    rank_top_k: int = f(8, "Ranks kept per token out of num_experts * rank.", ge=1)
+    bias_update_rate: float = f(1e-5, "Step of the per-rank load-balancing bias.", ge=0.0)
 
 
 class RankRouter(Router):
     """Per-token sigmoid top-k over single ranks with loss-free bias balancing; see the module docstring."""
 
     name = "rank"
+    Config = RankRouterConfig
     level = "rank"
 
     def __init__(self, cfg: MixtureConfig, dims: RouterDims) -> None:
         super().__init__()
         self.num_ranks = dims.num_experts * dims.rank
-        self.top_k = cfg.rank_top_k
-        self.rate = cfg.bias_update_rate
+        s = self.settings(cfg)
+        self.top_k = s.rank_top_k
+        self.rate = s.bias_update_rate
         # normalised input: raw residual-stream scales differ by 100x between sink and ordinary tokens
         self.norm = nn.LayerNorm(dims.hidden_size)
         self.proj = small_init(nn.Linear(dims.hidden_size, self.num_ranks, bias=False), std=0.02)
@@ -37,11 +46,12 @@ class RankRouter(Router):
         self.register_buffer("load", torch.zeros(self.num_ranks), persistent=False)
 
     @classmethod
-    def validate(cls, cfg: MixtureConfig) -> None:
-        super().validate(cfg)
-        if cfg.rank_top_k > cfg.num_experts * cfg.rank:
-            raise ConfigError(f"mixture.rank_top_k={cfg.rank_top_k} exceeds the {cfg.num_experts * cfg.rank} ranks "
-                              f"(num_experts * rank = {cfg.num_experts} * {cfg.rank})")
+    def validate(cls, cfg: MixtureConfig, rank: int = 1) -> None:
+        super().validate(cfg, rank)
+        k = cls.settings(cfg).rank_top_k
+        if k > cfg.num_experts * rank:
+            raise ConfigError(f"mixture.routers.rank.rank_top_k={k} exceeds the {cfg.num_experts * rank} ranks "
+                              f"(num_experts * rank = {cfg.num_experts} * {rank})")
 
     def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> RouteWeights:
         scores = torch.sigmoid(self.proj(self.norm(hidden.to(self.proj.weight.dtype))).float())    # (B, T, R)

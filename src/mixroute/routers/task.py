@@ -15,20 +15,30 @@ also what an engine taking one adapter per request needs.
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixroute.config import MixtureConfig
+from mixroute.config import MixtureConfig, f
 from mixroute.routers.base import (Router, RouterDims, RouteWeights, check_experts_cover_labels, need_labels,
                                    one_hot_route, pool_prompt, small_init, top_k_weights)
+
+
+@dataclass
+class TaskRouterConfig:
+    top_k: int = f(1, "Experts kept per sequence at inference.", ge=1)
+    eta: float = f(0.1, "Weight of the routing cross-entropy against the category label.", ge=0.0)
+    route_train: Literal["label", "router"] = f("router", "Routing in training: by the label (teacher forcing) "
+                                                         "or by the router's own top-1.")
 
 
 class TaskRouter(Router):
     """Sequence-level classifier router; see the module docstring."""
 
     name = "task"
+    Config = TaskRouterConfig
     label_aligned = True
     supports_global = True
     library_state = "fitted"
@@ -36,15 +46,16 @@ class TaskRouter(Router):
     def __init__(self, cfg: MixtureConfig, dims: RouterDims) -> None:
         super().__init__()
         self.num_experts = dims.num_experts
-        self.top_k = min(cfg.top_k, dims.num_experts)
-        self.eta, self.route_train = cfg.eta, cfg.route_train
+        s = self.settings(cfg)
+        self.top_k = min(s.top_k, dims.num_experts)
+        self.eta, self.route_train = s.eta, s.route_train
         self.norm = nn.LayerNorm(dims.hidden_size)
         self.proj = small_init(nn.Linear(dims.hidden_size, dims.num_experts))
 
     @classmethod
-    def validate(cls, cfg: MixtureConfig) -> None:
-        super().validate(cfg)
-        if cfg.route_train == "label":
+    def validate(cls, cfg: MixtureConfig, rank: int = 1) -> None:
+        super().validate(cfg, rank)
+        if cls.settings(cfg).route_train == "label":
             check_experts_cover_labels(cls.name, cfg, "with route_train='label' sends label t to expert t")
 
     def features(self, hidden: Tensor, mask: Optional[Tensor]) -> Tensor:

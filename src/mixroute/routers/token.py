@@ -5,39 +5,49 @@ residual-stream scales differ by 100x between sink and ordinary tokens; one rout
 layer's projections) gives a softmax over experts; the top-k are kept and renormalised. The Switch
 Transformers load-balancing loss ``E * sum_e f_e p_e`` (f = fraction of routed token slots sent to e, p =
 mean router probability of e, over attended tokens) is returned as ``load_balance`` weighted by
-``cfg.load_balance``.
+``load_balance``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from mixroute.config import ConfigError, MixtureConfig
+from mixroute.config import ConfigError, MixtureConfig, f
 from mixroute.routers.base import Router, RouterDims, RouteWeights, small_init
+
+
+@dataclass
+class TokenTopKConfig:
+    top_k: int = f(1, "Experts kept per token.", ge=1)
+    load_balance: float = f(0.01, "Weight of the Switch load-balancing loss.", ge=0.0)
 
 
 class TokenTopKRouter(Router):
     """Per-token softmax top-k router; see the module docstring."""
 
     name = "token_topk"
+    Config = TokenTopKConfig
     level = "token"
 
     def __init__(self, cfg: MixtureConfig, dims: RouterDims) -> None:
         super().__init__()
         self.num_experts = dims.num_experts
-        self.top_k = min(cfg.top_k, dims.num_experts)
-        self.lb_weight = cfg.load_balance
+        s = self.settings(cfg)
+        self.top_k = min(s.top_k, dims.num_experts)
+        self.lb_weight = s.load_balance
         self.norm = nn.LayerNorm(dims.hidden_size)
         self.proj = small_init(nn.Linear(dims.hidden_size, dims.num_experts, bias=False), std=0.02)
 
     @classmethod
-    def validate(cls, cfg: MixtureConfig) -> None:
-        super().validate(cfg)
-        if cfg.top_k > cfg.num_experts:
-            raise ConfigError(f"mixture.top_k={cfg.top_k} exceeds mixture.num_experts={cfg.num_experts}")
+    def validate(cls, cfg: MixtureConfig, rank: int = 1) -> None:
+        super().validate(cfg, rank)
+        if cls.settings(cfg).top_k > cfg.num_experts:
+            raise ConfigError(f"mixture.routers.{cls.name}.top_k={cls.settings(cfg).top_k} exceeds "
+                              f"mixture.num_experts={cfg.num_experts}")
 
     def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> RouteWeights:
         probs = self.proj(self.norm(hidden.to(self.proj.weight.dtype))).float().softmax(dim=-1)   # (B, T, E)

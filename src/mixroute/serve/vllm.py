@@ -40,7 +40,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import torch
@@ -119,7 +118,7 @@ def lora_rank_for(needed: int) -> int:
 def write_mixture_adapter(mix: Any, weights: list[float], out_dir: Path) -> int:
     """Write the experts mixed by ``weights`` (>= 0, as the mixture applies them) as one PEFT LoRA adapter;
     returns its rank. Experts with weight 0 are left out."""
-    from mixroute.experts.lora import write_peft_adapter
+    from mixroute.experts.lora import LoraExpertConfig, write_peft_adapter
 
     chosen = [e for e, w in enumerate(weights) if w > 0]
     tensors = {}
@@ -131,7 +130,7 @@ def write_mixture_adapter(mix: Any, weights: list[float], out_dir: Path) -> int:
         tensors[mix.module_names[key]] = (a.float(), b.float())
         rank = a.shape[0]
     # alpha = rank: PEFT's and vLLM's scaling alpha / r is 1, the experts' own scaling is folded into B
-    write_peft_adapter(tensors, SimpleNamespace(rank=rank, alpha=rank, dropout=0.0),
+    write_peft_adapter(tensors, LoraExpertConfig(rank=rank, alpha=float(rank)),
                        getattr(mix.model.config, "name_or_path", None), str(out_dir),
                        targets=_peft_targets(mix))
     return rank
