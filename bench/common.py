@@ -1,11 +1,11 @@
-"""What the quality benchmarks share: paths, reuse of finished runs, number formatting and rewriting one section
+"""What the quality benchmarks share: paths, presets, number formatting and rewriting one section
 of docs/benchmarks.md. Importing it puts ``src/`` on ``sys.path`` (the scripts run from a checkout)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -15,19 +15,6 @@ DOLLY = str((ROOT / ".." / "shared" / "data" / "dolly-15k" / "databricks-dolly-1
 def preset(method: str) -> Path:
     """The Dolly preset of ``method`` (configs/<method>_dolly.yaml)."""
     return ROOT / "configs" / f"{method}_dolly.yaml"
-
-
-def finished(run_dir: Path, cfg: Any) -> bool:
-    """The run in ``run_dir`` was evaluated (eval.json) with exactly the resolved config ``cfg``."""
-    from mixroute import rundir
-    from mixroute.config import ConfigError, to_dict
-
-    if not (run_dir / rundir.EVAL).is_file():
-        return False
-    try:
-        return to_dict(rundir.read_config(run_dir)) == to_dict(cfg)
-    except ConfigError:  # written by an older mixroute whose config no longer loads: not the same run
-        return False
 
 
 def fmt(v: Optional[float], nd: int = 2) -> str:

@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
 
 def train_runs(a: argparse.Namespace) -> tuple[Path, Path]:
     from mixroute.config import load_config, to_dict
-    from mixroute.rundir import read_config
+    from mixroute.rundir import read_config, recorded_config
     from mixroute.train import train
 
     common = [f"model.name={a.model}" if a.model else "model.name=null", f"data.max_length={a.max_length}",
@@ -66,7 +66,9 @@ def train_runs(a: argparse.Namespace) -> tuple[Path, Path]:
                           ("lora_mixed", [f"train.max_steps={a.mixed_steps}"])):
         run_dir = Path(a.out) / method
         cfg = load_config(ROOT / "configs" / f"{method}.yaml", common + extra + [f"output_dir={run_dir}"])
-        if not (run_dir / "final").is_dir() or to_dict(read_config(run_dir)) != to_dict(cfg):
+        same = (run_dir / "final").is_dir() and (to_dict(recorded_config(read_config(run_dir), True))
+                                                 == to_dict(recorded_config(cfg, True)))
+        if not same:
             print(f"training {method} ...", flush=True)
             train(cfg, overwrite=True, progress=sys.stdout.isatty())
         out.append(run_dir)
