@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_library import PROMPTS, peft_adapter
+from peft_adapters import PROMPTS, peft_adapter
 from typer.testing import CliRunner
 
 from mixroute.cli import app

@@ -21,7 +21,7 @@ openai = pytest.importorskip("openai")
 @pytest.fixture(scope="module")
 def library(tiny_run, tmp_path_factory):
     from mixroute.library import Library
-    from test_library import peft_adapter
+    from peft_adapters import peft_adapter
 
     root = tmp_path_factory.mktemp("servelib")
     lib = Library.from_run(root / "lib", tiny_run)

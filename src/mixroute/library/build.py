@@ -126,43 +126,58 @@ def materialise(model: nn.Module, lib: Path, man: Manifest, router: str,
     return mix
 
 
-def install_router(mix: Mixture, lib: Path, man: Manifest, router: str, state: dict) -> None:
-    """Fill the routers' state (prototypes, fitted weights) and wrap sequence-level ones for cost-aware
-    selection."""
-    cls = router_class(router)
-    if cls.library_state == "examples":
-        missing = [e.name for e in man.experts if e.examples == 0]
-        if missing:
-            raise LibraryError(f"the {router} router needs example prompts for every expert; none for "
-                               f"{', '.join(missing)} (add them again with --examples FILE, or route with arrow)")
-        feats = [load_file(str(lib / e.path / CENTROID)) for e in man.experts]
-        # a global router reads the frozen base, so its prototypes are the frozen base's features too
-        prefix = "base" if mix.cfg.router_scope == "global" else "layer"
-        old = [e.name for e, f in zip(man.experts, feats) if f"{prefix}_0" not in f]
+class LibraryState:
+    """What a library holds for rebuilding its routers (``Router.load_library_state`` asks it), with the
+    library's errors naming the command that supplies what is missing."""
+
+    def __init__(self, mix: Mixture, lib: Path, man: Manifest, router: str, state: dict) -> None:
+        self.mix, self.lib, self.man, self.router, self.state = mix, lib, man, router, state
+        self._features: Optional[list[dict[str, Tensor]]] = None
+
+    def prototypes(self, layer: int) -> Tensor:
+        """(E, H) each expert's example features entering ``layer``: of the frozen base for a global router
+        (it reads the frozen base), else of the mixture's layer."""
+        if self._features is None:
+            missing = [e.name for e in self.man.experts if e.examples == 0]
+            if missing:
+                raise LibraryError(f"the {self.router} router needs example prompts for every expert; none for "
+                                   f"{', '.join(missing)} (add them again with --examples FILE, or route with "
+                                   "arrow)")
+            self._features = [load_file(str(self.lib / e.path / CENTROID)) for e in self.man.experts]
+        prefix = "base" if self.mix.cfg.router_scope == "global" else "layer"
+        old = [e.name for e, f in zip(self.man.experts, self._features) if f"{prefix}_0" not in f]
         if old:
             raise LibraryError(f"the centroid prototypes of {', '.join(old)} were written before global routing "
                                "existed (no frozen-base features); add those experts again with --examples FILE "
                                "(`mixroute library remove`, then `add`), or route per layer")
-        for key, r in mix.routers.items():
-            r.prototypes.copy_(torch.stack([f[f"{prefix}_{r.read_layer}"] for f in feats]))
-    elif cls.library_state == "lora":
-        for key, r in mix.routers.items():
-            protos, gain = arrow_prototypes(mix, key)
-            r.prototypes.copy_(protos)
-            r.gain.copy_(gain)
-    elif cls.library_state == "fitted":
-        fitted = state.get(router)
+        return torch.stack([f[f"{prefix}_{layer}"] for f in self._features])
+
+    def arrow(self, key: str) -> tuple[Tensor, Tensor]:
+        """Arrow's prototypes and gain for router ``key``, from the experts' LoRA weights."""
+        return arrow_prototypes(self.mix, key)
+
+    def fitted(self, key: str, names: list[str]) -> dict[str, Tensor]:
+        """Router ``key``'s tensors ``names`` as ``library fit-router`` stored them."""
+        fitted = self.state.get(self.router)
         if fitted is None:
-            raise LibraryError(f"the {router} router is not fitted for this library's experts; run `mixroute "
-                               "library fit-router LIB --data FILE` (it trains the router only, the experts stay "
-                               "frozen)")
-        for key, r in mix.routers.items():
-            own = {name: fitted.get(f"{key}.{name}") for name in r.state_dict()}
-            if any(t is None for t in own.values()):
-                raise LibraryError(f"this library's {router} router was fitted for the routers before 2026-12 (no "
-                                   "LayerNorm on their features); run `mixroute library fit-router LIB --data FILE` "
-                                   "again")
-            r.load_state_dict(own)
+            raise LibraryError(f"the {self.router} router is not fitted for this library's experts; run "
+                               "`mixroute library fit-router LIB --data FILE` (it trains the router only, the "
+                               "experts stay frozen)")
+        own = {name: fitted.get(f"{key}.{name}") for name in names}
+        if any(t is None for t in own.values()):
+            raise LibraryError(f"this library's {self.router} router was fitted for the routers before 2026-12 (no "
+                               "LayerNorm on their features); run `mixroute library fit-router LIB --data FILE` "
+                               "again")
+        return own
+
+
+def install_router(mix: Mixture, lib: Path, man: Manifest, router: str, state: dict) -> None:
+    """Rebuild the routers from the library's state (each router's ``load_library_state``) and wrap
+    sequence-level ones for cost-aware selection."""
+    cls = router_class(router)
+    library = LibraryState(mix, lib, man, router, state)
+    for key, r in mix.routers.items():
+        r.load_library_state(key, library)
     # cost-aware selection picks one expert per sequence: a router mixing experts per token is left as it is
     if cls.level != "sequence":
         return

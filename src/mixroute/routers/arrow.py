@@ -17,7 +17,7 @@ every expert the same score.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -55,6 +55,11 @@ class ArrowRouter(Router):
         p = self.prototypes.float()
         dots = (x @ p.T).abs()
         return dots / (x.norm(dim=-1, keepdim=True) * p.norm(dim=-1)).clamp_min(1e-8)
+
+    def load_library_state(self, key: str, library: Any) -> None:
+        protos, gain = library.arrow(key)
+        self.prototypes.copy_(protos)
+        self.gain.copy_(gain)
 
     def forward(self, hidden: Tensor, mask: Optional[Tensor], task_ids: Optional[Tensor]) -> RouteWeights:
         vals, idx = self.scores(hidden).topk(self.top_k, dim=-1)

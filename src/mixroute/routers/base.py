@@ -9,7 +9,7 @@ Each router class also declares what the rest of the library used to guess from 
 (see ``Level``), ``label_aligned`` (expert t stands for category t: router accuracy, the classifier baseline,
 category names in ``mixroute generate``), ``needs_task_ids`` (labels are needed at inference too),
 ``supports_global`` (one router for the whole model is meaningful), ``library_state`` (whether and from what an
-expert library fills it: ``LibrarySource``), ``Config`` (its own settings: a dataclass read from
+expert library fills it: ``LibrarySource``; ``load_library_state`` does it), ``Config`` (its own settings: a dataclass read from
 ``mixture.routers.<name>``, see ``settings``) and ``validate(cfg)`` (config errors that name the field and what
 would be valid).
 """
@@ -168,6 +168,13 @@ class Router(nn.Module):
 
     def update_balancing(self) -> None:
         """Called after each optimizer step; routers with loss-free load balancing (SMoRA) override it."""
+
+    def load_library_state(self, key: str, library: Any) -> None:
+        """Rebuild this router (key ``key`` in its mixture) from an expert library's state: ``library`` answers
+        ``prototypes(layer)`` (the experts' example features entering ``layer``), ``arrow(key)`` (prototypes
+        and gain from the LoRA weights) and ``fitted(key, names)`` (a fitted router's tensors), with the
+        library's own errors when it lacks them. Routers that declare ``library_state`` override it; the rest
+        hold no state a library could supply (uniform, oracle, ...), and are left as built."""
 
 
 def need_labels(name: str, task_ids: Optional[Tensor], num_experts: int, device: torch.device) -> Tensor:

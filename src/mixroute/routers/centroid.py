@@ -12,7 +12,7 @@ its examples (``mixroute.library`` computes and sets them). A prototype left at 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,9 @@ class CentroidRouter(Router):
         self.top_k = min(s.top_k, dims.num_experts)
         self.temperature = s.centroid_temperature
         self.register_buffer("prototypes", torch.zeros(dims.num_experts, dims.hidden_size))
+
+    def load_library_state(self, key: str, library: Any) -> None:
+        self.prototypes.copy_(library.prototypes(self.read_layer))
 
     def features(self, hidden: Tensor, mask: Optional[Tensor]) -> Tensor:
         """(B, H) what the router (and a prototype) reads from the hidden states entering its layer."""

@@ -16,7 +16,7 @@ also what an engine taking one adapter per request needs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -57,6 +57,9 @@ class TaskRouter(Router):
         super().validate(cfg, rank)
         if cls.settings(cfg).route_train == "label":
             check_experts_cover_labels(cls.name, cfg, "with route_train='label' sends label t to expert t")
+
+    def load_library_state(self, key: str, library: Any) -> None:
+        self.load_state_dict(library.fitted(key, list(self.state_dict())))
 
     def features(self, hidden: Tensor, mask: Optional[Tensor]) -> Tensor:
         """(B, H) what the router reads from the hidden states entering its layer."""
