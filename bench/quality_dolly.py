@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import findings as F  # noqa: E402
 import protocol as P  # noqa: E402
 from common import DOLLY, preset, write_section  # noqa: E402
 
@@ -349,7 +350,7 @@ def render(a: argparse.Namespace, results: dict, chosen: dict, sweeps: dict, fig
                 "each stage-1 LoRA on its own category)", ""]
         out += [f"![validation curves, seed {s}]({os.path.relpath(p, docs_dir)})" for s, p in figures.items()]
         out.append("")
-    out += ["**What this shows, against the papers**", ""] + discussion(a, results, methods) + [""]
+    out += ["**What this shows, against the papers**", ""] + F.render(findings(a, results, methods)) + [""]
     out += ["<details><summary>Exact commands (first seed; the others change the seeds)</summary>", "", "```"]
     out += [commands[m] for m in methods if m in commands]
     out += ["```", "", "</details>", ""]
@@ -439,62 +440,32 @@ def _avg_ppl(results: dict, m: str) -> Optional[float]:
     return P.mean_std(_per_seed(results, m, lambda r: r["perplexity"]["average"]))[0]
 
 
-def discussion(a: argparse.Namespace, results: dict, methods: list[str]) -> list[str]:
-    """Sentences read off ``results``: each one is computed from the numbers above it."""
-    out: list[str] = []
+def findings(a: argparse.Namespace, results: dict, methods: list[str]) -> list:
+    """What the section concludes, as data (``bench/findings.py``), each computed from the numbers above it."""
+    out: list = []
     ppl = {m: _avg_ppl(results, m) for m in methods}
     ppl = {m: v for m, v in ppl.items() if v is not None}
     if ppl:
-        out.append("- Mean average test perplexity, best first: "
-                   + " < ".join(f"{m} {ppl[m]:.3f}" for m in sorted(ppl, key=ppl.get)) + ".")
+        out.append(F.Ranking(ppl))
 
-    def ci(x: str, y: str) -> Optional[tuple[float, float, float]]:
+    def ci(x: str, y: str) -> Optional[F.Comparison]:
         got = paired(results, x, y)
-        return P.paired_bootstrap(got[0]) if got else None
+        return F.Comparison(x, y, *P.paired_bootstrap(got[0])) if got else None
 
     trio = [m for m in ("moa", "lora_mixed", "lora_single") if m in ppl]
     if len(trio) == 3:
-        ours = " < ".join(sorted(trio, key=ppl.get))
-        same = ours == "moa < lora_mixed < lora_single"
-        line = (f"- MoA's paper: moa < lora_mixed < lora_single. Here, by the means: {ours}"
-                + (" (the paper's order)." if same else " (not the paper's order)."))
-        for x, y in (("moa", "lora_mixed"), ("moa", "lora_single"), ("lora_mixed", "lora_single")):
-            got = ci(x, y)
-            if got:
-                line += (f" {x} vs {y}: {got[0]:+.1f}% [{got[1]:+.1f}, {got[2]:+.1f}], "
-                         f"{P.verdict(got[1], got[2], x, y)}.")
-        out.append(line)
+        pairs = [ci(x, y) for x, y in (("moa", "lora_mixed"), ("moa", "lora_single"), ("lora_mixed", "lora_single"))]
+        out.append(F.PaperOrder({m: ppl[m] for m in trio}, [c for c in pairs if c]))
     for key, name in (("bleu", "BLEU"), ("rougeL", "ROUGE-L")):
-        vals = {m: P.mean_std(_per_seed(results, m, lambda r, k=key: r[k].get("average")))[0] for m in trio}
-        vals = {m: v for m, v in vals.items() if v is not None}
+        stats = {m: P.mean_std(_per_seed(results, m, lambda r, k=key: r[k].get("average"))) for m in trio}
+        vals = {m: st[0] for m, st in stats.items() if st[0] is not None}
         if len(vals) == 3:
-            order = " > ".join(sorted(vals, key=vals.get, reverse=True))
-            stds = [P.mean_std(_per_seed(results, m, lambda r, k=key: r[k].get("average")))[1] for m in vals]
-            gap = max(vals.values()) - min(vals.values())
-            line = (f"- {name} (higher is better), by the means: {order} ("
-                    + ", ".join(f"{m} {vals[m]:.2f}" for m in trio) + ")")
-            if gap == 0:
-                line += ": a tie."
-            elif any(sd is None for sd in stds):
-                line += "; one seed, so no spread to compare the gaps with."
-            else:
-                spread = max(stds)
-                line += (f"; the largest gap, {gap:.2f}, is " + ("smaller" if gap < spread else "larger")
-                         + f" than the largest standard deviation over seeds ({spread:.2f})"
-                         + (", so the order is within noise." if gap < spread else "."))
-            out.append(line)
+            stds = [stats[m][1] for m in vals]
+            out.append(F.MetricOrder(name, vals, None if any(sd is None for sd in stds) else max(stds)))
     moe = [m for m in ("moe_lora", "moe_lora_naive") if m in ppl]
     if moe and "moa" in ppl and "lora_mixed" in ppl:
-        lo_, hi_ = sorted((ppl["moa"], ppl["lora_mixed"]))
-        out.append("- MoA's paper puts MoE-LoRA (3.8578) and the naive mixture (3.7969) at or above MoA (3.7987). "
-                   "Here: " + ", ".join(
-                       f"{m} {ppl[m]:.3f} ("
-                       + ("between moa and lora_mixed" if lo_ <= ppl[m] <= hi_ else
-                          "below both moa and lora_mixed" if ppl[m] < lo_ else "above both moa and lora_mixed")
-                       + ")" for m in moe) + "."
-                   + "".join(f" {m} vs lora_mixed: {got[0]:+.1f}% [{got[1]:+.1f}, {got[2]:+.1f}], "
-                             f"{P.verdict(got[1], got[2], m, 'lora_mixed')}." for m in moe
-                             if (got := ci(m, "lora_mixed"))))
+        out.append(F.MoEPlacement({m: ppl[m] for m in moe}, ppl["moa"], ppl["lora_mixed"],
+                                  [c for m in moe if (c := ci(m, "lora_mixed"))]))
     seeds_acc = []
     for rs in results.values():
         r = rs.get("moa") or {}
@@ -502,48 +473,25 @@ def discussion(a: argparse.Namespace, results: dict, methods: list[str]) -> list
         if ra is not None and ca is not None:
             seeds_acc.append((ra, ca, len(r["per_example"]["task_ids"])))
     if seeds_acc:
-        ra = sum(x[0] * x[2] for x in seeds_acc) / sum(x[2] for x in seeds_acc)
-        ca = sum(x[1] * x[2] for x in seeds_acc) / sum(x[2] for x in seeds_acc)
         n = sum(x[2] for x in seeds_acc)
-        rlo, rhi = P.accuracy_interval(round(ra * n), n)
-        clo, chi = P.accuracy_interval(round(ca * n), n)
-        overlap = rlo <= chi and clo <= rhi
-        rel = ("at least as accurate as" if ra >= ca else "less accurate than")
-        out.append(f"- Router vs classifier (MoA's paper: 99.90% vs 99.67%, on par): pooled over {len(seeds_acc)} "
-                   f"seed(s) and {n} test examples the router picks the example's own category's expert "
-                   f"{100 * ra:.1f}% [{100 * rlo:.1f}, {100 * rhi:.1f}] of the time, the classifier "
-                   f"{100 * ca:.1f}% [{100 * clo:.1f}, {100 * chi:.1f}]: the router is {rel} the classifier"
-                   + (", the intervals overlap." if overlap else ", and the intervals do not overlap.")
-                   + (" Both are near 100%: the categories are separable from the prompt." if min(ra, ca) >= 0.95
-                      else " Neither is near 100%: the categories are not fully separable from the prompt's "
-                           "pooled hidden states." if max(ra, ca) < 0.9 else ""))
+        ra = sum(x[0] * x[2] for x in seeds_acc) / n
+        ca = sum(x[1] * x[2] for x in seeds_acc) / n
+        out.append(F.RouterVsClassifier(len(seeds_acc), n, (ra, *P.accuracy_interval(round(ra * n), n)),
+                                        (ca, *P.accuracy_interval(round(ca * n), n))))
     at_start = [seed for seed, rs in results.items()
                 if any(P.kept_start(st) for st in (rs.get("moa") or {}).get("stopping") or []
                        if "category" not in st)]
     if at_start:
-        n = sum(1 for rs in results.values() if "moa" in rs)
-        out.append(f"- In {len(at_start)} of {n} seed(s) MoA's stage 2 never beat its own start on validation, so "
-                   "early stopping returned its start (the stage-1 LoRAs with the routers as pre-trained, or as "
-                   "initialised where pre-training was off): that moa row is not a result of stage 2.")
-    if "mop" in ppl and "prompt_tuning" in ppl:
-        got = ci("mop", "prompt_tuning")
-        if got:
-            out.append(f"- MoP vs prompt tuning (MoP's paper: MoP lower): {got[0]:+.1f}% [{got[1]:+.1f}, "
-                       f"{got[2]:+.1f}], {P.verdict(got[1], got[2], 'mop', 'prompt_tuning')}.")
-    if "base" in ppl:
-        worse = [m for m in ppl if m != "base" and ppl[m] > ppl["base"]]
-        if worse:
-            out.append("- Above the untrained base model's perplexity: " + ", ".join(worse) + ".")
-    capped = []
-    for m in methods:
-        for rs in results.values():
-            for s in (rs.get(m) or {}).get("stopping") or []:
-                if s["best_step"] == s["stopped_step"]:
-                    capped.append(m)
-    capped = list(dict.fromkeys(capped))
+        out.append(F.KeptStart(at_start, sum(1 for rs in results.values() if "moa" in rs)))
+    if "mop" in ppl and "prompt_tuning" in ppl and (got := ci("mop", "prompt_tuning")):
+        out.append(F.Labelled("MoP vs prompt tuning (MoP's paper: MoP lower)", got))
+    if "base" in ppl and (worse := [m for m in ppl if m != "base" and ppl[m] > ppl["base"]]):
+        out.append(F.MethodList("above_base", worse))
+    capped = list(dict.fromkeys(m for m in methods for rs in results.values()
+                                for s in (rs.get(m) or {}).get("stopping") or []
+                                if s["best_step"] == s["stopped_step"]))
     if capped and P.BUDGETS[a.budget].steps is None:
-        out.append("- Still improving at the cap (best weights = the last step) in at least one seed or stage-1 "
-                   "LoRA: " + ", ".join(capped) + "; their numbers are a lower bound on what more epochs give.")
+        out.append(F.MethodList("at_cap", capped))
     return out
 
 

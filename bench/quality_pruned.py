@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import findings as F  # noqa: E402
 import protocol as P  # noqa: E402
 from common import DOLLY, fmt, preset, write_section  # noqa: E402
 
@@ -472,19 +473,19 @@ def render(a: argparse.Namespace, results: dict[str, dict], chosen: dict, sweeps
             out.append(f"- {setting_label(s)}: top-1 {P.fmt_ms(acc, 1, 100)}%"
                        f"<br>![MoP gates, {setting_label(s)}]({os.path.relpath(fig['png'], docs_dir)})")
         out.append("")
-    out += ["**What this shows, against the paper**", ""] + discussion(a, results) + [""]
+    out += ["**What this shows, against the paper**", ""] + F.render(findings(a, results)) + [""]
     out += ["<details><summary>Exact training commands (first seed; the pruned models are written by the script "
             "with <code>mixroute.prune.prune_model</code>)</summary>", "", "```", *commands, "```", "", "</details>",
             ""]
     return "\n".join(out)
 
 
-def gate_sentences(results: dict[str, dict], diffs: dict[str, Any]) -> list[str]:
+def gate_evidence(results: dict[str, dict], diffs: dict[str, F.Comparison]) -> list[F.GateEvidence]:
     """Where MoP does not beat prompt tuning, what its gate and size measured (first seed): the evidence for why,
     not a proof."""
     out = []
-    for s, d in diffs.items():
-        if d[2] < 0:
+    for s, c in diffs.items():
+        if c.hi < 0:
             continue
         rs = next(iter(results[s]["runs"].values()), {})
         mop, pt = rs.get("mop"), rs.get("prompt_tuning")
@@ -495,71 +496,42 @@ def gate_sentences(results: dict[str, dict], diffs: dict[str, Any]) -> list[str]
         for i, row in enumerate(acc["confusion"]):
             j = max(range(len(row)), key=row.__getitem__)
             if j != i and sum(row) and row[j] / sum(row) >= 0.5:
-                merged.append(f"{labels[i]} -> {labels[j]}'s expert {100 * row[j] / sum(row):.0f}%")
-        params = mop.get("parameters") or {}
-        out.append(f"- What the runs show about why ({setting_label(s)}, first seed): MoP's gate, pre-trained to "
-                   f"send category i to expert i, sends {100 * acc['overall']:.1f}% of test examples to their "
-                   "category's expert after training"
-                   + (f" and sends most of some categories to another category's expert ({'; '.join(merged)}), so "
-                      "fewer experts specialise than there are categories" if merged else "")
-                   + f"; MoP trains {mop['trainable_parameters']:,} parameters"
-                   + (f" ({params['routers']:,} in its gate)" if params.get("routers") else "")
-                   + f" against prompt tuning's {pt['trainable_parameters']:,} on the same train examples.")
+                merged.append((labels[i], labels[j], row[j] / sum(row)))
+        out.append(F.GateEvidence(setting_label(s), acc["overall"], merged, mop["trainable_parameters"],
+                                  (mop.get("parameters") or {}).get("routers"), pt["trainable_parameters"]))
     return out
 
 
-def discussion(a: argparse.Namespace, results: dict[str, dict]) -> list[str]:
-    """Sentences read off the results: each one follows from the numbers in the tables above."""
-    out = []
-    diffs = {s: mop_vs_pt(results, s) for s in results}
-    diffs = {s: d for s, d in diffs.items() if d is not None}
+def findings(a: argparse.Namespace, results: dict[str, dict]) -> list:
+    """What the section concludes, as data (``bench/findings.py``), each from the numbers in the tables above."""
+    out: list = []
+    got = {s: mop_vs_pt(results, s) for s in results}
+    got = {s: d for s, d in got.items() if d is not None}
+    diffs = {s: F.Comparison("mop", "prompt_tuning", *d[:3]) for s, d in got.items()}
     if diffs:
-        below = [s for s, d in diffs.items() if d[2] < 0]
-        above = [s for s, d in diffs.items() if d[1] > 0]
-        out.append(f"- MoP's paper: MoP 3% to 30% below prompt tuning, more so at higher pruning. Here MoP is below "
-                   f"prompt tuning with a 95% interval excluding 0 in {len(below)} of {len(diffs)} setting(s)"
-                   + (f" ({', '.join(setting_label(s) for s in below)})" if below else "")
-                   + f", above it in {len(above)}"
-                   + (f" ({', '.join(setting_label(s) for s in above)})" if above else "")
-                   + f", and within noise in {len(diffs) - len(below) - len(above)}: "
-                   + "; ".join(f"{setting_label(s)} {d[0]:+.1f}% [{d[1]:+.1f}, {d[2]:+.1f}], per seed "
-                               + ", ".join(f"{x:+.1f}%" for x in d[3]) for s, d in diffs.items()) + ".")
-        ladder = sorted(((setting_target(s)[1], d[0]) for s, d in diffs.items()
-                         if s != "dense" and setting_target(s)[1] is not None))
+        out.append(F.SettingComparisons("MoP's paper: MoP 3% to 30% below prompt tuning, more so at higher pruning.",
+                                        {setting_label(s): c for s, c in diffs.items()},
+                                        {setting_label(s): d[3] for s, d in got.items()}))
+        ladder = sorted((setting_target(s)[1], c.point) for s, c in diffs.items()
+                        if s != "dense" and setting_target(s)[1] is not None)
         if len(ladder) >= 2:
-            grows = all(later < earlier for (_, earlier), (_, later) in zip(ladder, ladder[1:]))
-            ahead = sum(d < 0 for _, d in ladder)
-            if not grows:
-                trend = "not monotone in MoP's favour, so the paper's 'more at higher pruning' does not hold here."
-            elif ahead == len(ladder):
-                trend = "MoP's relative advantage grows with sparsity, the paper's trend."
-            else:
-                trend = ("the difference moves in MoP's favour as sparsity grows (the paper's trend), but by the "
-                         f"means MoP is below prompt tuning at {ahead} of these {len(ladder)} sparsities.")
-            out.append("- Against sparsity (unstructured): MoP vs PT goes "
-                       + " -> ".join(f"{d:+.1f}% at {sp * 100:g}%" for sp, d in ladder) + ": " + trend)
+            out.append(F.SparsityTrend(ladder))
     others = [s for s in diffs if rates_from(a, s) != s]
     if P.BUDGETS[a.budget].steps is None and others:
-        out.append(f"- The learning rates were chosen on {setting_label(sweep_on(a.settings))}'s validation split "
-                   "and reused for " + ", ".join(setting_label(s) for s in others)
-                   + ": there both methods run at rates tuned for another base, so those comparisons may favour "
-                   "whichever method's best rate moves less with sparsity.")
-    out += gate_sentences(results, diffs)
+        out.append(F.ReusedRates(setting_label(sweep_on(a.settings)), [setting_label(s) for s in others]))
+    out += gate_evidence(results, diffs)
     for s in results:
         base = _mean(results, s, "base")
         row = {m: _mean(results, s, m) for m in METHOD_ORDER if m != "base"}
         row = {m: v for m, v in row.items() if v is not None}
         if base and row:
             best = min(row, key=row.get)
-            out.append(f"- {setting_label(s)}: base {base:.2f}; best {NAMES[best]} {row[best]:.2f} "
-                       f"({100 * (row[best] - base) / base:+.1f}%)"
-                       + ("; " + ", ".join(f"{NAMES[m]} is above the base" for m, v in row.items() if v > base)
-                          if any(v > base for v in row.values()) else "") + ".")
+            out.append(F.AgainstBase(setting_label(s), base, NAMES[best], row[best],
+                                     [NAMES[m] for m, v in row.items() if v > base]))
     capped = sorted({f"{NAMES[m]} ({setting_label(s)})" for s, e in results.items() for rs in e["runs"].values()
                      for m, r in rs.items() for st in r.get("stopping") or [] if st["best_step"] == st["stopped_step"]})
     if capped and P.BUDGETS[a.budget].steps is None:
-        out.append("- Still improving at the cap in at least one seed: " + ", ".join(capped)
-                   + "; more epochs would lower these.")
+        out.append(F.AtCap(capped))
     return out
 
 

@@ -212,3 +212,17 @@ def test_global_scope_only_where_meaningful(router):
     with pytest.raises(ConfigError, match="router_scope='global'"):
         Mixture.attach(tiny_model()[0], MixtureConfig(router=router, num_experts=3, num_tasks=3,
                                                       router_scope="global"))
+
+
+@pytest.mark.parametrize("case", fast_only(CASES, FAST_CASES))
+def test_every_expert_tensor_declares_how_it_stacks_the_experts(case):
+    """What federated training slices per expert comes from the bank (``expert_axes``): every expert tensor
+    has an axis, and along it the experts fill the dimension in equal blocks."""
+    mix = make(case)
+    n = next(iter(mix.experts.values())).num_experts
+    for key, t in mix.adapter_state_dict().items():
+        if key.startswith("routers."):
+            assert mix.expert_axis(key) is None
+            continue
+        dim, block = mix.expert_axis(key)
+        assert t.shape[dim] == n * block, (key, tuple(t.shape), dim, block)

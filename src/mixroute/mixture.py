@@ -512,6 +512,15 @@ class Mixture(nn.Module):
         """Experts' and routers' tensors (parameters and persistent buffers), without the base model."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
 
+    def expert_axis(self, key: str) -> Optional[tuple[int, int]]:
+        """(dim, block) when the adapter tensor ``key`` (``adapter_state_dict``'s name) stacks per-expert
+        slices along ``dim``, expert e owning ``[e*block, (e+1)*block)``, as its bank declares; None for a
+        tensor the experts share (or a router's)."""
+        if not key.startswith("experts."):
+            return None
+        bank, param = key[len("experts."):].rsplit(".", 1)
+        return self.experts[bank].expert_axes().get(param)
+
     # ------------------------------------------------------------------ save / load / PEFT
     def save(self, directory: str) -> None:
         """Write ``mixture.safetensors`` + ``mixture.json`` (config and base fingerprint) into ``directory``."""

@@ -153,21 +153,43 @@ def _result(ppl: float, router: float | None = None, clf: float | None = None) -
             "classifier_accuracy": None if clf is None else {"overall": clf}, "per_example": per, "stopping": []}
 
 
-def test_discussion_follows_the_numbers():
+def test_findings_follow_the_numbers():
     bench = _bench()
+    import findings as F
+
     a = bench.parse_args(["--budget", "smoke", "--data", "synthetic", "--no-write"])
-    both_perfect = {0: {"moa": _result(3.0, 1.0, 1.0), "lora_mixed": _result(4.0), "lora_single": _result(5.0)}}
-    text = "\n".join(bench.discussion(a, both_perfect, ["lora_single", "lora_mixed", "moa"]))
-    assert "Both are near 100%" in text and "Neither" not in text
-    assert "moa < lora_mixed < lora_single (the paper's order)" in text
+    trio = ["lora_single", "lora_mixed", "moa"]
+
+    def found(results) -> dict:
+        return {type(f): f for f in bench.findings(a, results, trio)}
+
+    both_perfect = found({0: {"moa": _result(3.0, 1.0, 1.0), "lora_mixed": _result(4.0), "lora_single": _result(5.0)}})
+    order, acc = both_perfect[F.PaperOrder], both_perfect[F.RouterVsClassifier]
+    assert order.order == ["moa", "lora_mixed", "lora_single"] and order.matches_paper
+    assert acc.both_near_all and not acc.neither_near_all and acc.at_least_as_accurate and acc.n == 2
+    assert both_perfect[F.Ranking].order == order.order and F.KeptStart not in both_perfect
     reversed_ = {0: {"moa": _result(6.0, 0.5, 0.7), "lora_mixed": _result(4.0), "lora_single": _result(5.0)}}
-    text = "\n".join(bench.discussion(a, reversed_, ["lora_single", "lora_mixed", "moa"]))
-    assert "(not the paper's order)" in text and "Neither is near 100%" in text
-    assert "less accurate than the classifier" in text and "never beat its own start" not in text
+    got = found(reversed_)
+    assert not got[F.PaperOrder].matches_paper and got[F.PaperOrder].order[-1] == "moa"
+    acc = got[F.RouterVsClassifier]
+    assert acc.neither_near_all and not acc.at_least_as_accurate and acc.router[0] == 0.5
     moa = {**reversed_[0]["moa"], "stopping": [{"best_step": 0, "stopped_step": 29}]}
-    at_start = {0: {**reversed_[0], "moa": moa}}
-    text = "\n".join(bench.discussion(a, at_start, ["lora_single", "lora_mixed", "moa"]))
-    assert "In 1 of 1 seed(s) MoA's stage 2 never beat its own start" in text
+    kept = found({0: {**reversed_[0], "moa": moa}})[F.KeptStart]
+    assert kept.seeds == [0] and kept.of == 1
+    # the one rendering: each finding a bullet, from its own text()
+    lines = F.render(bench.findings(a, reversed_, trio))
+    assert all(ln.startswith("- ") for ln in lines) and "(not the paper's order)" in "\n".join(lines)
+
+
+def test_a_comparison_says_what_its_interval_says():
+    _bench()
+    import findings as F
+
+    assert F.Comparison("a", "b", -3.0, -5.0, -1.0).verdict == "a below b"
+    assert F.Comparison("a", "b", 3.0, 1.0, 5.0).verdict == "a above b"
+    assert F.Comparison("a", "b", 1.0, -1.0, 3.0).verdict.startswith("within noise")
+    assert F.MetricOrder("BLEU", {"x": 2.0, "y": 1.0}, 0.5).within_noise is False
+    assert F.MetricOrder("BLEU", {"x": 2.0, "y": 1.0}, None).within_noise is None
 
 
 def test_heading_names_the_data(tmp_path):

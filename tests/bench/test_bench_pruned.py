@@ -37,42 +37,47 @@ def test_parse_setting():
             bench.parse_setting(bad)
 
 
-def test_gate_sentences_follow_the_confusion_matrix():
+def test_gate_evidence_follows_the_confusion_matrix():
     bench = _bench()
+    import findings as F
+
     labels = ["a", "b", "c"]
     mop = {"trainable_parameters": 1500, "parameters": {"routers": 1200},
            "router_accuracy": {"overall": 0.6, "labels": labels,
                                "confusion": [[10, 0, 0], [1, 3, 6], [0, 0, 10]]}}
     results = {"sparsegpt-75": {"runs": {0: {"mop": mop, "prompt_tuning": {"trainable_parameters": 80}}}}}
-    (line,) = bench.gate_sentences(results, {"sparsegpt-75": (1.0, -1.0, 3.0, [1.0])})
-    assert "sends 60.0% of test examples" in line and "(b -> c's expert 60%)" in line
-    assert "MoP trains 1,500 parameters (1,200 in its gate) against prompt tuning's 80" in line
-    assert bench.gate_sentences(results, {"sparsegpt-75": (-5.0, -8.0, -2.0, [-5.0])}) == []  # MoP won: no why
+    within = {"sparsegpt-75": F.Comparison("mop", "prompt_tuning", 1.0, -1.0, 3.0)}
+    (ev,) = bench.gate_evidence(results, within)
+    assert ev.accuracy == 0.6 and ev.merged == [("b", "c", 0.6)]
+    assert (ev.trainable, ev.gate, ev.prompt_tuning) == (1500, 1200, 80)
+    won = {"sparsegpt-75": F.Comparison("mop", "prompt_tuning", -5.0, -8.0, -2.0)}
+    assert bench.gate_evidence(results, won) == []  # MoP won: no why
     mop["router_accuracy"]["confusion"] = [[10, 0, 0], [0, 10, 0], [0, 0, 10]]
-    (line,) = bench.gate_sentences(results, {"sparsegpt-75": (1.0, -1.0, 3.0, [1.0])})
-    assert "another category's expert" not in line
+    (ev,) = bench.gate_evidence(results, within)
+    assert ev.merged == [] and "another category's expert" not in ev.text()
 
 
-@pytest.mark.parametrize("diffs, says", [
-    ({"sparsegpt-50": -2.0, "sparsegpt-75": -9.0}, "MoP's relative advantage grows with sparsity"),
-    ({"sparsegpt-50": 5.0, "sparsegpt-75": 0.5}, "MoP is below prompt tuning at 0 of these 2 sparsities"),
-    ({"sparsegpt-50": -5.0, "sparsegpt-75": -1.0}, "does not hold here"),
+@pytest.mark.parametrize("diffs, grows, ahead", [
+    ({"sparsegpt-50": -2.0, "sparsegpt-75": -9.0}, True, 2),    # the paper's trend
+    ({"sparsegpt-50": 5.0, "sparsegpt-75": 0.5}, True, 0),      # moving MoP's way, still behind
+    ({"sparsegpt-50": -5.0, "sparsegpt-75": -1.0}, False, 2),   # ahead, but shrinking
 ])
-def test_sparsity_trend_sentence_follows_the_numbers(monkeypatch, diffs, says):
+def test_sparsity_trend_follows_the_numbers(monkeypatch, diffs, grows, ahead):
     import argparse
 
     bench = _bench()
+    import findings as F   # beside the bench scripts, on the path _bench() puts them
+
     results = {s: {"runs": {}} for s in diffs}
     monkeypatch.setattr(bench, "mop_vs_pt", lambda r, s: (diffs[s], diffs[s] - 1, diffs[s] + 1, [diffs[s]]))
     a = argparse.Namespace(budget="full", settings=list(diffs), sweep_each=False)
-    text = "\n".join(bench.discussion(a, results))
-    assert f"{diffs['sparsegpt-50']:+.1f}% at 50% -> {diffs['sparsegpt-75']:+.1f}% at 75%" in text
-    others = {"MoP's relative advantage grows with sparsity", "MoP is below prompt tuning at 0 of these 2 sparsities",
-              "does not hold here"} - {says}
-    assert says in text and not any(o in text for o in others)
-    assert "chosen on sparsegpt 75%'s validation split and reused for sparsegpt 50%:" in text
+    found = {type(f): f for f in bench.findings(a, results)}
+    trend = found[F.SparsityTrend]
+    assert trend.ladder == [(0.5, diffs["sparsegpt-50"]), (0.75, diffs["sparsegpt-75"])]
+    assert (trend.grows, trend.ahead) == (grows, ahead)
+    assert found[F.ReusedRates].chosen_on == "sparsegpt 75%" and found[F.ReusedRates].reused_for == ["sparsegpt 50%"]
     a.sweep_each = True  # each setting tuned on its own validation split: nothing to warn about
-    assert "reused for" not in "\n".join(bench.discussion(a, results))
+    assert F.ReusedRates not in {type(f) for f in bench.findings(a, results)}
     assert [bench.rates_from(a, s) for s in ("dense", "sparsegpt-50")] == ["sparsegpt-75", "sparsegpt-50"]
 
 

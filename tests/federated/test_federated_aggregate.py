@@ -6,13 +6,17 @@ import pytest
 import torch
 
 from mixroute.federated.aggregate import aggregate, client_state, fedavg, split_routers
-from mixroute.federated.payload import BaseTensorLeak, check_adapter_only, expert_axis, is_router, num_bytes
+from mixroute.federated.payload import BaseTensorLeak, check_adapter_only, is_router, num_bytes
 
 E, R = 2, 1  # two experts of rank 1
 
 
 def axis(key, shape):
-    return expert_axis(key, shape, E, R)
+    """The layouts the banks declare (``expert_axes``): LoRA's A rows and B columns in blocks of R, a prompt
+    bank's first dimension; routers are shared."""
+    if not key.startswith("experts."):
+        return None
+    return {"A": (0, R), "B": (1, R), "weight": (0, 1)}.get(key.rsplit(".", 1)[1])
 
 
 def st(a, b, p, g):

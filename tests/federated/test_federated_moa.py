@@ -15,7 +15,7 @@ from mixroute import rundir
 from mixroute.config import MixtureConfig, load_config
 from mixroute.experts import expert_rank
 from mixroute.federated.aggregate import per_category_average
-from mixroute.federated.payload import expand_experts, expert_axis, trim_experts
+from mixroute.federated.payload import expand_experts, trim_experts
 from mixroute.mixture import Mixture
 from mixroute.models import tiny_model
 
@@ -28,7 +28,9 @@ OVERRIDES = ["model.name=tiny", "data.path=null", "data.synthetic_per_task=24", 
 
 
 def _axis(e, r):
-    return lambda key, shape: expert_axis(key, shape, e, r)
+    """LoRA's layout as ``LoraBank.expert_axes`` declares it: A's rows and B's columns in blocks of r."""
+    return lambda key, shape: {"A": (0, r), "B": (1, r)}.get(key.rsplit(".", 1)[1]) if key.startswith(
+        "experts.") else None
 
 
 def test_trimmed_payload_round_trips_and_the_stage1_average_weights_by_category_counts():

@@ -50,6 +50,9 @@ class DoraBank(LoraBank):
                    dropout: float = 0.0) -> "DoraBank":
         return cls(module, *in_out_features(module), num_experts, rank, alpha, dropout)
 
+    def expert_axes(self) -> dict[str, tuple[int, int]]:
+        return {**super().expert_axes(), "m": (0, 1)}   # one magnitude row per expert
+
     def norms(self, dtype: torch.dtype) -> Tensor:
         """(E, out) ||W + s B_e A_e||_row, detached; recomputed only when W, A or B changed (decode steps and
         every projection of an evaluation reuse it).

@@ -79,6 +79,9 @@ class LoraBank(nn.Module, ExpertKind):
 
         return cls(*in_out_features(module), num_experts, rank, alpha, dropout)
 
+    def expert_axes(self) -> dict[str, tuple[int, int]]:
+        return {"A": (0, self.rank), "B": (1, self.rank)}   # each expert's r rows of A, r columns of B
+
     def expert(self, e: int) -> tuple[Tensor, Tensor]:
         """Views (A_e (r, in), B_e (out, r)) of expert ``e``."""
         r = self.rank

@@ -70,6 +70,9 @@ class PromptBank(nn.Module, ExpertKind):
         self.num_experts, self.num_tokens = num_experts, num_tokens
         self.weight = nn.Parameter(torch.zeros(num_experts, num_tokens, hidden_size))
 
+    def expert_axes(self) -> dict[str, tuple[int, int]]:
+        return {"weight": (0, 1)}
+
 
 def resolve_layers(cfg: MixtureConfig, num_layers: int) -> tuple[int, int]:
     """(inject layer m, gate layer g) with defaults N//2 and N//3 (<= m); bad values name the field and range."""

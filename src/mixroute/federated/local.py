@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from mixroute.config import ConfigError, FederatedConfig, RunConfig
 from mixroute.data import Partition, RunData, partition_train, to_device
 from mixroute.experts import expert_rank
-from mixroute.federated.payload import expert_axis
 from mixroute.rundir import open_run
 from mixroute.train.centralized import (build_mixture, build_optimizer, make_accelerator, seed_everything,
                                         training_device)
@@ -40,7 +39,7 @@ class Local:
         return int(self.mix.cfg.num_experts)
 
     def axis(self, key: str, shape: tuple) -> Optional[tuple[int, int]]:
-        return expert_axis(key, shape, self.num_experts, expert_rank(self.mix.cfg))
+        return self.mix.expert_axis(key)   # as the expert bank stacks its experts
 
     def client_data(self, k: int) -> RunData:
         """Client k's view: its partition of the train split (held-out splits unchanged)."""

@@ -44,22 +44,6 @@ def is_router(key: str) -> bool:
     return key.startswith(ROUTER_PREFIX)
 
 
-def expert_axis(key: str, shape: tuple, num_experts: int, rank: int) -> Optional[tuple[int, int]]:
-    """(dim, block) when ``key`` stacks per-expert slices along ``dim`` in blocks of ``block`` (expert e owns
-    ``[e*block, (e+1)*block)``), None for tensors shared by the experts (averaged by examples).
-
-    LoRA banks stack experts' ranks: ``A`` is (E*r, in), ``B`` is (out, E*r); prompt banks are (E, L, H)."""
-    if not key.startswith(EXPERT_PREFIX) or num_experts < 1:
-        return None
-    if key.endswith(".A") and len(shape) == 2 and shape[0] == num_experts * rank:
-        return 0, rank
-    if key.endswith(".B") and len(shape) == 2 and shape[1] == num_experts * rank:
-        return 1, rank
-    if len(shape) >= 1 and shape[0] == num_experts and not key.endswith((".A", ".B")):
-        return 0, 1
-    return None
-
-
 def expert_slices(ax: tuple[int, int], experts: Sequence[int], ndim: int) -> list[tuple]:
     """Index tuples of each of ``experts``' slices in a tensor of ``ndim`` dims stacked along ``ax`` = (dim, block)."""
     dim, block = ax
