@@ -310,3 +310,53 @@ class AtCap:
     def text(self) -> str:
         return ("Still improving at the cap in at least one seed: " + ", ".join(self.runs)
                 + "; more epochs would lower these.")
+
+
+# ------------------------------------------------------------------ federated
+@dataclass
+class FederatedVsCentral:
+    """One method against its reference on one base, federated and central (the MoP paper: the federated gap
+    is larger than the central one)."""
+
+    setting: str
+    federated: Optional[Comparison]
+    central: Optional[Comparison]
+
+    @property
+    def larger_federated(self) -> Optional[bool]:
+        """Whether the method's advantage (a more negative difference) is larger federated than central."""
+        if self.federated is None or self.central is None:
+            return None
+        return self.federated.point < self.central.point
+
+    def text(self) -> str:
+        parts = [f"{where} {c.point:+.1f}% [{c.lo:+.1f}, {c.hi:+.1f}] ({c.verdict})"
+                 for where, c in (("federated", self.federated), ("central", self.central)) if c is not None]
+        c = self.federated or self.central
+        line = f"{self.setting}, {c.a} vs {c.b}: " + "; ".join(parts)
+        if self.larger_federated is None:
+            return line + "."
+        noisy = " by the point estimates (an interval contains 0)" if any(
+            c.lo <= 0 <= c.hi for c in (self.federated, self.central)) else ""
+        return line + (f"; the advantage is larger federated{noisy}, the paper's direction." if self.larger_federated
+                       else f"; the advantage is not larger federated{noisy}, against the paper's direction.")
+
+
+@dataclass
+class GapVsSparsity:
+    """A method's difference to its reference along increasing sparsity (0 = dense), federated or central."""
+
+    method: str
+    where: str
+    ladder: list[tuple[float, float]]
+
+    @property
+    def grows(self) -> bool:
+        """The advantage grows (the difference falls) at every step up in sparsity."""
+        return all(later < earlier for (_, earlier), (_, later) in zip(self.ladder, self.ladder[1:]))
+
+    def text(self) -> str:
+        return (f"{self.method} against sparsity, {self.where}: "
+                + " -> ".join(f"{d:+.1f}% at {100 * sp:g}%" for sp, d in self.ladder) + ": "
+                + ("the advantage grows with sparsity, the paper's trend." if self.grows
+                   else "not monotone in its favour, so 'more at higher pruning' does not hold here."))

@@ -18,7 +18,9 @@ validation``, writes "## Federated: learning-rate selection" instead) unless ``-
 
     python bench/quality_federated.py --settings dense --methods fed_prompt_tuning fed_mop_fedavg fed_lora \
         --prompt-lr 3e-3 3e-2 3e-1 --mop-lr 0.3 1 3 --lr 5e-4 2e-3 --no-central --split validation   # selection
-    python bench/quality_federated.py --prompt-lr X --mop-lr Y --lr Z      # the table, about an hour on 2 cores
+    python bench/quality_federated.py --prompt-lr X --mop-lr Y --lr Z      # the table: 3 seeds, hours on 2 cores
+    python bench/quality_federated.py --prompt-lr X --mop-lr Y --lr Z --per-category 200 --max-eval 50 \
+        --rounds 8                                                       # >= 50 test examples per category
     python bench/quality_federated.py --model tiny --data synthetic --settings dense --methods fed_lora \
         --clients 2 --rounds 1 --local-steps 1 --per-category 24 --central-steps 1 --no-write   # smoke
 """
@@ -34,6 +36,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import findings as F  # noqa: E402
+import protocol as P  # noqa: E402
 from common import DOLLY, ROOT, fmt, write_section  # noqa: E402
 
 SECTION = "## Federated (Flower, mop_skew)"
@@ -49,6 +53,8 @@ METHODS = {
 LABELS = {"fed_prompt_tuning": "prompt tuning (FedAvg)", "fed_mop_fedavg": "MoP (FedAvg)",
           "fed_mop_usage": "MoP (usage)", "fed_lora": "single LoRA (FedAvg)", "fed_moa": "MoA (usage)"}
 DEFAULT_SETTINGS = ["dense", "sparsegpt-75", "sparsegpt-2:4"]
+# the paired comparisons the section reports, federated and central: (method, its reference)
+PAIRS = [("fed_mop_fedavg", "fed_prompt_tuning"), ("fed_mop_usage", "fed_prompt_tuning"), ("fed_moa", "fed_lora")]
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -85,14 +91,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="Split of the reported table (validation: a selection-only run that never reads test).")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="Seeds (data sample, split, partition, initialisation); learning rates are chosen on the "
+                        "first seed's validation split and reused for the others.")
     p.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--no-write", action="store_true", help="Print only; leave --docs alone.")
     return p.parse_args(argv)
 
 
 def overrides(a: argparse.Namespace, method: str, aggregation: str, model: Optional[str], run_dir: Path,
-              central_steps: int, lr: float) -> list[str]:
+              central_steps: int, lr: float, seed: int) -> list[str]:
     data = (["data.path=null", f"data.synthetic_per_task={a.per_category}"] if a.data == "synthetic"
             else [f"data.path={a.data}"])
     # the gate and the task routers are pre-trained (federated: a round of their own) as the recipe does
@@ -107,15 +115,16 @@ def overrides(a: argparse.Namespace, method: str, aggregation: str, model: Optio
         extra = ["mixture.routers.task.route_train=label", "train.router_lr=0.01", f"federated.stage1_rounds={s1}"]
     return [f"model.name={model if model is not None else 'null'}", *data,
             f"data.max_per_category={a.per_category}", f"data.max_length={a.max_length}", "data.template=plain",
-            "data.val_fraction=0.1", "data.test_fraction=0.25", f"data.seed={a.seed}", f"train.method={method}",
+            "data.val_fraction=0.1", "data.test_fraction=0.25", f"data.seed={seed}", f"train.method={method}",
             f"train.max_steps={central_steps}", f"train.stage1_steps={stage1}", f"train.batch_size={a.batch_size}",
             f"train.lr={lr}", "train.warmup_steps=0", "train.eval_every=0", "train.save_every=0",
-            f"train.seed={a.seed}", "eval.max_generate=1", "eval.max_new_tokens=1", f"eval.max_eval={a.max_eval}",
+            f"train.seed={seed}", f"mixture.seed={seed}", "eval.max_generate=1", "eval.max_new_tokens=1",
+            f"eval.max_eval={a.max_eval}",
             f"output_dir={run_dir}", f"federated.clients={a.clients}",
             f"federated.fraction={a.fraction}", f"federated.rounds={a.rounds}",
             f"federated.local_steps={a.local_steps}", f"federated.aggregation={aggregation}",
             "federated.partition=mop_skew", f"federated.partition_total={a.partition_total}",
-            f"federated.partition_seed={a.seed}", "federated.min_clients=1", *extra]
+            f"federated.partition_seed={seed}", "federated.min_clients=1", *extra]
 
 
 def num_categories(a: argparse.Namespace) -> int:
@@ -140,7 +149,7 @@ def base_model(a: argparse.Namespace, setting: str) -> Optional[str]:
 
     pa = qp.parse_args(["--model", a.model or "null", "--data", a.data, "--per-category", str(a.per_category),
                         "--max-length", str(a.max_length), "--calib-samples", str(a.calib_samples),
-                        "--calib-seq-len", str(a.calib_seq_len), "--seed", str(a.seed), "--no-write"])
+                        "--calib-seq-len", str(a.calib_seq_len), "--seed", str(a.seeds[0]), "--no-write"])
     pa.model = a.model
     model_dir = Path(a.out) / qp.setting_dirname(setting) / "model"
     qp.prune_setting(pa, qp.parse_setting(setting), model_dir)
@@ -167,40 +176,50 @@ def trained(run_dir: Path, ovr: list[str], train_fn) -> bool:
     return False
 
 
-def run_one(a: argparse.Namespace, setting: str, name: str, model: Optional[str],
-            central_done: dict[str, Any]) -> dict[str, Any]:
-    """Every learning rate of ``name`` federated (chosen on validation when several), then the chosen one on
-    ``a.split`` and its central reference (shared by methods with the same central method)."""
+def bytes_per_round(run_dir: Path) -> dict[str, float]:
+    """Mean bytes sent down (server -> clients) and up per round, summed over the round's clients."""
+    from mixroute import rundir
+
+    rows = rundir.read_rounds(run_dir)
+    return {d: sum(r[f"bytes_{d}"] for r in rows) / len(rows) for d in ("down", "up")} if rows else {}
+
+
+def run_one(a: argparse.Namespace, seed: int, setting: str, name: str, model: Optional[str],
+            central_done: dict[str, Any], lr: Optional[float] = None) -> dict[str, Any]:
+    """Every learning rate of ``name`` federated (chosen on validation when several; ``lr``: the one chosen on
+    the first seed), then the chosen one on ``a.split`` and its central reference (shared by methods with the
+    same central method)."""
     from mixroute.config import load_config
     from mixroute.federated import run
 
     method, agg = METHODS[name]
     per_round = max(1, min(a.clients, round(a.fraction * a.clients)))
     central = a.central_steps or a.rounds * a.local_steps * per_round
-    out = Path(a.out) / setting.replace(":", "of")
-    row: dict[str, Any] = {"setting": setting, "method": name, "sweep": {}}
-    lrs = candidates(a, method)
-    for lr in lrs:
-        fed_dir = out / f"{name}-lr{lr:g}"
-        ovr = overrides(a, method, agg, model, fed_dir, central, lr)
+    out = Path(a.out) / f"seed{seed}" / setting.replace(":", "of")
+    row: dict[str, Any] = {"setting": setting, "method": name, "seed": seed, "sweep": {}}
+    lrs = [lr] if lr is not None else candidates(a, method)
+    for value in lrs:
+        fed_dir = out / f"{name}-lr{value:g}"
+        ovr = overrides(a, method, agg, model, fed_dir, central, value, seed)
         t0 = time.perf_counter()
         reused = trained(fed_dir, ovr, lambda: run(load_config(None, ovr), progress=True))
         if len(lrs) > 1:
             val = evaluate(fed_dir, "validation")["perplexity"]["average"]
-            row["sweep"][lr] = val
-            print(f"{setting} {name} lr={lr:g}: validation PPL {val:.3f}" + (" (reused)" if reused else ""))
+            row["sweep"][value] = val
+            print(f"{setting} {name} lr={value:g}: validation PPL {val:.3f}" + (" (reused)" if reused else ""))
         if not reused:
             row["federated_seconds"] = time.perf_counter() - t0
     row["lr"] = min(row["sweep"], key=row["sweep"].get) if len(lrs) > 1 else lrs[0]
     chosen = out / f"{name}-lr{row['lr']:g}"
-    row["federated"] = evaluate(chosen, a.split)["perplexity"]
+    row["federated"] = evaluate(chosen, a.split)
+    row["bytes"] = bytes_per_round(chosen)
     if not a.no_central:
         key = f"{method}-lr{row['lr']:g}"
         if key not in central_done:
             cdir = out / f"central_{key}"
-            ovr = overrides(a, method, agg, model, cdir, central, row["lr"])
+            ovr = overrides(a, method, agg, model, cdir, central, row["lr"], seed)
             trained(cdir, ovr, lambda: central_reference(load_config(None, ovr)))
-            central_done[key] = evaluate(cdir, a.split)["perplexity"]
+            central_done[key] = evaluate(cdir, a.split)
         row["central"] = central_done[key]
     return row
 
@@ -213,22 +232,33 @@ def central_reference(cfg: Any) -> None:
     train(cfg, overwrite=True, progress=False)   # MoA with its stage 1, as the federated run has one
 
 
+def _ppl(rows: list[dict[str, Any]], setting: str, name: str, where: str, cat: Optional[str]) -> list:
+    return [(r[where]["perplexity"]["per_category"].get(cat) if cat else r[where]["perplexity"]["average"])
+            for r in rows if r["setting"] == setting and r["method"] == name and where in r]
+
+
 def table(rows: list[dict[str, Any]], cats: list[str]) -> str:
-    head = ["base", "method", "lr", "where", *cats, "average"]
+    """Test perplexity per category, mean ± standard deviation over the seeds, federated and central."""
+    head = ["base", "method", "lr", "where", *cats, "average", "MB down / up per round"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        for where in ("federated", "central"):
-            if where not in r:
-                continue
-            p = r[where]
-            lines.append("| " + " | ".join([r["setting"], LABELS[r["method"]], f"{r['lr']:g}", where,
-                                            *[fmt(p["per_category"].get(c)) for c in cats],
-                                            fmt(p.get("average"))]) + " |")
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        for name in dict.fromkeys(r["method"] for r in rows if r["setting"] == setting):
+            mine = [r for r in rows if r["setting"] == setting and r["method"] == name]
+            for where in ("federated", "central"):
+                if where not in mine[0]:
+                    continue
+                traffic = "-"
+                if where == "federated" and all(r.get("bytes") for r in mine):
+                    down, up = (sum(r["bytes"][d] for r in mine) / len(mine) / 1e6 for d in ("down", "up"))
+                    traffic = f"{down:.3g} / {up:.3g}"
+                lines.append("| " + " | ".join([setting, LABELS[name], f"{mine[0]['lr']:g}", where,
+                                                *[P.fmt_ms(_ppl(rows, setting, name, where, c), 2) for c in cats],
+                                                P.fmt_ms(_ppl(rows, setting, name, where, None), 2), traffic]) + " |")
     return "\n".join(lines)
 
 
 def sweep_table(rows: list[dict[str, Any]]) -> str:
-    """Validation perplexity of every learning rate tried (the chosen one in bold)."""
+    """Validation perplexity of every learning rate tried on the first seed (the chosen one in bold)."""
     lines = ["| base | method | lr | validation PPL |", "|---|---|---|---|"]
     for r in rows:
         for lr, val in r["sweep"].items():
@@ -237,35 +267,61 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def claims(rows: list[dict[str, Any]]) -> str:
-    """MoP vs prompt tuning per base, federated and central: relative perplexity change, from the rows."""
-    by = {(r["setting"], r["method"]): r for r in rows}
-    lines = ["| base | comparison | federated | central |", "|---|---|---|---|"]
+def comparisons(rows: list[dict[str, Any]]) -> list[F.FederatedVsCentral]:
+    """Each of PAIRS on each base, federated and central: the paired bootstrap of the relative average
+    perplexity, pooled over the seeds (the same test examples for both methods of a seed)."""
+    out = []
     for setting in dict.fromkeys(r["setting"] for r in rows):
-        pt = by.get((setting, "fed_prompt_tuning"))
-        for name in ("fed_mop_fedavg", "fed_mop_usage", "fed_moa"):
-            other, ref = by.get((setting, name)), pt if name != "fed_moa" else by.get((setting, "fed_lora"))
-            if other is None or ref is None:
-                continue
-            cells = []
+        for name, ref in PAIRS:
+            got = {}
             for where in ("federated", "central"):
-                if where in other and where in ref and ref[where].get("average"):
-                    cells.append(f"{100 * (other[where]['average'] / ref[where]['average'] - 1):+.1f}%")
-                else:
-                    cells.append("-")
-            lines.append(f"| {setting} | {LABELS[name]} vs {LABELS[ref['method']]} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines) if len(lines) > 2 else ""
+                pooled = P.Paired()
+                for r in rows:
+                    if r["setting"] != setting or r["method"] != name or where not in r:
+                        continue
+                    other = next((x for x in rows if x["setting"] == setting and x["method"] == ref
+                                  and x["seed"] == r["seed"] and where in x), None)
+                    if other is not None:
+                        pooled.add(r[where], other[where], tag=r["seed"])
+                if pooled.tokens:
+                    got[where] = F.Comparison(LABELS[name], LABELS[ref], *P.paired_bootstrap(pooled))
+            if got:
+                out.append(F.FederatedVsCentral(setting, got.get("federated"), got.get("central")))
+    return out
+
+
+def sparsity_trends(found: list[F.FederatedVsCentral]) -> list[F.GapVsSparsity]:
+    """MoP's gap to prompt tuning along dense and the unstructured sparsities, federated and central (the
+    paper: larger federated, growing with sparsity)."""
+    import quality_pruned as qp
+
+    def sparsity(setting: str) -> Optional[float]:
+        return 0.0 if setting == "dense" else qp.setting_target(setting)[1]
+
+    out = []
+    for label in (LABELS["fed_mop_fedavg"], LABELS["fed_mop_usage"]):
+        for where in ("federated", "central"):
+            ladder = sorted((sparsity(f.setting), getattr(f, where).point) for f in found
+                            if getattr(f, where) is not None and getattr(f, where).a == label
+                            and sparsity(f.setting) is not None)
+            if len(ladder) >= 2:
+                out.append(F.GapVsSparsity(label, where, ladder))
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     a = parse_args(argv)
     rows: list[dict[str, Any]] = []
-    for setting in a.settings:
-        model = base_model(a, setting)
-        central_done: dict[str, Any] = {}
-        for name in a.methods:
-            rows.append(run_one(a, setting, name, model, central_done))
-            report(a, rows, argv, done=False)   # a killed run still leaves every finished row behind
+    chosen: dict[tuple[str, str], float] = {}
+    for seed in a.seeds:
+        for setting in a.settings:
+            model = base_model(a, setting)
+            central_done: dict[str, Any] = {}
+            for name in a.methods:
+                row = run_one(a, seed, setting, name, model, central_done, chosen.get((setting, name)))
+                chosen.setdefault((setting, name), row["lr"])
+                rows.append(row)
+                report(a, rows, argv, done=False)   # a killed run still leaves every finished row behind
     report(a, rows, argv, done=True)
 
 
@@ -273,32 +329,41 @@ def report(a: argparse.Namespace, rows: list[dict[str, Any]], argv: Optional[lis
     """results_<split>.json and, when ``done``, the docs section (printed too)."""
     from mixroute.fileio import atomic_write_text
 
-    atomic_write_text(Path(a.out) / f"results_{a.split}.json", json.dumps(rows, indent=2))
+    slim = [{**r, **{w: {k: v for k, v in r[w].items() if k != "per_example"} for w in ("federated", "central")
+                     if w in r}} for r in rows]
+    atomic_write_text(Path(a.out) / f"results_{a.split}.json", json.dumps(slim, indent=2))
     if not done:
         return
-    cats = sorted({c for r in rows for c in r["federated"]["per_category"]})
+    cats = sorted({c for r in rows for c in r["federated"]["perplexity"]["per_category"]})
+    n_test = min(len(r["federated"]["per_example"]["task_ids"]) for r in rows) // max(1, len(cats))
     cmd = "python bench/quality_federated.py " + " ".join(sys.argv[1:] if argv is None else argv)
     size = (f"{a.clients} clients under mop_skew (MoP appendix A), {a.rounds} rounds x {a.local_steps} local "
-            f"steps of batch {a.batch_size}, fraction {a.fraction}; data {Path(a.data).name if a.data != 'synthetic' else 'the synthetic suite'}, "
-            f"{a.per_category} records per category, seed {a.seed}; perplexity of the global model on the "
-            f"{a.split} split (up to {a.max_eval} examples per category)")
-    sweep = sweep_table(rows) if any(r["sweep"] for r in rows) else ""
+            f"steps of batch {a.batch_size}, fraction {a.fraction}; data "
+            f"{Path(a.data).name if a.data != 'synthetic' else 'the synthetic suite'}, {a.per_category} records per "
+            f"category, seeds {', '.join(map(str, a.seeds))} (learning rates chosen on the first); perplexity of "
+            f"the global model on the {a.split} split (about {n_test} examples per category), mean ± standard "
+            "deviation over the seeds; traffic: bytes sent down to and up from the round's clients")
+    sweep = sweep_table([r for r in rows if r["sweep"]])
     if a.split == "validation":
         heading = SWEEP_SECTION
         section = (f"{heading}\n\n{size}. Each learning rate trained federated; the lowest average validation "
                    f"perplexity (bold) is the one the table above uses. Command: `{cmd.strip()}`\n\n"
-                   f"{sweep or table(rows, cats)}\n")
+                   f"{sweep if len(sweep.splitlines()) > 2 else table(rows, cats)}\n")
     else:
         heading = SECTION
         central = "" if a.no_central else ("; central = the same method and learning rate trained on the union of "
-                                           "the clients' data for the same number of steps (MoA: after a stage 1 whose LoRAs see as many "
-                                           "examples of their category as the federated stage 1 does); the gate and "
-                                           "the task routers are pre-trained on both sides")
-        rel = claims(rows)
+                                           "the clients' data for the same number of steps (MoA: after a stage 1 "
+                                           "whose LoRAs see as many examples of their category as the federated "
+                                           "stage 1 does); the gate and the task routers are pre-trained on both "
+                                           "sides")
+        found = comparisons(rows)
+        lines = F.render([*found, *sparsity_trends(found)])
         section = (f"{heading}\n\n{size}{central}. Command: `{cmd.strip()}`\n\n{table(rows, cats)}\n"
-                   + (f"\nAverage perplexity relative to the reference method (negative = lower perplexity):\n\n"
-                      f"{rel}\n" if rel else "")
-                   + (f"\nLearning rates tried (validation):\n\n{sweep}\n" if sweep else ""))
+                   + ("\nAverage perplexity against the reference method, paired bootstrap over the test examples "
+                      "pooled over the seeds (95% intervals; negative = lower perplexity):\n\n"
+                      + "\n".join(lines) + "\n" if lines else "")
+                   + (f"\nLearning rates tried (validation, first seed):\n\n{sweep}\n"
+                      if len(sweep.splitlines()) > 2 else ""))
     print(section)
     if not a.no_write:
         write_section(Path(a.docs), heading, section)
