@@ -69,7 +69,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-central", action="store_true", help="Skip the central reference runs.")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--fraction", type=float, default=0.5, help="Clients per round, as a fraction.")
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=4, help="Rounds of stage 2 at most (the cap).")
+    p.add_argument("--patience", type=int, default=2,
+                   help="Stop stage 2 after this many rounds without a lower validation perplexity and keep the "
+                        "best round (federated.patience; 0 = every round).")
     p.add_argument("--local-steps", type=int, default=3)
     p.add_argument("--stage1-rounds", type=int, default=None,
                    help="MoA: rounds of federated stage 1 before --rounds of stage 2 (default: --rounds); the "
@@ -123,6 +126,7 @@ def overrides(a: argparse.Namespace, method: str, aggregation: str, model: Optio
             f"output_dir={run_dir}", f"federated.clients={a.clients}",
             f"federated.fraction={a.fraction}", f"federated.rounds={a.rounds}",
             f"federated.local_steps={a.local_steps}", f"federated.aggregation={aggregation}",
+            f"federated.patience={a.patience}",
             "federated.partition=mop_skew", f"federated.partition_total={a.partition_total}",
             f"federated.partition_seed={seed}", "federated.min_clients=1", *extra]
 
@@ -337,7 +341,8 @@ def report(a: argparse.Namespace, rows: list[dict[str, Any]], argv: Optional[lis
     cats = sorted({c for r in rows for c in r["federated"]["perplexity"]["per_category"]})
     n_test = min(len(r["federated"]["per_example"]["task_ids"]) for r in rows) // max(1, len(cats))
     cmd = "python bench/quality_federated.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    size = (f"{a.clients} clients under mop_skew (MoP appendix A), {a.rounds} rounds x {a.local_steps} local "
+    size = (f"{a.clients} clients under mop_skew (MoP appendix A), up to {a.rounds} rounds (stopped after "
+            f"{a.patience} without a lower validation perplexity, the best round kept) x {a.local_steps} local "
             f"steps of batch {a.batch_size}, fraction {a.fraction}; data "
             f"{Path(a.data).name if a.data != 'synthetic' else 'the synthetic suite'}, {a.per_category} records per "
             f"category, seeds {', '.join(map(str, a.seeds))} (learning rates chosen on the first); perplexity of "

@@ -234,6 +234,10 @@ class FederatedConfig:
                                            "the average over the clients holding its category, weighted by their "
                                            "examples of it. null = as many as `rounds` for moa, 0 for other "
                                            "methods; 0 = none (stage 2 starts from fresh experts).", ge=0)
+    patience: int = f(0, "Stage 2: stop after this many rounds without a lower average validation perplexity (the "
+                         "server's evaluation after each round) and keep the best round's global state as the "
+                         "final mixture; `rounds` stays the cap. Only rounds that trained count (never the "
+                         "start). 0 = off: every round runs and the last one is final.", ge=0)
     fraction: float = f(1.0, "Fraction of the clients sampled per round (at least min_clients).", gt=0.0, le=1.0)
     min_clients: int = f(1, "Minimum clients sampled per round, and the nodes the server waits for before the "
                             "first round (so a dead node cannot hang it).", ge=1)

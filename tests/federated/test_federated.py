@@ -20,7 +20,9 @@ OVERRIDES = ["model.name=tiny", "data.path=null", "data.synthetic_per_task=24", 
              "eval.batch_size=8",
              "federated.clients=2", "federated.rounds=4", "federated.local_steps=1", "federated.aggregation=usage",
              "federated.personalize_router=true", "federated.partition=mop_skew", "federated.partition_total=null",
-             "federated.round_timeout=120"]
+             "federated.round_timeout=120", "federated.patience=1"]
+# round 3 has no survivors, so the global state, and its validation perplexity, stay round 2's: with patience 1
+# early stopping ends the run there, round 4 never runs, and round 2 is the final mixture
 FAILURES = {(2, 1), (3, 0), (3, 1)}   # (round, partition): round 2: client 1 fails; round 3: both fail
 
 
@@ -84,7 +86,8 @@ def _runs(base, run, CliRunner, app):
     after_stop = rundir.read_rounds(part)
     res = CliRunner().invoke(app, ["federate", "--resume", str(part)])
     assert res.exit_code == 0, res.output
-    assert "resuming after round 2" in res.output and "round 4/4" in res.output
+    assert "resuming after round 2" in res.output and "round 3/4" in res.output and "round 4/4" not in res.output
+    assert "the final mixture is round 2's" in res.output
     return full, part, after_stop
 
 
@@ -97,7 +100,7 @@ def _weights(run_dir):
 def test_rounds_record_failures_and_survivors(runs):
     full, _, _ = runs
     rows = rundir.read_rounds(full)
-    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert [r["round"] for r in rows] == [1, 2, 3]   # early stopping (patience 1) after the no-survivor round
     assert rows[0]["succeeded"] == [0, 1] and rows[0]["failed"] == []
     assert rows[1]["sampled"] == [0, 1] and rows[1]["succeeded"] == [0]
     assert rows[1]["failed"][0]["client"] == 1 and "injected failure" in rows[1]["failed"][0]["reason"]
@@ -111,6 +114,14 @@ def test_rounds_record_failures_and_survivors(runs):
     part = rundir.read_partition(full)
     assert len(part["counts"]) == 2 and all(all(n > 0 for n in row) for row in part["counts"])
     assert set(rundir.read_client_gates(full)["clients"]) == {"client 0", "client 1"}
+    # federated.patience: the final mixture is the round with the lowest average validation perplexity
+    from mixroute.evaluate import evaluate_run
+
+    (stop,) = [m for m in rundir.read_metrics(full) if m.get("stage") == "early_stopping"]
+    assert (stop["best_step"], stop["stopped_step"]) == (2, 3)
+    assert rows[1]["ppl_average"] < rows[0]["ppl_average"]
+    final = evaluate_run(full, split="validation", max_generate=0, classifier=False, write=False)
+    assert final["perplexity"]["average"] == pytest.approx(rows[1]["ppl_average"], rel=1e-5)
 
 
 def test_the_gate_is_pre_trained_on_each_client_s_own_labels_before_round_1(runs):

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,29 +35,47 @@ log = logging.getLogger("mixroute.federated")
 
 STATE = "state.json"
 GLOBAL = "global.safetensors"
+BEST = "best.safetensors"
+
+
+@dataclass
+class Best:
+    """The stage-2 round with the lowest average validation perplexity so far (``federated.patience``)."""
+
+    round: int
+    ppl: float
+    state: dict
 
 
 # ------------------------------------------------------------------ checkpoints
-def save_state(run_dir: Path, rnd: int, global_state: dict, pretrained: bool = True) -> None:
-    """federated/ = global.safetensors + state.json, replaced atomically. ``pretrained``: whether the router
-    pre-training has run (it runs after MoA's stage 1, before the first round of stage 2). Personal routers
-    are not here: they stay on their clients (``local.PersonalRouters``)."""
+def save_state(run_dir: Path, rnd: int, global_state: dict, pretrained: bool = True,
+               best: Optional[Best] = None) -> None:
+    """federated/ = global.safetensors + state.json (+ best.safetensors with ``federated.patience``), replaced
+    atomically. ``pretrained``: whether the router pre-training has run (it runs after MoA's stage 1, before the
+    first round of stage 2). Personal routers are not here: they stay on their clients
+    (``local.PersonalRouters``)."""
     from safetensors.torch import save_file
 
+    meta: dict[str, Any] = {"round": rnd, "pretrained": pretrained}
     with atomic_dir(rundir.federated_dir(run_dir)) as tmp:
         save_file({k: v.contiguous() for k, v in global_state.items()}, str(tmp / GLOBAL))
-        atomic_write_text(tmp / STATE, json.dumps({"round": rnd, "pretrained": pretrained}))
+        if best is not None:
+            save_file({k: v.contiguous() for k, v in best.state.items()}, str(tmp / BEST))
+            meta.update(best_round=best.round, best_ppl=best.ppl)
+        atomic_write_text(tmp / STATE, json.dumps(meta))
 
 
-def load_state(run_dir: Path) -> Optional[tuple[int, dict, bool]]:
+def load_state(run_dir: Path) -> Optional[tuple[int, dict, bool, Optional[Best]]]:
     from safetensors.torch import load_file
 
     d = rundir.federated_dir(run_dir)
     if not (d / STATE).is_file():
         return None
     meta = json.loads((d / STATE).read_text())
+    best = (Best(int(meta["best_round"]), float(meta["best_ppl"]), load_file(str(d / BEST)))
+            if "best_round" in meta else None)
     # a checkpoint from before stage 1 existed was written after the pre-training round, when there was one
-    return int(meta["round"]), load_file(str(d / GLOBAL)), bool(meta.get("pretrained", True))
+    return int(meta["round"]), load_file(str(d / GLOBAL)), bool(meta.get("pretrained", True)), best
 
 
 # ------------------------------------------------------------------ the loop
@@ -182,10 +201,10 @@ def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bo
     console = _console(progress)
     # the server aggregates on the CPU whatever device its evaluation uses: replies arrive as CPU arrays
     global_state = {k: v.detach().cpu().clone() for k, v in mix.adapter_state_dict().items()}
-    start, pretrained = 0, False
+    start, pretrained, best = 0, False, None
     ck = load_state(run_dir) if resume else None
     if ck is not None:
-        start, global_state, pretrained = ck
+        start, global_state, pretrained, best = ck
         rundir.truncate_rounds(run_dir, start)
         rundir.truncate_after(run_dir, start)
         console(f"resuming after round {start}")
@@ -206,7 +225,9 @@ def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bo
             + (f"; {silent} node(s) did not answer within federated.round_timeout={fed.round_timeout}s (loading "
                "the base model on a busy machine can take that long: raise it)" if silent else ""))
     proximal = rule_for(fed.aggregation).proximal
-    for rnd in range(start + 1, total + 1):
+    # a run that early stopping had ended (killed before its final mixture was written) does not train on
+    last = start if best is not None and fed.patience and start - best.round >= fed.patience else total
+    for rnd in range(start + 1, last + 1):
         stage1 = rnd <= s1
         if not stage1 and not pretrained and pretrains_routers(local):
             # on frozen experts (trained by stage 1 when there is one), before the routers train with them
@@ -253,10 +274,23 @@ def _serve(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool, progress: bo
         if row["train_loss"] is not None:
             metrics.train({"step": rnd, "loss": row["train_loss"], "time": time.time()})
         _client_gates(run_dir, cats, local.num_experts, rnd, {k: ok[k][1]["gates"] for k in order})
-        save_state(run_dir, rnd, global_state, pretrained)
+        stop = False
+        if fed.patience and not stage1:
+            if best is None or ppl["average"] < best.ppl:
+                best = Best(rnd, ppl["average"], global_state)
+            stop = rnd - best.round >= fed.patience and rnd < total
+        save_state(run_dir, rnd, global_state, pretrained, best)
         console(_line(row, total))
+        if stop:
+            metrics.eval({"step": rnd, "stage": "early_stopping", "best_step": best.round, "stopped_step": rnd,
+                          "start_step": s1, "trained": True})
+            console(f"early stopping: no lower validation perplexity for {fed.patience} round(s); the final "
+                    f"mixture is round {best.round}'s ({best.ppl:.3f})")
+            break
         if stop_after_round is not None and rnd >= stop_after_round and rnd < total:
             return
+    if best is not None:
+        global_state = best.state   # the best trained round is the final mixture
     mix.load_adapter_state_dict(global_state, source="final global state")
     with atomic_dir(rundir.final_dir(run_dir)) as tmp:
         mix.save(str(tmp))
