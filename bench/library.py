@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOLLY, ROOT, fmt, write_section  # noqa: E402
+from protocol import DOLLY, ROOT, fmt, write_section  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

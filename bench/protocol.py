@@ -1,5 +1,7 @@
-"""The protocol the quality benchmarks share: budgets, learning-rate sweeps read on the validation split,
-validation curves, and the statistics of a table over seeds (mean, standard deviation, paired bootstrap).
+"""What the benchmarks share: paths and presets, budgets, learning-rate sweeps read on the validation split,
+validation curves, the statistics of a table over seeds (mean, standard deviation, paired bootstrap), reuse of
+finished runs, and rewriting one section of docs/benchmarks.md. Importing it puts ``src/`` on ``sys.path`` (the
+scripts run from a checkout). What the sections conclude is ``findings.py``.
 
 A budget says how much data each method sees and when it stops: ``smoke`` is a fixed few steps (minutes, CI);
 ``full`` trains every method in epochs of its own data (a single LoRA its category's train split, the others the
@@ -16,9 +18,38 @@ import json
 import os
 import shutil
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+DOLLY = str((ROOT / ".." / "shared" / "data" / "dolly-15k" / "databricks-dolly-15k.jsonl").resolve())
+
+
+def preset(method: str) -> Path:
+    """The Dolly preset of ``method`` (configs/<method>_dolly.yaml)."""
+    return ROOT / "configs" / f"{method}_dolly.yaml"
+
+
+def fmt(v: Optional[float], nd: int = 2) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def write_section(path: Path, heading: str, text: str) -> None:
+    """Replace the ``heading`` section of ``path`` (up to the next '## ' heading), keeping the others."""
+    from mixroute.fileio import atomic_write_text
+
+    old = path.read_text() if path.is_file() else "# Benchmarks\n\n"
+    lines = old.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.strip() == heading), None)
+    if start is None:
+        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    else:
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+        new = "\n".join(lines[:start] + text.rstrip("\n").splitlines() + [""] + lines[end:]).rstrip("\n") + "\n"
+    atomic_write_text(path, new)
 
 
 @dataclass(frozen=True)

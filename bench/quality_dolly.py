@@ -39,7 +39,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import findings as F  # noqa: E402
 import protocol as P  # noqa: E402
-from common import DOLLY, preset, write_section  # noqa: E402
+from protocol import DOLLY, preset, write_section  # noqa: E402
 
 ORDER = ["base", "lora_mixed", "lora_single", "moa", "moe_lora", "moe_lora_naive", "prompt_tuning", "mop"]
 SHOWN = ["base", "lora_single", "lora_mixed", "moa", "moe_lora", "moe_lora_naive", "prompt_tuning", "mop"]

@@ -38,7 +38,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import findings as F  # noqa: E402
 import protocol as P  # noqa: E402
-from common import DOLLY, ROOT, fmt, write_section  # noqa: E402
+from protocol import DOLLY, ROOT, fmt, write_section  # noqa: E402
 
 SECTION = "## Federated (Flower, mop_skew)"
 SWEEP_SECTION = "## Federated: learning-rate selection (validation)"

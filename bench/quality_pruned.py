@@ -40,7 +40,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import findings as F  # noqa: E402
 import protocol as P  # noqa: E402
-from common import DOLLY, fmt, preset, write_section  # noqa: E402
+from protocol import DOLLY, fmt, preset, write_section  # noqa: E402
 
 HEADING = "## MoP on pruned bases"
 METHOD_ORDER = ["base", "prompt_tuning", "mop", "lora_mixed", "moa"]
@@ -70,7 +70,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="Extra config override for the mop runs, repeatable "
                         "(e.g. mixture.experts.prompt.inject_layer=0).")
     p.add_argument("--sweep-each", action="store_true",
-                   help="Sweep the learning rates on every pruned setting's own first seed (default: on SparseGPT-75% "
+                   help="Sweep the learning rates on every pruned setting's own first seed (default: on SparseGPT-75%% "
                         "only, reused for the other settings).")
     p.add_argument("--calib-samples", type=int, default=32, help="Calibration windows (Wanda / SparseGPT).")
     p.add_argument("--calib-seq-len", type=int, default=128, help="Tokens per calibration window.")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOLLY, ROOT, write_section  # noqa: E402
+from protocol import DOLLY, ROOT, write_section  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

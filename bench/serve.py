@@ -320,7 +320,7 @@ def main() -> None:
     text = table(rows, args, levels)
     print(text)
     if not args.no_write:
-        from common import write_section
+        from protocol import write_section
 
         write_section(ROOT / "docs" / "benchmarks.md", args.section, text)
 

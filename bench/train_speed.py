@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOLLY, ROOT, preset, write_section  # noqa: E402
+from protocol import DOLLY, ROOT, preset, write_section  # noqa: E402
 
 HEADING = "## Training throughput"
 

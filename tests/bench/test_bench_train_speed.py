@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench():
-    sys.path.insert(0, str(ROOT / "bench"))  # the scripts import bench/common.py as a sibling
+    sys.path.insert(0, str(ROOT / "bench"))  # the scripts import bench/protocol.py as a sibling
     return importlib.import_module("train_speed")
 
 
