@@ -363,14 +363,20 @@ def archive_run(run_dir: Path) -> None:
 
 
 def _archived_config(run_dir: Path) -> Optional[dict[str, Any]]:
-    from mixroute.config import ConfigError, to_dict
+    import warnings
+
+    from mixroute.config import ConfigError, MovedKeyWarning, RetiredKeyWarning, to_dict
     from mixroute.rundir import read_config, recorded_config
 
     src = archive_path(run_dir)
     if src is None or not (src / "config.yaml").is_file():
         return None
     try:
-        return to_dict(recorded_config(read_config(src), True))
+        # records written under an older schema are only compared, never trained from: their keys' deprecation
+        # notes would drown the benchmark's own output
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (MovedKeyWarning, RetiredKeyWarning))
+            return to_dict(recorded_config(read_config(src), True))
     except (ConfigError, FileNotFoundError):
         return None
 

@@ -73,6 +73,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = P.parser(__doc__)
     p.add_argument("--data", default=DOLLY, help="A Dolly-schema JSONL file, 'synthetic' or 'dolly-groups'.")
     p.add_argument("--methods", nargs="+", default=ORDER, choices=ORDER)
+    p.add_argument("--sweep-keys", nargs="+", default=None, metavar="KEY",
+                   help="Sweep only these settings (e.g. mixture.router_scope); the others keep the presets' "
+                        "values. Default: every setting in SWEEPS.")
     a = p.parse_args(argv)
     a.data_name = data_name(a.data)
     return P.finish_args(a, argv, f"quality_{a.data_name}_{a.budget}")
@@ -229,13 +232,14 @@ def one_run(a: argparse.Namespace, runner: Runner, method: str, seed: int, si: i
             return
         stage1 = [str(rundir.stage1_dir(Path(single["dir"]), c)) for c in single["categories"]]
     weights_of = Path(results[seed]["lora_single"]["dir"]) if stage1 else None
-    if si == 0 and a.sweep and method in SWEEPS:
-        start = {**P.sweep_start(SWEEPS[method]), **params}
+    stages = [st for st in SWEEPS.get(method, []) if a.sweep_keys is None or st[0] in a.sweep_keys]
+    if si == 0 and a.sweep and stages:
+        start = {**P.sweep_start(stages), **params}
 
         def train_with(trial: dict, method: str = method, stage1: Optional[list] = stage1) -> Path:
             cfg, _ = runner.config(method, seed, trial, sdir / "sweep" / P.run_name(method, trial), stage1)
             return runner.train(cfg, weights_of)
-        params, sweeps[method] = P.sweep(SWEEPS[method], start, train_with, method)
+        params, sweeps[method] = P.sweep(stages, start, train_with, method)
         chosen[method] = {k: v for k, v in params.items() if k != "train.lr" or method not in USES_LORA_LR}
         sdir = sdir / "sweep"  # the chosen configuration's run is the first seed's run: not trained twice
     cfg, command = runner.config(method, seed, params, sdir / P.run_name(method, params), stage1)

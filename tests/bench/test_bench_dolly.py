@@ -79,11 +79,14 @@ def test_full_protocol_on_a_small_grid(tmp_path, monkeypatch, one_thread):
     monkeypatch.setitem(P.BUDGETS, "full", P.Budget("full", per_category=12, max_length=48, val_fraction=0.25,
                                                     test_fraction=0.25, seeds=(0, 1), max_generate=1,
                                                     max_new_tokens=2, max_epochs=3, patience=1, sweep=True))
+    # --sweep-keys leaves the warm-up stage out: its runs would show as trials holding train.warmup_steps
     monkeypatch.setattr(bench, "SWEEPS", {"lora_mixed": [("train.lr", [1e-3, 3e-1])],
-                                          "prompt_tuning": [("train.lr", [1e-2, 1e-1])]})
+                                          "prompt_tuning": [("train.lr", [1e-2, 1e-1]),
+                                                            ("train.warmup_steps", [1, 3])]})
     out = bench.main(["--budget", "full", "--model", "tiny", "--data", "synthetic", "--methods", "base",
                       "lora_mixed", "prompt_tuning", "--threads", "1", "--out", str(tmp_path / "runs"),
-                      "--no-write"])
+                      "--no-write", "--sweep-keys", "train.lr"])
+    assert all(set(t["params"]) == {"train.lr"} for tried in out["sweeps"].values() for t in tried)
     for method, tried in out["sweeps"].items():
         scores = {t["params"]["train.lr"]: t["validation_ppl"] for t in tried}
         assert out["chosen"][method]["train.lr"] == min(scores, key=scores.get)
