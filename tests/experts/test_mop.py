@@ -190,12 +190,18 @@ def _labelled_batches(n: int, seed: int) -> list[dict]:
     return batches
 
 
-def test_pretrain_router_learns_labels_and_touches_only_the_gate(fresh_tiny):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_pretrain_router_learns_labels_and_touches_only_the_gate(fresh_tiny, precision):
+    """Also under the run's autocast (training calls it inside ``accelerator.autocast()``): one autocast region
+    caches each weight's bf16 copy, and a fit inside it never moved the router (chance accuracy)."""
+    from mixroute.devices import autocast
+
     model, _ = fresh_tiny
     mix = mop(model, gate_layer=1, inject_layer=1)
     batches = _labelled_batches(2, seed=1)
     prompts = mix.experts["prompt"].weight.detach().clone()
-    res = pretrain_router(mix, batches, steps=40, lr=1e-2, batch_size=6)
+    with autocast("cpu", precision):
+        res = pretrain_router(mix, batches, steps=40, lr=1e-2, batch_size=6)
     assert res.steps == 40 and res.losses[-1] < 0.5 * res.losses[0]
     assert torch.equal(prompts, mix.experts["prompt"].weight)
     with torch.no_grad():

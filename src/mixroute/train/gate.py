@@ -148,62 +148,68 @@ def pretrain_router(mix: nn.Module, train_batches: Sequence[dict], steps: int, l
     result = PretrainResult()
     if steps <= 0 or not train_batches:
         return result
+    # the features may be computed under the caller's autocast (the base's forward is most of the cost)
     x, y = _inputs_and_labels(mix, train_batches, keys)
     vx, vy = _inputs_and_labels(mix, val_batches, keys) if val_batches else (None, None)
     result.train_examples = len(y)
     routers = [mix.routers[k] for k in keys]
     params = [p for r in routers for p in r.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
     device = params[0].device
-    modes = [r.training for r in routers]
-    gen = torch.Generator().manual_seed(seed)
-    best = (_measure(mix, keys, vx, vy)[0] if vx is not None else float("inf"))
-    best_state = {k: {n: t.detach().clone() for n, t in mix.routers[k].state_dict().items()} for k in keys}
-    bad = 0
-    for r in routers:
-        r.train()
-    try:
-        while result.steps < steps:
-            order = torch.randperm(len(y), generator=gen)
-            for i in range(0, len(y), batch_size):
-                idx = order[i:i + batch_size]
-                target = y[idx].to(device)
-                loss = torch.stack([F.cross_entropy(mix.routers[k].logits(x[k][idx].to(device)), target)
-                                    for k in keys]).mean()
-                if result.first_ce is None:
-                    result.first_ce = loss.item()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                result.losses.append(loss.item())
-                result.steps += 1
-                if result.steps >= steps:
-                    break
-            result.epochs += 1
-            if vx is None:
-                continue
-            ce, _ = _measure(mix, keys, vx, vy)
-            if ce < best:
-                if ce < best * (1 - min_delta):
-                    bad = 0
+    # The fit itself runs in float32 with autocast off: inside one autocast region torch caches each
+    # parameter's half-precision copy until the region ends, so every forward would read the weights as they
+    # were before the first optimizer step and the router would never move (measured: bf16 kept the
+    # cross-entropy at ln E and the accuracy at chance). On cached features it costs milliseconds a step.
+    with torch.autocast(device_type=device.type, enabled=False):
+        opt = torch.optim.AdamW(params, lr=lr)
+        modes = [r.training for r in routers]
+        gen = torch.Generator().manual_seed(seed)
+        best = (_measure(mix, keys, vx, vy)[0] if vx is not None else float("inf"))
+        best_state = {k: {n: t.detach().clone() for n, t in mix.routers[k].state_dict().items()} for k in keys}
+        bad = 0
+        for r in routers:
+            r.train()
+        try:
+            while result.steps < steps:
+                order = torch.randperm(len(y), generator=gen)
+                for i in range(0, len(y), batch_size):
+                    idx = order[i:i + batch_size]
+                    target = y[idx].to(device)
+                    loss = torch.stack([F.cross_entropy(mix.routers[k].logits(x[k][idx].to(device)), target)
+                                        for k in keys]).mean()
+                    if result.first_ce is None:
+                        result.first_ce = loss.item()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    result.losses.append(loss.item())
+                    result.steps += 1
+                    if result.steps >= steps:
+                        break
+                result.epochs += 1
+                if vx is None:
+                    continue
+                ce, _ = _measure(mix, keys, vx, vy)
+                if ce < best:
+                    if ce < best * (1 - min_delta):
+                        bad = 0
+                    else:
+                        bad += 1
+                    best, result.best_epoch = ce, result.epochs
+                    best_state = {k: {n: t.detach().clone() for n, t in mix.routers[k].state_dict().items()}
+                                  for k in keys}
                 else:
                     bad += 1
-                best, result.best_epoch = ce, result.epochs
-                best_state = {k: {n: t.detach().clone() for n, t in mix.routers[k].state_dict().items()}
-                              for k in keys}
+                if bad >= patience:
+                    break
+            if vx is not None:
+                for k in keys:
+                    mix.routers[k].load_state_dict(best_state[k])
+                result.val_ce, accs = _measure(mix, keys, vx, vy)
+                result.val_accuracy_per_router = accs
+                result.val_accuracy = sum(accs.values()) / len(accs)
             else:
-                bad += 1
-            if bad >= patience:
-                break
-        if vx is not None:
-            for k in keys:
-                mix.routers[k].load_state_dict(best_state[k])
-            result.val_ce, accs = _measure(mix, keys, vx, vy)
-            result.val_accuracy_per_router = accs
-            result.val_accuracy = sum(accs.values()) / len(accs)
-        else:
-            result.best_epoch = result.epochs
-    finally:
-        for r, m in zip(routers, modes):
-            r.train(m)
+                result.best_epoch = result.epochs
+        finally:
+            for r, m in zip(routers, modes):
+                r.train(m)
     return result
