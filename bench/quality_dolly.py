@@ -304,10 +304,12 @@ def render(a: argparse.Namespace, results: dict, chosen: dict, sweeps: dict, fig
     if b.steps is None:
         how = (f"every method trains in epochs of its own data (one single LoRA: its category's ~{n_cat} train "
                f"examples, {sched['stage1_eval_every']} steps an epoch; the others: the union of {n_train}, "
-               f"{sched['eval_every']} steps an epoch), is validated once per epoch on the validation split "
-               f"(category-average perplexity; a stage-1 LoRA on its own category) and stops after "
-               f"{b.patience} epoch(s) without improvement, keeping its best weights, at most {b.max_epochs} "
-               "epochs. moa's stage 2 runs to its own plateau from the stage-1 LoRAs.")
+               f"{sched['eval_every']} steps an epoch), is validated every half epoch (the trainer validates "
+               f"at least twice per epoch) on the validation split (category-average perplexity; a stage-1 "
+               f"LoRA on its own category) and stops after {b.patience} validations without improvement, "
+               f"keeping its best weights, at most {b.max_epochs} epochs. moa's stage 2 runs to its own "
+               "plateau from the stage-1 LoRAs, after its routers are pre-trained on the labels with the "
+               "experts frozen.")
     else:
         how = (f"a fixed {b.steps} steps per method ({b.stage1_steps} per single LoRA), no early stopping: a "
                "check that everything runs, not a measurement.")
@@ -323,7 +325,10 @@ def render(a: argparse.Namespace, results: dict, chosen: dict, sweeps: dict, fig
     out += P.missing_note(missing or [])
     if sweeps:
         lora = chosen.get(LORA_LR_FROM, {}).get("train.lr")
-        out += P.sweep_table(sweeps, " on the first seed; the chosen values are used for every seed" + (
+        only = ("" if a.sweep_keys is None else "; only " + ", ".join(f"`{k}`" for k in a.sweep_keys)
+                + " swept, every other setting (learning rates included) is the preset's "
+                "(configs/<method>_dolly.yaml)")
+        out += P.sweep_table(sweeps, " on the first seed; the chosen values are used for every seed" + only + (
             f"; lora_single (MoA's stage 1) and moe_lora_naive train at lr {lora:g}, the rate chosen for "
             f"{LORA_LR_FROM}; the stage 2 of moa and moe_lora, which continues from those stage-1 LoRAs, has "
             "its own" if lora is not None else ""), {m: chosen[m] for m in sweeps if chosen.get(m)})

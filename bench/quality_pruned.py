@@ -400,8 +400,9 @@ def render(a: argparse.Namespace, results: dict[str, dict], chosen: dict, sweeps
     n_train, n_cat = P.split_sizes(tuple(base_overrides(a, a.seeds[0])))
     sched = P.schedule(b, n_train, n_cat, a.batch_size)
     how = (f"each method trains in epochs of the {n_train} train examples ({sched['eval_every']} steps an epoch), "
-           f"is validated once per epoch (category-average validation perplexity) and stops after {b.patience} "
-           f"epoch(s) without improvement, keeping its best weights, at most {b.max_epochs} epochs"
+           f"is validated every half epoch (the trainer validates at least twice per epoch; category-average "
+           f"validation perplexity) and stops after {b.patience} validations without improvement, keeping its "
+           f"best weights, at most {b.max_epochs} epochs"
            if b.steps is None else f"a fixed {b.steps} steps per method, no early stopping (a check that "
                                    "everything runs, not a measurement)")
     out = [HEADING, "",
