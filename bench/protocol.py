@@ -606,11 +606,23 @@ def sweep_table(sweeps: dict[str, list[dict]], note: str = "",
             # a run that ended on the weights it was validated with before its first step is no setting's
             # result: its number is the start's, the same for every setting, so none is shown
             if stops and kept_start(stops[-1]):
-                setting, v = setting + " (kept its start)", "not trained"
+                if routers_pretrained(Path(t["dir"])):  # a start with fitted routers is stage 1 + pre-training
+                    setting += f" ({PRETRAINED_START})"
+                else:
+                    setting, v = setting + " (kept its start)", "not trained"
             out.append(f"| {m} | {setting} | {f'**{v}**' if is_pick else v} |")
         if pick is None:
             out.append(f"| {m} | (sweep not finished) | - |")
     return out + [""]
+
+
+PRETRAINED_START = "stage 2 kept its start: the stage-1 experts with the pre-trained routers"
+
+
+def routers_pretrained(run_dir: Path) -> bool:
+    """Whether the run's router pre-training moved its routers (an epoch beat their initialisation)."""
+    return any(r.get("stage") == "router_pretrain" and (r.get("best_epoch") or 0) > 0
+               for r in metrics_rows(run_dir))
 
 
 def kept_start(stop: dict[str, Any]) -> bool:

@@ -381,7 +381,10 @@ def _steps(r: dict[str, Any]) -> str:
     stops = [s for s in r.get("stopping") or [] if "category" not in s]
     if not stops:
         return "-"
-    flag = " **not trained** (kept its start)" if P.kept_start(stops[-1]) else ""
+    flag = ""
+    if P.kept_start(stops[-1]):
+        flag = (f" ({P.PRETRAINED_START})" if r.get("dir") and P.routers_pretrained(Path(r["dir"]))
+                else " **not trained** (kept its start)")
     return f"{stops[-1]['best_step']} / {stops[-1]['stopped_step']}{flag}"
 
 

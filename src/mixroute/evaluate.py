@@ -449,8 +449,9 @@ def _evaluate_run(run_dir: str | Path, max_new_tokens: Optional[int], max_genera
 def training_outcome(metrics: Sequence[dict[str, Any]]) -> Optional[dict[str, Any]]:
     """Whether the (last stage of) training moved away from its start, from the run's early-stopping line:
     ``trained`` is False when the kept weights are those validated before the first step (the run is then
-    not a result of the method, and reports flag it). None when the run did not early-stop (it ends on its
-    last step) or logged no such line."""
+    not a result of the method, and reports flag it); ``routers_pretrained`` says whether that start already
+    held routers fitted by router pre-training (an epoch of it beat their initialisation). None when the run
+    did not early-stop (it ends on its last step) or logged no such line."""
     rows = [m for m in metrics if m.get("stage") == "early_stopping" and "category" not in m]
     if not rows:
         return None
@@ -459,8 +460,9 @@ def training_outcome(metrics: Sequence[dict[str, Any]]) -> Optional[dict[str, An
     trained = r.get("trained")
     if trained is None and start is not None and r.get("best_step") is not None:
         trained = r["best_step"] > start
+    pretrained = any(m.get("stage") == "router_pretrain" and (m.get("best_epoch") or 0) > 0 for m in metrics)
     return {"start_step": start, "best_step": r.get("best_step"), "stopped_step": r.get("stopped_step"),
-            "trained": trained}
+            "trained": trained, "routers_pretrained": pretrained}
 
 
 # ------------------------------------------------------------------ one prompt

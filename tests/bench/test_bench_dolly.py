@@ -206,12 +206,13 @@ def test_heading_names_the_data(tmp_path):
         "questions", "passage tasks", "classification", "open-ended writing"}
 
 
-def test_sweep_table_flags_a_setting_that_kept_its_start():
-    """Identical numbers for different settings were runs that never left their start: the table says so."""
+def test_sweep_table_flags_a_setting_that_kept_its_start(tmp_path):
+    """Identical numbers for different settings were runs that never left their start: the table says so. A
+    start whose routers were pre-trained is the stage-1 experts with fitted routers: shown, and said so."""
     protocol = _protocol()
 
-    def trial(lr, stop):
-        return {"params": {"train.lr": lr}, "validation_ppl": 12.625, "dir": "x", "stopping": [stop]}
+    def trial(lr, stop, run="x"):
+        return {"params": {"train.lr": lr}, "validation_ppl": 12.625, "dir": str(tmp_path / run), "stopping": [stop]}
 
     old = {"step": 29, "stage": "early_stopping", "best_step": 0, "stopped_step": 29}       # before `trained`
     moved = {"step": 60, "stage": "early_stopping", "best_step": 45, "stopped_step": 60, "start_step": 30,
@@ -222,6 +223,11 @@ def test_sweep_table_flags_a_setting_that_kept_its_start():
     assert "| moa | lr 5e-05 (kept its start) | **not trained** |" in rows
     assert not any("5e-05" in r and "12.625" in r for r in rows), "a run that never trained reported its start"
     assert "| moa | lr 0.0003 | 12.625 |" in rows and "| moa | lr 0.001 | 12.625 |" in rows
+    (tmp_path / "fitted").mkdir()
+    (tmp_path / "fitted" / "metrics.jsonl").write_text(json.dumps({"step": 0, "stage": "router_pretrain",
+                                                                   "best_epoch": 3}) + "\n")
+    rows = protocol.sweep_table({"moa": [trial(5e-5, old, "fitted")]}, chosen={"moa": {"train.lr": 5e-5}})
+    assert f"| moa | lr 5e-05 ({protocol.PRETRAINED_START}) | **12.625** |" in rows
 
 
 def test_a_run_trained_in_a_snapshot_of_the_code_is_restored_in_the_checkout(tmp_path, monkeypatch):

@@ -169,6 +169,21 @@ def test_training_outcome_flags_a_run_that_kept_its_start():
     assert training_outcome(moved)["trained"] is True
     stage1_only = [{"stage": "early_stopping", "best_step": 4, "category": "a"}]
     assert training_outcome(stage1_only) is None
+    # a start whose routers pre-training fitted is told apart from one whose routers are as initialised
+    assert training_outcome(kept)["routers_pretrained"] is False
+    fitted = [{"stage": "router_pretrain", "best_epoch": 2}, *kept]
+    assert training_outcome(fitted) == {**training_outcome(kept), "routers_pretrained": True}
+    unmoved = [{"stage": "router_pretrain", "best_epoch": 0}, *kept]
+    assert training_outcome(unmoved)["routers_pretrained"] is False
+
+
+def test_compare_names_say_how_a_run_kept_its_start():
+    from mixroute.report.compare import KEPT_PRETRAINED, NOT_TRAINED, _group_names
+
+    evals = [{"run": "a", "training": {"trained": False, "routers_pretrained": True}},
+             {"run": "b", "training": {"trained": False, "routers_pretrained": False}},
+             {"run": "c", "training": {"trained": True}}, {"run": "d"}]
+    assert _group_names(evals) == ["a" + KEPT_PRETRAINED, "b" + NOT_TRAINED, "c", "d"]
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,12 @@ def _runs_blocks(runs: list[RunInfo]) -> list:
             blocks.append(Note(f"{r.name}: " + "; ".join(r.missing) + ". The report shows what exists.",
                                warning=True))
         outcome = (r.eval or {}).get("training") or {}
-        if outcome.get("trained") is False:
+        if outcome.get("trained") is False and outcome.get("routers_pretrained"):
+            blocks.append(Note(f"{r.name}: its last stage never beat its start on validation (step "
+                               f"{outcome.get('start_step')}), so early stopping kept that start: the stage-1 experts "
+                               "with the routers as router pre-training fitted them. Its numbers are those of stage 1 "
+                               "plus pre-training, not of the joint stage.", warning=True))
+        elif outcome.get("trained") is False:
             blocks.append(Note(f"{r.name}: not trained. Its best validation was the state before its first step "
                                f"(step {outcome.get('start_step')}), so early stopping kept that start; its numbers "
                                "are not a result of the method.", warning=True))

@@ -41,6 +41,9 @@ def comparison_table(evals: list[dict[str, Any]]) -> ComparisonTable:
 
 
 NOT_TRAINED = " (not trained: kept its start)"
+# a start whose routers router pre-training fitted is the stage-1 experts with those routers: a result of
+# stage 1 and pre-training, not of the joint stage that followed
+KEPT_PRETRAINED = " (stage 2 kept its start: pre-trained routers)"
 
 
 def _group_names(evals: list[dict[str, Any]]) -> list[str]:
@@ -48,8 +51,13 @@ def _group_names(evals: list[dict[str, Any]]) -> list[str]:
     false) is marked, so its numbers are never read as the method's result."""
     names = [e.get("run") or e.get("method") or f"run{i}" for i, e in enumerate(evals)]
     names = [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
-    return [n + NOT_TRAINED if (e.get("training") or {}).get("trained") is False else n
-            for n, e in zip(names, evals)]
+    return [n + _start_note(e.get("training") or {}) for n, e in zip(names, evals)]
+
+
+def _start_note(outcome: dict[str, Any]) -> str:
+    if outcome.get("trained") is not False:
+        return ""
+    return KEPT_PRETRAINED if outcome.get("routers_pretrained") else NOT_TRAINED
 
 
 def format_metric(v: Optional[float], metric: str) -> str:
