@@ -590,6 +590,8 @@ def sweep_table(sweeps: dict[str, list[dict]], note: str = "",
     a sweep that has not finished says so)."""
     out = ["**Learning-rate sweeps** (validation split only; the lowest validation perplexity each run reached; "
            f"**bold** = chosen){note}", "", "| method | setting | validation PPL |", "|---|---|---:|"]
+    from mixroute.report.compare import KEPT_PRETRAINED
+
     chosen = chosen or {}
     for m, tried in sweeps.items():
         seen = set()
@@ -606,8 +608,8 @@ def sweep_table(sweeps: dict[str, list[dict]], note: str = "",
             # a run that ended on the weights it was validated with before its first step is no setting's
             # result: its number is the start's, the same for every setting, so none is shown
             if stops and kept_start(stops[-1]):
-                if routers_pretrained(Path(t["dir"])):  # a start with fitted routers is stage 1 + pre-training
-                    setting += f" ({PRETRAINED_START})"
+                if pretrained_start(Path(t["dir"])):  # a start with fitted routers is stage 1 + pre-training
+                    setting += KEPT_PRETRAINED
                 else:
                     setting, v = setting + " (kept its start)", "not trained"
             out.append(f"| {m} | {setting} | {f'**{v}**' if is_pick else v} |")
@@ -616,13 +618,11 @@ def sweep_table(sweeps: dict[str, list[dict]], note: str = "",
     return out + [""]
 
 
-PRETRAINED_START = "stage 2 kept its start: the stage-1 experts with the pre-trained routers"
+def pretrained_start(run_dir: Path) -> bool:
+    """Whether the start a run kept already held routers fitted by router pre-training."""
+    from mixroute.evaluate import routers_pretrained
 
-
-def routers_pretrained(run_dir: Path) -> bool:
-    """Whether the run's router pre-training moved its routers (an epoch beat their initialisation)."""
-    return any(r.get("stage") == "router_pretrain" and (r.get("best_epoch") or 0) > 0
-               for r in metrics_rows(run_dir))
+    return routers_pretrained(metrics_rows(run_dir))
 
 
 def kept_start(stop: dict[str, Any]) -> bool:

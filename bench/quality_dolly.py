@@ -381,9 +381,11 @@ def _steps(r: dict[str, Any]) -> str:
     stops = [s for s in r.get("stopping") or [] if "category" not in s]
     if not stops:
         return "-"
+    from mixroute.report.compare import KEPT_PRETRAINED
+
     flag = ""
     if P.kept_start(stops[-1]):
-        flag = (f" ({P.PRETRAINED_START})" if r.get("dir") and P.routers_pretrained(Path(r["dir"]))
+        flag = (KEPT_PRETRAINED if r.get("dir") and P.pretrained_start(Path(r["dir"]))
                 else " **not trained** (kept its start)")
     return f"{stops[-1]['best_step']} / {stops[-1]['stopped_step']}{flag}"
 

@@ -460,9 +460,14 @@ def training_outcome(metrics: Sequence[dict[str, Any]]) -> Optional[dict[str, An
     trained = r.get("trained")
     if trained is None and start is not None and r.get("best_step") is not None:
         trained = r["best_step"] > start
-    pretrained = any(m.get("stage") == "router_pretrain" and (m.get("best_epoch") or 0) > 0 for m in metrics)
     return {"start_step": start, "best_step": r.get("best_step"), "stopped_step": r.get("stopped_step"),
-            "trained": trained, "routers_pretrained": pretrained}
+            "trained": trained, "routers_pretrained": routers_pretrained(metrics)}
+
+
+def routers_pretrained(metrics: Sequence[dict[str, Any]]) -> bool:
+    """Whether a run's router pre-training moved its routers (an epoch beat their initialisation), from its
+    metrics.jsonl rows."""
+    return any(m.get("stage") == "router_pretrain" and (m.get("best_epoch") or 0) > 0 for m in metrics)
 
 
 # ------------------------------------------------------------------ one prompt

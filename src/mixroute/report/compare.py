@@ -43,7 +43,7 @@ def comparison_table(evals: list[dict[str, Any]]) -> ComparisonTable:
 NOT_TRAINED = " (not trained: kept its start)"
 # a start whose routers router pre-training fitted is the stage-1 experts with those routers: a result of
 # stage 1 and pre-training, not of the joint stage that followed
-KEPT_PRETRAINED = " (stage 2 kept its start: pre-trained routers)"
+KEPT_PRETRAINED = " (stage 2 kept its start: the stage-1 experts with the pre-trained routers)"
 
 
 def _group_names(evals: list[dict[str, Any]]) -> list[str]:
