@@ -264,3 +264,22 @@ def test_federated_set_up_checks_stage1_adapters_as_central_training_does(tmp_pa
                          f"output_dir={tmp_path / 'o'}"])
     with pytest.raises(ConfigError, match="1 adapters for 4 categories"):
         setup(cfg)
+
+
+def test_a_bf16_client_trains_under_autocast_and_its_weights_move():
+    """model.precision=bf16 reaches the clients' local steps (the central recipe gets it from accelerate's
+    prepare(); the client drives the mixture itself) and the float32 weights it sends have trained."""
+    from mixroute.federated.local import setup, train_round
+
+    local = setup(load_config(None, OVERRIDES + ["output_dir=unused", "model.precision=bf16",
+                                                 "federated.local_steps=3"]))
+    dtypes = []
+    hook = local.model.get_output_embeddings().register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    try:
+        start = {k: v.clone() for k, v in local.mix.adapter_state_dict().items()}
+        state, metrics = train_round(local, 0, start, 1)
+    finally:
+        hook.remove()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert metrics["steps"] == 3 and all(v.dtype == torch.float32 for v in state.values())
+    assert any(not torch.equal(state[k], start[k]) for k in start)

@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch import Tensor, nn
@@ -80,9 +80,9 @@ class _Local(nn.Module):
     """The mixture as ``train_step`` drives it, plus FedProx's proximal term and usage bookkeeping."""
 
     def __init__(self, mix: nn.Module, anchor: Optional[dict[str, Tensor]], mu: float, num_categories: int,
-                 num_experts: int, rank: int) -> None:
+                 num_experts: int, rank: int, autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
         super().__init__()
-        self.mix, self.mu = mix, mu
+        self.mix, self.mu, self.autocast = mix, mu, autocast
         self.named = [(n, p) for n, p in mix.named_parameters() if p.requires_grad and not n.startswith("model.")]
         self.anchor = anchor
         self.mass = torch.zeros(num_categories, num_experts, dtype=torch.float64)
@@ -90,7 +90,10 @@ class _Local(nn.Module):
         self.rank = rank
 
     def forward(self, **batch: Any) -> Any:
-        out = self.mix(**batch)
+        # one autocast region per forward, as accelerate's prepare() gives the central recipe: one region around
+        # the whole local loop would keep serving each LoRA's bf16 copy from before the first optimizer step
+        with self.autocast():
+            out = self.mix(**batch)
         self._record(out.routing, batch)
         if self.anchor is not None and self.mu > 0:
             prox = sum(((p - self.anchor[n]) ** 2).sum() for n, p in self.named)
@@ -153,7 +156,8 @@ def train_round(local: Local, k: int, state: dict[str, Tensor], rnd: int,
     mix.load_adapter_state_dict(state, source=f"round {rnd} global state")
     data = local.client_data(k)
     n = len(data.examples["train"])
-    wrapper = _Local(mix, None, 0.0, len(data.categories), local.num_experts, expert_rank(mix.cfg))
+    wrapper = _Local(mix, None, 0.0, len(data.categories), local.num_experts, expert_rank(mix.cfg),
+                     local.accelerator.autocast)
     if n == 0:
         return mix.adapter_state_dict(), {"num-examples": 0, "train_loss": float("nan"), "usage": wrapper.usage(),
                                           "gates": wrapper.gates(), "steps": 0}
