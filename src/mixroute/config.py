@@ -108,6 +108,13 @@ class MixtureConfig:
                                     "for 3 epochs (best kept); run before the experts train, or before MoA's stage 2 "
                                     "(0 = none; train.gate.pretrain_router).", ge=0)
     gate_pretrain_lr: float = f(1e-3, "Learning rate of router pre-training (gate_pretrain_steps).", gt=0.0)
+    gate_pretrain_experts: Literal["label", "uniform", "none"] = f(
+        "label", "Router pre-training of per-layer routers (router_scope='layer'): which experts run below each "
+                 "router while its features are cached. label: the example's own at every layer (what stage 2 "
+                 "runs once routing is right; the label also reaches the features, so every router above the "
+                 "first can read it from the experts below); uniform: every expert averaged (no label in the "
+                 "features); none: the frozen base. Routers reading the frozen base (MoP's gate, a global "
+                 "router) are unaffected.")
     seed: int = f(0, "Seed of expert and router initialisation.")
     route_cost_weight: float = f(0.0, "Expert library: lambda of cost-aware routing, the choice is argmax over "
                                       "experts of predicted quality - lambda * cost (0 = ignore costs).", ge=0.0)

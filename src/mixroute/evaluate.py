@@ -281,6 +281,15 @@ def validation_snapshot(model: nn.Module, mix: Optional[nn.Module], data: Any, b
     ppl = perplexity(held.nll, held.tokens, held.task_ids, cats)
     row = {"step": step, "split": "validation", "ppl": ppl["overall"], "ppl_average": ppl["average"],
            "ppl_per_category": ppl["per_category"]}
+    from mixroute.methods import is_label_aligned
+
+    if category is None and mix is not None and is_label_aligned(mix.cfg):
+        # the decisions this pass applied, logged at every validation: a stage 2 that moves its routers away
+        # from the labels shows here, not only in the final evaluation
+        acc = applied_router_accuracy(held, cats, mix.cfg.num_experts)
+        row["router_accuracy"] = acc["overall"]
+        if "per_router" in acc:
+            row["router_accuracy_per_router"] = acc["per_router"]
     weights, layers = gate_matrix(held, len(cats))
     snap: Optional[dict] = None
     if weights:

@@ -349,3 +349,44 @@ def test_e1_m0_equals_peft_prompt_tuning_smollm(smollm):
         assert (ours - ref)[keep].abs().max().item() < bound, dtype
         assert (ref - m(input_ids=ids, attention_mask=am).logits)[keep].abs().max().item() > 1e-2
 
+
+
+# ------------------------------------------------------------------------------------------- MoA's per-layer routers
+def _moa(experts: str):
+    """Per-layer task routers over 3 LoRA experts with random B (a LoRA's B starts at 0, which would make the
+    experts invisible to the features)."""
+    from mixroute.models import tiny_model
+
+    mix = Mixture.attach(tiny_model()[0], MixtureConfig(router="task", num_experts=3, num_tasks=3,
+                                                        experts={"lora": {"rank": 2}}, gate_pretrain_experts=experts))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in mix.named_parameters():
+            if n.startswith("experts."):
+                p.normal_(0, 0.5)
+    return mix.eval()
+
+
+@pytest.mark.parametrize("experts", ["label", "uniform", "none"])
+def test_per_layer_router_features_carry_the_label_only_under_label(experts):
+    """Relabelling the same prompts changes what a router above the first layer reads only when the experts
+    below run by label; ``none`` reads exactly the frozen base's pooled layer input (the classifier's
+    features), and layer 0 reads the embeddings whatever the setting."""
+    from mixroute.evaluate import frozen_features
+
+    mix = _moa(experts)
+    b = _labelled_batches(1, seed=4)
+    relabelled = [dict(b[0], task_ids=(b[0]["task_ids"] + 1) % 3)]
+    keys = ["layer_0", "layer_1"]
+    x, y = router_inputs(mix, b, keys), router_inputs(mix, relabelled, keys)
+    torch.testing.assert_close(x["layer_0"], y["layer_0"])
+    assert torch.equal(x["layer_1"], y["layer_1"]) == (experts != "label")
+    if experts == "none":
+        torch.testing.assert_close(x["layer_1"], frozen_features(mix, b, 1)[0])
+    else:
+        assert not torch.allclose(x["layer_1"], frozen_features(mix, b, 1)[0])
+
+
+def test_router_inputs_rejects_an_unknown_setting():
+    with pytest.raises(ValueError, match="valid: label, uniform, none"):
+        router_inputs(_moa("label"), _labelled_batches(1, seed=4), ["layer_1"], experts="oracle")

@@ -217,6 +217,19 @@ def test_stage2_starts_from_pretrained_routers_and_improves_on_its_start(moa_run
     assert clf["overall"] >= 0.95 and clf["layer"] == 1
 
 
+def test_every_stage2_validation_logs_the_router_accuracy_evaluation_reports(moa_run):
+    """The validation rows carry the accuracy of the decisions each pass applied, per layer and overall; at the
+    step early stopping kept it is what ``evaluate_run`` reports for the final mixture on that split."""
+    metrics = read_metrics(moa_run)
+    stage2 = [m for m in metrics if m.get("split") == "validation" and "ppl" in m and "category" not in m]
+    assert stage2 and all(set(m["router_accuracy_per_router"]) == {"layer_0", "layer_1"} for m in stage2)
+    stop = [m for m in metrics if m.get("stage") == "early_stopping" and "category" not in m][-1]
+    kept = next(m for m in stage2 if m["step"] == stop["best_step"])
+    result = evaluate_run(moa_run, max_generate=0, classifier=False, split="validation", write=False)
+    assert kept["router_accuracy"] == pytest.approx(result["router_accuracy"]["overall"])
+    assert kept["router_accuracy_per_router"] == pytest.approx(result["router_accuracy"]["per_router"])
+
+
 def test_eval_json_carries_the_training_outcome(moa_run):
     result = evaluate_run(moa_run, max_generate=0, classifier=False)
     saved = json.loads((moa_run / "eval.json").read_text())

@@ -6,8 +6,12 @@ of the train and validation splits and every step is one small update on cached 
 
 * a router reading the frozen base (MoP's gate below the prompts, a global router's routing pre-pass) reads
   the base's hidden states at its layer;
-* a per-layer router (the MoA paper's layout) reads its layer's input as stage 2 will produce it once routing
-  is right: with every layer's experts forced to the example's label.
+* a per-layer router (the MoA paper's layout) reads its layer's input with the experts below it run as
+  ``mixture.gate_pretrain_experts`` says: ``label`` forces every layer's experts to the example's label (as
+  stage 2 runs once routing is right), ``uniform`` averages every expert, ``none`` runs the frozen base. Under
+  ``label`` the label reaches the features through the experts below, so a router above the first can learn
+  to read which expert ran rather than the domain, and its validation accuracy on these cached features
+  overstates what it does when the routers below decide (bench/router_pretrain.py measures both).
 
 Training cycles the whole train split in shuffled batches, validates after every epoch, stops once validation
 cross-entropy has not improved by ``min_delta`` (relative) for ``patience`` epochs (or at the step cap) and
@@ -61,10 +65,15 @@ def label_aligned_keys(mix: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def router_inputs(mix: nn.Module, batches: Sequence[dict], keys: Sequence[str]) -> dict[str, Tensor]:
+def router_inputs(mix: nn.Module, batches: Sequence[dict], keys: Sequence[str],
+                  experts: Optional[str] = None) -> dict[str, Tensor]:
     """{key: (N, H)} what each router reads for every example of ``batches`` (collator dicts on the model's
-    device: input_ids, attention_mask, task_ids, optional prompt_mask), experts forced to the label where they
-    shape what a router reads; see the module docstring."""
+    device: input_ids, attention_mask, task_ids, optional prompt_mask), the experts below a per-layer router
+    run as ``experts`` says (label, uniform, none; default ``mix.cfg.gate_pretrain_experts``); see the module
+    docstring."""
+    experts = experts or getattr(mix.cfg, "gate_pretrain_experts", "label")
+    if experts not in ("label", "uniform", "none"):
+        raise ValueError(f"router_inputs: experts={experts!r}; valid: label, uniform, none")
     prepass = [k for k in keys if k in mix.prepass_routers]
     hooked = [k for k in keys if k not in prepass]
     got: dict[str, list[Tensor]] = {k: [] for k in keys}
@@ -90,8 +99,14 @@ def router_inputs(mix: nn.Module, batches: Sequence[dict], keys: Sequence[str]) 
                 got[k].append(mix.routers[k].features(hidden.float(), mask).cpu())
             if not hooked:
                 continue
+            if experts == "none":
+                with mix.frozen():
+                    decoder(mix.model)(**call, use_cache=False)
+                continue
             labels = b["task_ids"].long().clamp_max(num_experts - 1)
-            mix.force(F.one_hot(labels, num_experts).float())
+            weights = (F.one_hot(labels, num_experts).float() if experts == "label"
+                       else torch.full((len(labels), num_experts), 1.0 / num_experts))
+            mix.force(weights)
             try:
                 with mix.context.inputs(b["task_ids"], b.get("prompt_mask")):
                     decoder(mix.model)(**call, use_cache=False)
