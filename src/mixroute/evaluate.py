@@ -276,13 +276,13 @@ def validation_snapshot(model: nn.Module, mix: Optional[nn.Module], data: Any, b
     """Validation perplexity of ``mix`` (or the base model) at ``step``: the perplexity dict, its metrics.jsonl
     eval row, and a gates.json snapshot (None when nothing routes). Central and federated training both log
     these. With ``category`` only that category's validation examples are read (a stage-1 LoRA)."""
+    from mixroute.methods import is_label_aligned
+
     cats = data.categories
     held = held_out_pass(model, mix, data.batches("validation", batch_size, category=category), device=device)
     ppl = perplexity(held.nll, held.tokens, held.task_ids, cats)
     row = {"step": step, "split": "validation", "ppl": ppl["overall"], "ppl_average": ppl["average"],
            "ppl_per_category": ppl["per_category"]}
-    from mixroute.methods import is_label_aligned
-
     if category is None and mix is not None and is_label_aligned(mix.cfg):
         # the decisions this pass applied, logged at every validation: a stage 2 that moves its routers away
         # from the labels shows here, not only in the final evaluation

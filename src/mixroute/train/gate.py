@@ -71,7 +71,7 @@ def router_inputs(mix: nn.Module, batches: Sequence[dict], keys: Sequence[str],
     device: input_ids, attention_mask, task_ids, optional prompt_mask), the experts below a per-layer router
     run as ``experts`` says (label, uniform, none; default ``mix.cfg.gate_pretrain_experts``); see the module
     docstring."""
-    experts = experts or getattr(mix.cfg, "gate_pretrain_experts", "label")
+    experts = experts or mix.cfg.gate_pretrain_experts
     if experts not in ("label", "uniform", "none"):
         raise ValueError(f"router_inputs: experts={experts!r}; valid: label, uniform, none")
     prepass = [k for k in keys if k in mix.prepass_routers]
