@@ -274,7 +274,8 @@ def pretrain_routers(ctx: _Ctx, mix: nn.Module, mcfg: Any, step: int) -> bool:
     if ctx.progress:
         acc = "-" if res.val_accuracy is None else f"{100 * res.val_accuracy:.1f}%"
         print(f"router pre-training: {res.steps} steps, {res.epochs} epochs over {res.train_examples} examples, "
-              f"kept epoch {res.best_epoch}; validation routing accuracy {acc}")
+              f"kept epoch {res.best_epoch}; validation routing accuracy on its cached features {acc} (per-layer "
+              f"routers: the accuracy they apply is in the next validation line, router_accuracy)")
     return True
 
 
