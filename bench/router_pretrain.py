@@ -30,40 +30,61 @@ import json
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol import ROOT, write_section  # noqa: E402
 
-MODES = ("label", "uniform", "none")
+from mixroute.config import PRETRAIN_EXPERTS as MODES  # noqa: E402
 RECORDS = ROOT / "bench" / "results" / "router_pretrain.json"
 
 
-def measure(run: Path, mode: str, split: str, progress: bool = True) -> dict:
-    """Router pre-training with ``gate_pretrain_experts=mode`` on ``run``'s stage-1 experts, then one
-    free-running pass over ``split``."""
+@dataclass
+class Opened:
+    """A MoA run opened once (base model, data, stage-1 adapters) for every setting measured on it."""
+
+    run: Path
+    cfg: Any
+    model: Any
+    data: Any
+    mcfg: Any
+    adapters: list[str]
+
+
+def open_moa_run(run: Path) -> Opened:
     from mixroute import rundir
+
+    cfg = rundir.read_config(run)
+    if cfg.train.method != "moa":
+        raise SystemExit(f"{run}: a MoA run is needed; this one trained {cfg.train.method!r}")
+    if cfg.mixture.router_scope != "layer":
+        raise SystemExit(f"{run}: router_scope is {cfg.mixture.router_scope!r}; the setting applies to per-layer "
+                         f"routers")
+    model, _tok, data, mcfg = rundir.open_run(cfg, "cpu")
+    adapters = [str(a) for a in (cfg.train.stage1_adapters or [rundir.stage1_dir(run, c) for c in data.categories])]
+    missing = [a for a in adapters if not (Path(a) / "adapter_config.json").is_file()]
+    if missing:
+        raise SystemExit(f"{run}: stage-1 adapters missing: {', '.join(missing)}")
+    return Opened(run, cfg, model, data, mcfg, adapters)
+
+
+def measure(opened: Opened, mode: str, split: str, progress: bool = True) -> dict:
+    """Router pre-training with ``gate_pretrain_experts=mode`` on the run's stage-1 experts, from the same initial
+    routers for every mode, then one free-running pass over ``split``."""
     from mixroute.devices import autocast
     from mixroute.evaluate import applied_router_accuracy, held_out_pass, perplexity
     from mixroute.train.centralized import build_mixture, seed_everything
     from mixroute.train.gate import label_aligned_keys, pretrain_router
 
-    cfg = rundir.read_config(run)
-    if cfg.train.method != "moa":
-        raise SystemExit(f"{run}: a MoA run is needed; this one trained {cfg.train.method!r}")
+    cfg, model, data = opened.cfg, opened.model, opened.data
     seed_everything(cfg.train.seed)
-    model, _tok, data, mcfg = rundir.open_run(cfg, "cpu")
-    adapters = list(cfg.train.stage1_adapters or [rundir.stage1_dir(run, c) for c in data.categories])
-    missing = [str(a) for a in adapters if not (Path(a) / "adapter_config.json").is_file()]
-    if missing:
-        raise SystemExit(f"{run}: stage-1 adapters missing: {', '.join(missing)}")
-    mcfg = copy.deepcopy(mcfg)
+    mcfg = copy.deepcopy(opened.mcfg)
     mcfg.gate_pretrain_experts = mode
-    mix = build_mixture(model, mcfg, [str(a) for a in adapters], data)
-    if mcfg.router_scope != "layer":
-        raise SystemExit(f"{run}: router_scope is {mcfg.router_scope!r}; the setting applies to per-layer routers")
+    mix = build_mixture(model, mcfg, opened.adapters, data)
     bs, every = cfg.eval.batch_size, len(data.examples["train"])
     train = list(data.batches("train", bs, max_per_category=every))
     held = list(data.batches(split, bs))
@@ -170,11 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     from mixroute.fileio import atomic_write_text
 
     records = json.loads(a.records.read_text()) if a.records.is_file() else {}
-    rows = []
+    rows, opened = [], None
     for m in a.modes:
         key = f"{_shown(str(a.run.resolve()))}|{m}|{a.split}"
         if a.fresh or key not in records:
-            records[key] = measure(a.run, m, a.split)
+            opened = opened or open_moa_run(a.run)
+            records[key] = measure(opened, m, a.split)
             a.records.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(a.records, json.dumps(records, indent=1) + "\n")
         rows.append(records[key])

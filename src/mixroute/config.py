@@ -71,6 +71,12 @@ class DataConfig:
     seed: int = f(0, "Seed of the stratified split and any sampling.")
 
 
+# Which experts run below a per-layer router while router pre-training caches its features; the field below,
+# train.gate.router_inputs and bench/router_pretrain.py read the choices from here.
+PretrainExperts = Literal["label", "uniform", "none"]
+PRETRAIN_EXPERTS: tuple[str, ...] = typing.get_args(PretrainExperts)
+
+
 @dataclass
 class MixtureConfig:
     """What every mixture shares. Each router and each expert kind owns its other settings (its ``Config``
@@ -108,7 +114,7 @@ class MixtureConfig:
                                     "for 3 epochs (best kept); run before the experts train, or before MoA's stage 2 "
                                     "(0 = none; train.gate.pretrain_router).", ge=0)
     gate_pretrain_lr: float = f(1e-3, "Learning rate of router pre-training (gate_pretrain_steps).", gt=0.0)
-    gate_pretrain_experts: Literal["label", "uniform", "none"] = f(
+    gate_pretrain_experts: PretrainExperts = f(
         "label", "Router pre-training of per-layer routers (router_scope='layer'): which experts run below each "
                  "router while its features are cached. label: the example's own at every layer (what stage 2 "
                  "runs once routing is right; the label also reaches the features, so every router above the "

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixroute.arch import decoder, reading_layer_inputs
+from mixroute.config import PRETRAIN_EXPERTS
 
 
 @dataclass
@@ -72,8 +73,8 @@ def router_inputs(mix: nn.Module, batches: Sequence[dict], keys: Sequence[str],
     run as ``experts`` says (label, uniform, none; default ``mix.cfg.gate_pretrain_experts``); see the module
     docstring."""
     experts = experts or mix.cfg.gate_pretrain_experts
-    if experts not in ("label", "uniform", "none"):
-        raise ValueError(f"router_inputs: experts={experts!r}; valid: label, uniform, none")
+    if experts not in PRETRAIN_EXPERTS:
+        raise ValueError(f"router_inputs: experts={experts!r}; valid: {', '.join(PRETRAIN_EXPERTS)}")
     prepass = [k for k in keys if k in mix.prepass_routers]
     hooked = [k for k in keys if k not in prepass]
     got: dict[str, list[Tensor]] = {k: [] for k in keys}
