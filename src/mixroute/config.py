@@ -201,9 +201,10 @@ class TrainConfig:
     batch_size: int = f(8, "Sequences per micro-batch.", ge=1)
     grad_accum: int = f(1, "Micro-batches per optimizer step.", ge=1)
     lr: float = f(2e-4, "Peak learning rate (AdamW).", gt=0.0)
-    router_lr: Optional[float] = f(None, "Peak learning rate of router / gate parameters (null = train.lr). "
+    router_lr: Optional[float] = f(None, "Peak learning rate of router / gate parameters (null = train.lr; 0 = "
+                                         "they keep what router pre-training or their initialisation gave them). "
                                          "A linear router trained by cross-entropy needs a larger step than "
-                                         "LoRA weights to learn in a few hundred steps.", gt=0.0)
+                                         "LoRA weights to learn in a few hundred steps.", ge=0.0)
     weight_decay: float = f(0.0, "AdamW weight decay.", ge=0.0)
     warmup_steps: int = f(10, "Linear warm-up steps before the cosine decay.", ge=0)
     clip_grad: float = f(1.0, "Gradient norm clipping (0 = off).", ge=0.0)

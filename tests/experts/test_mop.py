@@ -227,27 +227,30 @@ def test_pretrain_router_reads_every_training_example_and_stops_on_validation(fr
     assert res.val_accuracy > 0.5                     # chance is 1/3
 
 
-def test_pretrain_router_leaves_no_gradient_for_the_next_stage(fresh_tiny):
+@pytest.mark.parametrize("eta,router_lr", [(0.0, 0.01), (0.5, 0.0)])
+def test_pretrain_router_leaves_no_gradient_for_the_next_stage(fresh_tiny, eta, router_lr):
     """The next stage's first optimizer step adds to whatever ``.grad`` holds: MoA's stage 2 with its routing loss
     off (eta 0, experts by label) must leave the pre-trained routers exactly as pre-training kept them, where the
-    last pre-training batch's gradient used to move every router weight in Adam's first step."""
+    last pre-training batch's gradient used to move every router weight in Adam's first step; so must
+    ``train.router_lr=0`` with the routing loss on."""
     from mixroute.config import RunConfig
     from mixroute.train.centralized import build_optimizer, make_accelerator
     from mixroute.train.loop import train_step
 
     model, _ = fresh_tiny
     mix = Mixture.attach(model, MixtureConfig(expert="lora", router="task", num_experts=3, num_tasks=3,
-                                              routers={"task": {"eta": 0.0, "route_train": "label"}}))
+                                              routers={"task": {"eta": eta, "route_train": "label"}}))
     batches = _labelled_batches(3, seed=4)
     pretrain_router(mix, batches, steps=10, lr=1e-2, val_batches=_labelled_batches(1, seed=5), batch_size=6)
     assert all(p.grad is None for p in mix.routers.parameters())
     kept = {k: t.clone() for k, t in mix.routers.state_dict().items()}
     cfg = RunConfig()
-    cfg.train.router_lr, cfg.train.warmup_steps = 0.01, 0
+    cfg.train.router_lr, cfg.train.warmup_steps = router_lr, 0
     opt, sched = build_optimizer(mix.adapter_parameters(), cfg, 4, list(mix.routers.parameters()))
     experts = {k: t.clone() for k, t in mix.adapter_state_dict().items() if "router" not in k}
-    train_step(mix, [batches[0] | {"labels": batches[0]["input_ids"]}], opt, sched, make_accelerator(cfg.model),
-               1.0, 1)
+    stats = train_step(mix, [batches[0] | {"labels": batches[0]["input_ids"]}], opt, sched,
+                       make_accelerator(cfg.model), 1.0, 1)
+    assert (stats.router_grad_norm or 0.0) > 0 if eta else stats.router_grad_norm is None
     for k, t in mix.routers.state_dict().items():
         assert torch.equal(t, kept[k]), k
     moved = mix.adapter_state_dict()
