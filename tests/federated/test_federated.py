@@ -20,7 +20,9 @@ OVERRIDES = ["model.name=tiny", "data.path=null", "data.synthetic_per_task=24", 
              "eval.batch_size=8",
              "federated.clients=2", "federated.rounds=4", "federated.local_steps=1", "federated.aggregation=usage",
              "federated.personalize_router=true", "federated.partition=mop_skew", "federated.partition_total=null",
-             "federated.round_timeout=120", "federated.patience=1"]
+             "federated.round_timeout=120", "federated.patience=1", "train.seed=1"]
+# the scenario below needs round 2 (one survivor) to lower validation perplexity on the tiny random model, which
+# depends on the seed: train.seed=1 does (checked after router pre-training stopped leaking its last gradient);
 # round 3 has no survivors, so the global state, and its validation perplexity, stay round 2's: with patience 1
 # early stopping ends the run there, round 4 never runs, and round 2 is the final mixture
 FAILURES = {(2, 1), (3, 0), (3, 1)}   # (round, partition): round 2: client 1 fails; round 3: both fail
