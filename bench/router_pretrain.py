@@ -47,7 +47,6 @@ RECORDS = ROOT / "bench" / "results" / "router_pretrain.json"
 class Opened:
     """A MoA run opened once (base model, data, stage-1 adapters) for every setting measured on it."""
 
-    run: Path
     cfg: Any
     model: Any
     data: Any
@@ -69,7 +68,7 @@ def open_moa_run(run: Path) -> Opened:
     missing = [a for a in adapters if not (Path(a) / "adapter_config.json").is_file()]
     if missing:
         raise SystemExit(f"{run}: stage-1 adapters missing: {', '.join(missing)}")
-    return Opened(run, cfg, model, data, mcfg, adapters)
+    return Opened(cfg, model, data, mcfg, adapters)
 
 
 def measure(opened: Opened, mode: str, split: str, progress: bool = True) -> dict:
