@@ -123,7 +123,12 @@ def test_accuracy_and_parameter_tables_match_eval_json(report):
 def test_config_data_and_pruning_tables(report):
     _, _, md, _ = report
     cfg = _md_table(md, "run", after="## Configuration")
-    assert cfg["moa"]["method"] == "moa" and cfg["moa"]["expert / router"] == "lora / task"
+    # the mixture each method applied, not the section config.yaml records (all four say "lora / task", 8)
+    assert (cfg["moa"]["method"], cfg["moa"]["expert / router"], cfg["moa"]["experts"]) == ("moa", "lora / task", "8")
+    assert (cfg["lora_mixed"]["expert / router"], cfg["lora_mixed"]["experts"]) == ("lora / single", "1")
+    assert cfg["lora_mixed"]["expert size"] == "rank 8"
+    assert (cfg["mop"]["expert / router"], cfg["mop"]["experts"]) == ("prompt / gate", "8")
+    assert cfg["mop"]["expert size"].endswith(" tokens")
     assert cfg["mop"]["steps"] == "4" and cfg["mop"]["data"].startswith("built-in synthetic suite")
     data = _md_table(md, "run", after="| run | source |")
     split = json.loads((FIX / "moa" / "data_report.json").read_text())["splits"]

@@ -40,19 +40,56 @@ def base_model_label(config: Optional[dict[str, Any]]) -> str:
     return "tiny random Llama (tests)" if name == "tiny" else str(name)
 
 
+def applied_mixture(run: RunInfo) -> Optional[dict[str, Any]]:
+    """{"expert", "router", "num_experts", "size"} of the mixture the run's method trained, None for ``base``.
+    config.yaml records the ``mixture`` section as written, which most methods resize (one expert per category)
+    or replace (lora_mixed: one LoRA; mop: prompts and a gate); ``methods.mixture_config`` is what training
+    applied. Experts per category are "?" when the run's categories are unknown (no data_report.json). A config
+    this version cannot read shows the section as written."""
+    import warnings
+
+    from mixroute.config import ConfigError, RunConfig, from_dict
+    from mixroute.methods import PER_CATEGORY_METHODS, mixture_config
+
+    c = run.config or {}
+    categories = (run.data_report or {}).get("categories")
+    try:
+        with warnings.catch_warnings():   # retired or moved keys: training already warned about them
+            warnings.simplefilter("ignore")
+            cfg = from_dict(RunConfig, c)
+        m = mixture_config(cfg, len(categories) if categories else cfg.mixture.num_tasks)
+    except (ConfigError, ValueError, TypeError, KeyError):
+        return {"expert": _get(c, "mixture.expert"), "router": _get(c, "mixture.router"),
+                "num_experts": _get(c, "mixture.num_experts"),
+                "size": _get(c, "mixture.experts.lora.rank", None) or _get(c, "mixture.rank")}
+    if m is None:
+        return None
+    from mixroute.experts import expert_settings
+
+    s = expert_settings(m)
+    size = (f"rank {s.rank}" if hasattr(s, "rank") else
+            f"{s.num_virtual_tokens} tokens" if hasattr(s, "num_virtual_tokens") else "-")
+    unknown = not categories and cfg.train.method in PER_CATEGORY_METHODS
+    return {"expert": m.expert, "router": m.router, "num_experts": "?" if unknown else m.num_experts,
+            "size": size}
+
+
 def config_table(runs: list[RunInfo]) -> Table:
     rows = []
     for r in runs:
         c = r.config
-        expert = f"{_get(c, 'mixture.expert')} / {_get(c, 'mixture.router')}"
-        rows.append([r.name, r.method, base_model_label(c), expert, str(_get(c, "mixture.num_experts")),
-                     str(_get(c, "mixture.experts.lora.rank", None) or _get(c, "mixture.rank")),
+        m = applied_mixture(r) if c else None
+        rows.append([r.name, r.method, base_model_label(c),
+                     f"{m['expert']} / {m['router']}" if m else "-", str(m["num_experts"]) if m else "-",
+                     str(m["size"]) if m else "-",
                      str(_get(c, "train.max_steps")), str(_get(c, "train.batch_size")),
                      str(_get(c, "train.lr")), str(_get(c, "train.seed")),
                      str(_get(c, "data.path", None) or _get(r.data_report, "source", None) or
                          ("built-in synthetic suite" if c else "-"))])
-    return Table(["run", "method", "base model", "expert / router", "experts", "rank", "steps", "batch", "lr",
-                  "seed", "data"], rows, caption="From each run's config.yaml (every field: mixroute config show).")
+    return Table(["run", "method", "base model", "expert / router", "experts", "expert size", "steps", "batch",
+                  "lr", "seed", "data"], rows,
+                 caption="From each run's config.yaml, with the mixture as the method applied it (what config.yaml "
+                         "says under mixture is the section as written; every field: mixroute config show).")
 
 
 def data_table(runs: list[RunInfo]) -> Table:
