@@ -71,6 +71,9 @@ class Budget:
     sweep: bool = False            # full: choose learning rates on the validation split first
 
 
+# the MoA authors' advice on training examples per domain (../shared/docs/METHODS.md): quality drops below 2k,
+# more than 5k works best; every full-budget table says how far below it its experts train
+PAPER_PER_TASK = (2000, 5000)
 BUDGETS = {
     "smoke": Budget("smoke", per_category=16, max_length=64, val_fraction=0.25, test_fraction=0.25, seeds=(0,),
                     max_generate=2, max_new_tokens=8, steps=4, stage1_steps=2),

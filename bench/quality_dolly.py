@@ -303,7 +303,10 @@ def render(a: argparse.Namespace, results: dict, chosen: dict, sweeps: dict, fig
            f"{sweep_seconds / 60:.0f} min of sweep runs." + P.archive_note(Path(a.out)), ""]
     if b.steps is None:
         how = (f"every method trains in epochs of its own data (one single LoRA: its category's ~{n_cat} train "
-               f"examples, {sched['stage1_eval_every']} steps an epoch; the others: the union of {n_train}, "
+               f"examples, {P.PAPER_PER_TASK[0] / n_cat:.0f}-{P.PAPER_PER_TASK[1] / n_cat:.0f}x below the MoA "
+               f"authors' advice: quality drops below {P.PAPER_PER_TASK[0]:,} per domain, more than "
+               f"{P.PAPER_PER_TASK[1]:,} works best; "
+               f"{sched['stage1_eval_every']} steps an epoch; the others: the union of {n_train}, "
                f"{sched['eval_every']} steps an epoch), is validated every half epoch (the trainer validates "
                f"at least twice per epoch) on the validation split (category-average perplexity; a stage-1 "
                f"LoRA on its own category) and stops after {b.patience} validations without improvement, "
