@@ -282,6 +282,20 @@ def test_package_import_is_light():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_configuration_table_shows_a_config_it_cannot_read_as_written():
+    """A config.yaml this version rejects (an unknown key) still gets a row: its mixture section as written."""
+    import yaml
+
+    from mixroute.report.runs import RunInfo
+    from mixroute.report.tables import applied_mixture
+
+    config = yaml.safe_load((FIX / "lora_mixed" / "config.yaml").read_text())
+    assert applied_mixture(RunInfo("r", FIX, config=config))["router"] == "single"   # readable: as applied
+    config["train"]["no_such_key"] = 1
+    assert applied_mixture(RunInfo("r", FIX, config=config)) == {
+        "expert": "lora", "router": "task", "num_experts": 8, "size": "rank 8"}
+
+
 def test_the_configuration_table_names_the_base_model():
     """model.name null is the embedded SmolLM2, not "-" (nor "None")."""
     from mixroute.report.tables import base_model_label

@@ -58,10 +58,10 @@ def applied_mixture(run: RunInfo) -> Optional[dict[str, Any]]:
             warnings.simplefilter("ignore")
             cfg = from_dict(RunConfig, c)
         m = mixture_config(cfg, len(categories) if categories else cfg.mixture.num_tasks)
-    except (ConfigError, ValueError, TypeError, KeyError):
+    except ConfigError:
+        rank = _get(c, "mixture.experts.lora.rank", None) or _get(c, "mixture.rank")
         return {"expert": _get(c, "mixture.expert"), "router": _get(c, "mixture.router"),
-                "num_experts": _get(c, "mixture.num_experts"),
-                "size": _get(c, "mixture.experts.lora.rank", None) or _get(c, "mixture.rank")}
+                "num_experts": _get(c, "mixture.num_experts"), "size": f"rank {rank}" if rank != "-" else "-"}
     if m is None:
         return None
     from mixroute.experts import expert_settings
