@@ -283,3 +283,11 @@ def test_a_run_killed_after_a_checkpoint_resumes_instead_of_starting_over(tmp_pa
                for i, ln in enumerate(lines) if "time" in json.loads(ln)]
     (run_dir / "metrics.jsonl").write_text("\n".join(shifted) + "\n")
     assert P._seconds_spent(run_dir) < 600
+
+
+def test_command_leaves_out_the_flags_that_only_say_where_the_section_goes():
+    P = _protocol()
+    argv = ["--budget", "full", "--docs", "/x/benchmarks.md", "--seeds", "0", "1", "--img-dir=/x/img",
+            "--only-finished", "--no-write", "--precision", "bf16"]
+    assert P.command("bench/quality_dolly.py", argv) == (
+        "python bench/quality_dolly.py --budget full --seeds 0 1 --precision bf16")
