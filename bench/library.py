@@ -93,9 +93,11 @@ def expert_runs(a: argparse.Namespace) -> dict[str, Any]:
     return Q.main(argv)["results"][a.seed]
 
 
-def evaluate(lib: Any, batches: list[dict], cats: list[str]) -> dict[str, Any]:
+def evaluate(lib: Any, batches: list[dict], cats: list[str], oracle: dict[str, float]) -> dict[str, Any]:
     """Per router: accuracy of the applied decisions and routed perplexity per category of ``batches``; the
-    oracle expert's perplexity per category. Every batch holds one category (its oracle pass forces one expert)."""
+    oracle expert's perplexity per category. Every batch holds one category (its oracle pass forces one expert).
+    ``oracle`` caches that perplexity across calls: a forced expert runs alone, so the other experts in the
+    library do not change it and each category's is computed once, when it joins."""
     from mixroute.evaluate import applied_router_accuracy, held_out_pass, perplexity
 
     names = lib.man.names()
@@ -103,7 +105,7 @@ def evaluate(lib: Any, batches: list[dict], cats: list[str]) -> dict[str, Any]:
         raise RuntimeError(f"experts {names} are not the first categories {cats[:len(names)]} in order")
     if any(len(set(b["task_ids"].tolist())) > 1 for b in batches):
         raise ValueError("every batch must hold one category")
-    res: dict[str, Any] = {"routers": {}, "oracle": {}}
+    res: dict[str, Any] = {"routers": {}}
     for router, scope in ROUTERS:
         mix = lib.mixture(router, scope=scope)
         held = held_out_pass(mix.model, mix, batches)
@@ -115,7 +117,7 @@ def evaluate(lib: Any, batches: list[dict], cats: list[str]) -> dict[str, Any]:
             "layer_range": [min(per_layer.values()), max(per_layer.values())] if per_layer else None,
             "ppl": perplexity(held.nll, held.tokens, held.task_ids, cats)["per_category"]}
     mix = lib.mixture("centroid")
-    for c in names:
+    for c in (c for c in names if c not in oracle):
         w = torch.zeros(len(names))
         w[names.index(c)] = 1.0
         mix.force(w)
@@ -124,7 +126,8 @@ def evaluate(lib: Any, batches: list[dict], cats: list[str]) -> dict[str, Any]:
             held = held_out_pass(mix.model, mix, sel)
         finally:
             mix.force(None)
-        res["oracle"][c] = perplexity(held.nll, held.tokens, held.task_ids, cats)["per_category"][c]
+        oracle[c] = perplexity(held.nll, held.tokens, held.task_ids, cats)["per_category"][c]
+    res["oracle"] = {c: oracle[c] for c in names}
     return res
 
 
@@ -167,7 +170,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         lib = Library.create(lib_dir, a.model, template=run.cfg.data.template, max_length=run.cfg.data.max_length,
                              model=run.model, tok=run.tok, progress=sys.stdout.isatty())
         fit_file = out / "fit.jsonl"
-        steps, fits = [], []
+        steps, fits, oracle = [], [], {}
         for k, c in enumerate(cats):
             examples = [r for r in train_recs if r.category == c][: a.examples]
             lib.add(c, stage1_dir(single_dir, c), examples, cost=float(k + 1))
@@ -178,7 +181,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             fits.append({scope: lib.fit_router(fit_file, steps=a.fit_steps, scope=scope)["train_accuracy"]
                          for scope in ("layer", "global")})
             batches = [b for n in lib.man.names() for b in batches_of[n]]
-            res = evaluate(lib, batches, cats)
+            res = evaluate(lib, batches, cats, oracle)
             res["added"] = c if k + 1 > a.initial else None
             steps.append(res)
             print(f"{len(lib.man.names())} experts: applied accuracy "
@@ -196,7 +199,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         curve = cost_curve(lib, test_file, [float(x) for x in a.lambdas.split(",")], router="centroid",
                            max_examples=n_test)
         cost_curve_plot(curve, out / "cost_curve.png", "Dolly expert library" if a.data != "synthetic" else "")
-    result = {"args": {k: v for k, v in vars(a).items()}, "experts": {m: runs[m]["dir"] for m in runs},
+    result = {"args": dict(vars(a)), "experts": {m: runs[m]["dir"] for m in runs},
               "params": {m: runs[m].get("params") for m in runs}, "steps": steps, "fits": fits, "union": union,
               "curve": curve, "test_per_category": {c: len(v) for c, v in per_cat.items()},
               "library_seconds": time.time() - t_lib, "load": os.getloadavg()[0]}

@@ -697,14 +697,11 @@ def command(script: str, argv: list[str]) -> str:
     """The command that produces a table: ``argv`` without the flags that only render it."""
     import shlex
 
-    kept, skip = [], False
-    for x in argv:
-        if skip or x in ("--only-finished", "--no-write"):
-            skip = False
-            continue
-        if x in ("--docs", "--img-dir"):   # where the section goes, not what it measures
-            skip = True
-            continue
-        if x.split("=", 1)[0] not in ("--docs", "--img-dir"):
+    where = ("--docs", "--img-dir")   # where the section goes, not what it measures
+    kept, args = [], iter(argv)
+    for x in args:
+        if x in where:
+            next(args, None)   # and its value
+        elif x not in ("--only-finished", "--no-write") and x.split("=", 1)[0] not in where:
             kept.append(x)
     return f"python {script}" + (" " + shlex.join(kept) if kept else "")

@@ -50,7 +50,10 @@ def test_smoke_reads_the_quality_runs_and_reports_applied_routing(tmp_path, caps
     batches = [b for i in range(len(cats)) for b in make_batches([e for e in test if e["task_id"] == i],
                                                                  Collator(run.tok), 8)]
     lib = Library(tmp_path / "lib" / "library", model=run.model, tok=run.tok)
-    got = bench.evaluate(lib, batches, cats)["routers"]
+    oracle: dict[str, float] = {}
+    got = bench.evaluate(lib, batches, cats, oracle)["routers"]
+    # the oracle perplexity cached when a category joined a smaller library is the full library's
+    assert oracle == pytest.approx(r["steps"][-1]["oracle"], rel=1e-4)
     disagree = 0
     for router in ("centroid", "arrow"):
         mix = lib.mixture(router, scope="layer")
