@@ -415,7 +415,7 @@ def archive_note(out: Path) -> str:
     shown = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
     return (f" Every run's config, validation curve and test evaluation: `{shown}/` (a rerun "
             "of the command restores them instead of training again, and resumes a run stopped after one of "
-            "its per-epoch checkpoints).")
+            "its per-epoch checkpoints or stage-1 LoRAs).")
 
 
 def load_note(results: Sequence[dict[str, Any]], rendered: float) -> str:
@@ -466,7 +466,6 @@ def train_once(cfg: Any, label: str = "", only_finished: bool = False,
     from mixroute import rundir
     from mixroute.config import ConfigError, to_dict
     from mixroute.train import resume, train
-    from mixroute.train.state import latest_checkpoint
 
     run_dir = Path(cfg.output_dir)
     done = rundir.final_dir(run_dir).is_dir() or (cfg.train.method == "base" and (run_dir / "metrics.jsonl").is_file())
@@ -486,9 +485,9 @@ def train_once(cfg: Any, label: str = "", only_finished: bool = False,
         before_train()
     t0 = time.time()
     earlier = 0.0
-    if same and latest_checkpoint(run_dir) is not None:   # killed after a checkpoint: go on from there
+    if same and (saved := _saved_progress(run_dir)):   # killed after a checkpoint or a stage-1 LoRA: go on
         earlier = _seconds_spent(run_dir)
-        print(f"resume {label or run_dir} (a checkpoint of this config is there)", flush=True)
+        print(f"resume {label or run_dir} ({saved} of this config is there)", flush=True)
         resume(run_dir, progress=sys.stdout.isatty())
     else:
         print(f"train {label or run_dir}", flush=True)
@@ -497,6 +496,18 @@ def train_once(cfg: Any, label: str = "", only_finished: bool = False,
                                                 "train_load": round(os.getloadavg()[0], 2)})
     archive_run(run_dir)
     return run_dir
+
+
+def _saved_progress(run_dir: Path) -> str:
+    """What a killed run left that ``resume`` continues from ('' when nothing): a per-epoch checkpoint, or the
+    stage-1 LoRAs finished so far (stage 1 writes no checkpoints; each finished LoRA is kept and reused)."""
+    from mixroute import rundir
+    from mixroute.train.state import latest_checkpoint
+
+    if latest_checkpoint(run_dir) is not None:
+        return "a checkpoint"
+    done = sorted((run_dir / rundir.STAGE1).glob("*/adapter_config.json"))
+    return f"{len(done)} finished stage-1 LoRA{'s' * (len(done) != 1)}" if done else ""
 
 
 def _seconds_spent(run_dir: Path, longest_gap: float = 600.0) -> float:

@@ -16,7 +16,7 @@ for the headline comparisons and the validation curves.
 ``--data`` takes a Dolly-schema JSONL file (default: Dolly-15k), ``synthetic`` (the built-in suite of well
 separated tasks) or ``dolly-groups`` (Dolly's 8 categories merged into 4 groups that differ in form: questions,
 tasks on a given passage, classification, open-ended writing). Finished runs are reused and a run stopped after
-one of its per-epoch checkpoints resumes from it, so a rerun after a crash or the end of a session (or with more
+one of its per-epoch checkpoints (or its finished stage-1 LoRAs) resumes from there, so a rerun after a crash or the end of a session (or with more
 seeds) only does what is missing.
 
     python bench/quality_dolly.py --budget full                      # the docs table; hours on 2 cores

@@ -285,6 +285,40 @@ def test_a_run_killed_after_a_checkpoint_resumes_instead_of_starting_over(tmp_pa
     assert P._seconds_spent(run_dir) < 600
 
 
+def test_a_run_killed_in_stage_1_keeps_its_finished_loras_and_ends_as_an_uninterrupted_one(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """Stage 1 writes no checkpoints, only each finished LoRA: a bench rerun once deleted those and started over
+    (a Dolly-8 lora_single lost five of eight LoRAs at the end of a session)."""
+    from mixroute.config import load_config
+    from mixroute.train import train
+
+    P = _protocol()
+    monkeypatch.setattr(P, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(P, "ARCHIVE", tmp_path / "archive")
+
+    def ov(name):
+        return ["model.name=tiny", "data.synthetic_per_task=4", "data.max_length=48", "train.batch_size=4",
+                "train.method=lora_single", "train.stage1_steps=3", "train.eval_every=0", "train.warmup_steps=0",
+                "eval.max_eval=2", f"output_dir={tmp_path / 'runs' / 'q' / 'seed0' / name}"]
+    whole = train(load_config(None, ov("whole")), progress=False)
+    run_dir = train(load_config(None, ov("killed")), stop_at_step=5, progress=False)  # inside the second LoRA
+    first = sorted((run_dir / rundir.STAGE1).iterdir())
+    assert len(first) == 1 and not rundir.final_dir(run_dir).is_dir()
+    kept = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in first[0].iterdir()}
+    capsys.readouterr()
+    P.train_once(load_config(None, ov("killed")), "q/seed0/killed")
+    assert capsys.readouterr().out.startswith("resume q/seed0/killed (1 finished stage-1 LoRA of this config")
+    assert {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in first[0].iterdir()} == kept
+    names = sorted(d.name for d in (whole / rundir.STAGE1).iterdir())
+    assert names == sorted(d.name for d in (run_dir / rundir.STAGE1).iterdir()) and len(names) > 2
+    for name in names:   # every LoRA, the ones trained after the kill included, as without the kill
+        a, b = whole / rundir.STAGE1 / name, run_dir / rundir.STAGE1 / name
+        assert (a / "adapter_model.safetensors").read_bytes() == (b / "adapter_model.safetensors").read_bytes()
+    steps = [json.loads(ln)["step"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(ln)]
+    assert steps == sorted(set(steps)) and len(steps) == 3 * len(names)   # the killed LoRA's lines redone once
+
+
 def test_command_leaves_out_the_flags_that_only_say_where_the_section_goes():
     P = _protocol()
     argv = ["--budget", "full", "--docs", "/x/benchmarks.md", "--seeds", "0", "1", "--img-dir=/x/img",
