@@ -506,7 +506,7 @@ def _saved_progress(run_dir: Path) -> str:
 
     if latest_checkpoint(run_dir) is not None:
         return "a checkpoint"
-    done = sorted((run_dir / rundir.STAGE1).glob("*/adapter_config.json"))
+    done = rundir.finished_stage1(run_dir)
     return f"{len(done)} finished stage-1 LoRA{'s' * (len(done) != 1)}" if done else ""
 
 

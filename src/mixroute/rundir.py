@@ -58,6 +58,12 @@ def stage1_dir(run_dir: str | Path, category: str) -> Path:
     return Path(run_dir) / STAGE1 / safe
 
 
+def finished_stage1(run_dir: str | Path) -> list[Path]:
+    """The stage-1 LoRAs exported so far (a killed run keeps them; a resumed one reuses them). Export writes
+    each directory atomically, so its adapter_config.json marks it finished."""
+    return sorted(p.parent for p in (Path(run_dir) / STAGE1).glob("*/adapter_config.json"))
+
+
 def final_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / FINAL
 

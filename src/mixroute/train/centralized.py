@@ -212,11 +212,11 @@ def run_stage1(ctx: _Ctx) -> list[str]:
     from mixroute.mixture import Mixture
 
     cfg, steps = ctx.cfg, ctx.cfg.train.stage1_steps
-    dirs = []
+    dirs, finished = [], rundir.finished_stage1(ctx.run_dir)
     for c, name in enumerate(ctx.data.categories):
         out = rundir.stage1_dir(ctx.run_dir, name)
         dirs.append(str(out))
-        if (out / "adapter_config.json").is_file():
+        if out in finished:
             continue
         ctx.log.truncate_after(c * steps)  # a resumed run redoes this LoRA: drop its lines from the killed run
         mix = Mixture.attach(ctx.model, _seeded(stage1_config(cfg), cfg.mixture.seed + 1 + c))
