@@ -9,6 +9,10 @@ perplexity); the same methods trained centrally on the union of the clients' dat
 examples, ``rounds x local_steps x clients_per_round`` steps unless ``--central-steps``) are the reference (one
 central run per central method: MoP's two aggregations share it).
 
+Finished runs' small files are archived under ``bench/results/quality_federated/`` (as the other quality
+benchmarks do): a rerun, in this checkout or a fresh one, restores every run whose overrides are identical and
+trains only what is missing, so the table can be built over several sessions.
+
 Learning rates: give several values to ``--lr`` / ``--prompt-lr`` / ``--mop-lr`` and each is trained; the one
 with the lowest average *validation* perplexity is kept, and only that run is evaluated on the test split (read
 once). With one value per method nothing is selected. Finished runs are reused (same overrides -> no
@@ -160,24 +164,85 @@ def base_model(a: argparse.Namespace, setting: str) -> Optional[str]:
     return str(model_dir)
 
 
-def evaluate(run_dir: Path, split: str) -> dict[str, Any]:
-    from mixroute.evaluate import evaluate_run
-
-    return evaluate_run(run_dir, max_generate=0, split=split, classifier=False, write=split == "test")
-
-
 DONE = "bench_done.json"   # written last into a run directory: the overrides it was trained with
 
 
+def _eval_file(split: str) -> str:
+    return f"bench_eval_{split}.json"
+
+
+# The table takes tens of CPU-hours, longer than a working session, and a fresh machine starts without runs/:
+# every finished run's small files (overrides, config, curves, rounds, evaluations) are archived under
+# bench/results/ (bench/protocol.py's archive, keyed by the run's path under runs/) and a rerun with identical
+# overrides restores them instead of training again. Weights are not kept, so a restored run is read only
+# through the evaluations it archived; one it lacks retrains the run (same overrides, same seed).
+def archive(run_dir: Path) -> None:
+    from mixroute.fileio import atomic_write_text
+
+    dest = P.archive_path(run_dir)
+    if dest is None:
+        return
+    for f in sorted(run_dir.iterdir()):
+        if f.is_file() and f.suffix in (".json", ".jsonl", ".yaml"):
+            atomic_write_text(dest / f.name, f.read_text())
+
+
+def _portable(ovr: list[str], run_dir: Path) -> str:
+    """``ovr`` with the paths of the checkout it ran in written relative to it (runs train in a snapshot)."""
+    out = next((o.split("=", 1)[1] for o in ovr if o.startswith("output_dir=")), "")
+    return P._portable({"overrides": ovr}, P._trained_in({"output_dir": out}, run_dir))
+
+
+def restored(run_dir: Path, ovr: list[str]) -> bool:
+    """Restore ``run_dir`` from the archive when its record was trained with the same overrides."""
+    src = P.archive_path(run_dir)
+    if src is None or not (src / DONE).is_file():
+        return False
+    if _portable(json.loads((src / DONE).read_text()), run_dir) != _portable(ovr, run_dir):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            (run_dir / f.name).write_text(f.read_text())
+    (run_dir / DONE).write_text(json.dumps(ovr))   # with this checkout's paths
+    return True
+
+
 def trained(run_dir: Path, ovr: list[str], train_fn) -> bool:
-    """Train into ``run_dir`` unless it already holds a finished run of the same overrides; True if reused."""
+    """Train into ``run_dir`` unless it already holds, or the archive restores, a finished run of the same
+    overrides; True if reused."""
     marker = run_dir / DONE
     if marker.is_file() and json.loads(marker.read_text()) == ovr:
+        return True
+    if restored(run_dir, ovr):
+        print(f"restored {run_dir} from {P.archive_path(run_dir)}")
         return True
     shutil.rmtree(run_dir, ignore_errors=True)
     train_fn()
     (run_dir / DONE).write_text(json.dumps(ovr))
+    archive(run_dir)
     return False
+
+
+def evaluate(run_dir: Path, split: str, ovr: list[str], train_fn) -> dict[str, Any]:
+    """The run's evaluation on ``split`` (computed once, kept beside the run and in the archive)."""
+    from mixroute import rundir
+    from mixroute.evaluate import evaluate_run
+    from mixroute.fileio import atomic_write_text
+
+    done = run_dir / _eval_file(split)
+    if done.is_file():
+        return json.loads(done.read_text())
+    if not rundir.final_dir(run_dir).is_dir():
+        print(f"retrain {run_dir} (its {split} evaluation is needed; the archive keeps no weights)")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        train_fn()
+        (run_dir / DONE).write_text(json.dumps(ovr))
+    res = evaluate_run(run_dir, max_generate=0, split=split, classifier=False, write=split == "test")
+    atomic_write_text(done, json.dumps(res))
+    archive(run_dir)
+    return res
 
 
 def bytes_per_round(run_dir: Path) -> dict[str, float]:
@@ -202,28 +267,37 @@ def run_one(a: argparse.Namespace, seed: int, setting: str, name: str, model: Op
     out = Path(a.out) / f"seed{seed}" / setting.replace(":", "of")
     row: dict[str, Any] = {"setting": setting, "method": name, "seed": seed, "sweep": {}}
     lrs = [lr] if lr is not None else candidates(a, method)
+
+    def federated(ovr: list[str]):
+        return lambda: run(load_config(None, ovr), progress=True)
+
+    tried: dict[float, list[str]] = {}
     for value in lrs:
         fed_dir = out / f"{name}-lr{value:g}"
-        ovr = overrides(a, method, agg, model, fed_dir, central, value, seed)
+        ovr = tried[value] = overrides(a, method, agg, model, fed_dir, central, value, seed)
         t0 = time.perf_counter()
-        reused = trained(fed_dir, ovr, lambda: run(load_config(None, ovr), progress=True))
+        reused = trained(fed_dir, ovr, federated(ovr))
         if len(lrs) > 1:
-            val = evaluate(fed_dir, "validation")["perplexity"]["average"]
+            val = evaluate(fed_dir, "validation", ovr, federated(ovr))["perplexity"]["average"]
             row["sweep"][value] = val
             print(f"{setting} {name} lr={value:g}: validation PPL {val:.3f}" + (" (reused)" if reused else ""))
         if not reused:
             row["federated_seconds"] = time.perf_counter() - t0
     row["lr"] = min(row["sweep"], key=row["sweep"].get) if len(lrs) > 1 else lrs[0]
     chosen = out / f"{name}-lr{row['lr']:g}"
-    row["federated"] = evaluate(chosen, a.split)
+    row["federated"] = evaluate(chosen, a.split, tried[row["lr"]], federated(tried[row["lr"]]))
     row["bytes"] = bytes_per_round(chosen)
     if not a.no_central:
         key = f"{method}-lr{row['lr']:g}"
         if key not in central_done:
             cdir = out / f"central_{key}"
             ovr = overrides(a, method, agg, model, cdir, central, row["lr"], seed)
-            trained(cdir, ovr, lambda: central_reference(load_config(None, ovr)))
-            central_done[key] = evaluate(cdir, a.split)
+
+            def reference() -> None:
+                central_reference(load_config(None, ovr))
+
+            trained(cdir, ovr, reference)
+            central_done[key] = evaluate(cdir, a.split, ovr, reference)
         row["central"] = central_done[key]
     return row
 

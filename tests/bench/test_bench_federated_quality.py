@@ -1,11 +1,16 @@
 """bench/quality_federated.py's conclusions from hand-made rows: paired intervals pooled over seeds, federated
-against central, and the gap along sparsity, as findings (the full run is hours; its smoke is in the docstring)."""
+against central, and the gap along sparsity, as findings (the full run is hours; its smoke is in the docstring); and
+its archive of finished runs, on the tiny model, as a fresh checkout sees it."""
 
 from __future__ import annotations
 
 import importlib
+import json
+import shutil
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,3 +61,55 @@ def test_a_method_without_its_reference_has_no_comparison():
     bench = _bench()
     rows = [_row("dense", "fed_mop_fedavg", 0, [1.0] * 4, [1.0] * 4)]
     assert bench.comparisons(rows) == [] and bench.sparsity_trends([]) == []
+
+
+@pytest.mark.slow
+@pytest.mark.integration   # real Flower simulations on the tiny model
+def test_a_fresh_checkout_restores_finished_runs_and_retrains_only_a_missing_evaluation(tmp_path, capsys,
+                                                                                        monkeypatch):
+    bench = _bench()
+    import protocol as P
+
+    import mixroute.federated as federated
+
+    monkeypatch.setattr(P, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(P, "ARCHIVE", tmp_path / "archive")
+    out = tmp_path / "runs" / "quality_federated"
+    argv = ["--model", "tiny", "--data", "synthetic", "--settings", "dense", "--methods", "fed_lora",
+            "--clients", "2", "--rounds", "1", "--local-steps", "1", "--per-category", "24", "--central-steps",
+            "1", "--seeds", "0", "--lr", "5e-4", "1e-3", "--out", str(out), "--no-write"]
+    bench.main(argv)
+    first = json.loads((out / "results_test.json").read_text())[0]
+    chosen = f"fed_lora-lr{first['lr']:g}"
+    archived = tmp_path / "archive" / "quality_federated" / "seed0" / "dense"
+    assert {"bench_done.json", "bench_eval_test.json", "bench_eval_validation.json", "rounds.jsonl",
+            "config.yaml", "metrics.jsonl"} <= {f.name for f in (archived / chosen).iterdir()}
+    assert not list((tmp_path / "archive").rglob("*.safetensors"))
+    capsys.readouterr()
+
+    # a fresh checkout (runs/ gone, the archive kept): nothing trains, every number is the archived one
+    shutil.rmtree(tmp_path / "runs")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a run the archive holds was trained again")
+
+    with monkeypatch.context() as m:
+        m.setattr(federated, "run", no_training)
+        m.setattr(bench, "central_reference", no_training)
+        bench.main(argv)
+    again = json.loads((out / "results_test.json").read_text())[0]
+    assert again["sweep"] == first["sweep"] and again["lr"] == first["lr"]
+    for where in ("federated", "central"):
+        assert again[where]["perplexity"] == first[where]["perplexity"]
+    assert capsys.readouterr().out.count("restored ") == 3   # two federated trials and the central reference
+
+    # an evaluation the archive lacks retrains that run alone (same overrides and seed: the same numbers)
+    shutil.rmtree(tmp_path / "runs")
+    (archived / chosen / "bench_eval_test.json").unlink()
+    bench.main(argv)
+    printed = capsys.readouterr().out
+    assert printed.count("retrain ") == 1 and f"retrain {out / 'seed0' / 'dense' / chosen}" in printed
+    third = json.loads((out / "results_test.json").read_text())[0]
+    assert third["federated"]["perplexity"]["average"] == pytest.approx(
+        first["federated"]["perplexity"]["average"], rel=1e-4)
+    assert (archived / chosen / "bench_eval_test.json").is_file()
