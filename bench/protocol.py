@@ -352,14 +352,14 @@ def _trained_in(cfg_dict: dict[str, Any], run_dir: Path) -> Path:
     return ROOT
 
 
-def archive_run(run_dir: Path) -> None:
-    """Copy the run's small files into the archive (atomically, file by file)."""
+def archive_run(run_dir: Path, names: Sequence[str] = ARCHIVED) -> None:
+    """Copy the run's small files (``names``) into the archive (atomically, file by file)."""
     from mixroute.fileio import atomic_write_text
 
     dest = archive_path(run_dir)
     if dest is None:
         return
-    for name in ARCHIVED:
+    for name in names:
         src = Path(run_dir) / name
         if src.is_file():
             atomic_write_text(dest / name, src.read_text())

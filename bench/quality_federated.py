@@ -176,15 +176,8 @@ def _eval_file(split: str) -> str:
 # bench/results/ (bench/protocol.py's archive, keyed by the run's path under runs/) and a rerun with identical
 # overrides restores them instead of training again. Weights are not kept, so a restored run is read only
 # through the evaluations it archived; one it lacks retrains the run (same overrides, same seed).
-def archive(run_dir: Path) -> None:
-    from mixroute.fileio import atomic_write_text
-
-    dest = P.archive_path(run_dir)
-    if dest is None:
-        return
-    for f in sorted(run_dir.iterdir()):
-        if f.is_file() and f.suffix in (".json", ".jsonl", ".yaml"):
-            atomic_write_text(dest / f.name, f.read_text())
+KEPT = (DONE, "config.yaml", "metrics.jsonl", "data_report.json", "gates.json", "gates_clients.json",
+        "rounds.jsonl", "partition.json", "eval_clients.json", _eval_file("validation"), _eval_file("test"))
 
 
 def _portable(ovr: list[str], run_dir: Path) -> str:
@@ -209,6 +202,13 @@ def restored(run_dir: Path, ovr: list[str]) -> bool:
     return True
 
 
+def _train(run_dir: Path, ovr: list[str], train_fn) -> None:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    train_fn()
+    (run_dir / DONE).write_text(json.dumps(ovr))
+    P.archive_run(run_dir, KEPT)
+
+
 def trained(run_dir: Path, ovr: list[str], train_fn) -> bool:
     """Train into ``run_dir`` unless it already holds, or the archive restores, a finished run of the same
     overrides; True if reused."""
@@ -218,10 +218,7 @@ def trained(run_dir: Path, ovr: list[str], train_fn) -> bool:
     if restored(run_dir, ovr):
         print(f"restored {run_dir} from {P.archive_path(run_dir)}")
         return True
-    shutil.rmtree(run_dir, ignore_errors=True)
-    train_fn()
-    (run_dir / DONE).write_text(json.dumps(ovr))
-    archive(run_dir)
+    _train(run_dir, ovr, train_fn)
     return False
 
 
@@ -236,12 +233,10 @@ def evaluate(run_dir: Path, split: str, ovr: list[str], train_fn) -> dict[str, A
         return json.loads(done.read_text())
     if not rundir.final_dir(run_dir).is_dir():
         print(f"retrain {run_dir} (its {split} evaluation is needed; the archive keeps no weights)")
-        shutil.rmtree(run_dir, ignore_errors=True)
-        train_fn()
-        (run_dir / DONE).write_text(json.dumps(ovr))
+        _train(run_dir, ovr, train_fn)
     res = evaluate_run(run_dir, max_generate=0, split=split, classifier=False, write=split == "test")
     atomic_write_text(done, json.dumps(res))
-    archive(run_dir)
+    P.archive_run(run_dir, KEPT)
     return res
 
 
